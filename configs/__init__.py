@@ -1,0 +1,25 @@
+"""YAML configs and their pydantic schema."""
+
+from configs.schema import (
+    DEFAULT_CONFIG,
+    ConfigError,
+    EmbeddedModelConfig,
+    ModelConfig,
+    PipelineConfig,
+    PretrainConfig,
+    SamplingConfig,
+    load_config,
+    parse_config,
+)
+
+__all__ = [
+    "DEFAULT_CONFIG",
+    "ConfigError",
+    "EmbeddedModelConfig",
+    "ModelConfig",
+    "PipelineConfig",
+    "PretrainConfig",
+    "SamplingConfig",
+    "load_config",
+    "parse_config",
+]

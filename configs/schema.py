@@ -1,0 +1,151 @@
+"""Typed, pydantic-validated configuration.
+
+Every YAML file in ``configs/`` validates against :class:`PipelineConfig`. Unknown fields are errors, and every
+error names the offending field and the file it came from (:class:`ConfigError`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
+
+
+class ConfigError(ValueError):
+    """A config file is missing, is not YAML, or does not match the schema."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EmbeddedModelConfig(_Strict):
+    """Architecture of the tiny Stable-Diffusion-format model pretrained here on scikit-learn's digits."""
+
+    image_size: Annotated[int, Field(ge=8, multiple_of=8)] = 16
+    latent_channels: Annotated[int, Field(ge=1)] = 4
+    vae_channels: tuple[int, ...] = (32, 64)
+    unet_channels: tuple[int, ...] = (32, 64)
+    unet_layers_per_block: Annotated[int, Field(ge=1)] = 1
+    attention_head_dim: Annotated[int, Field(ge=1)] = 8
+    norm_num_groups: Annotated[int, Field(ge=1)] = 8
+    text_hidden_size: Annotated[int, Field(ge=8)] = 32
+    text_layers: Annotated[int, Field(ge=1)] = 2
+    text_heads: Annotated[int, Field(ge=1)] = 4
+    max_prompt_tokens: Annotated[int, Field(ge=8)] = 16
+    beta_schedule: Literal["scaled_linear", "linear", "squaredcos_cap_v2"] = "scaled_linear"
+    beta_start: Annotated[float, Field(gt=0)] = 0.00085
+    beta_end: Annotated[float, Field(gt=0, lt=1)] = 0.012
+    num_train_timesteps: Annotated[int, Field(ge=10)] = 1000
+
+    @model_validator(mode="after")
+    def _check_channels(self) -> EmbeddedModelConfig:
+        for name in ("vae_channels", "unet_channels"):
+            channels = getattr(self, name)
+            if not channels or any(c % self.norm_num_groups for c in channels):
+                raise ValueError(f"{name} must be non-empty multiples of norm_num_groups={self.norm_num_groups}")
+        if self.image_size % 2 ** (len(self.vae_channels) - 1):
+            raise ValueError("image_size must be divisible by the VAE's downsampling factor")
+        return self
+
+
+class PretrainConfig(_Strict):
+    """How the embedded reference model and its digit classifier are trained."""
+
+    seed: int = 0
+    vae_steps: Annotated[int, Field(ge=1)] = 1500
+    vae_lr: Annotated[float, Field(gt=0)] = 2e-3
+    vae_kl_weight: Annotated[float, Field(ge=0)] = 1e-6
+    unet_steps: Annotated[int, Field(ge=1)] = 4000
+    unet_lr: Annotated[float, Field(gt=0)] = 2e-3
+    batch_size: Annotated[int, Field(ge=1)] = 128
+    uncond_prob: Annotated[float, Field(ge=0, le=1)] = 0.1
+    ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.995
+    classifier_steps: Annotated[int, Field(ge=1)] = 1500
+    test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    eval_samples: Annotated[int, Field(ge=10)] = 500
+    num_threads: Annotated[int, Field(ge=0)] = 0
+    """Torch intra-op threads; 0 keeps torch's default."""
+
+
+class SamplingConfig(_Strict):
+    """DDIM sampling: with ``eta > 0`` every reverse step is a Gaussian policy."""
+
+    num_inference_steps: Annotated[int, Field(ge=1)] = 20
+    eta: Annotated[float, Field(ge=0)] = 1.0
+    guidance_scale: Annotated[float, Field(ge=0)] = 3.0
+
+
+class ModelConfig(_Strict):
+    """The frozen reference model: the embedded tiny model, or a diffusers SD checkpoint (local dir or hub id)."""
+
+    source: Literal["embedded", "pretrained"] = "embedded"
+    pretrained: str | None = None
+    revision: str | None = None
+    embedded: EmbeddedModelConfig = EmbeddedModelConfig()
+
+    @model_validator(mode="after")
+    def _check_source(self) -> ModelConfig:
+        if self.source == "pretrained" and not self.pretrained:
+            raise ValueError("source 'pretrained' needs `pretrained`: a local directory or a hub id")
+        return self
+
+
+class ObjectiveSpec(_Strict):
+    name: str
+    options: dict[str, object] = {}
+
+
+class PipelineConfig(_Strict):
+    model: ModelConfig = ModelConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    objectives: list[ObjectiveSpec] = Field(default_factory=list)
+
+    @field_validator("objectives", mode="before")
+    @classmethod
+    def _names_to_specs(cls, value: object) -> object:
+        if isinstance(value, list):
+            return [{"name": item} if isinstance(item, str) else item for item in value]
+        return value
+
+    @property
+    def objective_names(self) -> list[str]:
+        return [spec.name for spec in self.objectives]
+
+
+def _format_error(error: dict, source: str) -> str:
+    field = ".".join(str(part) for part in error["loc"]) or "<root>"
+    message = "unknown field" if error["type"] == "extra_forbidden" else error["msg"]
+    return f"{source}: {field}: {message}"
+
+
+def parse_config(data: object, source: str = "<config>") -> PipelineConfig:
+    """Validate a mapping; raise :class:`ConfigError` naming the first bad field and ``source``."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: top level must be a mapping, got {type(data).__name__}")
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc.errors()[0], source)) from None
+
+
+def load_config(path: str | os.PathLike | None = None) -> PipelineConfig:
+    """Load and validate a YAML config; ``None`` loads ``configs/default.yaml``."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc.strerror or exc})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return parse_config(data, str(path))

@@ -1,0 +1,144 @@
+"""The ``msdda`` command line.
+
+Every subcommand takes ``--json`` and then prints a single JSON object on stdout (progress goes to stderr). Bad
+input exits with code 2 and a one-line ``error: ...`` on stderr, without a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    name="msdda",
+    help="Multi-objective alignment of diffusion models: step-level RL base models composed with MSDDA.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ConfigOption = Annotated[
+    Optional[Path], typer.Option("--config", "-c", help="YAML config (default: the embedded default).")
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+
+
+class UsageError(Exception):
+    """Bad user input: reported as one line on stderr with exit code 2."""
+
+
+def _quiet_libraries() -> None:
+    """Keep third-party chatter (deprecations, load bars) off the terminal; our own bars stay."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    try:
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.set_verbosity_error()
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - both are hard dependencies
+        pass
+
+
+def _load(config_path: Path | None):
+    from configs import load_config
+
+    return load_config(config_path)
+
+
+def _emit(payload: dict, as_json: bool, human: str) -> None:
+    if as_json:
+        typer.echo(json.dumps(payload))
+    else:
+        typer.echo(human)
+
+
+@app.command()
+def pretrain(config: ConfigOption = None, json_output: JsonOption = False) -> None:
+    """Build the embedded reference model (cached under $MSDDA_HOME) and report its quality."""
+    from training.embedded import pretrain_reference, result_dict
+    from training.models import msdda_home
+
+    cfg = _load(config)
+    if cfg.model.source != "embedded":
+        raise UsageError("`pretrain` builds the embedded model; this config uses a pretrained checkpoint")
+    start = time.perf_counter()
+    result = pretrain_reference(cfg, msdda_home(), progress=sys.stderr.isatty() or not json_output)
+    payload = {**result_dict(result), "seconds": round(time.perf_counter() - start, 3)}
+    human = (
+        f"reference model: {result.path}\n"
+        f"alignment accuracy: {result.alignment_accuracy:.3f} "
+        f"(evaluator CNN held-out accuracy {result.classifier_test_accuracy:.3f})\n"
+        f"{'cached' if result.cached else 'pretrained'} in {payload['seconds']:.1f} s"
+        + (f" (built in {result.pretrain_seconds:.0f} s)" if result.cached else "")
+    )
+    _emit(payload, json_output, human)
+
+
+@app.command()
+def run(config: ConfigOption = None, json_output: JsonOption = False) -> None:
+    """The main job on a config: pretrain the reference (cached), then the later stages as they land."""
+    from training.embedded import pretrain_reference, result_dict
+    from training.models import load_reference_pipeline, msdda_home
+
+    cfg = _load(config)
+    start = time.perf_counter()
+    if cfg.model.source == "embedded":
+        reference = result_dict(pretrain_reference(cfg, msdda_home(), progress=True))
+    else:
+        load_reference_pipeline(cfg)
+        reference = {"path": cfg.model.pretrained}
+    pending = ["train base models", "register", "sweep"]
+    payload = {
+        "reference": reference,
+        "objectives": cfg.objective_names,
+        "stopped_after": "pretrain",
+        "not_yet_implemented": pending,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    human = (
+        f"reference model ready: {reference['path']}"
+        + (f" (alignment accuracy {reference['alignment_accuracy']:.3f})" if "alignment_accuracy" in reference else "")
+        + f"\nSTOPPED after pretraining: {', '.join(pending)} are not implemented yet."
+    )
+    _emit(payload, json_output, human)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: maps known errors to one line on stderr and exit code 2."""
+    from configs import ConfigError
+    from training.models import ModelLoadError
+
+    _quiet_libraries()
+    try:
+        code = app(args=argv, standalone_mode=False)
+    except (ConfigError, ModelLoadError, UsageError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        return 2
+    except typer.Exit as exc:
+        return exc.exit_code
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        return 130
+    except Exception as exc:  # click usage errors (bad option, missing argument)
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            return 2
+        raise
+    return code if isinstance(code, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Shared fixtures: offline hub, per-test MSDDA_HOME, and a very small embedded model built in seconds."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TINY_CONFIG = {
+    "model": {
+        "embedded": {
+            "image_size": 16,
+            "vae_channels": [8, 16],
+            "unet_channels": [16, 32],
+            "text_hidden_size": 16,
+            "text_layers": 1,
+            "text_heads": 2,
+        }
+    },
+    "pretrain": {
+        "vae_steps": 20,
+        "unet_steps": 30,
+        "batch_size": 16,
+        "classifier_steps": 40,
+        "eval_samples": 20,
+    },
+    "sampling": {"num_inference_steps": 4},
+    "objectives": ["digit_alignment", {"name": "ink_economy"}],
+}
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path, monkeypatch):
+    """Nothing a test does lands in the repo or the user's home."""
+    monkeypatch.setenv("MSDDA_HOME", str(tmp_path / "msdda_home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    from configs import parse_config
+
+    return parse_config(TINY_CONFIG, "tests/conftest.py")
+
+
+@pytest.fixture(scope="session")
+def tiny_home(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tiny_home")
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(tiny_config, tiny_home):
+    """The very small embedded reference, pretrained once per session."""
+    from training.embedded import pretrain_reference
+
+    return pretrain_reference(tiny_config, tiny_home, progress=False)
+
+
+@pytest.fixture
+def tiny_config_file(tmp_path) -> Path:
+    import yaml
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY_CONFIG))
+    return path

@@ -1,0 +1,64 @@
+import pytest
+
+from configs import DEFAULT_CONFIG, ConfigError, load_config, parse_config
+from pathlib import Path
+
+
+def test_default_config_is_the_embedded_default():
+    config = load_config()
+    assert config.model.source == "embedded"
+    assert config.sampling.eta > 0
+    assert config.objective_names == ["digit_alignment", "ink_economy"]
+
+
+def test_objectives_accept_names_and_mappings():
+    config = parse_config({"objectives": ["a", {"name": "b", "options": {"k": 1}}]})
+    assert config.objective_names == ["a", "b"]
+    assert config.objectives[1].options == {"k": 1}
+
+
+def test_sd15_example_validates():
+    config = load_config(Path(DEFAULT_CONFIG).with_name("sd15.yaml"))
+    assert config.model.source == "pretrained"
+    assert "stable-diffusion-v1-5" in config.model.pretrained
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "field"),
+    [
+        ("pretrain:\n  unet_stepz: 3\n", "pretrain.unet_stepz"),
+        ("sampling:\n  eta: -1\n", "sampling.eta"),
+        ("model:\n  embedded:\n    image_size: 12\n", "model.embedded.image_size"),
+        ("bogus: 1\n", "bogus"),
+        ("model:\n  source: pretrained\n", "model"),
+        ("objectives:\n  - {options: {}}\n", "objectives.0.name"),
+    ],
+)
+def test_bad_fields_are_named_with_the_file(tmp_path, yaml_text, field):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: {field}:"), message
+    assert "\n" not in message
+
+
+def test_unknown_field_says_so(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("sampling:\n  guidence_scale: 2\n")
+    with pytest.raises(ConfigError, match=r"sampling\.guidence_scale: unknown field"):
+        load_config(path)
+
+
+def test_unreadable_and_non_yaml_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(broken)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(scalar)

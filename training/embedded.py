@@ -1,0 +1,397 @@
+"""The embedded default reference: a tiny Stable-Diffusion-format model pretrained here on the shipped digits.
+
+It has the four SD components (``UNet2DConditionModel``, ``AutoencoderKL``, ``CLIPTextModel`` with a
+``CLIPTokenizer`` built here, ``DDIMScheduler``), is saved with ``save_pretrained`` and loads through
+``StableDiffusionPipeline.from_pretrained``. Building it is deterministic for a given config and seed, and the
+result is cached under ``$MSDDA_HOME/reference/<key>``, where ``key`` hashes the config, the data and the format.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from configs.schema import EmbeddedModelConfig, PipelineConfig, PretrainConfig, SamplingConfig
+from training.classifier import ClassifierReport, load_classifier, save_classifier, to_grayscale, train_classifier
+from training.digits import DIGIT_WORDS, PROMPT_TEMPLATES, data_fingerprint, digit_prompt, prompt_vocabulary
+from training.digits import train_test_split
+from training.tokenizer import build_tokenizer, save_tokenizer
+
+FORMAT_VERSION = 1
+META_FILE = "msdda_reference.json"
+
+
+@dataclass(frozen=True)
+class PretrainResult:
+    path: Path
+    alignment_accuracy: float
+    classifier_test_accuracy: float
+    pretrain_seconds: float
+    cached: bool
+    key: str
+
+
+# ----------------------------------------------------------------------------------------------- components
+
+
+def vae_scale_factor(cfg: EmbeddedModelConfig) -> int:
+    return 2 ** (len(cfg.vae_channels) - 1)
+
+
+def build_components(cfg: EmbeddedModelConfig) -> dict:
+    """Freshly initialised SD components for ``cfg`` (call ``torch.manual_seed`` first for determinism)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = build_tokenizer(prompt_vocabulary(), cfg.max_prompt_tokens)
+    levels = len(cfg.unet_channels)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=cfg.text_hidden_size,
+            intermediate_size=4 * cfg.text_hidden_size,
+            projection_dim=cfg.text_hidden_size,
+            num_hidden_layers=cfg.text_layers,
+            num_attention_heads=cfg.text_heads,
+            max_position_embeddings=cfg.max_prompt_tokens,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=cfg.image_size // vae_scale_factor(cfg),
+        in_channels=cfg.latent_channels,
+        out_channels=cfg.latent_channels,
+        layers_per_block=cfg.unet_layers_per_block,
+        block_out_channels=cfg.unet_channels,
+        down_block_types=("CrossAttnDownBlock2D",) * levels,
+        up_block_types=("CrossAttnUpBlock2D",) * levels,
+        cross_attention_dim=cfg.text_hidden_size,
+        attention_head_dim=cfg.attention_head_dim,
+        norm_num_groups=cfg.norm_num_groups,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(cfg.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(cfg.vae_channels),
+        block_out_channels=cfg.vae_channels,
+        layers_per_block=1,
+        latent_channels=cfg.latent_channels,
+        norm_num_groups=cfg.norm_num_groups,
+        sample_size=cfg.image_size,
+    )
+    scheduler = DDIMScheduler(
+        num_train_timesteps=cfg.num_train_timesteps,
+        beta_start=cfg.beta_start,
+        beta_end=cfg.beta_end,
+        beta_schedule=cfg.beta_schedule,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
+
+
+# ------------------------------------------------------------------------------------------------- caching
+
+
+def _digest(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def reference_key(config: PipelineConfig) -> str:
+    """Cache key: architecture, pretraining recipe (less thread count), data and format version."""
+    recipe = config.pretrain.model_dump(exclude={"num_threads"})
+    return _digest(
+        {
+            "format": FORMAT_VERSION,
+            "model": config.model.embedded.model_dump(mode="json"),
+            "pretrain": recipe,
+            "data": data_fingerprint(),
+        }
+    )
+
+
+def classifier_key(size: int, pretrain: PretrainConfig) -> str:
+    return _digest(
+        {
+            "format": FORMAT_VERSION,
+            "size": size,
+            "steps": pretrain.classifier_steps,
+            "seed": pretrain.seed,
+            "test_fraction": pretrain.test_fraction,
+            "data": data_fingerprint(),
+        }
+    )
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Atomically move a finished build into place; a concurrent build that won the race is kept."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp.chmod(0o755)  # mkdtemp's 0700 would hide the model from the rest of a team
+    try:
+        tmp.rename(final)
+    except OSError:
+        if not (final / "DONE").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _build_dir(parent: Path) -> Path:
+    parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=".build-", dir=parent))
+
+
+def digit_classifier(config: PipelineConfig, home: Path, progress: bool = True):
+    """The cached evaluator CNN for the embedded model's image size, trained on the train split."""
+    size = config.model.embedded.image_size
+    final = home / "classifiers" / classifier_key(size, config.pretrain)
+    if not (final / "DONE").exists():
+        train, test = train_test_split(size, config.pretrain.test_fraction, seed=0)
+        model, report = train_classifier(train, test, config.pretrain.classifier_steps, config.pretrain.seed, progress)
+        tmp = _build_dir(final.parent)
+        save_classifier(model, report, tmp)
+        (tmp / "DONE").touch()
+        _publish(tmp, final)
+    return load_classifier(final)
+
+
+# ---------------------------------------------------------------------------------------------- pretraining
+
+
+def _to_vae_input(images: torch.Tensor) -> torch.Tensor:
+    """Grayscale [0, 1] -> RGB [-1, 1], the SD VAE convention."""
+    return images.repeat(1, 3, 1, 1) * 2 - 1
+
+
+def _cosine_with_warmup(optimizer: torch.optim.Optimizer, steps: int, warmup: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_vae(vae, images: torch.Tensor, pretrain: PretrainConfig, generator: torch.Generator, progress: bool):
+    """Reconstruction MSE plus ``vae_kl_weight`` * KL(q(z|x) || N(0, I)); returns the posterior-mean latents."""
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=pretrain.vae_lr, weight_decay=0.0)
+    schedule = _cosine_with_warmup(optimizer, pretrain.vae_steps, warmup=min(100, pretrain.vae_steps // 10 + 1))
+    x_all = _to_vae_input(images)
+    vae.train()
+    bar = tqdm(range(pretrain.vae_steps), desc="pretrain: autoencoder", disable=not progress)
+    for _ in bar:
+        x = x_all[torch.randint(0, len(x_all), (pretrain.batch_size,), generator=generator)]
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        loss = F.mse_loss(vae.decode(z).sample, x) + pretrain.vae_kl_weight * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    vae.eval()
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in x_all.split(512)])
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    return latents
+
+
+def _prompt_bank(tokenizer, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids ``[10, T, L]`` for every (digit, template) pair, and ``[L]`` for the empty prompt."""
+
+    def ids(text: str) -> torch.Tensor:
+        return tokenizer(text, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")[
+            "input_ids"
+        ][0]
+
+    bank = torch.stack(
+        [torch.stack([ids(digit_prompt(d, t)) for t in range(len(PROMPT_TEMPLATES))]) for d in range(10)]
+    )
+    return bank, ids("")
+
+
+def train_denoiser(components: dict, latents, labels, pretrain: PretrainConfig, generator, progress: bool):
+    """Epsilon-prediction MSE for the UNet and text encoder, with prompt dropout for classifier-free guidance.
+
+    Returns EMA copies of both (decay ``ema_decay``), which is what gets saved.
+    """
+    unet, text_encoder, scheduler = components["unet"], components["text_encoder"], components["scheduler"]
+    tokenizer = components["tokenizer"]
+    bank, empty = _prompt_bank(tokenizer, tokenizer.model_max_length)
+    latents = latents * components["vae"].config.scaling_factor
+    alphas_cumprod = scheduler.alphas_cumprod
+    params = [*unet.parameters(), *text_encoder.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=pretrain.unet_lr, weight_decay=1e-4)
+    schedule = _cosine_with_warmup(optimizer, pretrain.unet_steps, warmup=min(200, pretrain.unet_steps // 10 + 1))
+    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
+    ema_params = [*ema_unet.parameters(), *ema_text.parameters()]
+    unet.train()
+    text_encoder.train()
+    n, batch = len(latents), pretrain.batch_size
+    bar = tqdm(range(pretrain.unet_steps), desc="pretrain: denoiser", disable=not progress)
+    for step in bar:
+        idx = torch.randint(0, n, (batch,), generator=generator)
+        x0 = latents[idx]
+        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator)
+        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        template = torch.randint(0, len(PROMPT_TEMPLATES), (batch,), generator=generator)
+        input_ids = bank[labels[idx], template]
+        drop = torch.rand(batch, generator=generator) < pretrain.uncond_prob
+        input_ids = torch.where(drop[:, None], empty[None], input_ids)
+        context = text_encoder(input_ids)[0]
+        loss = F.mse_loss(unet(x_t, t, encoder_hidden_states=context).sample, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        decay = min(pretrain.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    return ema_unet, ema_text
+
+
+def save_pipeline(components: dict, directory: Path) -> None:
+    """Save as a standard ``StableDiffusionPipeline`` (no safety checker, as for any research checkpoint)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=components["vae"],
+        text_encoder=components["text_encoder"],
+        tokenizer=components["tokenizer"],
+        unet=components["unet"],
+        scheduler=components["scheduler"],
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(directory, safe_serialization=True)
+    save_tokenizer(components["tokenizer"], prompt_vocabulary(), directory / "tokenizer")
+
+
+def load_embedded_pipeline(path: Path):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
+
+
+@torch.no_grad()
+def alignment_accuracy(
+    pipe, classifier, sampling: SamplingConfig, num_samples: int, seed: int, progress: bool, batch_size: int = 250
+) -> float:
+    """Share of ``num_samples`` DDIM samples (prompts cycling over digits and paraphrases) that the classifier
+    labels as the prompted digit."""
+    digits = [i % 10 for i in range(num_samples)]
+    prompts = [digit_prompt(d, i // 10) for i, d in enumerate(digits)]
+    generator = torch.Generator().manual_seed(seed)
+    pipe.set_progress_bar_config(disable=True)
+    size = classifier_input_size(pipe)
+    correct = 0
+    bar = tqdm(total=num_samples, desc="pretrain: evaluate", disable=not progress)
+    for start in range(0, num_samples, batch_size):
+        chunk = prompts[start : start + batch_size]
+        images = pipe(
+            chunk,
+            num_inference_steps=sampling.num_inference_steps,
+            guidance_scale=sampling.guidance_scale,
+            eta=sampling.eta,
+            generator=generator,
+            output_type="pt",
+        ).images
+        predicted = classifier(to_grayscale(images, size)).argmax(-1)
+        correct += (predicted == torch.tensor(digits[start : start + len(chunk)])).sum().item()
+        bar.update(len(chunk))
+    bar.close()
+    return correct / num_samples
+
+
+def classifier_input_size(pipe) -> int:
+    return pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+
+def pretrain_reference(config: PipelineConfig, home: Path, progress: bool = True) -> PretrainResult:
+    """Build (or reuse from the cache) the embedded reference model; see the module docstring."""
+    key = reference_key(config)
+    final = home / "reference" / key
+    if (final / "DONE").exists():
+        meta = json.loads((final / META_FILE).read_text())
+        return PretrainResult(
+            path=final,
+            alignment_accuracy=meta["alignment_accuracy"],
+            classifier_test_accuracy=meta["classifier_test_accuracy"],
+            pretrain_seconds=meta["pretrain_seconds"],
+            cached=True,
+            key=key,
+        )
+
+    start = time.perf_counter()
+    pretrain, cfg = config.pretrain, config.model.embedded
+    if pretrain.num_threads:
+        torch.set_num_threads(pretrain.num_threads)
+    classifier, report = digit_classifier(config, home, progress)
+    torch.manual_seed(pretrain.seed)
+    generator = torch.Generator().manual_seed(pretrain.seed)
+    train, _ = train_test_split(cfg.image_size, pretrain.test_fraction, seed=0)
+    components = build_components(cfg)
+    latents = train_vae(components["vae"], train.images, pretrain, generator, progress)
+    components["unet"], components["text_encoder"] = train_denoiser(
+        components, latents, train.labels, pretrain, generator, progress
+    )
+
+    tmp = _build_dir(final.parent)
+    try:
+        save_pipeline(components, tmp)
+        accuracy = alignment_accuracy(
+            load_embedded_pipeline(tmp), classifier, config.sampling, pretrain.eval_samples, pretrain.seed, progress
+        )
+        seconds = time.perf_counter() - start
+        meta = _reference_meta(config, key, accuracy, report, seconds)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        (tmp / "DONE").touch()
+        _publish(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return PretrainResult(final, accuracy, report.test_accuracy, seconds, cached=False, key=key)
+
+
+def _reference_meta(config: PipelineConfig, key: str, accuracy: float, report: ClassifierReport, seconds: float):
+    return {
+        "key": key,
+        "format": FORMAT_VERSION,
+        "alignment_accuracy": accuracy,
+        "alignment_eval": {
+            "samples": config.pretrain.eval_samples,
+            **config.sampling.model_dump(),
+            "prompts": [digit_prompt(d) for d in range(len(DIGIT_WORDS))],
+        },
+        "classifier_test_accuracy": report.test_accuracy,
+        "pretrain_seconds": seconds,
+        "torch_threads": torch.get_num_threads(),
+        "config": {"model": config.model.embedded.model_dump(mode="json"), "pretrain": config.pretrain.model_dump()},
+        "data": data_fingerprint(),
+    }
+
+
+def result_dict(result: PretrainResult) -> dict:
+    out = asdict(result)
+    out["path"] = str(result.path)
+    return out

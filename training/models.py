@@ -1,0 +1,82 @@
+"""Loading the frozen reference model: the embedded default or any diffusers Stable Diffusion checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from configs.schema import PipelineConfig
+
+SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+class ModelLoadError(RuntimeError):
+    """A reference model's weights or files are missing or unreadable (the message is one line)."""
+
+
+def msdda_home() -> Path:
+    """Where caches, models and the default registry live: ``$MSDDA_HOME``, default ``./.msdda``."""
+    return Path(os.environ.get("MSDDA_HOME", ".msdda")).resolve()
+
+
+def _missing_components(directory: Path) -> list[str]:
+    """SD components whose folder, config or weights are absent from a local pipeline directory."""
+    missing = []
+    if not (directory / "model_index.json").exists():
+        missing.append("model_index.json")
+    for name in SD_COMPONENTS:
+        folder = directory / name
+        if not folder.is_dir():
+            missing.append(f"{name}/")
+        elif name in ("unet", "vae", "text_encoder"):
+            if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+                missing.append(f"{name}/ weights")
+            if not (folder / "config.json").exists():
+                missing.append(f"{name}/config.json")
+    return missing
+
+
+def load_pretrained_pipeline(source: str, revision: str | None = None, torch_dtype=None):
+    """``StableDiffusionPipeline.from_pretrained`` from a local directory or a hub id, with one-line errors."""
+    from diffusers import StableDiffusionPipeline
+
+    local = Path(source).expanduser()
+    if local.exists():
+        missing = _missing_components(local)
+        if missing:
+            raise ModelLoadError(f"Stable Diffusion checkpoint at {local} is missing: {', '.join(missing)}")
+    elif source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise ModelLoadError(f"no Stable Diffusion checkpoint at {source}: the directory does not exist")
+    kwargs = {"safety_checker": None, "requires_safety_checker": False, "revision": revision}
+    if torch_dtype is not None:
+        kwargs["torch_dtype"] = torch_dtype
+    try:
+        return StableDiffusionPipeline.from_pretrained(str(local) if local.exists() else source, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        where = "local files" if local.exists() else "the local hub cache (offline) or the hub"
+        raise ModelLoadError(f"cannot load Stable Diffusion weights '{source}' from {where}: {first}") from None
+
+
+def load_reference_pipeline(config: PipelineConfig, home: Path | None = None, progress: bool = True):
+    """The reference ``StableDiffusionPipeline`` for ``config``, pretraining the embedded model if needed."""
+    if config.model.source == "pretrained":
+        return load_pretrained_pipeline(config.model.pretrained, config.model.revision)
+    from training.embedded import load_embedded_pipeline, pretrain_reference
+
+    result = pretrain_reference(config, home or msdda_home(), progress=progress)
+    return load_embedded_pipeline(result.path)
+
+
+def content_hash(directory: Path) -> str:
+    """SHA-256 over every weight and config file of a saved pipeline (paths included), for lineage checks."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(directory).rglob("*") if p.is_file()):
+        if path.suffix not in {".safetensors", ".json", ".txt", ".bin"} or path.name.startswith("msdda_"):
+            continue
+        digest.update(path.relative_to(directory).as_posix().encode())
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
