@@ -29,7 +29,7 @@ class EmbeddedModelConfig(_Strict):
 
     image_size: Annotated[int, Field(ge=8, multiple_of=8)] = 16
     latent_channels: Annotated[int, Field(ge=1)] = 4
-    vae_channels: tuple[int, ...] = (32, 64)
+    vae_channels: tuple[int, ...] = (16, 32)
     unet_channels: tuple[int, ...] = (32, 64)
     unet_layers_per_block: Annotated[int, Field(ge=1)] = 1
     attention_head_dim: Annotated[int, Field(ge=1)] = 8
@@ -58,12 +58,12 @@ class PretrainConfig(_Strict):
     """How the embedded reference model and its digit classifier are trained."""
 
     seed: int = 0
-    vae_steps: Annotated[int, Field(ge=1)] = 1500
+    vae_steps: Annotated[int, Field(ge=1)] = 600
     vae_lr: Annotated[float, Field(gt=0)] = 2e-3
     vae_kl_weight: Annotated[float, Field(ge=0)] = 1e-6
-    unet_steps: Annotated[int, Field(ge=1)] = 4000
+    unet_steps: Annotated[int, Field(ge=1)] = 1500
     unet_lr: Annotated[float, Field(gt=0)] = 2e-3
-    batch_size: Annotated[int, Field(ge=1)] = 128
+    batch_size: Annotated[int, Field(ge=1)] = 64
     uncond_prob: Annotated[float, Field(ge=0, le=1)] = 0.1
     ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.995
     classifier_steps: Annotated[int, Field(ge=1)] = 1500

@@ -121,23 +121,13 @@ def main(argv: list[str] | None = None) -> int:
 
     _quiet_libraries()
     try:
-        code = app(args=argv, standalone_mode=False)
+        app(args=argv, prog_name="msdda")
     except (ConfigError, ModelLoadError, UsageError) as exc:
         typer.echo(f"error: {exc}", err=True)
         return 2
-    except typer.Exit as exc:
-        return exc.exit_code
-    except typer.Abort:
-        typer.echo("aborted", err=True)
-        return 130
-    except Exception as exc:  # click usage errors (bad option, missing argument)
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            return 2
-        raise
-    return code if isinstance(code, int) else 0
+    except SystemExit as exc:  # click's standalone mode: usage errors exit 2 with their own message
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return 0
 
 
 if __name__ == "__main__":

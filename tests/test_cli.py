@@ -1,0 +1,70 @@
+"""The `msdda` console script, run as a user would (a real subprocess)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+MSDDA = [sys.executable, "-m", "flows.cli"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(args, cwd, home):
+    env = {**os.environ, "MSDDA_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run(MSDDA + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_pretrain_json_then_cached(tmp_path, tiny_config_file):
+    home = tmp_path / "home"
+    first = run_cli(["pretrain", "--config", str(tiny_config_file), "--json"], tmp_path, home)
+    assert first.returncode == 0, first.stderr
+    payload = json.loads(first.stdout)
+    assert {"path", "alignment_accuracy", "seconds"} <= payload.keys()
+    assert payload["cached"] is False and Path(payload["path"]).is_relative_to(home)
+    second = run_cli(["pretrain", "--config", str(tiny_config_file), "--json"], tmp_path, home)
+    assert second.returncode == 0, second.stderr
+    again = json.loads(second.stdout)
+    assert again["cached"] is True and again["path"] == payload["path"]
+    assert again["alignment_accuracy"] == payload["alignment_accuracy"]
+    assert not (tmp_path / ".msdda").exists(), "MSDDA_HOME is honoured"
+
+
+def test_run_says_where_it_stops(tmp_path, tiny_config_file):
+    result = run_cli(["run", "--config", str(tiny_config_file), "--json"], tmp_path, tmp_path / "home")
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert payload["stopped_after"] == "pretrain"
+    assert payload["objectives"] == ["digit_alignment", "ink_economy"]
+
+
+@pytest.mark.parametrize(
+    ("config_text", "expected"),
+    [
+        ("pretrain:\n  unet_stepz: 3\n", "pretrain.unet_stepz: unknown field"),
+        ("model: [oops\n", "not valid YAML"),
+    ],
+)
+def test_bad_config_is_one_line_exit_2(tmp_path, config_text, expected):
+    path = tmp_path / "bad.yaml"
+    path.write_text(config_text)
+    result = run_cli(["pretrain", "--config", str(path)], tmp_path, tmp_path / "home")
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and expected in result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    assert not (tmp_path / "home").exists(), "nothing is written on bad input"
+
+
+def test_missing_checkpoint_is_one_line_exit_2(tmp_path):
+    path = tmp_path / "sd.yaml"
+    path.write_text(f"model:\n  source: pretrained\n  pretrained: {tmp_path / 'no_such_model'}\n")
+    result = run_cli(["run", "--config", str(path)], tmp_path, tmp_path / "home")
+    assert result.returncode == 2
+    assert "no_such_model" in result.stderr and result.stderr.strip().count("\n") == 0
+
+
+def test_unknown_option_exits_2(tmp_path):
+    result = run_cli(["pretrain", "--bogus"], tmp_path, tmp_path / "home")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
