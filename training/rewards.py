@@ -1,0 +1,240 @@
+"""Image rewards: a registry of ``R(images, prompts) -> [N]`` with images ``[N, 3, H, W]`` in [0, 1].
+
+Each reward declares whether it is differentiable (RGG and gradient-based baselines need that). The offline rewards
+run on the embedded default; the heavy ones (ImageReward, LAION aesthetic, PickScore, CLIP score, HPSv2) are
+plugins that import lazily and load their weights from ``options.weights`` (a local path or a hub id); without
+them they fail with one line.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from training.digits import DIGIT_WORDS
+
+
+class RewardError(ValueError):
+    """An unknown objective, or a reward whose weights or package are missing (one-line message)."""
+
+
+@dataclass
+class Reward:
+    """A named image reward. ``fn(images, prompts) -> [N]`` (higher is better)."""
+
+    name: str
+    differentiable: bool
+    fn: Callable[[torch.Tensor, list[str]], torch.Tensor]
+    description: str = ""
+    info: dict = field(default_factory=dict)
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        if self.differentiable:
+            return self.fn(images, prompts)
+        with torch.no_grad():
+            return self.fn(images, prompts)
+
+
+# ------------------------------------------------------------------------------------------ offline rewards
+
+
+def prompted_digit(prompt: str) -> int:
+    """The digit a prompt names ("a handwritten digit seven" -> 7)."""
+    for word in prompt.lower().replace(",", " ").split():
+        if word in DIGIT_WORDS:
+            return DIGIT_WORDS.index(word)
+    raise RewardError(f"digit_alignment needs a prompt that names a digit, got {prompt!r}")
+
+
+def _grayscale(images: torch.Tensor) -> torch.Tensor:
+    return images.mean(dim=1, keepdim=True) if images.shape[1] == 3 else images
+
+
+def ink_economy(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """``-mean(pixel intensity)``: less ink is better (differentiable)."""
+    return -_grayscale(images).flatten(1).mean(1)
+
+
+def symmetry(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """``-mean |x - mirror(x)|`` over the left-right mirror (differentiable)."""
+    gray = _grayscale(images)
+    return -(gray - gray.flip(-1)).abs().flatten(1).mean(1)
+
+
+def jpeg_compressibility(images: torch.Tensor, prompts: list[str], quality: int = 95) -> torch.Tensor:
+    """``-(JPEG size in kB)`` at ``quality`` (not differentiable)."""
+    from PIL import Image
+
+    pixels = (images.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    sizes = []
+    for array in pixels:
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="JPEG", quality=quality)
+        sizes.append(buffer.tell() / 1000.0)
+    return -torch.tensor(sizes, dtype=torch.float32, device=images.device)
+
+
+def digit_alignment(config, home: Path, options: dict) -> Reward:
+    """``log p(prompted digit | image)`` under the cached digit CNN (differentiable)."""
+    from training.classifier import to_grayscale
+    from training.embedded import digit_classifier
+
+    classifier, report = digit_classifier(config, home, progress=False)
+    classifier.requires_grad_(False)
+    size = config.model.embedded.image_size
+
+    def fn(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        labels = torch.tensor([prompted_digit(p) for p in prompts], device=images.device)
+        logits = classifier(to_grayscale(images, size))
+        return logits.log_softmax(-1).gather(1, labels[:, None]).squeeze(1)
+
+    return Reward(
+        "digit_alignment", True, fn, "log-probability of the prompted digit under a small CNN",
+        {"classifier_test_accuracy": report.test_accuracy},
+    )
+
+
+# ---------------------------------------------------------------------------------------- heavy (plugins)
+
+
+def _weights(name: str, options: dict) -> str:
+    source = options.get("weights")
+    if not source:
+        raise RewardError(f"reward '{name}' needs `options.weights`: a local path or a hub id of its weights")
+    if Path(os.path.expanduser(source)).exists():
+        return os.path.expanduser(source)
+    if source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise RewardError(f"reward '{name}': weights not found at {source}")
+    return source
+
+
+def _import(name: str, module: str, package: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise RewardError(f"reward '{name}' needs the package '{package}' (pip install {package})") from None
+
+
+def _load_or_fail(name: str, source: str, loader: Callable):
+    try:
+        return loader(source)
+    except (OSError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise RewardError(f"reward '{name}': cannot load weights '{source}': {first}") from None
+
+
+def _clip_scorer(name: str, options: dict, head: Callable | None = None) -> Reward:
+    """CLIP-family rewards: cosine similarity of image and prompt embeddings (optionally through a head)."""
+    source = _weights(name, options)
+    transformers = _import(name, "transformers", "transformers")
+    model = _load_or_fail(name, source, lambda s: transformers.CLIPModel.from_pretrained(s).eval())
+    processor = _load_or_fail(name, options.get("processor", source), transformers.CLIPProcessor.from_pretrained)
+    scale = float(options.get("scale", 100.0 if name == "pickscore" else 1.0))
+
+    def fn(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        size = processor.image_processor.crop_size["height"]
+        pixels = torch.nn.functional.interpolate(images, size=(size, size), mode="bicubic", align_corners=False)
+        mean = torch.tensor(processor.image_processor.image_mean, device=images.device).view(1, 3, 1, 1)
+        std = torch.tensor(processor.image_processor.image_std, device=images.device).view(1, 3, 1, 1)
+        image_embeds = model.get_image_features(pixel_values=(pixels - mean) / std)
+        image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
+        if head is not None:
+            return head(image_embeds)
+        tokens = processor.tokenizer(prompts, padding=True, truncation=True, return_tensors="pt")
+        text_embeds = model.get_text_features(**tokens)
+        text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
+        return scale * (image_embeds * text_embeds).sum(-1)
+
+    return Reward(name, True, fn, f"CLIP-family score from {source}")
+
+
+def clip_score(config, home, options) -> Reward:
+    return _clip_scorer("clip_score", options)
+
+
+def pickscore(config, home, options) -> Reward:
+    return _clip_scorer("pickscore", {"processor": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", **options})
+
+
+def laion_aesthetic(config, home, options) -> Reward:
+    """LAION aesthetic predictor v2: a linear/MLP head (safetensors at ``options.head``) on CLIP ViT-L/14."""
+    head_path = options.get("head")
+    if not head_path or not Path(head_path).expanduser().exists():
+        raise RewardError("reward 'laion_aesthetic' needs `options.head`: the predictor head as .safetensors")
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(head_path).expanduser()))
+    layers = sorted({k.rsplit(".", 1)[0] for k in state})
+
+    def head(embeds: torch.Tensor) -> torch.Tensor:
+        x = embeds
+        for i, layer in enumerate(layers):
+            x = x @ state[f"{layer}.weight"].T + state[f"{layer}.bias"]
+        return x.squeeze(-1)
+
+    return _clip_scorer("laion_aesthetic", {"weights": "openai/clip-vit-large-patch14", **options}, head)
+
+
+def image_reward(config, home, options) -> Reward:
+    """ImageReward (Xu et al., 2023) through its own package; not differentiable through our interface."""
+    source = _weights("image_reward", options)
+    module = _import("image_reward", "ImageReward", "image-reward")
+    model = _load_or_fail("image_reward", source, module.load)
+
+    def fn(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        from PIL import Image
+
+        arrays = (images.clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return torch.tensor([float(model.score(p, Image.fromarray(a))) for p, a in zip(prompts, arrays)])
+
+    return Reward("image_reward", False, fn, f"ImageReward from {source}")
+
+
+def hpsv2(config, home, options) -> Reward:
+    source = _weights("hpsv2", options)
+    module = _import("hpsv2", "hpsv2", "hpsv2")
+
+    def fn(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        from PIL import Image
+
+        arrays = (images.clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return torch.tensor(
+            [float(module.score(Image.fromarray(a), p, cp=source)[0]) for p, a in zip(prompts, arrays)]
+        )
+
+    return Reward("hpsv2", False, fn, f"HPSv2 from {source}")
+
+
+def _simple(name: str, fn: Callable, differentiable: bool, description: str):
+    def factory(config, home, options) -> Reward:
+        return Reward(name, differentiable, fn, description)
+
+    factory.differentiable = differentiable
+    return factory
+
+
+REWARDS: dict[str, Callable] = {
+    "digit_alignment": digit_alignment,
+    "ink_economy": _simple("ink_economy", ink_economy, True, "negative mean ink"),
+    "symmetry": _simple("symmetry", symmetry, True, "negative left-right asymmetry"),
+    "compressibility": _simple("compressibility", jpeg_compressibility, False, "negative JPEG size (kB)"),
+    "clip_score": clip_score,
+    "pickscore": pickscore,
+    "laion_aesthetic": laion_aesthetic,
+    "image_reward": image_reward,
+    "hpsv2": hpsv2,
+}
+
+
+def load_reward(name: str, config, home: Path, options: dict | None = None) -> Reward:
+    """Build the reward ``name``; raises :class:`RewardError` (one line) if unknown or not loadable."""
+    if name not in REWARDS:
+        raise RewardError(f"unknown objective '{name}'; known: {', '.join(sorted(REWARDS))}")
+    return REWARDS[name](config, home, dict(options or {}))
