@@ -13,12 +13,13 @@ import argparse
 import json
 import time
 
+from configs import TrainConfig
 from training.toy import ToyProblem, evaluate_against_optimum
-from training.trainer import TrainerConfig, train
+from training.trainer import train
 
 
 def run(iterations: int, method: str, seed: int, progress: bool) -> dict:
-    config = TrainerConfig(
+    config = TrainConfig(
         method=method, beta=1.0, iterations=iterations, batch_size=256, states_per_trajectory=10,
         num_actions=64, learning_rate=3e-3, seed=seed,
     )

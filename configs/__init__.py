@@ -8,6 +8,7 @@ from configs.schema import (
     PipelineConfig,
     PretrainConfig,
     SamplingConfig,
+    TrainConfig,
     load_config,
     parse_config,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "PipelineConfig",
     "PretrainConfig",
     "SamplingConfig",
+    "TrainConfig",
     "load_config",
     "parse_config",
 ]

@@ -78,7 +78,7 @@ class SamplingConfig(_Strict):
 
     num_inference_steps: Annotated[int, Field(ge=1)] = 20
     eta: Annotated[float, Field(ge=0)] = 1.0
-    guidance_scale: Annotated[float, Field(ge=0)] = 3.0
+    guidance_scale: Annotated[float, Field(ge=0)] = 1.0
 
 
 class ModelConfig(_Strict):
@@ -96,8 +96,35 @@ class ModelConfig(_Strict):
         return self
 
 
+class TrainConfig(_Strict):
+    """The step-level trainer (DESIGN section 2) and its evaluation."""
+
+    method: Literal["target_matching", "policy_gradient"] = "target_matching"
+    beta: Annotated[float, Field(gt=0)] = 0.01
+    iterations: Annotated[int, Field(ge=1)] = 60
+    batch_size: Annotated[int, Field(ge=1)] = 32
+    states_per_trajectory: Annotated[int, Field(ge=1)] = 4
+    num_actions: Annotated[int, Field(ge=2)] = 8
+    learning_rate: Annotated[float, Field(gt=0)] = 2e-3
+    variance_lr_scale: Annotated[float, Field(gt=0)] = 10.0
+    gradient_accumulation_steps: Annotated[int, Field(ge=1)] = 1
+    max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
+    checkpoint_every: Annotated[int, Field(ge=0)] = 10
+    seed: int = 0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    lora_rank: Annotated[int, Field(ge=1)] = 4
+    learn_variance: Literal["none", "step", "step_channel"] = "step"
+    x0_estimate: Literal["next_state", "current_eps"] = "next_state"
+    eval_samples: Annotated[int, Field(ge=2)] = 256
+    eval_seed: int = 1234
+    prompts: list[str] | None = None
+    """Training and evaluation prompts; ``None`` uses the digit prompts of the embedded default."""
+
+
 class ObjectiveSpec(_Strict):
     name: str
+    beta: Annotated[float, Field(gt=0)] | None = None
+    """Overrides ``train.beta`` for this objective."""
     options: dict[str, object] = {}
 
 
@@ -105,6 +132,7 @@ class PipelineConfig(_Strict):
     model: ModelConfig = ModelConfig()
     pretrain: PretrainConfig = PretrainConfig()
     sampling: SamplingConfig = SamplingConfig()
+    train: TrainConfig = TrainConfig()
     objectives: list[ObjectiveSpec] = Field(default_factory=list)
 
     @field_validator("objectives", mode="before")
@@ -117,6 +145,10 @@ class PipelineConfig(_Strict):
     @property
     def objective_names(self) -> list[str]:
         return [spec.name for spec in self.objectives]
+
+    def objective(self, name: str) -> ObjectiveSpec:
+        """The spec for ``name`` (a bare spec if the config does not list it)."""
+        return next((spec for spec in self.objectives if spec.name == name), ObjectiveSpec(name=name))
 
 
 def _format_error(error: dict, source: str) -> str:

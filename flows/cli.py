@@ -10,7 +10,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -23,7 +23,7 @@ app = typer.Typer(
 )
 
 ConfigOption = Annotated[
-    Optional[Path], typer.Option("--config", "-c", help="YAML config (default: the embedded default).")
+    Path | None, typer.Option("--config", "-c", help="YAML config (default: the embedded default).")
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 
@@ -86,6 +86,51 @@ def pretrain(config: ConfigOption = None, json_output: JsonOption = False) -> No
 
 
 @app.command()
+def train(
+    objective: Annotated[str, typer.Option("--objective", "-o", help="Reward to train for, e.g. ink_economy.")],
+    config: ConfigOption = None,
+    json_output: JsonOption = False,
+    mlflow: Annotated[bool, typer.Option(help="Log per-iteration metrics to MLflow.")] = True,
+) -> None:
+    """Train one single-objective LoRA base model with the step-level trainer (cached under $MSDDA_HOME)."""
+    from contextlib import nullcontext
+
+    from training.base_model import train_base_model
+    from training.models import msdda_home
+    from training.rewards import load_reward
+
+    cfg = _load(config)
+    home = msdda_home()
+    spec = cfg.objective(objective)
+    load_reward(spec.name, cfg, home, spec.options)  # one-line error before any heavy work
+    progress = sys.stderr.isatty() or not json_output
+    run_id = None
+    if mlflow:
+        from flows.tracking import mlflow_run
+
+        context = mlflow_run(home, f"train-{objective}", params={"objective": objective, "beta": spec.beta or cfg.train.beta,
+                             "method": cfg.train.method, "iterations": cfg.train.iterations})
+    else:
+        context = nullcontext((None, None))
+    with context as (active, log_iteration):
+        result = train_base_model(cfg, objective, home, progress=progress, log_metrics=log_iteration)
+        if active is not None:
+            import mlflow as mlflow_lib
+
+            run_id = active.info.run_id
+            mlflow_lib.log_metrics({k: v for k, v in result.as_dict().items()
+                                    if isinstance(v, float) and k != "seconds"})
+    payload = {**result.as_dict(), "mlflow_run_id": run_id}
+    human = (
+        f"base model '{objective}': {result.path}\n"
+        f"reward {result.reward_before:.4f} -> {result.reward_after:.4f} "
+        f"(+{result.rise_in_se:.1f} SE, SE {result.reward_se:.4f}); KL/step {result.kl:.4f}; "
+        f"{result.unet_evaluations} UNet evaluations; {result.seconds:.0f} s" + (" (cached)" if result.cached else "")
+    )
+    _emit(payload, json_output, human)
+
+
+@app.command()
 def run(config: ConfigOption = None, json_output: JsonOption = False) -> None:
     """The main job on a config: pretrain the reference (cached), then the later stages as they land."""
     from training.embedded import pretrain_reference, result_dict
@@ -118,11 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry point: maps known errors to one line on stderr and exit code 2."""
     from configs import ConfigError
     from training.models import ModelLoadError
+    from training.rewards import RewardError
 
     _quiet_libraries()
     try:
         app(args=argv, prog_name="msdda")
-    except (ConfigError, ModelLoadError, UsageError) as exc:
+    except (ConfigError, ModelLoadError, RewardError, UsageError) as exc:
         typer.echo(f"error: {exc}", err=True)
         return 2
     except SystemExit as exc:  # click's standalone mode: usage errors exit 2 with their own message

@@ -1,7 +1,8 @@
+from pathlib import Path
+
 import pytest
 
 from configs import DEFAULT_CONFIG, ConfigError, load_config, parse_config
-from pathlib import Path
 
 
 def test_default_config_is_the_embedded_default():

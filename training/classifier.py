@@ -33,7 +33,7 @@ class DigitCNN(nn.Module):
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Random shifts of up to one pixel (in 8x8 units) plus pixel noise, for robustness to generated digits."""
-    n, _, size, _ = images.shape
+    size = images.shape[-1]
     max_shift = max(1, size // 8)
     shifts = torch.randint(-max_shift, max_shift + 1, (2,), generator=generator).tolist()
     out = torch.roll(images, shifts=shifts, dims=(2, 3))

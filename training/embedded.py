@@ -23,9 +23,21 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from configs.schema import EmbeddedModelConfig, PipelineConfig, PretrainConfig, SamplingConfig
-from training.classifier import ClassifierReport, load_classifier, save_classifier, to_grayscale, train_classifier
-from training.digits import DIGIT_WORDS, PROMPT_TEMPLATES, data_fingerprint, digit_prompt, prompt_vocabulary
-from training.digits import train_test_split
+from training.classifier import (
+    ClassifierReport,
+    load_classifier,
+    save_classifier,
+    to_grayscale,
+    train_classifier,
+)
+from training.digits import (
+    DIGIT_WORDS,
+    PROMPT_TEMPLATES,
+    data_fingerprint,
+    digit_prompt,
+    prompt_vocabulary,
+    train_test_split,
+)
 from training.tokenizer import build_tokenizer, save_tokenizer
 
 FORMAT_VERSION = 1
@@ -332,7 +344,7 @@ def pretrain_reference(config: PipelineConfig, home: Path, progress: bool = True
     key = reference_key(config)
     final = home / "reference" / key
     if (final / "DONE").exists():
-        meta = json.loads((final / META_FILE).read_text())
+        meta = _current_evaluation(config, home, final, progress)
         return PretrainResult(
             path=final,
             alignment_accuracy=meta["alignment_accuracy"],
@@ -373,14 +385,34 @@ def pretrain_reference(config: PipelineConfig, home: Path, progress: bool = True
     return PretrainResult(final, accuracy, report.test_accuracy, seconds, cached=False, key=key)
 
 
+def _evaluation_settings(config: PipelineConfig) -> dict:
+    return {"samples": config.pretrain.eval_samples, **config.sampling.model_dump()}
+
+
+def _current_evaluation(config: PipelineConfig, home: Path, final: Path, progress: bool) -> dict:
+    """The cached model's metadata; re-measures alignment if the sampling settings changed since."""
+    meta = json.loads((final / META_FILE).read_text())
+    settings = _evaluation_settings(config)
+    if {k: meta["alignment_eval"].get(k) for k in settings} != settings:
+        classifier, _ = digit_classifier(config, home, progress)
+        meta["alignment_accuracy"] = alignment_accuracy(
+            load_embedded_pipeline(final), classifier, config.sampling, config.pretrain.eval_samples,
+            config.pretrain.seed, progress,
+        )
+        meta["alignment_eval"].update(settings)
+        tmp = final / (META_FILE + ".tmp")
+        tmp.write_text(json.dumps(meta, indent=2))
+        tmp.replace(final / META_FILE)
+    return meta
+
+
 def _reference_meta(config: PipelineConfig, key: str, accuracy: float, report: ClassifierReport, seconds: float):
     return {
         "key": key,
         "format": FORMAT_VERSION,
         "alignment_accuracy": accuracy,
         "alignment_eval": {
-            "samples": config.pretrain.eval_samples,
-            **config.sampling.model_dump(),
+            **_evaluation_settings(config),
             "prompts": [digit_prompt(d) for d in range(len(DIGIT_WORDS))],
         },
         "classifier_test_accuracy": report.test_accuracy,

@@ -53,7 +53,7 @@ def load_pretrained_pipeline(source: str, revision: str | None = None, torch_dty
         kwargs["torch_dtype"] = torch_dtype
     try:
         return StableDiffusionPipeline.from_pretrained(str(local) if local.exists() else source, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         where = "local files" if local.exists() else "the local hub cache (offline) or the hub"
         raise ModelLoadError(f"cannot load Stable Diffusion weights '{source}' from {where}: {first}") from None

@@ -20,35 +20,17 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal, Protocol
+from typing import Protocol
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from configs.schema import TrainConfig
 from training.policy import GaussianStepPolicy, gaussian_kl, gaussian_log_prob
-
-
-class TrainerConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    method: Literal["target_matching", "policy_gradient"] = "target_matching"
-    beta: Annotated[float, Field(gt=0)] = 0.1
-    iterations: Annotated[int, Field(ge=1)] = 100
-    batch_size: Annotated[int, Field(ge=1)] = 32
-    states_per_trajectory: Annotated[int, Field(ge=1)] = 4
-    num_actions: Annotated[int, Field(ge=2)] = 8
-    learning_rate: Annotated[float, Field(gt=0)] = 3e-3
-    variance_lr_scale: Annotated[float, Field(gt=0)] = 10.0
-    gradient_accumulation_steps: Annotated[int, Field(ge=1)] = 1
-    max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
-    checkpoint_every: Annotated[int, Field(ge=0)] = 0
-    seed: int = 0
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
 
 
 class StepProblem(Protocol):
@@ -175,7 +157,7 @@ def load_checkpoint(directory: Path, problem: StepProblem, optimizer, generator)
 # -------------------------------------------------------------------------------------------------- trainer
 
 
-def make_optimizer(problem: StepProblem, config: TrainerConfig) -> torch.optim.Optimizer:
+def make_optimizer(problem: StepProblem, config: TrainConfig) -> torch.optim.Optimizer:
     """AdamW; the log-variance offset gets ``variance_lr_scale`` times the learning rate."""
     variance = list(problem.policy.log_variance.parameters()) if problem.policy.log_variance is not None else []
     ids = {id(p) for p in variance}
@@ -188,7 +170,7 @@ def make_optimizer(problem: StepProblem, config: TrainerConfig) -> torch.optim.O
 
 def train(
     problem,
-    config: TrainerConfig,
+    config: TrainConfig,
     checkpoint_dir: Path | None = None,
     log_metrics: Callable[[IterationMetrics], None] | None = None,
     progress: bool = True,
@@ -272,8 +254,3 @@ def train(
             save_checkpoint(checkpoint_dir, problem, optimizer, generator, iteration + 1, history)
     bar.close()
     return TrainResult(iterations=len(history), history=history, seconds=time.perf_counter() - clock)
-
-
-def iterate_batches(n: int, size: int) -> Iterator[slice]:
-    for start in range(0, n, size):
-        yield slice(start, min(n, start + size))

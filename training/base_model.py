@@ -1,0 +1,174 @@
+"""Training one single-objective LoRA base model end to end, and its on-disk format.
+
+A base model folder holds ``adapter_model.safetensors`` (the LoRA weights), ``variance.safetensors`` (the learned
+log-variance offset, if any) and ``base_model.json`` (objective, reward spec, beta, trainer settings, the
+reference model's content hash, the scheduler and sampling config, and the measured metrics). It is written to a
+temporary folder and renamed into place, so nothing half-written is ever visible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from configs.schema import PipelineConfig
+from training.digits import PROMPT_TEMPLATES, digit_prompt
+from training.rewards import load_reward
+from training.trainer import IterationMetrics, train
+
+BASE_MODEL_FILE = "base_model.json"
+
+
+@dataclass(frozen=True)
+class BaseModelResult:
+    objective: str
+    path: Path
+    reward_before: float
+    reward_after: float
+    reward_se_before: float
+    reward_se_after: float
+    reward_se: float
+    rise_in_se: float
+    kl: float
+    seconds: float
+    unet_evaluations: int
+    cached: bool
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "path": str(self.path)}
+
+
+def default_prompts() -> list[str]:
+    return [digit_prompt(d, t) for d in range(10) for t in range(len(PROMPT_TEMPLATES))]
+
+
+def reference_identity(config: PipelineConfig, home: Path, progress: bool):
+    """``(pipeline, content hash)`` of the frozen reference."""
+    from training.models import content_hash, load_pretrained_pipeline
+
+    if config.model.source == "pretrained":
+        pipe = load_pretrained_pipeline(config.model.pretrained, config.model.revision)
+        local = Path(config.model.pretrained).expanduser()
+        identity = content_hash(local) if local.exists() else f"{config.model.pretrained}@{config.model.revision}"
+        return pipe, identity
+    from training.embedded import load_embedded_pipeline, pretrain_reference
+
+    reference = pretrain_reference(config, home, progress=progress)
+    return load_embedded_pipeline(reference.path), content_hash(reference.path)
+
+
+def run_key(config: PipelineConfig, objective: str, reference_hash: str) -> str:
+    payload = {
+        "objective": config.objective(objective).model_dump(mode="json"),
+        "train": config.train.model_dump(mode="json"),
+        "sampling": config.sampling.model_dump(mode="json"),
+        "reference": reference_hash,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def mean_and_se(values: torch.Tensor) -> tuple[float, float]:
+    return float(values.mean()), float(values.std() / math.sqrt(values.numel()))
+
+
+def train_base_model(
+    config: PipelineConfig,
+    objective: str,
+    home: Path,
+    progress: bool = True,
+    log_metrics: Callable[[IterationMetrics], None] | None = None,
+) -> BaseModelResult:
+    """Train (or reuse) the base model for ``objective``; see the module docstring for what is saved."""
+    from training.sd_problem import DiffusionStepProblem
+
+    spec = config.objective(objective)
+    reward = load_reward(spec.name, config, home, spec.options)  # fails fast on unknown objectives
+    pipe, reference_hash = reference_identity(config, home, progress)
+    key = run_key(config, objective, reference_hash)
+    final = home / "base_models" / f"{objective}-{key}"
+    if (final / BASE_MODEL_FILE).exists():
+        meta = json.loads((final / BASE_MODEL_FILE).read_text())
+        return BaseModelResult(**{**meta["metrics"], "path": final, "cached": True})
+
+    train_cfg = config.train
+    beta = spec.beta or train_cfg.beta
+    prompts = train_cfg.prompts or default_prompts()
+    problem = DiffusionStepProblem(
+        pipe, reward, prompts, config.sampling.num_inference_steps, config.sampling.eta,
+        config.sampling.guidance_scale, lora_rank=train_cfg.lora_rank, learn_variance=train_cfg.learn_variance,
+        x0_estimate=train_cfg.x0_estimate, seed=train_cfg.seed,
+    )
+    eval_index = torch.arange(train_cfg.eval_samples) % len(prompts)
+
+    def evaluate(use_policy: bool):
+        generator = torch.Generator().manual_seed(train_cfg.eval_seed)
+        images, eval_prompts, kl = problem.sample_images(eval_index, generator, use_policy=use_policy)
+        return reward(images, eval_prompts).detach(), kl
+
+    evaluations_before = problem.unet_evaluations
+    before, _ = evaluate(use_policy=False)
+    problem.eps.rows = evaluations_before  # evaluation calls are not training cost
+    checkpoint_dir = home / "checkpoints" / f"{objective}-{key}"
+    start = time.perf_counter()
+    result = train(problem, train_cfg.model_copy(update={"beta": beta}), checkpoint_dir, log_metrics, progress)
+    seconds = result.history[-1].seconds if result.history else time.perf_counter() - start
+    train_evaluations = problem.unet_evaluations
+    after, kl = evaluate(use_policy=True)
+
+    mean_before, se_before = mean_and_se(before)
+    mean_after, se_after = mean_and_se(after)
+    se = math.hypot(se_before, se_after)
+    metrics = BaseModelResult(
+        objective=objective, path=final, reward_before=mean_before, reward_after=mean_after,
+        reward_se_before=se_before, reward_se_after=se_after, reward_se=se,
+        rise_in_se=(mean_after - mean_before) / se if se > 0 else math.inf, kl=kl, seconds=seconds,
+        unet_evaluations=train_evaluations, cached=False,
+    )
+    save_base_model(final, problem, config, spec, beta, reference_hash, metrics, result.history)
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return metrics
+
+
+def save_base_model(final: Path, problem, config, spec, beta, reference_hash, metrics, history) -> None:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=final.parent))
+    try:
+        state = problem.trainable_state()
+        save_file({k[5:]: v.contiguous() for k, v in state.items() if k.startswith("lora.")},
+                  tmp / "adapter_model.safetensors")
+        if "log_variance" in state:
+            save_file({"log_variance": state["log_variance"].contiguous()}, tmp / "variance.safetensors")
+        meta = {
+            "objective": spec.name,
+            "reward": {"name": spec.name, "options": spec.options, "differentiable": problem.reward.differentiable,
+                       **problem.reward.info},
+            "beta": beta,
+            "trainer": config.train.method,
+            "train": config.train.model_dump(mode="json"),
+            "lora": {"rank": config.train.lora_rank, "targets": ["to_q", "to_k", "to_v", "to_out.0"]},
+            "learn_variance": config.train.learn_variance,
+            "reference_hash": reference_hash,
+            "reference": config.model.model_dump(mode="json"),
+            "scheduler": dict(problem.pipe.scheduler.config),
+            "sampling": config.sampling.model_dump(mode="json"),
+            "metrics": {k: v for k, v in metrics.as_dict().items() if k not in ("path", "cached")},
+            "history": [m.__dict__ for m in history],
+        }
+        (tmp / BASE_MODEL_FILE).write_text(json.dumps(meta, indent=2, default=str))
+        tmp.chmod(0o755)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,196 @@
+"""The trainer's :class:`~training.trainer.StepProblem` for a Stable Diffusion pipeline with a LoRA base model.
+
+* Policy: the reference UNet with a peft LoRA adapter on its attention projections, classifier-free guidance,
+  and the optional learned log-variance offset.
+* Step reward: ``r(s, a) = R(decode(x0_hat(a, t_prev)), c)``, the reward of the reference model's clean estimate
+  at the next state (``x0_estimate="next_state"``, one reference UNet call per action), or of the cheaper
+  estimate that reuses the current state's epsilon (``"current_eps"``). At the last step ``x0_hat = a``.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from training.policy import DDIMSchedule, GaussianStepPolicy, LogVarianceOffset, cfg_epsilon, ddim_x0
+from training.rewards import Reward
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+ADAPTER = "default"
+
+
+def add_lora(unet, rank: int, seed: int) -> None:
+    """A fresh LoRA adapter (``B = 0``, so the policy starts at the reference) on the attention projections."""
+    from peft import LoraConfig
+
+    torch.manual_seed(seed)
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True, target_modules=LORA_TARGETS),
+                     adapter_name=ADAPTER)
+
+
+def lora_state_dict(unet) -> dict[str, torch.Tensor]:
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(unet, adapter_name=ADAPTER).items()}
+
+
+def load_lora_state_dict(unet, state: dict[str, torch.Tensor]) -> None:
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(unet, state, adapter_name=ADAPTER)
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise ValueError(f"adapter does not fit this UNet: unexpected keys such as {unexpected[0]}")
+
+
+@contextmanager
+def adapters_disabled(unet):
+    unet.disable_adapters()
+    try:
+        yield
+    finally:
+        unet.enable_adapters()
+
+
+class GuidedEpsilon(nn.Module):
+    """``eps(x_t, t, cond)`` of a conditional UNet with classifier-free guidance; counts UNet rows evaluated."""
+
+    def __init__(self, unet, guidance_scale: float):
+        super().__init__()
+        self.unet = unet
+        self.guidance_scale = guidance_scale
+        self.rows = 0
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+        embeds, uncond = cond["embeds"], cond["uncond"]
+        if self.guidance_scale == 1.0:
+            self.rows += x.shape[0]
+            return self.unet(x, t, encoder_hidden_states=embeds).sample
+        self.rows += 2 * x.shape[0]
+        out = self.unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, embeds]))
+        eps_uncond, eps_cond = out.sample.chunk(2)
+        return cfg_epsilon(eps_cond, eps_uncond, self.guidance_scale)
+
+
+@torch.no_grad()
+def encode_prompts(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text-encoder states for ``prompts`` ``[P, L, D]`` and for the empty prompt ``[1, L, D]``."""
+    def encode(texts):
+        ids = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        return pipe.text_encoder(ids.to(pipe.text_encoder.device))[0]
+
+    return encode(prompts), encode([""])
+
+
+class DiffusionStepProblem(nn.Module):
+    def __init__(self, pipe, reward: Reward, prompts: list[str], num_inference_steps: int, eta: float,
+                 guidance_scale: float, lora_rank: int = 4, learn_variance: str = "step",
+                 x0_estimate: str = "next_state", seed: int = 0):
+        super().__init__()
+        self.pipe = pipe
+        self.unet, self.vae = pipe.unet, pipe.vae
+        self.vae.requires_grad_(False)
+        pipe.text_encoder.requires_grad_(False)
+        add_lora(self.unet, lora_rank, seed)
+        self.reward = reward
+        self.prompts = list(prompts)
+        self.prompt_embeds, self.uncond_embeds = encode_prompts(pipe, self.prompts)
+        self.schedule = DDIMSchedule.from_scheduler(pipe.scheduler, num_inference_steps, eta)
+        self.eps = GuidedEpsilon(self.unet, guidance_scale)
+        channels = self.unet.config.in_channels
+        log_variance = {
+            "none": None,
+            "step": LogVarianceOffset(num_inference_steps),
+            "step_channel": LogVarianceOffset(num_inference_steps, channels),
+        }[learn_variance]
+        self.policy = GaussianStepPolicy(self.eps, self.schedule, log_variance)
+        self.reference_policy = GaussianStepPolicy(self.eps, self.schedule, None)
+        self.x0_estimate = x0_estimate
+        self.latent_shape = (channels, self.unet.config.sample_size, self.unet.config.sample_size)
+
+    # -- StepProblem -------------------------------------------------------------------------------------
+    @property
+    def unet_evaluations(self) -> int:
+        return self.eps.rows
+
+    def make_cond(self, prompt_index: torch.Tensor) -> dict:
+        return {
+            "embeds": self.prompt_embeds[prompt_index],
+            "uncond": self.uncond_embeds.expand(len(prompt_index), -1, -1),
+            "prompts": [self.prompts[i] for i in prompt_index.tolist()],
+        }
+
+    def initial_states(self, batch_size: int, generator: torch.Generator):
+        index = torch.randint(0, len(self.prompts), (batch_size,), generator=generator)
+        return torch.randn((batch_size, *self.latent_shape), generator=generator), self.make_cond(index)
+
+    def reference(self, x_t, step, cond):
+        with adapters_disabled(self.unet):
+            return self.reference_policy(x_t, step, cond)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [0, 1]."""
+        images = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        return ((images + 1) / 2).clamp(0, 1)
+
+    def clean_estimate(self, x_t, actions, step, cond) -> torch.Tensor:
+        """``x0_hat(a, t_prev)`` for actions ``[N, B, ...]`` -> ``[N * B, ...]``."""
+        n, b = actions.shape[:2]
+        flat = actions.reshape(n * b, *actions.shape[2:])
+        if step == len(self.schedule) - 1:
+            return flat
+        alpha_prev = self.schedule.alpha_prev[step]
+        if self.x0_estimate == "current_eps":
+            with adapters_disabled(self.unet):
+                eps = self.eps(x_t, self.schedule.timesteps[step].expand(b), cond)
+            return ddim_x0(flat, eps.repeat(n, 1, 1, 1), alpha_prev)
+        repeated = {k: (v.repeat(n, 1, 1) if torch.is_tensor(v) else v * n) for k, v in cond.items()}
+        prev_t = self.schedule.timesteps[step + 1].expand(n * b)
+        with adapters_disabled(self.unet):
+            eps = self.eps(flat, prev_t, repeated)
+        return ddim_x0(flat, eps, alpha_prev)
+
+    def step_reward(self, x_t, actions, step, cond):
+        n, b = actions.shape[:2]
+        images = self.decode(self.clean_estimate(x_t, actions, step, cond))
+        return self.reward(images, cond["prompts"] * n).view(n, b)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        state = {f"lora.{k}": v for k, v in lora_state_dict(self.unet).items()}
+        if self.policy.log_variance is not None:
+            state["log_variance"] = self.policy.log_variance.values.detach().clone()
+        return state
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        load_lora_state_dict(self.unet, {k[5:]: v for k, v in state.items() if k.startswith("lora.")})
+        if self.policy.log_variance is not None and "log_variance" in state:
+            with torch.no_grad():
+                self.policy.log_variance.values.copy_(state["log_variance"])
+
+    # -- sampling for evaluation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample_images(self, prompt_index: torch.Tensor, generator: torch.Generator, use_policy: bool = True,
+                      batch_size: int = 128) -> tuple[torch.Tensor, list[str], float]:
+        """Full DDIM chains; returns images, prompts and the mean per-step KL(policy || reference)."""
+        images, prompts, kls = [], [], []
+        from training.policy import gaussian_kl
+
+        for start in range(0, len(prompt_index), batch_size):
+            index = prompt_index[start : start + batch_size]
+            cond = self.make_cond(index)
+            x = torch.randn((len(index), *self.latent_shape), generator=generator)
+            for step in range(len(self.schedule)):
+                if use_policy:
+                    mean, var = self.policy(x, step, cond)
+                    ref_mean, ref_var = self.reference(x, step, cond)
+                    kls.append(gaussian_kl(mean, var, ref_mean, ref_var).mean().item())
+                else:
+                    mean, var = self.reference(x, step, cond)
+                x = self.policy.sample(x, step, cond, generator, mean_var=(mean, var))
+            images.append(self.decode(x))
+            prompts.extend(cond["prompts"])
+        return torch.cat(images), prompts, (sum(kls) / len(kls) if kls else 0.0)
