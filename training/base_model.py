@@ -172,3 +172,37 @@ def save_base_model(final: Path, problem, config, spec, beta, reference_hash, me
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def load_base_model_state(path: Path) -> dict[str, torch.Tensor]:
+    """A saved base model's trainable state (``lora.*`` and ``log_variance``), read with safetensors only."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = {f"lora.{k}": v for k, v in load_file(path / "adapter_model.safetensors").items()}
+        if (path / "variance.safetensors").exists():
+            state["log_variance"] = load_file(path / "variance.safetensors")["log_variance"]
+    except (OSError, SafetensorError, KeyError) as exc:
+        raise ValueError(f"base model at {path} is corrupt or incomplete: {exc}") from None
+    return state
+
+
+def evaluation_problem(config: PipelineConfig, home: Path, base_model: Path | None, progress: bool = False):
+    """A :class:`DiffusionStepProblem` on the reference, with ``base_model``'s adapter and variance loaded."""
+    from training.rewards import Reward
+    from training.sd_problem import DiffusionStepProblem
+
+    pipe, _ = reference_identity(config, home, progress)
+    learn_variance = config.train.learn_variance
+    if base_model is not None:
+        meta = json.loads((base_model / BASE_MODEL_FILE).read_text())
+        learn_variance = meta["learn_variance"]
+    problem = DiffusionStepProblem(
+        pipe, Reward("none", False, lambda images, prompts: torch.zeros(len(images))),
+        config.train.prompts or default_prompts(), config.sampling.num_inference_steps, config.sampling.eta,
+        config.sampling.guidance_scale, lora_rank=config.train.lora_rank, learn_variance=learn_variance,
+    )
+    if base_model is not None:
+        problem.load_trainable_state(load_base_model_state(base_model))
+    return problem

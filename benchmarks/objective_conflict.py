@@ -1,0 +1,62 @@
+"""Do the default objectives conflict? Each base model vs the reference, scored on every default objective.
+
+    python benchmarks/objective_conflict.py [--config PATH] [--json]
+
+Trains (or reuses, from $MSDDA_HOME) one base model per default objective, samples 256 held-out images from
+the reference and from each base model with the same seeds, and prints the mean reward and standard error on
+every objective. The pair conflicts when each base model is worse than the reference on the other objective.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import torch
+
+from configs import load_config
+from training.base_model import default_prompts, evaluation_problem, train_base_model
+from training.models import msdda_home
+from training.rewards import load_reward
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=None)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    config, home = load_config(args.config), msdda_home()
+    objectives = config.objective_names
+    rewards = {name: load_reward(name, config, home, config.objective(name).options) for name in objectives}
+    models = {"reference": None}
+    for name in objectives:
+        models[name] = train_base_model(config, name, home, progress=not args.json).path
+    index = torch.arange(config.train.eval_samples) % len(config.train.prompts or default_prompts())
+    table = {}
+    for label, path in models.items():
+        problem = evaluation_problem(config, home, path)
+        generator = torch.Generator().manual_seed(config.train.eval_seed)
+        images, prompts, _ = problem.sample_images(index, generator, use_policy=path is not None)
+        table[label] = {}
+        for name, reward in rewards.items():
+            values = reward(images, prompts).detach()
+            table[label][name] = {"mean": float(values.mean()), "se": float(values.std() / math.sqrt(len(values)))}
+    conflict = all(
+        table[trained][other]["mean"] < table["reference"][other]["mean"]
+        for trained in objectives for other in objectives if other != trained
+    )
+    report = {"objectives": objectives, "rewards": table, "conflict": conflict}
+    if args.json:
+        print(json.dumps(report))
+        return
+    print("| model | " + " | ".join(objectives) + " |")
+    print("|---|" + "---|" * len(objectives))
+    for label, row in table.items():
+        cells = [f"{row[n]['mean']:.4f} ± {row[n]['se']:.4f}" for n in objectives]
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    print(f"\nconflict (each model worse than the reference on the other objective): {conflict}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Training a LoRA base model on the tiny embedded reference, its saved format, and the `msdda train` CLI."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from training.base_model import BASE_MODEL_FILE, train_base_model
+from training.models import content_hash
+
+TINY_TRAIN = {"iterations": 2, "batch_size": 4, "states_per_trajectory": 2, "num_actions": 2, "eval_samples": 8,
+              "checkpoint_every": 1, "learning_rate": 0.01}
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_config, tiny_home, tiny_reference):
+    config = tiny_config.model_copy(update={"train": tiny_config.train.model_copy(update=TINY_TRAIN)})
+    return config, train_base_model(config, "ink_economy", tiny_home, progress=False)
+
+
+def test_base_model_is_saved_with_its_lineage(trained, tiny_reference):
+    _, result = trained
+    assert not result.cached
+    files = {p.name for p in result.path.iterdir()}
+    assert {"adapter_model.safetensors", "variance.safetensors", BASE_MODEL_FILE} <= files
+    meta = json.loads((result.path / BASE_MODEL_FILE).read_text())
+    assert meta["objective"] == "ink_economy" and meta["beta"] == 0.01 and meta["trainer"] == "target_matching"
+    assert meta["reference_hash"] == content_hash(tiny_reference.path)
+    assert meta["scheduler"]["_class_name"] == "DDIMScheduler"
+    assert meta["reward"]["differentiable"] is True
+    assert len(meta["history"]) == 2 and meta["history"][-1]["unet_evaluations"] > 0
+    adapter = load_file(result.path / "adapter_model.safetensors")
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items()), "LoRA moved off zero"
+    assert load_file(result.path / "variance.safetensors")["log_variance"].shape == (4, 1)
+    assert not list(result.path.parent.glob(".build-*")), "no temporary folders left behind"
+
+
+def test_metrics_are_reported(trained):
+    _, result = trained
+    for key in ("reward_before", "reward_after", "reward_se", "kl", "seconds"):
+        assert torch.isfinite(torch.tensor(getattr(result, key)))
+    assert result.reward_se > 0 and result.kl >= 0
+
+
+def test_second_call_reuses_the_model(trained, tiny_home):
+    config, result = trained
+    again = train_base_model(config, "ink_economy", tiny_home, progress=False)
+    assert again.cached and again.path == result.path and again.reward_after == result.reward_after
+
+
+def test_cli_unknown_objective_is_one_line(tmp_path, tiny_config_file):
+    from tests.test_cli import run_cli
+
+    out = run_cli(["train", "--objective", "beauty", "--config", str(tiny_config_file)], tmp_path, tmp_path / "h")
+    assert out.returncode == 2 and out.stderr.startswith("error: unknown objective 'beauty'")
+    assert out.stderr.strip().count("\n") == 0 and not (tmp_path / "h").exists()
+
+
+def test_cli_missing_reward_weights_is_one_line(tmp_path):
+    from tests.test_cli import run_cli
+
+    path = tmp_path / "c.yaml"
+    path.write_text("objectives:\n  - name: clip_score\n")
+    out = run_cli(["train", "--objective", "clip_score", "--config", str(path)], tmp_path, tmp_path / "h")
+    assert out.returncode == 2 and "needs `options.weights`" in out.stderr and "Traceback" not in out.stderr

@@ -1,0 +1,71 @@
+"""The rewards registry: offline rewards, differentiability, and one-line errors for what is missing."""
+
+import pytest
+import torch
+
+from training.rewards import REWARDS, RewardError, load_reward, prompted_digit
+
+
+def images(n=4, seed=0):
+    return torch.rand(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+def test_registry_lists_offline_and_heavy_rewards():
+    assert {"digit_alignment", "ink_economy", "symmetry", "compressibility"} <= REWARDS.keys()
+    assert {"image_reward", "laion_aesthetic", "pickscore", "clip_score", "hpsv2"} <= REWARDS.keys()
+
+
+@pytest.mark.parametrize(("name", "differentiable"), [("ink_economy", True), ("symmetry", True),
+                                                      ("compressibility", False)])
+def test_simple_rewards(tiny_config, tmp_path, name, differentiable):
+    reward = load_reward(name, tiny_config, tmp_path)
+    assert reward.differentiable is differentiable
+    x = images().requires_grad_(differentiable)
+    values = reward(x, ["a handwritten digit one"] * 4)
+    assert values.shape == (4,) and torch.isfinite(values).all()
+    if differentiable:
+        values.sum().backward()
+        assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_ink_and_compressibility_order_blank_above_noise(tiny_config, tmp_path):
+    blank, noisy = torch.zeros(1, 3, 16, 16), images(1)
+    for name in ("ink_economy", "compressibility"):
+        reward = load_reward(name, tiny_config, tmp_path)
+        assert reward(blank, ["x"]) > reward(noisy, ["x"])
+
+
+def test_digit_alignment_is_a_log_probability(tiny_config, tmp_path):
+    reward = load_reward("digit_alignment", tiny_config, tmp_path)
+    assert reward.differentiable and "classifier_test_accuracy" in reward.info
+    values = reward(images(), ["a handwritten digit seven", "handwritten two", "the digit nine written by hand",
+                               "a picture of the number zero"])
+    assert (values <= 0).all()
+    assert prompted_digit("a hand drawn number eight") == 8
+    with pytest.raises(RewardError, match="names a digit"):
+        reward(images(1), ["a cat"])
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "message"),
+    [
+        ("no_such_reward", {}, "unknown objective 'no_such_reward'; known:"),
+        ("clip_score", {}, "needs `options.weights`"),
+        ("pickscore", {"weights": "/nonexistent/pickscore"}, "weights not found at /nonexistent/pickscore"),
+        ("laion_aesthetic", {}, "needs `options.head`"),
+        ("clip_score", {"weights": "openai/clip-vit-base-patch32"}, "cannot load weights"),
+    ],
+)
+def test_missing_rewards_and_weights_fail_in_one_line(tiny_config, tmp_path, monkeypatch, name, options, message):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(RewardError) as info:
+        load_reward(name, tiny_config, tmp_path, options)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_plugin_without_its_package_names_it(tiny_config, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ImageReward", None)  # as if the optional package were not installed
+    with pytest.raises(RewardError, match="pip install image-reward"):
+        load_reward("image_reward", tiny_config, tmp_path, {"weights": str(tmp_path)})
