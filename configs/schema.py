@@ -101,11 +101,11 @@ class TrainConfig(_Strict):
 
     method: Literal["target_matching", "policy_gradient"] = "target_matching"
     beta: Annotated[float, Field(gt=0)] = 0.01
-    iterations: Annotated[int, Field(ge=1)] = 60
+    iterations: Annotated[int, Field(ge=1)] = 200
     batch_size: Annotated[int, Field(ge=1)] = 32
     states_per_trajectory: Annotated[int, Field(ge=1)] = 4
     num_actions: Annotated[int, Field(ge=2)] = 8
-    learning_rate: Annotated[float, Field(gt=0)] = 2e-3
+    learning_rate: Annotated[float, Field(gt=0)] = 3e-3
     variance_lr_scale: Annotated[float, Field(gt=0)] = 10.0
     gradient_accumulation_steps: Annotated[int, Field(ge=1)] = 1
     max_grad_norm: Annotated[float, Field(gt=0)] = 1.0

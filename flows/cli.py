@@ -132,31 +132,41 @@ def train(
 
 @app.command()
 def run(config: ConfigOption = None, json_output: JsonOption = False) -> None:
-    """The main job on a config: pretrain the reference (cached), then the later stages as they land."""
-    from training.embedded import pretrain_reference, result_dict
+    """The main job: pretrain the reference (cached), train a base model per default objective (cached)."""
+    from training.base_model import train_base_model
     from training.models import load_reference_pipeline, msdda_home
+    from training.rewards import load_reward
 
     cfg = _load(config)
+    home = msdda_home()
+    for spec in cfg.objectives:  # unknown objectives or missing weights fail before any work
+        load_reward(spec.name, cfg, home, spec.options)
     start = time.perf_counter()
     if cfg.model.source == "embedded":
-        reference = result_dict(pretrain_reference(cfg, msdda_home(), progress=True))
+        from training.embedded import pretrain_reference, result_dict
+
+        reference = result_dict(pretrain_reference(cfg, home, progress=True))
     else:
         load_reference_pipeline(cfg)
         reference = {"path": cfg.model.pretrained}
-    pending = ["train base models", "register", "sweep"]
+    models = {spec.name: train_base_model(cfg, spec.name, home, progress=True).as_dict() for spec in cfg.objectives}
+    pending = ["register", "sweep"]
     payload = {
         "reference": reference,
         "objectives": cfg.objective_names,
-        "stopped_after": "pretrain",
+        "base_models": models,
+        "stopped_after": "train",
         "not_yet_implemented": pending,
         "seconds": round(time.perf_counter() - start, 3),
     }
-    human = (
-        f"reference model ready: {reference['path']}"
-        + (f" (alignment accuracy {reference['alignment_accuracy']:.3f})" if "alignment_accuracy" in reference else "")
-        + f"\nSTOPPED after pretraining: {', '.join(pending)} are not implemented yet."
-    )
-    _emit(payload, json_output, human)
+    lines = [f"reference model: {reference['path']}"
+             + (f" (alignment accuracy {reference['alignment_accuracy']:.3f})" if "alignment_accuracy" in reference
+                else "")]
+    for name, m in models.items():
+        lines.append(f"base model {name}: reward {m['reward_before']:.4f} -> {m['reward_after']:.4f} "
+                     f"({m['rise_in_se']:+.1f} SE), KL/step {m['kl']:.4f}, {m['path']}")
+    lines.append(f"STOPPED after training the base models: {', '.join(pending)} are not implemented yet.")
+    _emit(payload, json_output, "\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> int:

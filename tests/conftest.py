@@ -28,6 +28,8 @@ TINY_CONFIG = {
         "eval_samples": 20,
     },
     "sampling": {"num_inference_steps": 4},
+    "train": {"iterations": 2, "batch_size": 4, "states_per_trajectory": 2, "num_actions": 2, "eval_samples": 8,
+              "checkpoint_every": 1},
     "objectives": ["digit_alignment", {"name": "ink_economy"}],
 }
 

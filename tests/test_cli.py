@@ -36,7 +36,8 @@ def test_run_says_where_it_stops(tmp_path, tiny_config_file):
     result = run_cli(["run", "--config", str(tiny_config_file), "--json"], tmp_path, tmp_path / "home")
     assert result.returncode == 0, result.stderr
     payload = json.loads(result.stdout)
-    assert payload["stopped_after"] == "pretrain"
+    assert payload["stopped_after"] == "train"
+    assert set(payload["base_models"]) == {"digit_alignment", "ink_economy"}
     assert payload["objectives"] == ["digit_alignment", "ink_economy"]
 
 

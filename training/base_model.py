@@ -39,6 +39,7 @@ class BaseModelResult:
     reward_se_after: float
     reward_se: float
     rise_in_se: float
+    rise_in_unpaired_se: float
     kl: float
     seconds: float
     unet_evaluations: int
@@ -125,14 +126,17 @@ def train_base_model(
     train_evaluations = problem.unet_evaluations
     after, kl = evaluate(use_policy=True)
 
+    # Before and after share prompts and seeds, so the rise's standard error is that of the paired differences.
     mean_before, se_before = mean_and_se(before)
     mean_after, se_after = mean_and_se(after)
-    se = math.hypot(se_before, se_after)
+    rise, se = mean_and_se(after - before)
+    unpaired_se = math.hypot(se_before, se_after)
     metrics = BaseModelResult(
         objective=objective, path=final, reward_before=mean_before, reward_after=mean_after,
         reward_se_before=se_before, reward_se_after=se_after, reward_se=se,
-        rise_in_se=(mean_after - mean_before) / se if se > 0 else math.inf, kl=kl, seconds=seconds,
-        unet_evaluations=train_evaluations, cached=False,
+        rise_in_se=rise / se if se > 0 else math.inf,
+        rise_in_unpaired_se=rise / unpaired_se if unpaired_se > 0 else math.inf,
+        kl=kl, seconds=seconds, unet_evaluations=train_evaluations, cached=False,
     )
     save_base_model(final, problem, config, spec, beta, reference_hash, metrics, result.history)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)

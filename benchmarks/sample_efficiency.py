@@ -1,0 +1,128 @@
+"""Reward versus UNet evaluations: the step-level trainer against trl 0.23.1's DDPO, same reward, prompts, seeds.
+
+    python benchmarks/sample_efficiency.py [--objective ink_economy] [--json] [--write-readme]
+
+Both start from the embedded reference with a rank-4 LoRA. For the step-level trainer the reward is the mean of
+--eval-samples held-out full-chain samples every --eval-every iterations (evaluation rows are not counted as
+training cost); for DDPO it is the mean reward of each epoch's on-policy samples, which are its training data.
+Reports the UNet rows each method needed and the ratio at which the step-level trainer first reaches DDPO's
+final reward (the mean of its last three epochs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+
+from configs import load_config
+from training.base_model import default_prompts, reference_identity
+from training.ddpo_baseline import run_ddpo
+from training.models import msdda_home
+from training.rewards import load_reward
+from training.sd_problem import DiffusionStepProblem
+from training.trainer import train
+
+README_MARKERS = ("<!-- sample-efficiency:start -->", "<!-- sample-efficiency:end -->")
+
+
+def step_level_curve(config, home, objective, iterations, eval_every, eval_samples, progress):
+    spec = config.objective(objective)
+    reward = load_reward(objective, config, home, spec.options)
+    pipe, _ = reference_identity(config, home, progress)
+    prompts = config.train.prompts or default_prompts()
+    problem = DiffusionStepProblem(pipe, reward, prompts, config.sampling.num_inference_steps, config.sampling.eta,
+                                   config.sampling.guidance_scale, lora_rank=config.train.lora_rank,
+                                   learn_variance=config.train.learn_variance, x0_estimate=config.train.x0_estimate)
+    index = torch.arange(eval_samples) % len(prompts)
+    curve = {"unet_evaluations": [], "reward_mean": [], "seconds": []}
+
+    def evaluate(metrics=None):
+        if metrics is not None and metrics.iteration % eval_every:
+            return
+        rows = problem.eps.rows
+        images, eval_prompts, _ = problem.sample_images(index, torch.Generator().manual_seed(777), use_policy=True)
+        problem.eps.rows = rows
+        curve["unet_evaluations"].append(rows)
+        curve["reward_mean"].append(float(reward(images, eval_prompts).mean()))
+        curve["seconds"].append(metrics.seconds if metrics else 0.0)
+
+    evaluate()
+    cfg = config.train.model_copy(update={"iterations": iterations, "beta": spec.beta or config.train.beta,
+                                          "checkpoint_every": 0})
+    train(problem, cfg, log_metrics=evaluate, progress=progress)
+    return curve, reward, prompts
+
+
+def first_reaching(curve: dict, target: float) -> int | None:
+    for rows, value in zip(curve["unet_evaluations"], curve["reward_mean"]):
+        if value >= target:
+            return rows
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=None)
+    parser.add_argument("--objective", default="ink_economy")
+    parser.add_argument("--iterations", type=int, default=40)
+    parser.add_argument("--eval-every", type=int, default=4)
+    parser.add_argument("--eval-samples", type=int, default=64)
+    parser.add_argument("--ddpo-epochs", type=int, default=60)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--write-readme", action="store_true")
+    args = parser.parse_args()
+    config, home = load_config(args.config), msdda_home()
+    ours, reward, prompts = step_level_curve(config, home, args.objective, args.iterations, args.eval_every,
+                                             args.eval_samples, progress=not args.json)
+    reference_path = reference_identity(config, home, False)[0].name_or_path
+    with tempfile.TemporaryDirectory() as out:
+        ddpo = run_ddpo(config, Path(reference_path), reward, prompts, args.ddpo_epochs, Path(out))
+    ddpo_final = sum(ddpo.reward_mean[-3:]) / len(ddpo.reward_mean[-3:])
+    ddpo_rows = ddpo.unet_evaluations[-1]
+    reached = first_reaching(ours, ddpo_final)
+    report = {
+        "objective": args.objective,
+        "reward_reference": ours["reward_mean"][0],
+        "ddpo": {"final_reward": ddpo_final, "unet_evaluations": ddpo_rows, "curve": ddpo.__dict__},
+        "step_level": {"final_reward": ours["reward_mean"][-1], "unet_evaluations": ours["unet_evaluations"][-1],
+                       "rows_to_reach_ddpo_final": reached, "curve": ours},
+        "ratio_rows_to_reach_ddpo_final": (reached / ddpo_rows) if reached is not None else None,
+    }
+    table = render_table(report)
+    if args.write_readme:
+        write_readme(table)
+    print(json.dumps(report) if args.json else table)
+
+
+def render_table(report: dict) -> str:
+    ratio = report["ratio_rows_to_reach_ddpo_final"]
+    ours, ddpo = report["step_level"], report["ddpo"]
+    lines = [
+        f"Objective `{report['objective']}`; reference reward {report['reward_reference']:.4f}.",
+        "",
+        "| trainer | final reward | UNet rows used | UNet rows to reach DDPO's final reward |",
+        "|---|---|---|---|",
+        f"| DDPO (trl 0.23.1) | {ddpo['final_reward']:.4f} | {ddpo['unet_evaluations']:,} | {ddpo['unet_evaluations']:,} |",
+        f"| step-level (ours) | {ours['final_reward']:.4f} | {ours['unet_evaluations']:,} | "
+        + (f"{ours['rows_to_reach_ddpo_final']:,} (ratio {ratio:.2f})" if ratio is not None else "not reached")
+        + " |",
+    ]
+    return "\n".join(lines)
+
+
+def write_readme(table: str) -> None:
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    text = readme.read_text()
+    start, end = README_MARKERS
+    block = f"{start}\n{table}\n{end}"
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+    readme.write_text(pattern.sub(block, text) if pattern.search(text) else text + "\n" + block + "\n")
+
+
+if __name__ == "__main__":
+    main()
