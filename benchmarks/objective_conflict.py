@@ -33,7 +33,7 @@ def main() -> None:
     for name in objectives:
         models[name] = train_base_model(config, name, home, progress=not args.json).path
     index = torch.arange(config.train.eval_samples) % len(config.train.prompts or default_prompts())
-    table = {}
+    table, samples = {}, {}
     for label, path in models.items():
         problem = evaluation_problem(config, home, path)
         generator = torch.Generator().manual_seed(config.train.eval_seed)
@@ -41,7 +41,12 @@ def main() -> None:
         table[label] = {}
         for name, reward in rewards.items():
             values = reward(images, prompts).detach()
+            samples[label, name] = values
             table[label][name] = {"mean": float(values.mean()), "se": float(values.std() / math.sqrt(len(values)))}
+            if path is not None:  # same prompts and seeds as the reference: paired difference
+                diff = values - samples["reference", name]
+                table[label][name]["delta_vs_reference"] = float(diff.mean())
+                table[label][name]["delta_se"] = float(diff.std() / math.sqrt(len(diff)))
     conflict = all(
         table[trained][other]["mean"] < table["reference"][other]["mean"]
         for trained in objectives for other in objectives if other != trained
@@ -53,8 +58,11 @@ def main() -> None:
     print("| model | " + " | ".join(objectives) + " |")
     print("|---|" + "---|" * len(objectives))
     for label, row in table.items():
-        cells = [f"{row[n]['mean']:.4f} ± {row[n]['se']:.4f}" for n in objectives]
+        cells = [f"{row[n]['mean']:.4f} ± {row[n]['se']:.4f}"
+                 + (f" (Δ {row[n]['delta_vs_reference']:+.4f} ± {row[n]['delta_se']:.4f})"
+                    if "delta_se" in row[n] else "") for n in objectives]
         print(f"| {label} | " + " | ".join(cells) + " |")
+    print("\nmean ± SE over held-out samples; Δ: paired difference to the reference (same prompts and seeds) ± SE")
     print(f"\nconflict (each model worse than the reference on the other objective): {conflict}")
 
 

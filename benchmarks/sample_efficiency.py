@@ -44,9 +44,9 @@ def step_level_curve(config, home, objective, iterations, eval_every, eval_sampl
     def evaluate(metrics=None):
         if metrics is not None and metrics.iteration % eval_every:
             return
-        rows = problem.eps.rows
+        rows = problem.unet_evaluations
         images, eval_prompts, _ = problem.sample_images(index, torch.Generator().manual_seed(777), use_policy=True)
-        problem.eps.rows = rows
+        problem.unet_evaluations = rows
         curve["unet_evaluations"].append(rows)
         curve["reward_mean"].append(float(reward(images, eval_prompts).mean()))
         curve["seconds"].append(metrics.seconds if metrics else 0.0)

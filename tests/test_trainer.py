@@ -59,3 +59,13 @@ def test_nan_rewards_skip_the_batch_with_a_warning():
     for key in snapshots[0]:
         torch.testing.assert_close(snapshots[1][key], snapshots[0][key], rtol=0, atol=0)
     assert all(torch.isfinite(v).all() for v in problem.trainable_state().values())
+
+
+def test_bf16_and_gradient_accumulation_run():
+    problem = ToyProblem(num_inference_steps=5)
+    config = TrainConfig(iterations=4, mixed_precision="bf16", gradient_accumulation_steps=2,
+                         **{**FAST, "batch_size": 16})
+    result = train(problem, config, progress=False)
+    assert len(result.history) == 4 and not any(m.skipped for m in result.history)
+    assert all(torch.isfinite(v).all() for v in problem.trainable_state().values())
+    assert problem.policy.eps_model.net[-1].weight.abs().sum() > 0, "optimizer stepped"

@@ -116,9 +116,8 @@ def train_base_model(
         images, eval_prompts, kl = problem.sample_images(eval_index, generator, use_policy=use_policy)
         return reward(images, eval_prompts).detach(), kl
 
-    evaluations_before = problem.unet_evaluations
     before, _ = evaluate(use_policy=False)
-    problem.eps.rows = evaluations_before  # evaluation calls are not training cost
+    problem.unet_evaluations = 0  # evaluation calls are not training cost
     checkpoint_dir = home / "checkpoints" / f"{objective}-{key}"
     start = time.perf_counter()
     result = train(problem, train_cfg.model_copy(update={"beta": beta}), checkpoint_dir, log_metrics, progress)

@@ -146,7 +146,7 @@ class GaussianStepPolicy(nn.Module):
 
     def sample(self, x_t, step: int, cond, generator: torch.Generator | None = None, mean_var=None):
         mean, var = mean_var if mean_var is not None else self(x_t, step, cond)
-        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)  # CPU generator
         return mean + var.sqrt() * noise
 
     def log_prob(self, x_prev, x_t, step: int, cond, mean_var=None) -> torch.Tensor:

@@ -98,7 +98,9 @@ class DiffusionStepProblem(nn.Module):
         add_lora(self.unet, lora_rank, seed)
         self.reward = reward
         self.prompts = list(prompts)
-        self.prompt_embeds, self.uncond_embeds = encode_prompts(pipe, self.prompts)
+        prompt_embeds, uncond_embeds = encode_prompts(pipe, self.prompts)
+        self.register_buffer("prompt_embeds", prompt_embeds, persistent=False)
+        self.register_buffer("uncond_embeds", uncond_embeds, persistent=False)
         self.schedule = DDIMSchedule.from_scheduler(pipe.scheduler, num_inference_steps, eta)
         self.eps = GuidedEpsilon(self.unet, guidance_scale)
         channels = self.unet.config.in_channels
@@ -117,6 +119,10 @@ class DiffusionStepProblem(nn.Module):
     def unet_evaluations(self) -> int:
         return self.eps.rows
 
+    @unet_evaluations.setter
+    def unet_evaluations(self, value: int) -> None:
+        self.eps.rows = value
+
     def make_cond(self, prompt_index: torch.Tensor) -> dict:
         return {
             "embeds": self.prompt_embeds[prompt_index],
@@ -126,7 +132,8 @@ class DiffusionStepProblem(nn.Module):
 
     def initial_states(self, batch_size: int, generator: torch.Generator):
         index = torch.randint(0, len(self.prompts), (batch_size,), generator=generator)
-        return torch.randn((batch_size, *self.latent_shape), generator=generator), self.make_cond(index)
+        noise = torch.randn((batch_size, *self.latent_shape), generator=generator)
+        return noise.to(self.prompt_embeds.device), self.make_cond(index)
 
     def reference(self, x_t, step, cond):
         with adapters_disabled(self.unet):
@@ -182,7 +189,7 @@ class DiffusionStepProblem(nn.Module):
         for start in range(0, len(prompt_index), batch_size):
             index = prompt_index[start : start + batch_size]
             cond = self.make_cond(index)
-            x = torch.randn((len(index), *self.latent_shape), generator=generator)
+            x = torch.randn((len(index), *self.latent_shape), generator=generator).to(self.prompt_embeds.device)
             for step in range(len(self.schedule)):
                 if use_policy:
                     mean, var = self.policy(x, step, cond)

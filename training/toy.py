@@ -88,6 +88,10 @@ class ToyProblem(nn.Module):
     def unet_evaluations(self) -> int:
         return self._evaluations
 
+    @unet_evaluations.setter
+    def unet_evaluations(self, value: int) -> None:
+        self._evaluations = value
+
     def initial_states(self, batch_size: int, generator: torch.Generator):
         return torch.randn(batch_size, 2, generator=generator), None
 

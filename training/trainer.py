@@ -50,8 +50,8 @@ class StepProblem(Protocol):
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None: ...
 
-    @property
-    def unet_evaluations(self) -> int: ...
+    unet_evaluations: int
+    """UNet rows evaluated so far (settable, so a resumed run continues the count)."""
 
 
 @dataclass
@@ -110,7 +110,7 @@ def rollout_states(problem: StepProblem, batch_size: int, steps: list[int], gene
 
 
 def _draw_actions(mean, var, n: int, generator) -> torch.Tensor:
-    noise = torch.randn((n, *mean.shape), generator=generator, dtype=mean.dtype, device=mean.device)
+    noise = torch.randn((n, *mean.shape), generator=generator, dtype=mean.dtype).to(mean.device)
     return mean.unsqueeze(0) + var.sqrt().unsqueeze(0) * noise
 
 
@@ -184,12 +184,16 @@ def train(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         cpu=not torch.cuda.is_available(),
     )
-    torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
+    # Each process draws its own states (seed + rank); gradients are averaged across processes below.
+    torch.manual_seed(config.seed + accelerator.process_index)
+    generator = torch.Generator().manual_seed(config.seed + accelerator.process_index)
+    problem.to(accelerator.device)
     optimizer = make_optimizer(problem, config)
     start_iteration, history = 0, []
     if checkpoint_dir is not None and (checkpoint_dir / "checkpoint.json").exists():
         start_iteration, history = load_checkpoint(checkpoint_dir, problem, optimizer, generator)
+        if history:
+            problem.unet_evaluations = history[-1].unet_evaluations
     optimizer = accelerator.prepare(optimizer)
     num_steps = len(problem.policy.schedule)
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
@@ -230,6 +234,10 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
             else:
                 accelerator.backward(total)
+                if accelerator.sync_gradients and accelerator.num_processes > 1:
+                    for parameter in trainable:
+                        if parameter.grad is not None:
+                            parameter.grad = accelerator.reduce(parameter.grad, reduction="mean")
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
                 optimizer.step()
@@ -253,4 +261,14 @@ def train(
         if checkpoint_dir is not None and config.checkpoint_every and (iteration + 1) % config.checkpoint_every == 0:
             save_checkpoint(checkpoint_dir, problem, optimizer, generator, iteration + 1, history)
     bar.close()
+    _release_accelerate_state()
     return TrainResult(iterations=len(history), history=history, seconds=time.perf_counter() - clock)
+
+
+def _release_accelerate_state() -> None:
+    """Drop accelerate's per-run singletons (mixed precision, accumulation) so the next run in this process,
+    ours or another library's, can choose its own; the distributed process state is kept."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
