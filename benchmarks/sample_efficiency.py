@@ -30,7 +30,7 @@ from training.trainer import train
 README_MARKERS = ("<!-- sample-efficiency:start -->", "<!-- sample-efficiency:end -->")
 
 
-def step_level_curve(config, home, objective, iterations, eval_every, eval_samples, progress):
+def step_level_curve(config, home, objective, iterations, eval_every, eval_samples, progress, beta=None):
     spec = config.objective(objective)
     reward = load_reward(objective, config, home, spec.options)
     pipe, _ = reference_identity(config, home, progress)
@@ -52,7 +52,7 @@ def step_level_curve(config, home, objective, iterations, eval_every, eval_sampl
         curve["seconds"].append(metrics.seconds if metrics else 0.0)
 
     evaluate()
-    cfg = config.train.model_copy(update={"iterations": iterations, "beta": spec.beta or config.train.beta,
+    cfg = config.train.model_copy(update={"iterations": iterations, "beta": beta or spec.beta or config.train.beta,
                                           "checkpoint_every": 0})
     train(problem, cfg, log_metrics=evaluate, progress=progress)
     return curve, reward, prompts
@@ -73,25 +73,33 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=4)
     parser.add_argument("--eval-samples", type=int, default=64)
     parser.add_argument("--ddpo-epochs", type=int, default=60)
+    parser.add_argument("--beta", type=float, default=None, help="KL coefficient of the step-level trainer")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--write-readme", action="store_true")
     args = parser.parse_args()
     config, home = load_config(args.config), msdda_home()
     ours, reward, prompts = step_level_curve(config, home, args.objective, args.iterations, args.eval_every,
-                                             args.eval_samples, progress=not args.json)
+                                             args.eval_samples, progress=not args.json, beta=args.beta)
     reference_path = reference_identity(config, home, False)[0].name_or_path
     with tempfile.TemporaryDirectory() as out:
         ddpo = run_ddpo(config, Path(reference_path), reward, prompts, args.ddpo_epochs, Path(out))
     ddpo_final = sum(ddpo.reward_mean[-3:]) / len(ddpo.reward_mean[-3:])
     ddpo_rows = ddpo.unet_evaluations[-1]
     reached = first_reaching(ours, ddpo_final)
+    ours_final = ours["reward_mean"][-1]
+    ddpo_reached_ours = first_reaching(ddpo.__dict__, ours_final)
+    ours_reached_own = first_reaching(ours, ours_final)
     report = {
         "objective": args.objective,
+        "beta": args.beta or config.objective(args.objective).beta or config.train.beta,
         "reward_reference": ours["reward_mean"][0],
         "ddpo": {"final_reward": ddpo_final, "unet_evaluations": ddpo_rows, "curve": ddpo.__dict__},
         "step_level": {"final_reward": ours["reward_mean"][-1], "unet_evaluations": ours["unet_evaluations"][-1],
                        "rows_to_reach_ddpo_final": reached, "curve": ours},
         "ratio_rows_to_reach_ddpo_final": (reached / ddpo_rows) if reached is not None else None,
+        "ddpo_rows_to_reach_step_level_final": ddpo_reached_ours,
+        "ratio_rows_to_reach_step_level_final": (ours_reached_own / ddpo_reached_ours)
+        if ddpo_reached_ours and ours_reached_own else None,
     }
     table = render_table(report)
     if args.write_readme:
@@ -102,8 +110,10 @@ def main() -> None:
 def render_table(report: dict) -> str:
     ratio = report["ratio_rows_to_reach_ddpo_final"]
     ours, ddpo = report["step_level"], report["ddpo"]
+    other = report["ratio_rows_to_reach_step_level_final"]
     lines = [
-        f"Objective `{report['objective']}`; reference reward {report['reward_reference']:.4f}.",
+        f"Objective `{report['objective']}`, step-level beta {report['beta']}; reference reward "
+        f"{report['reward_reference']:.4f}.",
         "",
         "| trainer | final reward | UNet rows used | UNet rows to reach DDPO's final reward |",
         "|---|---|---|---|",
@@ -111,6 +121,10 @@ def render_table(report: dict) -> str:
         f"| step-level (ours) | {ours['final_reward']:.4f} | {ours['unet_evaluations']:,} | "
         + (f"{ours['rows_to_reach_ddpo_final']:,} (ratio {ratio:.2f})" if ratio is not None else "not reached")
         + " |",
+        "",
+        f"Rows DDPO needs to reach the step-level trainer's final reward: "
+        + (f"{report['ddpo_rows_to_reach_step_level_final']:,} (step-level/DDPO ratio {other:.2f})."
+           if other is not None else "not reached."),
     ]
     return "\n".join(lines)
 

@@ -64,3 +64,21 @@ def test_cli_missing_reward_weights_is_one_line(tmp_path):
     path.write_text("objectives:\n  - name: clip_score\n")
     out = run_cli(["train", "--objective", "clip_score", "--config", str(path)], tmp_path, tmp_path / "h")
     assert out.returncode == 2 and "needs `options.weights`" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_cli_train_logs_every_iteration_to_mlflow(tmp_path, tiny_config_file):
+    import mlflow
+
+    from tests.test_cli import run_cli
+
+    home = tmp_path / "h"
+    out = run_cli(["train", "--objective", "ink_economy", "--config", str(tiny_config_file), "--json"], tmp_path, home)
+    assert out.returncode == 0, out.stderr
+    payload = json.loads(out.stdout)
+    assert {"reward_before", "reward_after", "reward_se", "kl", "seconds"} <= payload.keys()
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+    for metric in ("reward_mean", "reward_std", "kl", "loss", "unet_evaluations", "seconds"):
+        history = client.get_metric_history(payload["mlflow_run_id"], metric)
+        assert [m.step for m in history] == [1, 2], metric
+    evaluations = [m.value for m in client.get_metric_history(payload["mlflow_run_id"], "unet_evaluations")]
+    assert evaluations[1] > evaluations[0] > 0
