@@ -118,8 +118,7 @@ def train(
             import mlflow as mlflow_lib
 
             run_id = active.info.run_id
-            mlflow_lib.log_metrics({k: v for k, v in result.as_dict().items()
-                                    if isinstance(v, float) and k != "seconds"})
+            mlflow_lib.log_metrics({f"eval_{k}": v for k, v in result.as_dict().items() if isinstance(v, float)})
     payload = {**result.as_dict(), "mlflow_run_id": run_id}
     human = (
         f"base model '{objective}': {result.path}\n"

@@ -197,6 +197,12 @@ def train(
     optimizer = accelerator.prepare(optimizer)
     num_steps = len(problem.policy.schedule)
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    if accelerator.num_processes > 1 and start_iteration == 0:  # every process starts from rank 0's weights
+        from accelerate.utils import broadcast
+
+        with torch.no_grad():
+            for parameter in trainable:
+                parameter.copy_(broadcast(parameter.detach().clone(), from_process=0))
     clock = time.perf_counter() - (history[-1].seconds if history else 0.0)
     end = config.iterations if stop_after is None else min(config.iterations, start_iteration + stop_after)
     bar = tqdm(range(start_iteration, end), desc="train", disable=not progress, initial=start_iteration,
