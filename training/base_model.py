@@ -137,8 +137,11 @@ def train_base_model(
         rise_in_unpaired_se=rise / unpaired_se if unpaired_se > 0 else math.inf,
         kl=kl, seconds=seconds, unet_evaluations=train_evaluations, cached=False,
     )
-    save_base_model(final, problem, config, spec, beta, reference_hash, metrics, result.history)
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # under `accelerate launch`, one process writes
+        save_base_model(final, problem, config, spec, beta, reference_hash, metrics, result.history)
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return metrics
 
 

@@ -264,7 +264,8 @@ def train(
         if log_metrics is not None:
             log_metrics(metrics)
         bar.set_postfix(reward=f"{metrics.reward_mean:.3f}", kl=f"{metrics.kl:.3g}", refresh=False)
-        if checkpoint_dir is not None and config.checkpoint_every and (iteration + 1) % config.checkpoint_every == 0:
+        if (checkpoint_dir is not None and config.checkpoint_every and (iteration + 1) % config.checkpoint_every == 0
+                and accelerator.is_main_process):
             save_checkpoint(checkpoint_dir, problem, optimizer, generator, iteration + 1, history)
     bar.close()
     _release_accelerate_state()
