@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from composition.batched import REFERENCE, mixed_adapter_batch, routing
-from composition.msdda import SUM_TOLERANCE, composition_coefficients, compose_gaussian
+from composition.msdda import SUM_TOLERANCE, compose_gaussian, composition_coefficients
 from training.policy import DDIMSchedule, cfg_epsilon, ddim_mean
 
 
