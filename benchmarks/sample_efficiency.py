@@ -122,7 +122,7 @@ def render_table(report: dict) -> str:
         + (f"{ours['rows_to_reach_ddpo_final']:,} (ratio {ratio:.2f})" if ratio is not None else "not reached")
         + " |",
         "",
-        f"Rows DDPO needs to reach the step-level trainer's final reward: "
+        "Rows DDPO needs to reach the step-level trainer's final reward: "
         + (f"{report['ddpo_rows_to_reach_step_level_final']:,} (step-level/DDPO ratio {other:.2f})."
            if other is not None else "not reached."),
     ]

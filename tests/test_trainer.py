@@ -1,6 +1,5 @@
 """The step-level trainer: reaches pi* on the analytic toy, resumes exactly, survives NaN rewards."""
 
-import warnings
 
 import pytest
 import torch
