@@ -54,3 +54,23 @@ def mixed_adapter_batch(unet, adapter_names: Sequence[str]):
 def routing(names: Sequence[str], batch_size: int) -> list[str]:
     """``[n_1] * B + [n_2] * B + ...``: the routing for K slices of ``batch_size`` rows."""
     return [name for name in names for _ in range(batch_size)]
+
+
+def merge_lora_states(states: Sequence[dict[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+    """Rewarded soup, exactly: one LoRA of rank ``sum r_i`` whose delta is ``sum_i w_i B_i A_i``.
+
+    ``A = [A_1; ...; A_K]`` (stacked rows) and ``B = [w_1 B_1, ..., w_K B_K]`` (stacked columns), so
+    ``B A = sum_i w_i B_i A_i``. Load it with ``rank = sum r_i`` and ``lora_alpha = rank`` (scaling 1, as for
+    the base models, which use ``lora_alpha = r``).
+    """
+    if len(states) != len(weights):
+        raise ValueError(f"{len(states)} adapters but {len(weights)} weights")
+    merged = {}
+    for key in states[0]:
+        if ".lora_A." in key:
+            merged[key] = torch.cat([s[key] for s in states], dim=0)
+        elif ".lora_B." in key:
+            merged[key] = torch.cat([float(w) * s[key] for s, w in zip(states, weights)], dim=1)
+        else:
+            raise ValueError(f"cannot merge LoRA entry {key}")
+    return merged

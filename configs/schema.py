@@ -128,11 +128,33 @@ class ObjectiveSpec(_Strict):
     options: dict[str, object] = {}
 
 
+Method = Literal["msdda", "db", "rs", "code", "rgg"]
+
+
+class CompositionConfig(_Strict):
+    """Denoising-time composition (``msdda compose``) and the weight sweep (``msdda sweep``)."""
+
+    methods: list[Method] = ["msdda", "db", "rs", "code", "rgg"]
+    grid: Annotated[int, Field(ge=2)] = 11
+    """Points per simplex edge: 11 gives w = 0, 0.1, ..., 1 for two objectives."""
+    num_images: Annotated[int, Field(ge=2)] = 128
+    """Images per method and weight vector (prompts cycle through the prompt set)."""
+    seed: int = 0
+    batch_size: Annotated[int, Field(ge=1)] = 128
+    code_candidates: Annotated[int, Field(ge=1)] = 2
+    """CoDe's N; with 2 objectives N = 2 matches MSDDA's UNet rows per step."""
+    code_block: Annotated[int, Field(ge=1)] = 5
+    """CoDe's B: steps between selections."""
+    rgg_scale: Annotated[float, Field(ge=0)] = 1.0
+    """RGG's lambda_t (constant over steps)."""
+
+
 class PipelineConfig(_Strict):
     model: ModelConfig = ModelConfig()
     pretrain: PretrainConfig = PretrainConfig()
     sampling: SamplingConfig = SamplingConfig()
     train: TrainConfig = TrainConfig()
+    composition: CompositionConfig = CompositionConfig()
     objectives: list[ObjectiveSpec] = Field(default_factory=list)
 
     @field_validator("objectives", mode="before")

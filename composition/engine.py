@@ -1,0 +1,329 @@
+"""Composition on demand: load K base models onto the reference, sample with any method, score the images.
+
+This is the plain-function layer under ``msdda compose``, ``msdda sweep`` and the Prefect flows:
+
+* :func:`read_base_model` reads a base-model folder (safetensors only) and :func:`check_lineage` refuses models
+  trained on different references or schedulers;
+* :func:`load_ensemble` puts their LoRA adapters on one copy of the reference UNet;
+* :func:`generate` samples ``num_images`` images with a method (same prompts and seeds for every method);
+* :func:`score_images` returns mean reward and standard error per objective.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from composition.batched import load_adapter, merge_lora_states
+from composition.sampler import (
+    BaseKernel,
+    CoDeSampler,
+    DDIMComposer,
+    EpsilonBlendSampler,
+    MSDDASampler,
+    RewardedSoupSampler,
+    RGGSampler,
+)
+from configs.schema import CompositionConfig, PipelineConfig
+from training.policy import DDIMSchedule
+
+METHODS = ("msdda", "db", "rs", "code", "rgg")
+METHOD_LABELS = {"msdda": "MSDDA", "db": "DB-MPA (epsilon blend)", "rs": "rewarded soup", "code": "CoDe",
+                 "rgg": "RGG", "oracle": "oracle"}
+SOUP_ADAPTER = "__soup__"
+LINEAGE_KEYS = ("reference_hash", "scheduler")
+
+
+class CompositionError(ValueError):
+    """Bad composition input (weights, models, method), reported as one line."""
+
+
+@dataclass(frozen=True)
+class BaseModelFile:
+    """A base model read from its folder (``training.base_model.save_base_model``'s format)."""
+
+    path: Path
+    objective: str
+    meta: dict
+    lora: dict[str, torch.Tensor]
+    log_variance: torch.Tensor | None
+
+    @property
+    def beta(self) -> float:
+        return float(self.meta["beta"])
+
+    @property
+    def rank(self) -> int:
+        return int(self.meta["lora"]["rank"])
+
+
+def read_base_model(path: Path) -> BaseModelFile:
+    """Read and check a base-model folder; raises :class:`CompositionError` if it is missing or corrupt."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        meta = json.loads((path / "base_model.json").read_text())
+        lora = load_file(path / "adapter_model.safetensors")
+        variance_file = path / "variance.safetensors"
+        log_variance = load_file(variance_file)["log_variance"] if variance_file.exists() else None
+        for key in ("objective", "beta", "lora", *LINEAGE_KEYS):
+            if key not in meta:
+                raise KeyError(f"base_model.json has no '{key}'")
+    except FileNotFoundError as exc:
+        raise CompositionError(f"base model at {path} is incomplete: {Path(exc.filename).name} is missing") from None
+    except (OSError, SafetensorError, KeyError, ValueError) as exc:
+        raise CompositionError(f"base model at {path} is corrupt: {exc}") from None
+    if not lora or not all(torch.isfinite(v).all() for v in lora.values()):
+        raise CompositionError(f"base model at {path} is corrupt: its LoRA weights are empty or not finite")
+    return BaseModelFile(path, meta["objective"], meta, lora, log_variance)
+
+
+def check_lineage(models: list[BaseModelFile], reference_hash: str | None = None) -> None:
+    """All models must share the reference model (content hash) and scheduler config, and match
+    ``reference_hash`` when given."""
+    if not models:
+        raise CompositionError("no base models to compose")
+    first = models[0]
+    for other in models[1:]:
+        for key in LINEAGE_KEYS:
+            if other.meta[key] != first.meta[key]:
+                raise CompositionError(
+                    f"base models '{first.objective}' ({first.path}) and '{other.objective}' ({other.path}) have "
+                    f"different {key.replace('_', ' ')}s: they cannot be composed"
+                )
+    if reference_hash is not None and first.meta["reference_hash"] != reference_hash:
+        raise CompositionError(
+            f"base model '{first.objective}' was trained on reference {first.meta['reference_hash'][:12]}, but this "
+            f"config's reference is {reference_hash[:12]}"
+        )
+    names = [m.objective for m in models]
+    if len(set(names)) != len(names):
+        raise CompositionError(f"the same objective appears twice among the base models: {names}")
+
+
+def parse_weights(text: str | list[float], num_models: int) -> list[float]:
+    """``"0.3,0.7"`` -> ``[0.3, 0.7]``; one-line errors for malformed, non-finite or wrong-length vectors."""
+    if isinstance(text, str):
+        try:
+            values = [float(part) for part in text.split(",")]
+        except ValueError:
+            raise CompositionError(f"weights '{text}' are not a comma-separated list of numbers") from None
+    else:
+        values = [float(v) for v in text]
+    if not all(math.isfinite(v) for v in values):
+        raise CompositionError(f"weights must be finite numbers, got {values}")
+    if len(values) != num_models:
+        raise CompositionError(f"{len(values)} weights given for {num_models} base models")
+    return values
+
+
+# ------------------------------------------------------------------------------------------------ the ensemble
+
+
+@dataclass
+class Ensemble:
+    """The reference pipeline with K base-model adapters loaded, the rewards, prompts and the schedule."""
+
+    pipe: object
+    models: list[BaseModelFile]
+    rewards: dict[str, object]
+    schedule: DDIMSchedule
+    guidance_scale: float
+    prompts: list[str]
+    reference_hash: str
+    _embeds: dict = field(default_factory=dict)
+
+    @property
+    def objectives(self) -> list[str]:
+        return [m.objective for m in self.models]
+
+    @property
+    def kernels(self) -> list[BaseKernel]:
+        return [BaseKernel(m.objective, m.log_variance, m.beta) for m in self.models]
+
+    def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self._embeds:
+            from training.sd_problem import encode_prompts
+
+            self._embeds["prompts"], self._embeds["uncond"] = encode_prompts(self.pipe, self.prompts)
+        return self._embeds["prompts"], self._embeds["uncond"]
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        return ((vae.decode(latents / vae.config.scaling_factor).sample + 1) / 2).clamp(0, 1)
+
+    def decode_with_grad(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        return ((vae.decode(latents / vae.config.scaling_factor).sample + 1) / 2).clamp(0, 1)
+
+    def sampler(self, method: str, weights: list[float], options: CompositionConfig) -> DDIMComposer:
+        args = (self.pipe.unet, self.schedule, self.guidance_scale, self.kernels)
+        if method == "msdda":
+            return MSDDASampler(*args)
+        if method == "db":
+            return EpsilonBlendSampler(*args)
+        if method == "rs":
+            self._load_soup(weights)
+            return RewardedSoupSampler(*args, soup_adapter=SOUP_ADAPTER)
+        if method == "code":
+            return CoDeSampler(*args, candidates=options.code_candidates, block=options.code_block)
+        if method == "rgg":
+            not_differentiable = [name for name, r in self.rewards.items() if not r.differentiable]
+            if not_differentiable:
+                raise CompositionError(f"RGG needs differentiable rewards; not differentiable: "
+                                       f"{', '.join(not_differentiable)}")
+            return RGGSampler(*args, beta=1.0, scale=options.rgg_scale)
+        raise CompositionError(f"unknown method '{method}'; choose from {', '.join(METHODS)}")
+
+    def _load_soup(self, weights: list[float]) -> None:
+        from peft import set_peft_model_state_dict
+
+        merged = merge_lora_states([m.lora for m in self.models], weights)
+        unet = self.pipe.unet
+        if SOUP_ADAPTER in getattr(unet, "peft_config", {}):
+            set_peft_model_state_dict(unet, merged, adapter_name=SOUP_ADAPTER)
+        else:
+            rank = sum(m.rank for m in self.models)
+            load_adapter(unet, SOUP_ADAPTER, merged, rank, self.models[0].meta["lora"]["targets"])
+
+    def score_fn(self, weights: list[float], prompts: list[str], per_beta: bool, differentiable: bool):
+        """``x0 latents -> sum_i c_i R_i(decode(x0))`` with ``c_i = w_i`` (or ``w_i / beta_i``); the latents'
+        rows are candidate-major repeats of ``prompts``."""
+        coefficients = [w / (m.beta if per_beta else 1.0) for w, m in zip(weights, self.models)]
+        decode = self.decode_with_grad if differentiable else self.decode
+
+        def score(x0: torch.Tensor) -> torch.Tensor:
+            images = decode(x0)
+            repeated = prompts * (len(x0) // len(prompts))
+            total = torch.zeros(len(x0), dtype=x0.dtype, device=x0.device)
+            for c, (name, reward) in zip(coefficients, self.rewards.items()):
+                if c != 0.0:
+                    total = total + c * reward(images, repeated).to(total)
+            return total
+
+        return score
+
+
+def load_ensemble(config: PipelineConfig, home: Path, model_dirs: list[Path], progress: bool = False) -> Ensemble:
+    """Load the reference and put every base model's LoRA adapter on its UNet (named by objective)."""
+    from training.base_model import default_prompts, reference_identity
+    from training.rewards import load_reward
+
+    models = [read_base_model(Path(p)) for p in model_dirs]
+    check_lineage(models)
+    pipe, reference_hash = reference_identity(config, home, progress)
+    check_lineage(models, reference_hash)
+    pipe.unet.requires_grad_(False)
+    pipe.vae.requires_grad_(False)
+    pipe.text_encoder.requires_grad_(False)
+    for m in models:
+        try:
+            load_adapter(pipe.unet, m.objective, m.lora, m.rank, m.meta["lora"]["targets"])
+        except (ValueError, RuntimeError, KeyError) as exc:
+            raise CompositionError(f"base model '{m.objective}' at {m.path} does not fit the reference: "
+                                   f"{str(exc).splitlines()[0]}") from None
+    rewards = {m.objective: load_reward(m.meta["reward"]["name"], config, home, m.meta["reward"].get("options") or {})
+               for m in models}
+    sampling = models[0].meta.get("sampling") or config.sampling.model_dump()
+    schedule = DDIMSchedule.from_scheduler(pipe.scheduler, sampling["num_inference_steps"], sampling["eta"])
+    return Ensemble(pipe, models, rewards, schedule, float(sampling["guidance_scale"]),
+                    config.train.prompts or default_prompts(), reference_hash)
+
+
+# ------------------------------------------------------------------------------------------- sample and score
+
+
+@dataclass
+class Generated:
+    method: str
+    weights: list[float]
+    images: torch.Tensor  # [N, 3, H, W] in [0, 1]
+    prompts: list[str]
+    nfe_per_image: float
+    seconds: float
+    diagnostics: list[dict]
+
+
+def batch_seeds(seed: int, batch_index: int) -> tuple[int, int]:
+    """Independent seeds for a batch's initial noise and its step noise (the same for every method)."""
+    base = (seed * 1_000_003 + batch_index * 7919) % (2**62)
+    return base, base + 2**61
+
+
+def generate(ensemble: Ensemble, method: str, weights: list[float], options: CompositionConfig,
+             num_images: int | None = None, seed: int | None = None) -> Generated:
+    """Sample ``num_images`` images for ``weights`` with ``method``; prompts cycle through the prompt set and
+    batch ``b`` draws its noise from :func:`batch_seeds` so every method sees the same ``x_T``."""
+    num_images = num_images or options.num_images
+    seed = options.seed if seed is None else seed
+    weights = parse_weights(weights, len(ensemble.models))
+    embeds, uncond = ensemble.embeddings()
+    sampler = ensemble.sampler(method, weights, options)
+    unet = ensemble.pipe.unet
+    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    images, prompts, diagnostics, nfe = [], [], [], 0.0
+    start = time.perf_counter()
+    for batch_index, first in enumerate(range(0, num_images, options.batch_size)):
+        index = torch.arange(first, min(first + options.batch_size, num_images)) % len(ensemble.prompts)
+        batch_prompts = [ensemble.prompts[i] for i in index.tolist()]
+        x_seed, noise_seed = batch_seeds(seed, batch_index)
+        x_T = torch.randn((len(index), *shape), generator=torch.Generator().manual_seed(x_seed))
+        score = None
+        if method in ("code", "rgg"):
+            score = ensemble.score_fn(weights, batch_prompts, per_beta=method == "rgg", differentiable=method == "rgg")
+        try:
+            result = sampler.sample(x_T, embeds[index], uncond, weights, torch.Generator().manual_seed(noise_seed),
+                                    score=score)
+        except ValueError as exc:  # e.g. a non-positive composed precision
+            raise CompositionError(f"{method} with weights {weights}: {exc}") from None
+        images.append(ensemble.decode(result.latents))
+        prompts.extend(batch_prompts)
+        diagnostics.extend(result.diagnostics if batch_index == 0 else [])
+        nfe = result.nfe_per_image
+    return Generated(method, weights, torch.cat(images), prompts, nfe, time.perf_counter() - start, diagnostics)
+
+
+@torch.no_grad()
+def score_images(ensemble: Ensemble, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """Per-image rewards ``{objective: [N]}``."""
+    return {name: reward(images, prompts).detach().float() for name, reward in ensemble.rewards.items()}
+
+
+def mean_and_se(values: torch.Tensor) -> tuple[float, float]:
+    return float(values.mean()), float(values.std() / math.sqrt(values.numel()))
+
+
+def save_images(images: torch.Tensor, prompts: list[str], out_dir: Path, manifest: dict) -> Path:
+    """PNG files plus ``manifest.json``, written to a temporary folder and renamed into ``out_dir``."""
+    import shutil
+    import tempfile
+
+    from PIL import Image
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".images-", dir=out_dir.parent))
+    try:
+        array = (images.permute(0, 2, 3, 1).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        files = []
+        for i, pixels in enumerate(array):
+            name = f"{i:04d}.png"
+            Image.fromarray(pixels).save(tmp / name)
+            files.append({"file": name, "prompt": prompts[i]})
+        (tmp / "manifest.json").write_text(json.dumps({**manifest, "images": files}, indent=2))
+        tmp.chmod(0o755)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

@@ -1,0 +1,197 @@
+"""The Pareto evaluation: weight grids, Pareto fronts, hypervolume, the sweep over methods, and its plots.
+
+All rewards are maximised. The hypervolume is measured against a reference point (the reference model's mean
+rewards): only the part of the front that beats the reference model on every objective counts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from composition.engine import METHOD_LABELS, Ensemble, generate, mean_and_se, score_images
+from configs.schema import CompositionConfig
+
+
+def simplex_grid(num_objectives: int, points_per_edge: int) -> list[list[float]]:
+    """All ``w >= 0`` with ``sum w = 1`` and every ``w_i`` a multiple of ``1 / (points_per_edge - 1)``.
+
+    ``(2, 11)`` gives ``(0, 1), (0.1, 0.9), ..., (1, 0)``; ``(3, n)`` gives ``n (n + 1) / 2`` points.
+    """
+    if num_objectives < 1 or points_per_edge < 2:
+        raise ValueError("need at least one objective and two points per edge")
+    steps = points_per_edge - 1
+    grid = []
+    for counts in itertools.product(range(steps + 1), repeat=num_objectives - 1):
+        if sum(counts) <= steps:
+            grid.append([c / steps for c in counts] + [(steps - sum(counts)) / steps])
+    return sorted(grid)
+
+
+def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
+    """``a`` is at least as good as ``b`` everywhere and better somewhere (maximisation)."""
+    return all(x >= y for x, y in zip(a, b)) and any(x > y for x, y in zip(a, b))
+
+
+def pareto_front(points: Sequence[Sequence[float]]) -> list[int]:
+    """Indices of the non-dominated points."""
+    return [i for i, p in enumerate(points) if not any(dominates(q, p) for j, q in enumerate(points) if j != i)]
+
+
+def hypervolume(points: Sequence[Sequence[float]], reference: Sequence[float]) -> float:
+    """Lebesgue measure of ``{y : reference <= y <= p for some p in points}`` (maximisation), exactly.
+
+    Slices along the last objective (HSO): the volume is the sum over consecutive levels ``z_k`` of
+    ``(z_k - z_{k+1}) * HV_{d-1}({p : p_d >= z_k})``. Points that do not beat ``reference`` everywhere add 0.
+    """
+    ref = [float(r) for r in reference]
+    kept = [[float(v) for v in p] for p in points if all(v > r for v, r in zip(p, ref))]
+    if not kept:
+        return 0.0
+    if len(ref) == 1:
+        return max(p[0] for p in kept) - ref[0]
+    levels = sorted({p[-1] for p in kept}, reverse=True)
+    total = 0.0
+    for k, level in enumerate(levels):
+        below = levels[k + 1] if k + 1 < len(levels) else ref[-1]
+        slab = [p[:-1] for p in kept if p[-1] >= level]
+        total += (level - below) * hypervolume(slab, ref[:-1])
+    return total
+
+
+def sweep(
+    ensemble: Ensemble,
+    options: CompositionConfig,
+    methods: Sequence[str] | None = None,
+    grid: int | None = None,
+    num_images: int | None = None,
+    on_point: Callable[[str, list[float], dict], None] | None = None,
+    progress: bool = False,
+) -> dict:
+    """Every method at every weight on the simplex grid, same prompts and seeds.
+
+    Returns ``{"objectives", "reference": {"rewards", "reward_se"}, "methods": {name: {"hypervolume", "front",
+    "points": [{"weights", "rewards", "reward_se", "nfe", "seconds"}]}}, "settings"}``; the sampled images of
+    each point go to ``on_point(method, weights, {"images", "prompts"})`` if given.
+    """
+    from tqdm.auto import tqdm
+
+    methods = list(methods or options.methods)
+    weights_grid = simplex_grid(len(ensemble.models), grid or options.grid)
+    objectives = ensemble.objectives
+    num_images = num_images or options.num_images
+
+    def evaluate(method: str, weights: list[float]) -> dict:
+        generated = generate(ensemble, method, weights, options, num_images=num_images)
+        rewards = score_images(ensemble, generated.images, generated.prompts)
+        stats = {name: mean_and_se(values) for name, values in rewards.items()}
+        if on_point is not None:
+            on_point(method, weights, {"images": generated.images, "prompts": generated.prompts})
+        return {"weights": weights, "rewards": {k: v[0] for k, v in stats.items()},
+                "reward_se": {k: v[1] for k, v in stats.items()}, "nfe": generated.nfe_per_image,
+                "seconds": round(generated.seconds, 3)}
+
+    start = time.perf_counter()
+    reference = evaluate("msdda", [0.0] * len(objectives))  # all-zero weights: the reference model
+    reference_point = [reference["rewards"][name] for name in objectives]
+    result = {"objectives": objectives,
+              "reference": {k: reference[k] for k in ("rewards", "reward_se", "nfe", "seconds")},
+              "methods": {}}
+    bar = tqdm(total=len(methods) * len(weights_grid), desc="sweep", disable=not progress, unit="point")
+    for method in methods:
+        points = []
+        for weights in weights_grid:
+            bar.set_postfix_str(f"{method} w={','.join(f'{w:g}' for w in weights)}")
+            points.append(evaluate(method, weights))
+            bar.update()
+        vectors = [[p["rewards"][name] for name in objectives] for p in points]
+        result["methods"][method] = {
+            "hypervolume": hypervolume(vectors, reference_point),
+            "front": pareto_front(vectors),
+            "max_nfe": max(p["nfe"] for p in points),
+            "points": points,
+        }
+    bar.close()
+    result["settings"] = {"grid": len(weights_grid), "num_images": num_images, "seed": options.seed,
+                          "code_candidates": options.code_candidates, "code_block": options.code_block,
+                          "rgg_scale": options.rgg_scale, "seconds": round(time.perf_counter() - start, 1)}
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------ plots
+
+
+def plot_fronts(result: dict, path: Path, extra: dict[str, list[dict]] | None = None) -> Path:
+    """Each method's points (front highlighted, weights annotated) in the plane of the first two objectives,
+    with the reference model as a star; ``extra`` adds labelled point sets (e.g. the oracle)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x_name, y_name = result["objectives"][:2]
+    fig, ax = plt.subplots(figsize=(7.5, 6))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    series = {**{m: v["points"] for m, v in result["methods"].items()}, **(extra or {})}
+    for (method, points), color in zip(series.items(), itertools.cycle(colors)):
+        xs = [p["rewards"][x_name] for p in points]
+        ys = [p["rewards"][y_name] for p in points]
+        front = set(pareto_front(list(zip(xs, ys))))
+        order = sorted(range(len(points)), key=lambda i: xs[i])
+        hv = result["methods"].get(method, {}).get("hypervolume")
+        label = METHOD_LABELS.get(method, method) + (f" (HV {hv:.3g})" if hv is not None else "")
+        ax.plot([xs[i] for i in order], [ys[i] for i in order], "-", color=color, alpha=0.35)
+        ax.scatter(xs, ys, s=[40 if i in front else 14 for i in range(len(xs))], color=color, label=label)
+        if method == "msdda":
+            for p, x, y in zip(points, xs, ys):
+                ax.annotate(f"{p['weights'][0]:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ref = result["reference"]["rewards"]
+    ax.scatter([ref[x_name]], [ref[y_name]], marker="*", s=220, color="black", label="reference model", zorder=5)
+    ax.set_xlabel(f"{x_name} (mean reward)")
+    ax.set_ylabel(f"{y_name} (mean reward)")
+    settings = result.get("settings", {})
+    ax.set_title(f"Pareto fronts, {settings.get('num_images', '?')} images per point "
+                 f"(labels: w_{x_name})", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return _save_figure(fig, path)
+
+
+def image_grid(images: torch.Tensor, path: Path, columns: int = 16, scale: int = 2) -> Path:
+    """A PNG grid of the first images (nearest-neighbour upscaled so tiny samples stay legible)."""
+    from diffusers.utils import make_image_grid
+    from PIL import Image
+
+    count = min(len(images), columns * max(1, math.ceil(min(len(images), 64) / columns)))
+    array = (images[:count].permute(0, 2, 3, 1).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    tiles = [Image.fromarray(a).resize((a.shape[1] * scale, a.shape[0] * scale), Image.NEAREST) for a in array]
+    rows = math.ceil(len(tiles) / columns)
+    tiles += [Image.new("RGB", tiles[0].size)] * (rows * columns - len(tiles))
+    return _save_image(make_image_grid(tiles, rows=rows, cols=columns), path)
+
+
+def _save_figure(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=130)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def _save_image(image, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    image.save(tmp)
+    tmp.replace(path)
+    return path
