@@ -36,7 +36,7 @@ METHODS = ("msdda", "db", "rs", "code", "rgg")
 METHOD_LABELS = {"msdda": "MSDDA", "db": "DB-MPA (epsilon blend)", "rs": "rewarded soup", "code": "CoDe",
                  "rgg": "RGG", "oracle": "oracle"}
 SOUP_ADAPTER = "__soup__"
-LINEAGE_KEYS = ("reference_hash", "scheduler")
+LINEAGE_KEYS = {"reference_hash": "reference models", "scheduler": "scheduler configs"}
 
 
 class CompositionError(ValueError):
@@ -68,6 +68,9 @@ def read_base_model(path: Path) -> BaseModelFile:
     from safetensors.torch import load_file
 
     path = Path(path)
+    for required in ("base_model.json", "adapter_model.safetensors"):
+        if not (path / required).is_file():
+            raise CompositionError(f"base model at {path} is incomplete: {required} is missing")
     try:
         meta = json.loads((path / "base_model.json").read_text())
         lora = load_file(path / "adapter_model.safetensors")
@@ -76,8 +79,6 @@ def read_base_model(path: Path) -> BaseModelFile:
         for key in ("objective", "beta", "lora", *LINEAGE_KEYS):
             if key not in meta:
                 raise KeyError(f"base_model.json has no '{key}'")
-    except FileNotFoundError as exc:
-        raise CompositionError(f"base model at {path} is incomplete: {Path(exc.filename).name} is missing") from None
     except (OSError, SafetensorError, KeyError, ValueError) as exc:
         raise CompositionError(f"base model at {path} is corrupt: {exc}") from None
     if not lora or not all(torch.isfinite(v).all() for v in lora.values()):
@@ -92,11 +93,11 @@ def check_lineage(models: list[BaseModelFile], reference_hash: str | None = None
         raise CompositionError("no base models to compose")
     first = models[0]
     for other in models[1:]:
-        for key in LINEAGE_KEYS:
+        for key, what in LINEAGE_KEYS.items():
             if other.meta[key] != first.meta[key]:
                 raise CompositionError(
                     f"base models '{first.objective}' ({first.path}) and '{other.objective}' ({other.path}) have "
-                    f"different {key.replace('_', ' ')}s: they cannot be composed"
+                    f"different {what}: they cannot be composed"
                 )
     if reference_hash is not None and first.meta["reference_hash"] != reference_hash:
         raise CompositionError(

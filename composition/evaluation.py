@@ -77,7 +77,7 @@ def sweep(
 
     Returns ``{"objectives", "reference": {"rewards", "reward_se"}, "methods": {name: {"hypervolume", "front",
     "points": [{"weights", "rewards", "reward_se", "nfe", "seconds"}]}}, "settings"}``; the sampled images of
-    each point go to ``on_point(method, weights, {"images", "prompts"})`` if given.
+    each point go to ``on_point(method or "reference", weights, {"images", "prompts"})`` if given.
     """
     from tqdm.auto import tqdm
 
@@ -86,18 +86,18 @@ def sweep(
     objectives = ensemble.objectives
     num_images = num_images or options.num_images
 
-    def evaluate(method: str, weights: list[float]) -> dict:
+    def evaluate(method: str, weights: list[float], label: str | None = None) -> dict:
         generated = generate(ensemble, method, weights, options, num_images=num_images)
         rewards = score_images(ensemble, generated.images, generated.prompts)
         stats = {name: mean_and_se(values) for name, values in rewards.items()}
         if on_point is not None:
-            on_point(method, weights, {"images": generated.images, "prompts": generated.prompts})
+            on_point(label or method, weights, {"images": generated.images, "prompts": generated.prompts})
         return {"weights": weights, "rewards": {k: v[0] for k, v in stats.items()},
                 "reward_se": {k: v[1] for k, v in stats.items()}, "nfe": generated.nfe_per_image,
                 "seconds": round(generated.seconds, 3)}
 
     start = time.perf_counter()
-    reference = evaluate("msdda", [0.0] * len(objectives))  # all-zero weights: the reference model
+    reference = evaluate("msdda", [0.0] * len(objectives), "reference")  # w = 0: the reference model
     reference_point = [reference["rewards"][name] for name in objectives]
     result = {"objectives": objectives,
               "reference": {k: reference[k] for k in ("rewards", "reward_se", "nfe", "seconds")},

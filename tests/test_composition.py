@@ -1,0 +1,203 @@
+"""The composition engine and evaluation: grids, Pareto fronts, hypervolume, rewarded soup, every method on the
+tiny model, lineage checks and bad input."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from composition.batched import merge_lora_states
+from composition.evaluation import dominates, hypervolume, pareto_front, simplex_grid
+
+# ------------------------------------------------------------------------------------------- pure evaluation
+
+
+def test_simplex_grids():
+    two = simplex_grid(2, 11)
+    assert len(two) == 11 and two[0] == [0.0, 1.0] and two[-1] == [1.0, 0.0]
+    assert all(math.isclose(sum(w), 1.0) for w in two)
+    three = simplex_grid(3, 5)
+    assert len(three) == 15 and all(min(w) >= 0 and math.isclose(sum(w), 1.0) for w in three)
+    assert len({tuple(w) for w in three}) == 15
+
+
+def test_pareto_front_and_dominance():
+    points = [(1, 0), (0, 1), (0.5, 0.5), (0.4, 0.4), (1, 0)]
+    assert dominates((0.5, 0.5), (0.4, 0.4)) and not dominates((1, 0), (0, 1))
+    assert pareto_front(points) == [0, 1, 2, 4]
+
+
+def test_hypervolume_matches_hand_computed_areas():
+    assert hypervolume([(1, 1)], (0, 0)) == pytest.approx(1.0)
+    # Union of [0,2]x[0,1] and [0,1]x[0,2]: 3.
+    assert hypervolume([(2, 1), (1, 2)], (0, 0)) == pytest.approx(3.0)
+    # A dominated point adds nothing; a point below the reference adds nothing.
+    assert hypervolume([(2, 1), (1, 2), (0.5, 0.5), (-1, 5)], (0, 0)) == pytest.approx(3.0)
+    assert hypervolume([(1, 1, 1), (2, 0.5, 0.5)], (0, 0, 0)) == pytest.approx(1 + 0.25)
+    assert hypervolume([], (0, 0)) == 0.0
+
+
+def test_hypervolume_agrees_with_monte_carlo_in_three_dimensions():
+    g = torch.Generator().manual_seed(0)
+    points = torch.rand(12, 3, generator=g).tolist()
+    exact = hypervolume(points, (0, 0, 0))
+    samples = torch.rand(200_000, 3, generator=g)
+    covered = torch.zeros(len(samples), dtype=torch.bool)
+    for p in points:
+        covered |= (samples <= torch.tensor(p)).all(1)
+    assert exact == pytest.approx(covered.float().mean().item(), abs=0.01)
+
+
+def test_rewarded_soup_merge_is_the_exact_weighted_sum_of_deltas():
+    g = torch.Generator().manual_seed(0)
+    states = [{"m.lora_A.weight": torch.randn(4, 6, generator=g), "m.lora_B.weight": torch.randn(5, 4, generator=g)}
+              for _ in range(3)]
+    weights = [0.2, -0.5, 1.3]
+    merged = merge_lora_states(states, weights)
+    expected = sum(w * s["m.lora_B.weight"] @ s["m.lora_A.weight"] for w, s in zip(weights, states))
+    torch.testing.assert_close(merged["m.lora_B.weight"] @ merged["m.lora_A.weight"], expected)
+    assert merged["m.lora_A.weight"].shape == (12, 6)
+
+
+# ----------------------------------------------------------------------------- the engine on the tiny model
+
+
+@pytest.fixture(scope="module")
+def tiny_base_models(tiny_config, tiny_home, tiny_reference):
+    """Two base models (random LoRA weights and variance offsets) in the saved format, on the tiny reference."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    from training.base_model import evaluation_problem
+    from training.models import content_hash
+
+    problem = evaluation_problem(tiny_config, tiny_home, None)
+    keys = {k: v.shape for k, v in get_peft_model_state_dict(problem.unet, adapter_name="default").items()}
+    scheduler = dict(problem.pipe.scheduler.config)
+    folders = []
+    for i, objective in enumerate(tiny_config.objective_names):
+        g = torch.Generator().manual_seed(i)
+        folder = tiny_home / "fake_base_models" / objective
+        folder.mkdir(parents=True)
+        save_file({k: 0.2 * torch.randn(s, generator=g) for k, s in keys.items()},
+                  folder / "adapter_model.safetensors")
+        save_file({"log_variance": torch.full((tiny_config.sampling.num_inference_steps, 1), 0.3 * (i - 0.5))},
+                  folder / "variance.safetensors")
+        meta = {"objective": objective, "reward": {"name": objective, "options": {}}, "beta": 0.01,
+                "lora": {"rank": 4, "targets": ["to_q", "to_k", "to_v", "to_out.0"]}, "learn_variance": "step",
+                "reference_hash": content_hash(tiny_reference.path), "scheduler": scheduler,
+                "sampling": tiny_config.sampling.model_dump(), "metrics": {}}
+        (folder / "base_model.json").write_text(json.dumps(meta, default=str))
+        folders.append(folder)
+    return folders
+
+
+@pytest.fixture(scope="module")
+def ensemble(tiny_config, tiny_home, tiny_base_models):
+    from composition.engine import load_ensemble
+
+    return load_ensemble(tiny_config, tiny_home, tiny_base_models)
+
+
+@pytest.mark.parametrize("method", ["msdda", "db", "rs", "code", "rgg"])
+def test_every_method_samples_seeded_images(ensemble, tiny_config, method):
+    from composition.engine import generate
+
+    options = tiny_config.composition.model_copy(update={"batch_size": 4, "code_block": 2})
+    first = generate(ensemble, method, [0.3, 0.7], options, num_images=6, seed=1)
+    again = generate(ensemble, method, [0.3, 0.7], options, num_images=6, seed=1)
+    other = generate(ensemble, method, [0.3, 0.7], options, num_images=6, seed=2)
+    assert first.images.shape == (6, 3, 16, 16) and torch.isfinite(first.images).all()
+    torch.testing.assert_close(first.images, again.images)
+    assert not torch.allclose(first.images, other.images)
+    steps = tiny_config.sampling.num_inference_steps
+    expected_nfe = {"msdda": 2, "db": 2, "rs": 1, "code": options.code_candidates, "rgg": 3}[method] * steps
+    assert first.nfe_per_image == expected_nfe
+
+
+def test_methods_share_the_initial_noise(ensemble, tiny_config):
+    """With one-hot weights MSDDA and the epsilon blend differ only by the base model's learned variance."""
+    from composition.engine import generate
+
+    options = tiny_config.composition
+    msdda = generate(ensemble, "msdda", [1.0, 0.0], options, num_images=4)
+    soup = generate(ensemble, "rs", [1.0, 0.0], options, num_images=4)
+    torch.testing.assert_close(msdda.images, soup.images, rtol=1e-4, atol=1e-4)
+
+
+def test_sweep_returns_the_documented_shape(ensemble, tiny_config, tmp_path):
+    from composition.evaluation import plot_fronts, sweep
+
+    options = tiny_config.composition.model_copy(update={"num_images": 4, "code_block": 2})
+    seen = []
+    result = sweep(ensemble, options, methods=["msdda", "db"], grid=3,
+                   on_point=lambda method, weights, images: seen.append((method, tuple(weights))))
+    assert result["objectives"] == ["digit_alignment", "ink_economy"]
+    assert set(result["methods"]) == {"msdda", "db"}
+    assert seen[0] == ("reference", (0.0, 0.0)) and len(seen) == 1 + 2 * 3
+    for method in result["methods"].values():
+        assert method["hypervolume"] >= 0 and len(method["points"]) == 3
+        point = method["points"][1]
+        assert point["weights"] == [0.5, 0.5]
+        assert set(point["rewards"]) == set(point["reward_se"]) == {"digit_alignment", "ink_economy"}
+        assert point["nfe"] > 0 and point["seconds"] > 0
+    json.dumps(result)
+    png = plot_fronts(result, tmp_path / "pareto.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("weights", "message"),
+    [("0.3,abc", "not a comma-separated list"), ("nan,0.5", "finite"), ("0.2,0.3,0.5", "3 weights given for 2")],
+)
+def test_bad_weights_are_one_line_errors(weights, message):
+    from composition.engine import CompositionError, parse_weights
+
+    with pytest.raises(CompositionError, match=message):
+        parse_weights(weights, 2)
+
+
+def test_non_positive_precision_is_refused(ensemble, tiny_config):
+    from composition.engine import CompositionError, generate
+
+    with pytest.raises(CompositionError, match="precision is not positive"):
+        generate(ensemble, "msdda", [-5.0, 5.0], tiny_config.composition, num_images=2)
+
+
+def test_lineage_and_corrupt_models_are_refused(tiny_base_models, tmp_path):
+    import shutil
+
+    from composition.engine import CompositionError, check_lineage, read_base_model
+
+    models = [read_base_model(p) for p in tiny_base_models]
+    check_lineage(models)
+    other = tmp_path / "other"
+    shutil.copytree(tiny_base_models[1], other)
+    meta = json.loads((other / "base_model.json").read_text())
+    (other / "base_model.json").write_text(json.dumps({**meta, "reference_hash": "f" * 64}))
+    with pytest.raises(CompositionError, match="different reference models"):
+        check_lineage([models[0], read_base_model(other)])
+    with pytest.raises(CompositionError, match="trained on reference"):
+        check_lineage(models, reference_hash="0" * 64)
+
+    (other / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CompositionError, match="corrupt"):
+        read_base_model(other)
+    (other / "adapter_model.safetensors").unlink()
+    with pytest.raises(CompositionError, match="adapter_model.safetensors is missing"):
+        read_base_model(other)
+
+
+def test_rgg_refuses_non_differentiable_rewards(ensemble, tiny_config):
+    from composition.engine import CompositionError
+    from training.rewards import load_reward
+
+    saved = dict(ensemble.rewards)
+    try:
+        ensemble.rewards["ink_economy"] = load_reward("compressibility", tiny_config, None)
+        with pytest.raises(CompositionError, match="differentiable rewards; not differentiable: ink_economy"):
+            ensemble.sampler("rgg", [0.5, 0.5], tiny_config.composition)
+    finally:
+        ensemble.rewards.clear()
+        ensemble.rewards.update(saved)
