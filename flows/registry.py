@@ -1,0 +1,496 @@
+"""The MLflow model registry layer: base-model folders in, registered model versions with lineage tags out.
+
+Every base model (a folder written by :func:`training.base_model.save_base_model`) becomes a version of the
+registered model ``msdda-<objective>``. Its files are logged as artifacts (under ``base_model``) of an MLflow run;
+its version tags carry the lineage (objective, reward spec, beta, trainer, reference hash, scheduler and sampling
+config, metrics, git sha, and the content hash of the files). The alias ``champion`` marks the version to compose.
+
+Specs name a version: ``NAME`` (= ``NAME@champion``), ``NAME@ALIAS`` or ``NAME/VERSION``, where ``NAME`` is the
+registered name or just the objective. :func:`resolve` downloads a version once into
+``$MSDDA_HOME/registry_cache/<name>/<version>`` and checks its content hash every time it is used.
+
+With the default SQLite store, writers on one machine are serialised by a file lock next to the database and
+"database is locked" errors are retried with backoff; with a tracking server (``MLFLOW_TRACKING_URI=http...``)
+every public function first checks, within seconds, that the server answers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from flows.tracking import ensure_experiment, is_remote, store_lock, tracking_uri
+
+MODEL_PREFIX = "msdda-"
+CHAMPION = "champion"
+ARTIFACT_PATH = "base_model"
+BASE_MODEL_FILE = "base_model.json"
+LINEAGE_JSON_KEYS = ("reward", "scheduler", "sampling")
+LINEAGE_KEYS = ("objective", "beta", "trainer", "reference_hash")
+METRIC_KEYS = ("reward_before", "reward_after", "reward_se", "rise_in_se", "kl")
+RUN_HASH_TAG = "msdda.base_model.content_hash"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+_TRANSIENT = ("database is locked", "database table is locked", "Giving up after")
+
+
+class RegistryError(ValueError):
+    """One-line, user-facing registry problem (unknown model/alias, mismatched lineage, unreachable server,
+    corrupt model)."""
+
+
+# --------------------------------------------------------------------------------------------------- plumbing
+
+
+def registered_name(objective: str) -> str:
+    """The registered model holding the base models of ``objective``."""
+    return objective if objective.startswith(MODEL_PREFIX) else MODEL_PREFIX + objective
+
+
+def _checked_name(name: str) -> str:
+    """``name`` itself, refused unless it is a plain identifier (it goes into MLflow filter strings)."""
+    if not _NAME.match(name):
+        raise RegistryError(f"invalid model name {name!r}: use letters, digits, '_', '-' and '.'")
+    return name
+
+
+def check_reachable(home: Path) -> None:
+    """Fail within seconds, with a :class:`RegistryError`, if the tracking server does not answer.
+
+    Only for ``http(s)://`` tracking URIs; a local store is always reachable.
+    """
+    uri = tracking_uri(home)
+    if not is_remote(uri):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as response:
+            response.read(64)
+    except urllib.error.HTTPError:
+        return  # it answered (an auth proxy may refuse /health): reachable; MLflow reports anything else
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise RegistryError(f"MLflow tracking server at {uri} is unreachable: {reason}") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "message", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+@contextmanager
+def _registry_errors(what: str) -> Iterator[None]:
+    """Turn MLflow's (often multi-line) exceptions into a one-line :class:`RegistryError`."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as exc:
+        raise RegistryError(f"{what} failed: {_one_line(exc)}") from exc
+
+
+def _retrying(call: Callable[..., Any], attempts: int = 10, first_delay: float = 0.05) -> Callable[..., Any]:
+    """``call`` retried with exponential backoff and jitter while SQLite reports a lock."""
+
+    def wrapper(*args, **kwargs):
+        for attempt in range(attempts):
+            try:
+                return call(*args, **kwargs)
+            except Exception as exc:  # MlflowException or a raw sqlalchemy OperationalError
+                if attempt == attempts - 1 or not any(text in str(exc) for text in _TRANSIENT):
+                    raise
+                time.sleep(first_delay * 2**attempt * (0.5 + random.random()))
+        raise AssertionError("unreachable")
+
+    return wrapper
+
+
+class _Client:
+    """An ``MlflowClient`` for ``home``'s tracking URI whose calls retry on SQLite lock errors."""
+
+    def __init__(self, home: Path) -> None:
+        from mlflow import MlflowClient
+
+        uri = tracking_uri(home)
+        self.home = home
+        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        return _retrying(getattr(self.client, name))
+
+
+def _client(home: Path) -> _Client:
+    """A retrying client, with the store created (schema migrations run) under the writer lock."""
+    check_reachable(home)
+    with store_lock(home), _registry_errors("opening the MLflow store"):
+        client = _Client(home)  # MlflowClient creates the store, and migrates a new SQLite database, right here
+        client.search_experiments(max_results=1)
+        client.search_registered_models(max_results=1)
+    return client
+
+
+def _paged(call: Callable[..., Any], **kwargs) -> list:
+    """Every item of a paged MLflow search."""
+    items, token = [], None
+    while True:
+        page = call(page_token=token, **kwargs)
+        items.extend(page)
+        token = page.token
+        if not token:
+            return items
+
+
+def _git_sha() -> str:
+    """HEAD of the repository this code runs from, or ``"unknown"``."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[1],
+            capture_output=True, text=True, timeout=5, check=True,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+# ------------------------------------------------------------------------------------------------ registering
+
+
+def _read_meta(model_dir: Path) -> dict:
+    try:
+        return json.loads((model_dir / BASE_MODEL_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RegistryError(f"{model_dir} is not a base model folder: {_one_line(exc)}") from None
+
+
+def _content_hash(folder: Path) -> str:
+    from training.models import content_hash
+
+    return content_hash(folder)
+
+
+def lineage_tags(meta: dict, content_hash: str) -> dict[str, str]:
+    """The version tags of a base model with metadata ``meta`` (a parsed ``base_model.json``)."""
+    tags = {key: str(meta.get(key, "")) for key in LINEAGE_KEYS}
+    tags.update({key: json.dumps(meta.get(key), sort_keys=True, default=str) for key in LINEAGE_JSON_KEYS})
+    metrics = meta.get("metrics") or {}
+    tags.update({key: str(metrics.get(key, "nan")) for key in METRIC_KEYS})
+    tags["git_sha"] = _git_sha()
+    tags["content_hash"] = content_hash
+    return tags
+
+
+def _is_champion(meta: dict, champion: bool | None, min_rise_se: float) -> bool:
+    if champion is not None:
+        return champion
+    rise = _float((meta.get("metrics") or {}).get("rise_in_se"))
+    return not math.isnan(rise) and rise > min_rise_se
+
+
+def _float(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _ensure_registered_model(client: _Client, name: str, objective: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+        return
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+    try:
+        client.create_registered_model(
+            name, tags={"objective": objective},
+            description=f"msdda base models (LoRA + variance safetensors) for the objective {objective!r}",
+        )
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":  # a concurrent creator won
+            raise
+
+
+def _versions(client: _Client, name: str) -> list:
+    return sorted(_paged(client.search_model_versions, filter_string=f"name='{name}'"), key=lambda v: int(v.version))
+
+
+def _existing_version(client: _Client, name: str, content_hash: str):
+    """The earliest version of ``name`` holding exactly these files, if any."""
+    for version in _versions(client, name):
+        if version.tags.get("content_hash") == content_hash:
+            return version
+    return None
+
+
+def _log_files(client: _Client, home: Path, model_dir: Path, objective: str, run_id: str | None,
+               meta: dict, content_hash: str) -> tuple[str, str]:
+    """Log the folder's files to ``run_id`` (a new run if ``None``); returns ``(run_id, artifact_uri)``."""
+    artifact_path = ARTIFACT_PATH
+    if run_id is None:
+        experiment_id = ensure_experiment(client, home)
+        run = client.create_run(experiment_id, run_name=f"register-{objective}",
+                                tags={"msdda.kind": "register", "msdda.objective": objective})
+        run_id = run.info.run_id
+        client.log_batch(run_id, metrics=_run_metrics(meta))
+    else:
+        logged = client.get_run(run_id).data.tags.get(RUN_HASH_TAG)
+        if logged and logged != content_hash:  # this run already holds another base model: keep both
+            artifact_path = f"{ARTIFACT_PATH}-{content_hash[:12]}"
+    client.log_artifacts(run_id, str(model_dir), artifact_path)
+    if artifact_path == ARTIFACT_PATH:
+        client.set_tag(run_id, RUN_HASH_TAG, content_hash)
+    return run_id, f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
+
+
+def _run_metrics(meta: dict) -> list:
+    """The finite numeric metrics of ``base_model.json`` as MLflow metrics."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    values = {k: _float(v) for k, v in (meta.get("metrics") or {}).items() if not isinstance(v, str)}
+    return [Metric(k, v, now, 0) for k, v in values.items() if math.isfinite(v)]
+
+
+def _version_dict(version) -> dict:
+    tags = version.tags
+    return {
+        "name": version.name,
+        "version": int(version.version),
+        "aliases": sorted(getattr(version, "aliases", []) or []),
+        "objective": tags.get("objective", version.name.removeprefix(MODEL_PREFIX)),
+        "reward_after": _float(tags.get("reward_after")),
+        "reward_se": _float(tags.get("reward_se")),
+        "rise_in_se": _float(tags.get("rise_in_se")),
+        "beta": _float(tags.get("beta")),
+        "reference_hash": tags.get("reference_hash", ""),
+        "content_hash": tags.get("content_hash", ""),
+        "run_id": version.run_id,
+        "source": version.source,
+    }
+
+
+def register_base_model(home: Path, model_dir: Path, run_id: str | None = None, champion: bool | None = None,
+                        min_rise_se: float = 3.0) -> dict:
+    """Register the base model in ``model_dir`` as a new version of ``msdda-<objective>``.
+
+    Its files are logged as artifacts (under ``base_model``) of run ``run_id``, or of a new run in the ``msdda``
+    experiment. The version's tags carry its lineage (see :func:`lineage_tags`). The alias ``champion`` moves to
+    it when ``champion`` is true, or when ``champion`` is ``None`` and its ``rise_in_se`` exceeds
+    ``min_rise_se``. A folder whose content hash is already registered is not registered again: that version is
+    returned (with ``created`` false), and it only takes the alias when ``champion`` is explicitly true.
+
+    Returns ``{"name", "version", "aliases", "run_id", "source", "content_hash", "objective", "champion",
+    "created", ...}``.
+    """
+    model_dir = Path(model_dir)
+    meta = _read_meta(model_dir)
+    objective = str(meta.get("objective") or "")
+    if not objective:
+        raise RegistryError(f"{model_dir / BASE_MODEL_FILE} names no objective")
+    name = _checked_name(registered_name(objective))
+    digest = _content_hash(model_dir)
+    client = _client(home)
+    with store_lock(home), _registry_errors(f"registering {model_dir}"):
+        _ensure_registered_model(client, name, objective)
+        existing = _existing_version(client, name, digest)
+        created = existing is None
+        if created:
+            new_run = run_id is None
+            run_id, source = _log_files(client, home, model_dir, objective, run_id, meta, digest)
+            version = client.create_model_version(name, source, run_id=run_id, tags=lineage_tags(meta, digest))
+            if new_run:
+                client.set_terminated(run_id)
+            make_champion = _is_champion(meta, champion, min_rise_se)
+        else:
+            version, make_champion = existing, champion is True
+        if make_champion:
+            client.set_registered_model_alias(name, CHAMPION, version.version)
+        version = client.get_model_version(name, version.version)
+    return {**_version_dict(version), "champion": CHAMPION in (version.aliases or []), "created": created}
+
+
+# -------------------------------------------------------------------------------------------------- listing
+
+
+def list_models(home: Path) -> list[dict]:
+    """One dict per version of every ``msdda-*`` registered model, sorted by name and version.
+
+    Keys: name, version, aliases, objective, reward_after, reward_se, rise_in_se, beta, reference_hash,
+    content_hash, run_id, source.
+    """
+    client = _client(home)
+    with _registry_errors("listing registered models"):
+        models = _paged(client.search_registered_models, filter_string=f"name LIKE '{MODEL_PREFIX}%'")
+        rows = []
+        for model in models:
+            if model.name.startswith(MODEL_PREFIX):
+                aliases = _aliases_by_version(model)
+                for version in _versions(client, model.name):
+                    row = _version_dict(version)
+                    row["aliases"] = sorted(set(row["aliases"]) | aliases.get(row["version"], set()))
+                    rows.append(row)
+    return sorted(rows, key=lambda row: (row["name"], row["version"]))
+
+
+def _aliases_by_version(model) -> dict[int, set[str]]:
+    """``{version: {alias, ...}}`` of a registered model entity."""
+    out: dict[int, set[str]] = {}
+    for alias, version in (getattr(model, "aliases", None) or {}).items():
+        out.setdefault(int(version), set()).add(alias)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ resolving
+
+
+def parse_spec(spec: str) -> tuple[str, str | None, int | None]:
+    """``(registered name, alias, version)`` of a spec; exactly one of alias and version is set."""
+    text = spec.strip().removeprefix("models:/")
+    if "@" in text:
+        name, alias = text.split("@", 1)
+        if not alias:
+            raise RegistryError(f"invalid model spec {spec!r}: empty alias after '@'")
+        return _checked_name(registered_name(name)), alias, None
+    if "/" in text:
+        name, version = text.rsplit("/", 1)
+        if not version.isdigit():
+            raise RegistryError(f"invalid model spec {spec!r}: expected NAME, NAME@ALIAS or NAME/VERSION")
+        return _checked_name(registered_name(name)), None, int(version)
+    return _checked_name(registered_name(text)), CHAMPION, None
+
+
+def _model_version(client: _Client, spec: str):
+    """The model version entity a spec names; unknown names, aliases and versions are one-line errors."""
+    from mlflow.exceptions import MlflowException
+
+    name, alias, number = parse_spec(spec)
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        known = [m.name for m in _paged(client.search_registered_models,
+                                        filter_string=f"name LIKE '{MODEL_PREFIX}%'")]
+        raise RegistryError(f"unknown model {name!r}; registered: {', '.join(sorted(known)) or 'none'}") from None
+    versions = [int(v.version) for v in _versions(client, name)]
+    if alias is not None:
+        aliases = getattr(model, "aliases", None) or {}
+        if alias not in aliases:
+            listed = ", ".join(f"{a} (v{v})" for a, v in sorted(aliases.items())) or "none"
+            raise RegistryError(f"model {name!r} has no alias {alias!r}; aliases: {listed}; "
+                                f"versions: {', '.join(map(str, versions)) or 'none'}")
+        number = int(aliases[alias])
+    if number not in versions:
+        raise RegistryError(f"model {name!r} has no version {number}; versions: "
+                            f"{', '.join(map(str, versions)) or 'none'}")
+    return client.get_model_version(name, str(number))
+
+
+def _base_model_folder(root: Path) -> Path | None:
+    """The folder under ``root`` (itself included) holding ``base_model.json``."""
+    if (root / BASE_MODEL_FILE).is_file():
+        return root
+    found = sorted(root.rglob(BASE_MODEL_FILE))
+    return found[0].parent if found else None
+
+
+def _intact(root: Path, expected_hash: str) -> bool:
+    """Whether ``root`` holds a base model whose content hash is ``expected_hash`` (if that is known)."""
+    folder = _base_model_folder(root) if root.is_dir() else None
+    if folder is None:
+        return False
+    return not expected_hash or _content_hash(folder) == expected_hash
+
+
+def _discard(path: Path) -> None:
+    """Remove ``path`` by first renaming it aside, so nobody sees it half-deleted."""
+    if not path.exists():
+        return
+    aside = path.with_name(f".trash-{path.name}-{os.getpid()}-{random.randrange(1 << 30)}")
+    try:
+        os.rename(path, aside)
+    except OSError:
+        return  # someone else replaced or removed it
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _download(home: Path, version, target: Path) -> None:
+    """Download ``version``'s artifacts to ``target`` (through a temporary folder and a rename)."""
+    import mlflow.artifacts
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=target.parent))
+    try:
+        with _registry_errors(f"downloading {version.name} v{version.version}"):
+            uri = tracking_uri(home)
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=version.source, dst_path=str(tmp), tracking_uri=uri, registry_uri=uri,
+            )
+        folder = _base_model_folder(Path(local))
+        if folder is None:
+            raise RegistryError(f"model {version.name} v{version.version} is corrupt: no {BASE_MODEL_FILE} "
+                                f"in its artifacts at {version.source}")
+        if not _intact(folder, version.tags.get("content_hash", "")):
+            raise RegistryError(f"model {version.name} v{version.version} is corrupt: its artifacts at "
+                                f"{version.source} do not match the registered content hash")
+        _discard(target)  # a stale or corrupt copy
+        try:
+            os.rename(folder, target)
+        except OSError:
+            if not _intact(target, version.tags.get("content_hash", "")):  # a concurrent download won?
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve(home: Path, spec: str) -> Path:
+    """The local folder (holding ``base_model.json``) of the version ``spec`` names; see :func:`parse_spec`.
+
+    The version is downloaded once to ``$MSDDA_HOME/registry_cache/<name>/<version>``; a cached copy whose
+    content hash differs from the registered one (truncated, edited, or from another server) is replaced.
+    """
+    client = _client(home)
+    with _registry_errors(f"resolving {spec!r}"):
+        version = _model_version(client, spec)
+    target = home / "registry_cache" / version.name / str(version.version)
+    if not _intact(target, version.tags.get("content_hash", "")):
+        _download(home, version, target)
+    folder = _base_model_folder(target)
+    assert folder is not None
+    return folder
+
+
+def _scheduler_identity(scheduler: dict | None) -> dict:
+    """The scheduler config without bookkeeping keys (``_diffusers_version`` and the like, not the class)."""
+    return {k: v for k, v in (scheduler or {}).items() if not k.startswith("_") or k == "_class_name"}
+
+
+def resolve_many(home: Path, specs: list[str]) -> list[Path]:
+    """:func:`resolve` each spec; refuse base models whose reference hash or scheduler config differ."""
+    folders = [resolve(home, spec) for spec in specs]
+    metas = [_read_meta(folder) for folder in folders]
+    for spec, meta in zip(specs[1:], metas[1:]):
+        if meta.get("reference_hash") != metas[0].get("reference_hash"):
+            raise RegistryError(
+                f"{specs[0]!r} and {spec!r} were trained on different reference models "
+                f"(reference_hash {str(metas[0].get('reference_hash'))[:12]} vs {str(meta.get('reference_hash'))[:12]})"
+            )
+        if _scheduler_identity(meta.get("scheduler")) != _scheduler_identity(metas[0].get("scheduler")):
+            first, other = _scheduler_identity(metas[0].get("scheduler")), _scheduler_identity(meta.get("scheduler"))
+            keys = sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k))
+            raise RegistryError(f"{specs[0]!r} and {spec!r} have different scheduler configs (differing: "
+                                f"{', '.join(keys)})")
+    return folders

@@ -1,0 +1,279 @@
+"""The MLflow registry layer against real MLflow on SQLite in temporary folders (no mocks, no training)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from flows.registry import (
+    MODEL_PREFIX,
+    RegistryError,
+    list_models,
+    register_base_model,
+    registered_name,
+    resolve,
+    resolve_many,
+)
+from training.models import msdda_home
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEDULER = {"_class_name": "DDIMScheduler", "_diffusers_version": "0.35.0", "num_train_timesteps": 1000,
+             "beta_schedule": "scaled_linear", "prediction_type": "epsilon"}
+
+
+def fake_base_model(folder: Path, objective: str, seed: int, rise_in_se: float = 5.0,
+                    reference_hash: str = "ref-aaaa", scheduler: dict | None = None) -> Path:
+    """A base-model folder in the format of ``save_base_model``, with small random weights."""
+    folder.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(seed)
+    save_file({"down.weight": torch.randn(4, 8, generator=generator), "up.weight": torch.randn(8, 4, generator=generator)},
+              folder / "adapter_model.safetensors")
+    save_file({"log_variance": torch.randn(4, generator=generator)}, folder / "variance.safetensors")
+    meta = {
+        "objective": objective,
+        "reward": {"name": objective, "options": {}, "differentiable": False},
+        "beta": 0.1,
+        "trainer": "step_level",
+        "reference_hash": reference_hash,
+        "scheduler": scheduler or SCHEDULER,
+        "sampling": {"num_inference_steps": 4, "eta": 1.0, "guidance_scale": 1.0},
+        "lora": {"rank": 4, "targets": ["to_q"]},
+        "learn_variance": True,
+        "metrics": {"objective": objective, "reward_before": 0.2, "reward_after": 0.2 + 0.01 * rise_in_se,
+                    "reward_se_before": 0.01, "reward_se_after": 0.01, "reward_se": 0.01,
+                    "rise_in_se": rise_in_se, "rise_in_unpaired_se": rise_in_se / 2, "kl": 0.05,
+                    "seconds": 1.0, "unet_evaluations": 10},
+        "seed": seed,
+    }
+    (folder / "base_model.json").write_text(json.dumps(meta, indent=2))
+    return folder
+
+
+def same_files(a: Path, b: Path) -> bool:
+    names = sorted(p.name for p in a.iterdir())
+    return names == sorted(p.name for p in b.iterdir()) and all(
+        (a / n).read_bytes() == (b / n).read_bytes() for n in names
+    )
+
+
+@pytest.fixture(scope="session")
+def _template_db(tmp_path_factory) -> Path:
+    """An empty, migrated MLflow SQLite store, built once: each test copies it instead of migrating again."""
+    home = tmp_path_factory.mktemp("template_home")
+    from flows.registry import _client
+
+    old = os.environ.pop("MLFLOW_TRACKING_URI", None)
+    try:
+        _client(home)
+    finally:
+        if old is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = old
+    return home / "mlflow.db"
+
+
+@pytest.fixture
+def home(_template_db, monkeypatch) -> Path:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    path = msdda_home()
+    path.mkdir(parents=True)
+    shutil.copy(_template_db, path / "mlflow.db")
+    return path
+
+
+def test_register_list_and_resolve(home, tmp_path):
+    ink = fake_base_model(tmp_path / "ink", "ink_economy", seed=1, rise_in_se=6.0)
+    digit = fake_base_model(tmp_path / "digit", "digit_alignment", seed=2, rise_in_se=4.0)
+    first = register_base_model(home, ink)
+    assert (first["name"], first["version"], first["aliases"], first["created"]) == (
+        "msdda-ink_economy", 1, ["champion"], True)
+    register_base_model(home, digit)
+
+    rows = list_models(home)
+    assert [(r["name"], r["version"], r["aliases"]) for r in rows] == [
+        ("msdda-digit_alignment", 1, ["champion"]), ("msdda-ink_economy", 1, ["champion"])]
+    ink_row = rows[1]
+    assert ink_row["objective"] == "ink_economy" and ink_row["reward_after"] == pytest.approx(0.26)
+    assert ink_row["reward_se"] == pytest.approx(0.01) and ink_row["beta"] == 0.1
+    assert ink_row["reference_hash"] == "ref-aaaa" and ink_row["run_id"] == first["run_id"]
+
+    from mlflow import MlflowClient
+
+    from flows.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri(home), tracking_uri(home))
+    tags = client.get_model_version("msdda-ink_economy", "1").tags
+    assert client.get_run(first["run_id"]).data.metrics["rise_in_se"] == 6.0
+    assert json.loads(tags["scheduler"]) == SCHEDULER and json.loads(tags["reward"])["name"] == "ink_economy"
+    assert tags["trainer"] == "step_level" and float(tags["rise_in_se"]) == 6.0 and float(tags["kl"]) == 0.05
+    assert len(tags["git_sha"]) == 40 or tags["git_sha"] == "unknown"
+    assert json.loads(tags["sampling"])["eta"] == 1.0
+
+    for spec in ("ink_economy", "msdda-ink_economy@champion", "msdda-ink_economy/1", "ink_economy/1"):
+        folder = resolve(home, spec)
+        assert folder == home / "registry_cache" / "msdda-ink_economy" / "1"
+        assert same_files(folder, ink), spec
+    assert same_files(resolve(home, "digit_alignment"), digit)
+
+    again = register_base_model(home, ink)  # the same files: no duplicate version
+    assert (again["version"], again["created"]) == (1, False)
+    assert len(list_models(home)) == 2
+
+
+def test_weak_version_does_not_take_the_champion_alias(home, tmp_path):
+    strong = register_base_model(home, fake_base_model(tmp_path / "a", "ink_economy", seed=1, rise_in_se=5.0))
+    weak_dir = fake_base_model(tmp_path / "b", "ink_economy", seed=2, rise_in_se=2.5)
+    weak = register_base_model(home, weak_dir)
+    assert (strong["version"], weak["version"]) == (1, 2)
+    assert weak["aliases"] == [] and not weak["champion"]
+    assert [(r["version"], r["aliases"]) for r in list_models(home)] == [(1, ["champion"]), (2, [])]
+    assert same_files(resolve(home, "ink_economy/2"), weak_dir)
+    assert resolve(home, "ink_economy").name == "1"
+    forced = register_base_model(home, fake_base_model(tmp_path / "c", "ink_economy", seed=3, rise_in_se=1.0),
+                                 champion=True)
+    assert forced["version"] == 3 and forced["aliases"] == ["champion"]
+    assert [(r["version"], r["aliases"]) for r in list_models(home)] == [(1, []), (2, []), (3, ["champion"])]
+
+
+def test_unknown_model_alias_or_version_is_a_one_line_error(home, tmp_path):
+    register_base_model(home, fake_base_model(tmp_path / "a", "ink_economy", seed=1, rise_in_se=1.0))
+    register_base_model(home, fake_base_model(tmp_path / "b", "digit_alignment", seed=2))
+    before = list_models(home)
+    cases = {
+        "no_such_objective": ["'msdda-no_such_objective'", "msdda-digit_alignment", "msdda-ink_economy"],
+        "ink_economy": ["no alias 'champion'", "aliases: none", "versions: 1"],  # never became champion
+        "digit_alignment@best": ["no alias 'best'", "champion (v1)"],
+        "digit_alignment/7": ["no version 7", "versions: 1"],
+        "digit_alignment/x": ["invalid model spec"],
+        "bad name!": ["invalid model name"],
+    }
+    for spec, fragments in cases.items():
+        with pytest.raises(RegistryError) as info:
+            resolve(home, spec)
+        message = str(info.value)
+        assert "\n" not in message and all(f in message for f in fragments), (spec, message)
+    assert list_models(home) == before
+    assert not (home / "registry_cache").exists() or not any((home / "registry_cache").rglob("*.safetensors"))
+
+
+def test_resolve_many_refuses_mismatched_lineage(home, tmp_path):
+    register_base_model(home, fake_base_model(tmp_path / "a", "ink_economy", seed=1))
+    register_base_model(home, fake_base_model(tmp_path / "b", "digit_alignment", seed=2))
+    register_base_model(home, fake_base_model(tmp_path / "c", "other_ref", seed=3, reference_hash="ref-bbbb"))
+    other_scheduler = {**SCHEDULER, "beta_schedule": "linear"}
+    register_base_model(home, fake_base_model(tmp_path / "d", "other_sched", seed=4, scheduler=other_scheduler))
+    newer_diffusers = {**SCHEDULER, "_diffusers_version": "0.99.0"}
+    register_base_model(home, fake_base_model(tmp_path / "e", "same_sched", seed=5, scheduler=newer_diffusers))
+
+    folders = resolve_many(home, ["ink_economy", "digit_alignment", "same_sched"])
+    assert [f.parent.name for f in folders] == ["msdda-ink_economy", "msdda-digit_alignment", "msdda-same_sched"]
+    with pytest.raises(RegistryError, match=r"'ink_economy' and 'other_ref'.*reference") as info:
+        resolve_many(home, ["ink_economy", "other_ref"])
+    assert "\n" not in str(info.value)
+    with pytest.raises(RegistryError, match=r"'digit_alignment' and 'other_sched'.*scheduler.*beta_schedule"):
+        resolve_many(home, ["digit_alignment", "other_sched"])
+
+
+CONCURRENT_SCRIPT = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from flows.registry import register_base_model
+    home, go, folders = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
+    while not go.exists():
+        time.sleep(0.01)
+    for folder in folders:
+        register_base_model(home, Path(folder))
+""")
+
+
+def test_concurrent_registration_loses_nothing(tmp_path, monkeypatch):
+    """Two processes register into a store that does not exist yet: creating it races too."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    home = msdda_home()
+    folders = [fake_base_model(tmp_path / f"m{i}", ("conc_x", "conc_y")[i % 2], seed=10 + i, rise_in_se=float(i))
+               for i in range(6)]
+    go = tmp_path / "go"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", CONCURRENT_SCRIPT, str(home), str(go), *map(str, chunk)],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for chunk in (folders[:3], folders[3:])
+    ]
+    time.sleep(0.5)
+    go.touch()  # both processes are importing or waiting: they register at the same time
+    for proc in procs:
+        _, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err[-3000:]
+
+    from training.models import content_hash
+
+    rows = list_models(home)
+    by_hash = {r["content_hash"]: r for r in rows}
+    assert len(rows) == 6 and len(by_hash) == 6
+    assert sorted((r["name"], r["version"]) for r in rows) == [
+        (f"{MODEL_PREFIX}conc_{o}", v) for o in "xy" for v in (1, 2, 3)]
+    for i, folder in enumerate(folders):
+        row = by_hash[content_hash(folder)]
+        assert row["objective"] == ("conc_x", "conc_y")[i % 2] and row["rise_in_se"] == float(i)
+        assert same_files(resolve(home, f"{row['name']}/{row['version']}"), folder)
+
+
+def test_unreachable_tracking_server_fails_fast(home, tmp_path, monkeypatch):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    folder = fake_base_model(tmp_path / "a", "ink_economy", seed=1)
+    start = time.perf_counter()
+    for call in (lambda: list_models(home), lambda: resolve(home, "ink_economy"),
+                 lambda: register_base_model(home, folder), lambda: resolve_many(home, ["a", "b"])):
+        with pytest.raises(RegistryError, match=f"MLflow tracking server at http://127.0.0.1:{port} is unreachable"):
+            call()
+    assert time.perf_counter() - start < 15
+
+
+def test_corrupt_cache_is_replaced_and_corrupt_artifacts_refused(home, tmp_path):
+    folder = fake_base_model(tmp_path / "a", "ink_economy", seed=1)
+    registered = register_base_model(home, folder)
+    cached = resolve(home, "ink_economy")
+    weights = cached / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:50])  # truncated
+    assert same_files(resolve(home, "ink_economy"), folder)
+
+    source = Path(registered["source"].removeprefix("file://"))
+    (source / "adapter_model.safetensors").write_bytes(b"garbage")
+    shutil.rmtree(home / "registry_cache")
+    with pytest.raises(RegistryError, match="msdda-ink_economy v1 is corrupt"):
+        resolve(home, "ink_economy")
+    assert not any((home / "registry_cache").rglob("*.safetensors"))
+
+
+def test_registered_name():
+    assert registered_name("ink_economy") == "msdda-ink_economy"
+    assert registered_name("msdda-ink_economy") == "msdda-ink_economy"
+
+
+def test_register_into_an_existing_training_run(home, tmp_path):
+    from flows.tracking import mlflow_run
+
+    with mlflow_run(home, "train-ink_economy") as (run, _):
+        run_id = run.info.run_id
+    first_dir = fake_base_model(tmp_path / "a", "ink_economy", seed=1)
+    second_dir = fake_base_model(tmp_path / "b", "ink_economy", seed=2)
+    first = register_base_model(home, first_dir, run_id=run_id)
+    second = register_base_model(home, second_dir, run_id=run_id, champion=False)
+    assert first["run_id"] == second["run_id"] == run_id
+    assert first["source"].endswith("/base_model") and second["source"] != first["source"]
+    assert same_files(resolve(home, "ink_economy/1"), first_dir)
+    assert same_files(resolve(home, "ink_economy/2"), second_dir)
+    assert resolve(home, "ink_economy").name == "1"
