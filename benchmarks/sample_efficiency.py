@@ -112,8 +112,8 @@ def render_table(report: dict) -> str:
     ours, ddpo = report["step_level"], report["ddpo"]
     other = report["ratio_rows_to_reach_step_level_final"]
     lines = [
-        f"Objective `{report['objective']}`, step-level beta {report['beta']}; reference reward "
-        f"{report['reward_reference']:.4f}.",
+        (f"Objective `{report['objective']}`, step-level beta {report['beta']}; reference reward "
+        f"{report['reward_reference']:.4f}."),
         "",
         "| trainer | final reward | UNet rows used | UNet rows to reach DDPO's final reward |",
         "|---|---|---|---|",
@@ -134,7 +134,7 @@ def write_readme(table: str) -> None:
     text = readme.read_text()
     start, end = README_MARKERS
     block = f"{start}\n{table}\n{end}"
-    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.DOTALL)
     readme.write_text(pattern.sub(block, text) if pattern.search(text) else text + "\n" + block + "\n")
 
 

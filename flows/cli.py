@@ -6,6 +6,7 @@ input exits with code 2 and a one-line ``error: ...`` on stderr, without a trace
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 import time
@@ -34,8 +35,10 @@ class UsageError(Exception):
 
 def _quiet_libraries() -> None:
     """Keep third-party chatter (deprecations, load bars) off the terminal; our own bars stay."""
+    import os
     import warnings
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
     try:
@@ -90,94 +93,186 @@ def train(
     objective: Annotated[str, typer.Option("--objective", "-o", help="Reward to train for, e.g. ink_economy.")],
     config: ConfigOption = None,
     json_output: JsonOption = False,
-    mlflow: Annotated[bool, typer.Option(help="Log per-iteration metrics to MLflow.")] = True,
+    mlflow: Annotated[bool, typer.Option(help="Log the run to MLflow and register the model version.")] = True,
 ) -> None:
-    """Train one single-objective LoRA base model with the step-level trainer (cached under $MSDDA_HOME)."""
-    from contextlib import nullcontext
-
-    from training.base_model import train_base_model
+    """Train one single-objective LoRA base model with the step-level trainer, log and register it."""
+    from flows.jobs import train_job
     from training.models import msdda_home
-    from training.rewards import load_reward
 
     cfg = _load(config)
-    home = msdda_home()
-    spec = cfg.objective(objective)
-    load_reward(spec.name, cfg, home, spec.options)  # one-line error before any heavy work
-    progress = sys.stderr.isatty() or not json_output
-    run_id = None
-    if mlflow:
-        from flows.tracking import mlflow_run
-
-        context = mlflow_run(home, f"train-{objective}", params={"objective": objective, "beta": spec.beta or cfg.train.beta,
-                             "method": cfg.train.method, "iterations": cfg.train.iterations})
-    else:
-        context = nullcontext((None, None))
-    with context as (active, log_iteration):
-        result = train_base_model(cfg, objective, home, progress=progress, log_metrics=log_iteration)
-        if active is not None:
-            import mlflow as mlflow_lib
-
-            run_id = active.info.run_id
-            mlflow_lib.log_metrics({f"eval_{k}": v for k, v in result.as_dict().items() if isinstance(v, float)})
-    payload = {**result.as_dict(), "mlflow_run_id": run_id}
+    result = train_job(cfg, msdda_home(), objective, register=mlflow, mlflow=mlflow,
+                       progress=sys.stderr.isatty() or not json_output)
+    registered = result["registered"]
     human = (
-        f"base model '{objective}': {result.path}\n"
-        f"reward {result.reward_before:.4f} -> {result.reward_after:.4f} "
-        f"(+{result.rise_in_se:.1f} SE, SE {result.reward_se:.4f}); KL/step {result.kl:.4f}; "
-        f"{result.unet_evaluations} UNet evaluations; {result.seconds:.0f} s" + (" (cached)" if result.cached else "")
+        f"base model '{objective}': {result['path']}\n"
+        f"reward {result['reward_before']:.4f} -> {result['reward_after']:.4f} "
+        f"(+{result['rise_in_se']:.1f} SE, SE {result['reward_se']:.4f}); KL/step {result['kl']:.4f}; "
+        f"{result['unet_evaluations']} UNet evaluations; {result['seconds']:.0f} s"
+        + (" (cached)" if result["cached"] else "")
+        + (f"\nregistered {registered['name']} v{registered['version']}"
+           + (" @champion" if registered["champion"] else " (not champion: reward rise <= 3 SE)")
+           if registered else "")
     )
-    _emit(payload, json_output, human)
+    _emit(result, json_output, human)
+
+
+WeightsOption = Annotated[str, typer.Option("--weights", "-w", help="Objective weights, e.g. 0.3,0.7.")]
+ModelsOption = Annotated[
+    str | None,
+    typer.Option("--models", "-m", help="Comma-separated NAME[@ALIAS] or NAME/VERSION registry specs, or "
+                                        "base-model folders (default: the config's objectives @champion)."),
+]
+MethodOption = Annotated[str, typer.Option("--method", help="msdda | db | rs | code | rgg")]
+
+
+def _split(text: str | None) -> list[str] | None:
+    return [part.strip() for part in text.split(",") if part.strip()] if text else None
 
 
 @app.command()
-def run(config: ConfigOption = None, json_output: JsonOption = False) -> None:
-    """The main job: pretrain the reference (cached), train a base model per default objective (cached)."""
-    from training.base_model import train_base_model
-    from training.models import load_reference_pipeline, msdda_home
+def compose(
+    weights: WeightsOption,
+    models: ModelsOption = None,
+    num_images: Annotated[int | None, typer.Option("--num-images", "-n", min=1)] = None,
+    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    method: MethodOption = "msdda",
+    out: Annotated[Path | None, typer.Option("--out", help="Image folder (default: under $MSDDA_HOME).")] = None,
+    config: ConfigOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Compose registered base models at denoising time for one weight vector; save and score the images."""
+    from flows.jobs import compose_job
+    from training.models import msdda_home
+
+    cfg = _load(config)
+    result = compose_job(cfg, msdda_home(), weights, _split(models), method, num_images, seed, out)
+    lines = [(f"{result['method']} w={result['weights']}: {result['num_images']} images, "
+              f"{result['nfe']:g} UNet rows per image, {result['seconds']:.1f} s")]
+    lines += [f"  {k}: {v:.4f} +- {result['reward_se'][k]:.4f}" for k, v in result["rewards"].items()]
+    lines += [f"images: {result['image_dir']}", f"MLflow run: {result['mlflow_run_id']}"]
+    _emit(result, json_output, "\n".join(lines))
+
+
+@app.command()
+def sweep(
+    methods: Annotated[str | None, typer.Option("--methods", help="Comma-separated, e.g. msdda,db,rs,code,rgg.")]
+    = None,
+    grid: Annotated[int | None, typer.Option("--grid", min=2, help="Points per simplex edge (11: w=0,0.1..1).")]
+    = None,
+    num_images: Annotated[int | None, typer.Option("--num-images", "-n", min=2)] = None,
+    models: ModelsOption = None,
+    config: ConfigOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Every method over a weight grid: rewards, NFE, Pareto fronts, hypervolume, plots (logged to MLflow)."""
+    from flows.jobs import sweep_job
+    from training.models import msdda_home
+
+    cfg = _load(config)
+    result = sweep_job(cfg, msdda_home(), _split(models), _split(methods), grid, num_images,
+                       progress=sys.stderr.isatty() or not json_output)
+    _emit(result, json_output, sweep_table(result) + f"\nPareto plot: {result['plot']}")
+
+
+def sweep_table(result: dict) -> str:
+    """A plain-text summary: hypervolume and NFE per method, and the reference model's rewards."""
+    from rich.console import Console
+    from rich.table import Table
+
+    objectives = result["objectives"]
+    table = Table(title=f"sweep over {result['settings']['grid']} weights, {result['settings']['num_images']} "
+                        f"images each" + (" (cached)" if result.get("cached") else ""))
+    table.add_column("method")
+    table.add_column("hypervolume", justify="right")
+    table.add_column("max NFE/image", justify="right")
+    for name in objectives:
+        table.add_column(f"best {name}", justify="right")
+    for method, data in result["methods"].items():
+        best = [max(p["rewards"][name] for p in data["points"]) for name in objectives]
+        table.add_row(method, f"{data['hypervolume']:.4g}", f"{data['max_nfe']:g}", *[f"{b:.4f}" for b in best])
+    reference = result["reference"]["rewards"]
+    table.add_row("reference", "0", f"{result['reference']['nfe']:g}", *[f"{reference[n]:.4f}" for n in objectives])
+    buffer = io.StringIO()
+    Console(file=buffer, width=120).print(table)
+    return buffer.getvalue().rstrip()
+
+
+@app.command()
+def models(json_output: JsonOption = False) -> None:
+    """List the registered base models: name, version, aliases, objective, reward, beta, reference hash."""
+    from flows.registry import list_models
+    from training.models import msdda_home
+
+    rows = list_models(msdda_home())
+    if json_output:
+        typer.echo(json.dumps({"models": rows}))
+        return
+    if not rows:
+        typer.echo("no registered base models (train some with `msdda train` or `msdda run`)")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table()
+    for column in ("name", "version", "aliases", "objective", "reward", "rise (SE)", "beta", "reference"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["name"], str(row["version"]), ",".join(row["aliases"]), row["objective"],
+                      f"{row['reward_after']:.4f}", f"{row['rise_in_se']:.1f}", f"{row['beta']:g}",
+                      str(row["reference_hash"])[:12])
+    Console().print(table)
+
+
+@app.command()
+def run(
+    config: ConfigOption = None,
+    json_output: JsonOption = False,
+    runner: Annotated[str, typer.Option(help="sequential | dask (train the base models in parallel)")]
+    = "sequential",
+) -> None:
+    """The main job (Prefect flow `msdda-pipeline`): pretrain the reference, train and register a base model per
+    objective, sweep every method over the weight grid, print the summary and the Pareto plot's path. Every
+    stage is cached."""
+    from flows.pipeline import pipeline
+    from training.models import msdda_home
     from training.rewards import load_reward
 
+    if runner not in ("sequential", "dask"):
+        raise UsageError(f"unknown runner '{runner}'; choose sequential or dask")
     cfg = _load(config)
     home = msdda_home()
     for spec in cfg.objectives:  # unknown objectives or missing weights fail before any work
         load_reward(spec.name, cfg, home, spec.options)
-    start = time.perf_counter()
-    if cfg.model.source == "embedded":
-        from training.embedded import pretrain_reference, result_dict
+    from flows.registry import check_reachable
 
-        reference = result_dict(pretrain_reference(cfg, home, progress=True))
-    else:
-        load_reference_pipeline(cfg)
-        reference = {"path": cfg.model.pretrained}
-    models = {spec.name: train_base_model(cfg, spec.name, home, progress=True).as_dict() for spec in cfg.objectives}
-    pending = ["register", "sweep"]
-    payload = {
-        "reference": reference,
-        "objectives": cfg.objective_names,
-        "base_models": models,
-        "stopped_after": "train",
-        "not_yet_implemented": pending,
-        "seconds": round(time.perf_counter() - start, 3),
-    }
+    check_reachable(home)
+    result = pipeline(str(config) if config else None, str(home), runner)
+    reference = result["reference"]
     lines = [f"reference model: {reference['path']}"
              + (f" (alignment accuracy {reference['alignment_accuracy']:.3f})" if "alignment_accuracy" in reference
                 else "")]
-    for name, m in models.items():
+    for name, m in result["base_models"].items():
+        registered = m.get("registered") or {}
         lines.append(f"base model {name}: reward {m['reward_before']:.4f} -> {m['reward_after']:.4f} "
-                     f"({m['rise_in_se']:+.1f} SE), KL/step {m['kl']:.4f}, {m['path']}")
-    lines.append(f"STOPPED after training the base models: {', '.join(pending)} are not implemented yet.")
-    _emit(payload, json_output, "\n".join(lines))
+                     f"({m['rise_in_se']:+.1f} SE), KL/step {m['kl']:.4f}; registered {registered.get('name')} "
+                     f"v{registered.get('version')}" + (" @champion" if registered.get("champion") else ""))
+    lines += [sweep_table(result["sweep"]), f"Pareto plot: {result['sweep']['plot']}",
+              f"done in {result['seconds']:.0f} s"]
+    _emit(result, json_output, "\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: maps known errors to one line on stderr and exit code 2."""
+    from composition.engine import CompositionError
     from configs import ConfigError
+    from flows.registry import RegistryError
     from training.models import ModelLoadError
     from training.rewards import RewardError
 
     _quiet_libraries()
     try:
         app(args=argv, prog_name="msdda")
-    except (ConfigError, ModelLoadError, RewardError, UsageError) as exc:
+    except (ConfigError, CompositionError, ModelLoadError, RegistryError, RewardError, UsageError) as exc:
         typer.echo(f"error: {exc}", err=True)
         return 2
     except SystemExit as exc:  # click's standalone mode: usage errors exit 2 with their own message

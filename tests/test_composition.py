@@ -64,36 +64,6 @@ def test_rewarded_soup_merge_is_the_exact_weighted_sum_of_deltas():
 
 
 @pytest.fixture(scope="module")
-def tiny_base_models(tiny_config, tiny_home, tiny_reference):
-    """Two base models (random LoRA weights and variance offsets) in the saved format, on the tiny reference."""
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    from training.base_model import evaluation_problem
-    from training.models import content_hash
-
-    problem = evaluation_problem(tiny_config, tiny_home, None)
-    keys = {k: v.shape for k, v in get_peft_model_state_dict(problem.unet, adapter_name="default").items()}
-    scheduler = dict(problem.pipe.scheduler.config)
-    folders = []
-    for i, objective in enumerate(tiny_config.objective_names):
-        g = torch.Generator().manual_seed(i)
-        folder = tiny_home / "fake_base_models" / objective
-        folder.mkdir(parents=True)
-        save_file({k: 0.2 * torch.randn(s, generator=g) for k, s in keys.items()},
-                  folder / "adapter_model.safetensors")
-        save_file({"log_variance": torch.full((tiny_config.sampling.num_inference_steps, 1), 0.3 * (i - 0.5))},
-                  folder / "variance.safetensors")
-        meta = {"objective": objective, "reward": {"name": objective, "options": {}}, "beta": 0.01,
-                "lora": {"rank": 4, "targets": ["to_q", "to_k", "to_v", "to_out.0"]}, "learn_variance": "step",
-                "reference_hash": content_hash(tiny_reference.path), "scheduler": scheduler,
-                "sampling": tiny_config.sampling.model_dump(), "metrics": {}}
-        (folder / "base_model.json").write_text(json.dumps(meta, default=str))
-        folders.append(folder)
-    return folders
-
-
-@pytest.fixture(scope="module")
 def ensemble(tiny_config, tiny_home, tiny_base_models):
     from composition.engine import load_ensemble
 

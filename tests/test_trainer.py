@@ -8,7 +8,7 @@ from configs import TrainConfig
 from training.toy import ToyProblem, evaluate_against_optimum
 from training.trainer import train
 
-FAST = dict(beta=1.0, batch_size=128, states_per_trajectory=10, num_actions=32, learning_rate=3e-3)
+FAST = {"beta": 1.0, "batch_size": 128, "states_per_trajectory": 10, "num_actions": 32, "learning_rate": 3e-3}
 
 
 @pytest.mark.parametrize("method", ["target_matching", "policy_gradient"])

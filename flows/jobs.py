@@ -1,0 +1,237 @@
+"""The product's jobs as plain functions: train (and register), compose, sweep. The CLI and the Prefect flows
+are thin layers over these.
+
+Each job takes a validated :class:`~configs.schema.PipelineConfig` and ``$MSDDA_HOME``, logs an MLflow run, and
+returns a JSON-ready dict.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from configs.schema import PipelineConfig
+
+
+def _reachable(home: Path) -> None:
+    from flows.registry import check_reachable
+
+    check_reachable(home)
+
+
+# ------------------------------------------------------------------------------------------------- training
+
+
+def train_job(config: PipelineConfig, home: Path, objective: str, register: bool = True, mlflow: bool = True,
+              progress: bool = True) -> dict:
+    """Train (or reuse) the base model for ``objective``, log the run to MLflow and register the model version
+    (the ``champion`` alias moves to it when its reward rose by more than 3 standard errors)."""
+    from contextlib import nullcontext
+
+    import mlflow as mlflow_lib
+
+    from flows.tracking import mlflow_run
+    from training.base_model import train_base_model
+    from training.rewards import load_reward
+
+    spec = config.objective(objective)
+    load_reward(spec.name, config, home, spec.options)  # one-line error before any heavy work
+    if mlflow or register:
+        _reachable(home)
+    params = {"objective": objective, "beta": spec.beta or config.train.beta, "method": config.train.method,
+              "iterations": config.train.iterations}
+    context = mlflow_run(home, f"train-{objective}", params=params) if mlflow else nullcontext((None, None))
+    registered = None
+    with context as (run, log_iteration):
+        result = train_base_model(config, objective, home, progress=progress, log_metrics=log_iteration)
+        run_id = run.info.run_id if run is not None else None
+        if run is not None:
+            mlflow_lib.log_metrics({f"eval_{k}": v for k, v in result.as_dict().items() if isinstance(v, float)})
+        if register:
+            from flows.registry import register_base_model
+
+            registered = register_base_model(home, result.path, run_id=run_id)
+    return {**result.as_dict(), "mlflow_run_id": run_id, "registered": registered}
+
+
+# ------------------------------------------------------------------------------------------------ resolving
+
+
+def resolve_models(config: PipelineConfig, home: Path, specs: list[str] | None = None) -> list[Path]:
+    """Base-model folders for ``specs``: a folder path is used as is, anything else is a registry spec
+    (``NAME``, ``NAME@ALIAS``, ``NAME/VERSION``). No specs: the config's objectives at ``@champion``."""
+    from flows.registry import resolve
+
+    specs = list(specs or config.objective_names)
+    if not specs:
+        from composition.engine import CompositionError
+
+        raise CompositionError("no base models named and the config lists no objectives")
+    folders = []
+    for spec in specs:
+        path = Path(spec).expanduser()
+        if path.is_dir() and ("/" in spec or (path / "base_model.json").exists()):
+            folders.append(path)
+        else:
+            _reachable(home)
+            folders.append(resolve(home, spec))
+    return folders
+
+
+def describe_models(folders: list[Path]) -> list[dict]:
+    """Objective, registry name/version (when resolved from the registry) and path of each base model."""
+    rows = []
+    for folder in folders:
+        meta = json.loads((folder / "base_model.json").read_text())
+        row = {"objective": meta["objective"], "path": str(folder)}
+        parts = folder.resolve().parts
+        if "registry_cache" in parts:
+            i = parts.index("registry_cache")
+            row.update(name=parts[i + 1], version=int(parts[i + 2]))
+        rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------- compose
+
+
+def compose_job(config: PipelineConfig, home: Path, weights, specs: list[str] | None = None, method: str = "msdda",
+                num_images: int | None = None, seed: int | None = None, out_dir: Path | None = None,
+                mlflow: bool = True) -> dict:
+    """Sample images for one weight vector with ``method``; save them (PNG + manifest) and log an MLflow run
+    with the weights, models and versions, the rewards, the NFE and an image grid."""
+    from composition.engine import (
+        METHODS,
+        CompositionError,
+        generate,
+        load_ensemble,
+        mean_and_se,
+        parse_weights,
+        save_images,
+        score_images,
+    )
+    from composition.evaluation import image_grid
+
+    if method not in METHODS:
+        raise CompositionError(f"unknown method '{method}'; choose from {', '.join(METHODS)}")
+    options = config.composition
+    num_images = num_images or options.num_images
+    seed = options.seed if seed is None else seed
+    weight_list = parse_weights(weights, len(specs or config.objective_names))  # before any download or load
+    if mlflow:
+        _reachable(home)
+    folders = resolve_models(config, home, specs)
+    ensemble = load_ensemble(config, home, folders)
+    generated = generate(ensemble, method, weight_list, options, num_images=num_images, seed=seed)
+    stats = {k: mean_and_se(v) for k, v in score_images(ensemble, generated.images, generated.prompts).items()}
+    models = describe_models(folders)
+    tag = "_".join(f"{w:g}" for w in weight_list)
+    out_dir = Path(out_dir) if out_dir else home / "compositions" / f"{method}-w{tag}-seed{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    payload = {
+        "method": method, "weights": weight_list, "objectives": ensemble.objectives, "models": models,
+        "rewards": {k: v[0] for k, v in stats.items()}, "reward_se": {k: v[1] for k, v in stats.items()},
+        "nfe": generated.nfe_per_image, "num_images": num_images, "seed": seed,
+        "seconds": round(generated.seconds, 3),
+    }
+    save_images(generated.images, generated.prompts, out_dir, payload)
+    image_grid(generated.images, out_dir / "grid.png")
+    payload.update(image_dir=str(out_dir), mlflow_run_id=None)
+    if mlflow:
+        payload["mlflow_run_id"] = _log_compose(home, payload, out_dir)
+    return payload
+
+
+def _log_compose(home: Path, payload: dict, out_dir: Path) -> str:
+    import mlflow
+
+    from flows.tracking import mlflow_run
+
+    params = {"method": payload["method"], "weights": ",".join(f"{w:g}" for w in payload["weights"]),
+              "models": ",".join(f"{m.get('name', m['objective'])}" + (f"/{m['version']}" if "version" in m else "")
+                                 for m in payload["models"]),
+              "num_images": payload["num_images"], "seed": payload["seed"]}
+    with mlflow_run(home, f"compose-{payload['method']}", params=params, tags={"msdda.job": "compose"}) as (run, _):
+        metrics = {f"reward_{k}": v for k, v in payload["rewards"].items()}
+        metrics.update({f"reward_se_{k}": v for k, v in payload["reward_se"].items()})
+        mlflow.log_metrics({**metrics, "nfe": payload["nfe"], "seconds": payload["seconds"]})
+        mlflow.log_artifact(str(out_dir / "grid.png"))
+        mlflow.log_artifact(str(out_dir / "manifest.json"))
+        return run.info.run_id
+
+
+# --------------------------------------------------------------------------------------------------- sweep
+
+
+def sweep_key(config: PipelineConfig, folders: list[Path], methods: list[str], grid: int, num_images: int) -> str:
+    """Cache key of a sweep: the base models' content and every setting that changes its numbers."""
+    from training.models import content_hash
+
+    payload = {"models": [content_hash(f) for f in folders], "methods": methods, "grid": grid,
+               "num_images": num_images, "composition": config.composition.model_dump(mode="json"),
+               "sampling": config.sampling.model_dump(mode="json")}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def sweep_job(config: PipelineConfig, home: Path, specs: list[str] | None = None, methods: list[str] | None = None,
+              grid: int | None = None, num_images: int | None = None, mlflow: bool = True,
+              progress: bool = True) -> dict:
+    """Every method over the weight grid (cached under ``$MSDDA_HOME/sweeps/<key>``): ``sweep.json``, the
+    Pareto plot ``pareto.png`` and an image grid per method and weight, all logged to one MLflow run."""
+    from composition.engine import METHODS, CompositionError, load_ensemble
+    from composition.evaluation import image_grid, plot_fronts, sweep
+
+    options = config.composition
+    methods = list(methods or options.methods)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise CompositionError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    grid = grid or options.grid
+    num_images = num_images or options.num_images
+    if mlflow:
+        _reachable(home)
+    folders = resolve_models(config, home, specs)
+    key = sweep_key(config, folders, methods, grid, num_images)
+    final = home / "sweeps" / key
+    cached = (final / "sweep.json").exists()
+    if not cached:
+        ensemble = load_ensemble(config, home, folders, progress=progress)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".sweep-", dir=final.parent))
+        try:
+            def save_grid(method: str, weights: list[float], sampled: dict) -> None:
+                name = "w" + "_".join(f"{w:g}" for w in weights)
+                image_grid(sampled["images"], tmp / "grids" / method / f"{name}.png")
+
+            result = sweep(ensemble, options, methods, grid, num_images, on_point=save_grid, progress=progress)
+            result["models"] = describe_models(folders)
+            (tmp / "sweep.json").write_text(json.dumps(result, indent=1))
+            plot_fronts(result, tmp / "pareto.png")
+            tmp.chmod(0o755)
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    result = json.loads((final / "sweep.json").read_text())
+    result.update(plot=str(final / "pareto.png"), out_dir=str(final), cached=cached, mlflow_run_id=None)
+    if mlflow:
+        result["mlflow_run_id"] = _log_sweep(home, result, final)
+    return result
+
+
+def _log_sweep(home: Path, result: dict, folder: Path) -> str:
+    import mlflow
+
+    from flows.tracking import mlflow_run
+
+    params = {"methods": ",".join(result["methods"]), "objectives": ",".join(result["objectives"]),
+              **{k: v for k, v in result["settings"].items() if k != "seconds"}}
+    with mlflow_run(home, "sweep", params=params, tags={"msdda.job": "sweep"}) as (run, _):
+        mlflow.log_metrics({f"hypervolume_{m}": v["hypervolume"] for m, v in result["methods"].items()})
+        mlflow.log_artifacts(str(folder))
+        return run.info.run_id

@@ -1,0 +1,191 @@
+"""Prefect flows: thin orchestration over the plain jobs in ``flows.jobs``.
+
+=====================  ====================================================================================
+flow                   what it does
+=====================  ====================================================================================
+``pretrain-reference`` build (or reuse) the embedded reference model
+``train-base-model``   train, log and register one base model (``champion`` if its reward rose > 3 SE)
+``train-base-models``  fan ``train-base-model`` out over objectives: in-process, or on Dask (prefect-dask)
+``compose``            on-demand composition for one weight vector (images + MLflow run)
+``sweep``              every method over the weight grid: Pareto fronts, hypervolume, plots
+``msdda-pipeline``     all of the above, in order (this is ``msdda run``)
+=====================  ====================================================================================
+
+Parameters are validated by Prefect with pydantic from the type hints. Flows take ``config_path`` (YAML, default:
+the embedded default) and ``home`` (default ``$MSDDA_HOME``) so that they run the same in-process, on a Dask
+worker or from a deployment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from prefect import flow, task
+from pydantic import Field
+
+Method = Literal["msdda", "db", "rs", "code", "rgg"]
+Runner = Literal["sequential", "dask"]
+PositiveInt = Annotated[int, Field(ge=1)]
+
+
+def _context(config_path: str | None, home: str | None):
+    from configs import load_config
+    from training.models import msdda_home
+
+    return load_config(config_path), Path(home) if home else msdda_home()
+
+
+def _publish(key: str, table: list[dict], description: str, link: str | None = None) -> None:
+    """A Prefect table artifact (plus a link artifact); a no-op outside a flow run."""
+    from prefect.artifacts import create_link_artifact, create_table_artifact
+    from prefect.context import FlowRunContext
+
+    if FlowRunContext.get() is None:
+        return
+    create_table_artifact(table=table, key=key, description=description)
+    if link:
+        create_link_artifact(link=Path(link).resolve().as_uri(), link_text=Path(link).name, key=f"{key}-plot",
+                             description=description)
+
+
+# ----------------------------------------------------------------------------------------------------- tasks
+
+
+@task(retries=2, retry_delay_seconds=10, name="pretrain")
+def pretrain_task(config_path: str | None = None, home: str | None = None) -> dict:
+    from training.embedded import pretrain_reference, result_dict
+
+    config, root = _context(config_path, home)
+    if config.model.source != "embedded":
+        from training.models import load_reference_pipeline
+
+        load_reference_pipeline(config)
+        return {"path": config.model.pretrained}
+    return result_dict(pretrain_reference(config, root, progress=True))
+
+
+@task(retries=1, retry_delay_seconds=10, name="train")
+def train_task(objective: str, config_path: str | None = None, home: str | None = None,
+               torch_threads: int = 0) -> dict:
+    from flows.jobs import train_job
+
+    if torch_threads:
+        import torch
+
+        torch.set_num_threads(torch_threads)
+    config, root = _context(config_path, home)
+    return train_job(config, root, objective, progress=torch_threads == 0)
+
+
+# ----------------------------------------------------------------------------------------------------- flows
+
+
+@flow(name="pretrain-reference", log_prints=True)
+def pretrain_reference(config_path: str | None = None, home: str | None = None) -> dict:
+    """Build (or reuse) the reference model."""
+    return pretrain_task(config_path, home)
+
+
+@flow(name="train-base-model", log_prints=True)
+def train_base_model(objective: str, config_path: str | None = None, home: str | None = None) -> dict:
+    """Train, log and register the base model for one objective."""
+    result = train_task(objective, config_path, home)
+    _publish_training([result])
+    return result
+
+
+def _publish_training(results: list[dict]) -> None:
+    rows = [{"objective": r["objective"], "reward before": round(r["reward_before"], 4),
+             "reward after": round(r["reward_after"], 4), "rise (SE)": round(r["rise_in_se"], 1),
+             "KL/step": round(r["kl"], 4), "seconds": round(r["seconds"], 1),
+             "version": (r.get("registered") or {}).get("version"),
+             "champion": (r.get("registered") or {}).get("champion")} for r in results]
+    _publish("base-models", rows, "Base models trained and registered")
+
+
+@flow(name="fan-out-training")
+def _fan_out(objectives: list[str], config_path: str | None, home: str | None, torch_threads: int) -> list[dict]:
+    futures = [train_task.submit(objective, config_path, home, torch_threads) for objective in objectives]
+    return [future.result() for future in futures]
+
+
+@flow(name="train-base-models", log_prints=True)
+def train_base_models(
+    objectives: list[str] | None = None,
+    runner: Runner = "sequential",
+    config_path: str | None = None,
+    home: str | None = None,
+    dask_address: str | None = None,
+    dask_workers: PositiveInt = 2,
+) -> dict[str, dict]:
+    """Train a base model per objective (default: the config's). ``runner="dask"`` fans out over a local Dask
+    cluster of ``dask_workers`` single-threaded workers, or over the scheduler at ``dask_address``."""
+    config, root = _context(config_path, home)
+    objectives = objectives or config.objective_names
+    if runner == "sequential":
+        results = [train_task(objective, config_path, str(root)) for objective in objectives]
+    else:
+        from prefect_dask import DaskTaskRunner
+
+        task_runner = (DaskTaskRunner(address=dask_address) if dask_address else
+                       DaskTaskRunner(cluster_kwargs={"n_workers": dask_workers, "threads_per_worker": 1,
+                                                      "processes": True, "dashboard_address": None}))
+        results = _fan_out.with_options(task_runner=task_runner)(objectives, config_path, str(root), 1)
+    _publish_training(results)
+    return {r["objective"]: r for r in results}
+
+
+@flow(name="compose", log_prints=True)
+def compose(
+    weights: list[float],
+    models: list[str] | None = None,
+    method: Method = "msdda",
+    num_images: PositiveInt | None = None,
+    seed: int | None = None,
+    config_path: str | None = None,
+    home: str | None = None,
+) -> dict:
+    """On-demand composition of registered base models (``NAME[@ALIAS]``; default: the objectives' champions)."""
+    from flows.jobs import compose_job
+
+    config, root = _context(config_path, home)
+    result = compose_job(config, root, weights, models, method, num_images, seed)
+    _publish("composition", [{"objective": k, "mean reward": round(v, 4), "SE": round(result["reward_se"][k], 4)}
+                             for k, v in result["rewards"].items()],
+             f"{method} at w={weights}, {result['nfe']:g} NFE/image", link=str(Path(result["image_dir"]) / "grid.png"))
+    return result
+
+
+@flow(name="sweep", log_prints=True)
+def sweep(
+    methods: list[Method] | None = None,
+    grid: Annotated[int, Field(ge=2)] | None = None,
+    num_images: Annotated[int, Field(ge=2)] | None = None,
+    models: list[str] | None = None,
+    config_path: str | None = None,
+    home: str | None = None,
+) -> dict:
+    """Every method over the weight grid; publishes the hypervolume table and the Pareto plot."""
+    from flows.jobs import sweep_job
+
+    config, root = _context(config_path, home)
+    result = sweep_job(config, root, models, methods, grid, num_images)
+    _publish("sweep", [{"method": m, "hypervolume": round(v["hypervolume"], 5), "max NFE/image": v["max_nfe"]}
+                       for m, v in result["methods"].items()],
+             "Hypervolume per method (reference point: the reference model)", link=result["plot"])
+    return result
+
+
+@flow(name="msdda-pipeline", log_prints=True)
+def pipeline(config_path: str | None = None, home: str | None = None, runner: Runner = "sequential") -> dict:
+    """Pretrain (cached), train and register the base models (cached), then sweep (cached)."""
+    import time
+
+    start = time.perf_counter()
+    reference = pretrain_reference(config_path, home)
+    models = train_base_models(None, runner, config_path, home)
+    registered = [f"{r['registered']['name']}/{r['registered']['version']}" for r in models.values()]
+    result = sweep(None, None, None, registered, config_path, home)
+    return {"reference": reference, "base_models": models, "sweep": result,
+            "seconds": round(time.perf_counter() - start, 1)}

@@ -1,0 +1,119 @@
+"""`msdda models`, `compose` and `sweep` as a user runs them (real subprocesses, real MLflow on SQLite), and the
+bad-input contract: one line on stderr, exit code 2, no traceback, the registry unchanged."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def registry(tmp_path, tiny_home, tiny_base_models, monkeypatch):
+    """The tiny base models registered in a fresh SQLite store (the reference comes from the session home)."""
+    from flows.registry import register_base_model
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    versions = [register_base_model(tiny_home, folder, champion=True) for folder in tiny_base_models]
+    return {"uri": uri, "versions": versions, "home": tiny_home}
+
+
+def msdda(args, registry, tmp_path, config_file, **env):
+    environment = {**os.environ, "MSDDA_HOME": str(registry["home"]), "MLFLOW_TRACKING_URI": registry["uri"],
+                   "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), **env}
+    config = [] if args[0] == "models" else ["--config", str(config_file)]
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args, *config], check=False,
+                          cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=600)
+
+
+def models_listing(registry):
+    from flows.registry import list_models
+
+    return list_models(registry["home"])
+
+
+def test_models_compose_and_sweep(registry, tmp_path, tiny_config_file):
+    listed = msdda(["models", "--json"], registry, tmp_path, tiny_config_file)
+    assert listed.returncode == 0, listed.stderr
+    rows = json.loads(listed.stdout)["models"]
+    assert [(r["name"], r["version"], r["aliases"]) for r in rows] == [
+        ("msdda-digit_alignment", 1, ["champion"]), ("msdda-ink_economy", 1, ["champion"])]
+
+    out = tmp_path / "images"
+    composed = msdda(["compose", "--weights", "0.3,0.7", "--num-images", "4", "--seed", "3", "--out", str(out),
+                      "--json"], registry, tmp_path, tiny_config_file)
+    assert composed.returncode == 0, composed.stderr
+    payload = json.loads(composed.stdout)
+    assert set(payload["rewards"]) == {"digit_alignment", "ink_economy"}
+    assert payload["nfe"] == 2 * 4 and payload["image_dir"] == str(out)
+    assert len(list(out.glob("*.png"))) == 4 + 1  # the images and their grid
+    assert [m["version"] for m in payload["models"]] == [1, 1]
+
+    import mlflow
+
+    run = mlflow.MlflowClient(registry["uri"]).get_run(payload["mlflow_run_id"])
+    assert run.data.params["weights"] == "0.3,0.7" and run.data.params["method"] == "msdda"
+    assert run.data.params["models"] == "msdda-digit_alignment/1,msdda-ink_economy/1"
+    assert run.data.metrics["nfe"] == 8 and "reward_ink_economy" in run.data.metrics
+
+    swept = msdda(["sweep", "--methods", "msdda,rs", "--grid", "3", "--num-images", "4", "--json"],
+                  registry, tmp_path, tiny_config_file)
+    assert swept.returncode == 0, swept.stderr
+    result = json.loads(swept.stdout)
+    assert set(result["methods"]) == {"msdda", "rs"} and result["cached"] is False
+    assert [p["weights"] for p in result["methods"]["msdda"]["points"]] == [[0.0, 1.0], [0.5, 0.5], [1.0, 0.0]]
+    assert Path(result["plot"]).read_bytes()[:4] == b"\x89PNG"
+    assert (Path(result["out_dir"]) / "grids" / "rs" / "w0.5_0.5.png").exists()
+    again = msdda(["sweep", "--methods", "msdda,rs", "--grid", "3", "--num-images", "4", "--json"],
+                  registry, tmp_path, tiny_config_file)
+    assert json.loads(again.stdout)["cached"] is True
+    assert json.loads(again.stdout)["methods"] == result["methods"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--weights", "0.3,abc"], "not a comma-separated list of numbers"),
+        (["--weights", "nan,0.5"], "must be finite"),
+        (["--weights", "0.2,0.3,0.5"], "3 weights given for 2 base models"),
+        (["--weights", "0.5,0.5", "--models", "nosuch,ink_economy"], "unknown model 'msdda-nosuch'"),
+        (["--weights", "0.5,0.5", "--models", "ink_economy@gold,digit_alignment"], "has no alias 'gold'"),
+        (["--weights", "0.5,0.5", "--method", "magic"], "unknown method 'magic'"),
+        (["--weights", "-40,40", "--models", "PATHS"], "precision is not positive"),
+        (["--weights", "0.5,0.5", "--models", "MISMATCHED"], "different reference models"),
+    ],
+)
+def test_bad_compose_input_is_one_line_and_changes_nothing(registry, tmp_path, tiny_config_file, tiny_base_models,
+                                                           args, message):
+    if "PATHS" in args or "MISMATCHED" in args:
+        second = tiny_base_models[1]
+        if "MISMATCHED" in args:
+            second = tmp_path / "other"
+            shutil.copytree(tiny_base_models[1], second)
+            meta = json.loads((second / "base_model.json").read_text())
+            (second / "base_model.json").write_text(json.dumps({**meta, "reference_hash": "f" * 64}))
+        args = [a if a not in ("PATHS", "MISMATCHED") else f"{tiny_base_models[0]},{second}" for a in args]
+    before = models_listing(registry)
+    result = msdda(["compose", *args, "--num-images", "2"], registry, tmp_path, tiny_config_file)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.strip().count("\n") == 0, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr and result.stdout == ""
+    assert models_listing(registry) == before
+
+
+def test_unreachable_tracking_server_is_one_line(registry, tmp_path, tiny_config_file):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for args in (["models"], ["compose", "--weights", "0.5,0.5"]):
+        result = msdda(args, registry, tmp_path, tiny_config_file, MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}")
+        assert result.returncode == 2 and "unreachable" in result.stderr, result.stderr
+        assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
