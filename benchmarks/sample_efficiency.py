@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import tempfile
 from pathlib import Path
 
 import torch
+from readme_section import write_section  # benchmarks/ is on sys.path when run as a script
 
 from configs import load_config
 from training.base_model import default_prompts, reference_identity
@@ -26,8 +26,6 @@ from training.models import msdda_home
 from training.rewards import load_reward
 from training.sd_problem import DiffusionStepProblem
 from training.trainer import train
-
-README_MARKERS = ("<!-- sample-efficiency:start -->", "<!-- sample-efficiency:end -->")
 
 
 def step_level_curve(config, home, objective, iterations, eval_every, eval_samples, progress, beta=None):
@@ -103,7 +101,7 @@ def main() -> None:
     }
     table = render_table(report)
     if args.write_readme:
-        write_readme(table)
+        write_section("sample-efficiency", table)
     print(json.dumps(report) if args.json else table)
 
 
@@ -127,15 +125,6 @@ def render_table(report: dict) -> str:
            if other is not None else "not reached."),
     ]
     return "\n".join(lines)
-
-
-def write_readme(table: str) -> None:
-    readme = Path(__file__).resolve().parents[1] / "README.md"
-    text = readme.read_text()
-    start, end = README_MARKERS
-    block = f"{start}\n{table}\n{end}"
-    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.DOTALL)
-    readme.write_text(pattern.sub(block, text) if pattern.search(text) else text + "\n" + block + "\n")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ TINY_CONFIG = {
     "sampling": {"num_inference_steps": 4},
     "train": {"iterations": 2, "batch_size": 4, "states_per_trajectory": 2, "num_actions": 2, "eval_samples": 8,
               "checkpoint_every": 1},
+    "composition": {"num_images": 8, "grid": 3, "code_block": 2},
     "objectives": ["digit_alignment", {"name": "ink_economy"}],
 }
 

@@ -13,7 +13,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_cli(args, cwd, home):
-    env = {**os.environ, "MSDDA_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "MSDDA_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO),
+           "PREFECT_HOME": str(Path(cwd) / "prefect")}
+    env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.run(MSDDA + args, check=False, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -32,13 +34,27 @@ def test_pretrain_json_then_cached(tmp_path, tiny_config_file):
     assert not (tmp_path / ".msdda").exists(), "MSDDA_HOME is honoured"
 
 
-def test_run_says_where_it_stops(tmp_path, tiny_config_file):
-    result = run_cli(["run", "--config", str(tiny_config_file), "--json"], tmp_path, tmp_path / "home")
-    assert result.returncode == 0, result.stderr
-    payload = json.loads(result.stdout)
-    assert payload["stopped_after"] == "train"
+def test_run_is_the_whole_pipeline_and_is_cached(tmp_path, tiny_config_file):
+    """`msdda run` (the Prefect flow `msdda-pipeline`, ephemeral mode): pretrain, train, register, sweep."""
+    home = tmp_path / "home"
+    first = run_cli(["run", "--config", str(tiny_config_file), "--json"], tmp_path, home)
+    assert first.returncode == 0, first.stderr[-3000:]
+    payload = json.loads(first.stdout)
     assert set(payload["base_models"]) == {"digit_alignment", "ink_economy"}
-    assert payload["objectives"] == ["digit_alignment", "ink_economy"]
+    for model in payload["base_models"].values():
+        assert model["registered"]["name"] == f"msdda-{model['objective']}" and model["registered"]["version"] == 1
+    sweep = payload["sweep"]
+    assert set(sweep["methods"]) == {"msdda", "db", "rs", "code", "rgg"} and sweep["cached"] is False
+    assert all(len(m["points"]) == 3 for m in sweep["methods"].values())
+    assert Path(sweep["plot"]).is_file() and Path(sweep["plot"]).is_relative_to(home)
+
+    second = run_cli(["run", "--config", str(tiny_config_file), "--json"], tmp_path, home)
+    assert second.returncode == 0, second.stderr[-3000:]
+    again = json.loads(second.stdout)
+    assert again["sweep"]["cached"] is True and again["sweep"]["methods"] == sweep["methods"]
+    assert all(m["cached"] for m in again["base_models"].values())
+    assert all(not m["registered"]["created"] for m in again["base_models"].values()), "no duplicate versions"
+    assert not (tmp_path / ".msdda").exists()
 
 
 @pytest.mark.parametrize(

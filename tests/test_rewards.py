@@ -69,3 +69,16 @@ def test_plugin_without_its_package_names_it(tiny_config, tmp_path, monkeypatch)
     monkeypatch.setitem(sys.modules, "ImageReward", None)  # as if the optional package were not installed
     with pytest.raises(RewardError, match="pip install image-reward"):
         load_reward("image_reward", tiny_config, tmp_path, {"weights": str(tmp_path)})
+
+
+def test_weighted_sum_is_the_combined_reward(tiny_config, tmp_path):
+    images = torch.rand(3, 3, 16, 16)
+    prompts = ["a handwritten digit one"] * 3
+    combined = load_reward("weighted_sum", tiny_config, tmp_path,
+                           {"terms": {"ink_economy": 0.25, "symmetry": 0.75}})
+    expected = 0.25 * load_reward("ink_economy", tiny_config, tmp_path)(images, prompts) + 0.75 * load_reward(
+        "symmetry", tiny_config, tmp_path)(images, prompts)
+    torch.testing.assert_close(combined(images, prompts), expected)
+    assert combined.differentiable
+    with pytest.raises(RewardError, match="options.terms"):
+        load_reward("weighted_sum", tiny_config, tmp_path, {})

@@ -220,6 +220,21 @@ def _simple(name: str, fn: Callable, differentiable: bool, description: str):
     return factory
 
 
+def weighted_sum(config, home, options) -> Reward:
+    """``sum_i w_i R_i``: the combined reward the oracle is trained on. ``options.terms`` maps reward names to
+    weights, e.g. ``{"digit_alignment": 0.25, "ink_economy": 0.75}``; each term uses its objective's options."""
+    terms = options.get("terms")
+    if not isinstance(terms, dict) or not terms:
+        raise RewardError("weighted_sum needs options.terms, a mapping of reward names to weights")
+    parts = [(load_reward(name, config, home, config.objective(name).options), float(w)) for name, w in terms.items()]
+
+    def fn(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return sum(w * reward(images, prompts) for reward, w in parts)
+
+    label = " + ".join(f"{w:g} * {reward.name}" for reward, w in parts)
+    return Reward("weighted_sum", all(r.differentiable for r, _ in parts), fn, label, {"terms": dict(terms)})
+
+
 REWARDS: dict[str, Callable] = {
     "digit_alignment": digit_alignment,
     "ink_economy": _simple("ink_economy", ink_economy, True, "negative mean ink"),
@@ -230,6 +245,7 @@ REWARDS: dict[str, Callable] = {
     "laion_aesthetic": laion_aesthetic,
     "image_reward": image_reward,
     "hpsv2": hpsv2,
+    "weighted_sum": weighted_sum,
 }
 
 

@@ -1,0 +1,18 @@
+"""Write a benchmark's Markdown between its markers in the README (appending the block if it is absent)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def write_section(name: str, markdown: str, readme: Path = README) -> None:
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    text = readme.read_text()
+    block = f"{start}\n{markdown}\n{end}"
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.DOTALL)
+    tmp = readme.with_name(f".{readme.name}.tmp")
+    tmp.write_text(pattern.sub(lambda _: block, text) if pattern.search(text) else text + "\n" + block + "\n")
+    tmp.replace(readme)
