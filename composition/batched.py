@@ -29,26 +29,84 @@ def load_adapter(unet, name: str, lora_state: dict[str, torch.Tensor], rank: int
 def mixed_adapter_batch(unet, adapter_names: Sequence[str]):
     """Within the block, every UNet forward routes row ``i`` through ``adapter_names[i]``.
 
-    A batch that is a whole multiple of ``len(adapter_names)`` (classifier-free guidance stacks the batch twice)
-    repeats the routing for each copy.
+    The rows must come in contiguous slices, one per adapter (:func:`routing`); a batch that is a whole multiple
+    of ``len(adapter_names)`` (classifier-free guidance stacks the batch twice) repeats the routing per copy.
+    Each LoRA layer then adds its K deltas with two batched matmuls over the slices
+    (``delta_k = scaling_k * x_k A_k^T B_k^T``, the reference slice contributing 0): the cost of one LoRA forward,
+    where peft's mixed batches gather and scatter rows per adapter and layer.
     """
+    from peft.tuners.lora import Linear as LoraLinear
     from peft.tuners.lora import LoraLayer
 
     names = list(adapter_names)
+    slices, b = _slices(names)
+    layers = [m for m in unet.modules() if isinstance(m, LoraLayer)]
+    if any(not isinstance(m, LoraLinear) for m in layers):
+        raise TypeError("batched routing supports LoRA on linear layers only")
+    if all(name == REFERENCE for name in slices):
+        unet.disable_adapters()
+        try:
+            yield
+        finally:
+            unet.enable_adapters()
+        return
 
-    def route(module, args, kwargs):
-        rows = args[0].shape[0] if args else kwargs["x"].shape[0]
+    def add_deltas(module, args, output):
+        x = args[0]
+        rows = x.shape[0]
         if rows % len(names):
             raise ValueError(f"batch of {rows} rows does not split into {len(names)} routed slices")
-        kwargs["adapter_names"] = names * (rows // len(names))
-        return args, kwargs
+        a, bw = module._msdda_stacked  # [n, r, in], [n, out, r]
+        n = a.shape[0]
+        xs = x.reshape(rows // (n * b), n, -1, x.shape[-1]).to(a.dtype)  # [copies, n, b * tokens, in]
+        delta = torch.einsum("cnti,nri->cntr", xs, a)
+        delta = torch.einsum("cntr,nor->cnto", delta, bw)
+        return output + delta.reshape(output.shape).to(output.dtype)
 
-    handles = [m.register_forward_pre_hook(route, with_kwargs=True) for m in unet.modules() if isinstance(m, LoraLayer)]
+    handles = []
+    for module in layers:
+        module._msdda_stacked = _stacked_weights(module, slices)
+        handles.append(module.register_forward_hook(add_deltas))
+    unet.disable_adapters()  # the base layer's output only; the hook adds the routed deltas
     try:
         yield
     finally:
-        for handle in handles:
+        unet.enable_adapters()
+        for module, handle in zip(layers, handles):
             handle.remove()
+            del module._msdda_stacked
+
+
+def _slices(names: list[str]) -> tuple[list[str], int]:
+    """``routing(slices, b)`` inverted: the adapter of each contiguous slice, and the slice size."""
+    slices = [names[0]]
+    for name in names[1:]:
+        if name != slices[-1]:
+            slices.append(name)
+    b = len(names) // len(slices)
+    if routing(slices, b) != names:
+        raise ValueError("adapter names must come in equal contiguous slices (see `routing`)")
+    return slices, b
+
+
+def _stacked_weights(module, slices: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A [n, r, in]`` and ``scaling * B [n, out, r]`` per slice (zeros for the reference), padded to max rank."""
+    known = set(module.lora_A.keys())
+    for name in slices:
+        if name != REFERENCE and name not in known:
+            raise ValueError(f"no adapter named '{name}' on this UNet")
+    ranks = [module.lora_A[name].weight.shape[0] for name in slices if name != REFERENCE]
+    r = max(ranks)
+    weight = module.base_layer.weight
+    a = weight.new_zeros(len(slices), r, weight.shape[1])
+    bw = weight.new_zeros(len(slices), weight.shape[0], r)
+    for i, name in enumerate(slices):
+        if name == REFERENCE:
+            continue
+        rank = module.lora_A[name].weight.shape[0]
+        a[i, :rank] = module.lora_A[name].weight.detach()
+        bw[i, :, :rank] = module.lora_B[name].weight.detach() * module.scaling[name]
+    return a, bw
 
 
 def routing(names: Sequence[str], batch_size: int) -> list[str]:

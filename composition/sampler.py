@@ -19,6 +19,7 @@ counts UNet rows per image; a backward pass through the UNet counts as two (the 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -122,17 +123,22 @@ class MSDDASampler(DDIMComposer):
         names = [self.kernels[i].name for i in active] + ([REFERENCE] if use_reference else [])
         x, diagnostics, k = x_T, [], len(active)
         for step in range(len(self.schedule)):
+            started = time.perf_counter()
             alpha, alpha_prev, sigma = self.coefficients(step, x)
             eps = self.epsilons(x, step, embeds, uncond, names)
+            unet_done = time.perf_counter()
             means = ddim_mean(x.unsqueeze(0), eps, alpha, alpha_prev, sigma)
             variances = (torch.stack([self.variance(self.kernels[i], step, x).expand_as(x) for i in active])
                          if k else x.new_zeros((0, *x.shape)))
             ref_mean = means[k] if use_reference else None
             ref_var = self.variance(None, step, x) if use_reference else None
             mean, var = compose_gaussian(means[:k], variances, lam[active].tolist(), ref_mean, ref_var)
+            composed = time.perf_counter()
             x = mean + var.sqrt() * self.noise(x, generator)
             diagnostics.append({"step": step, "std": float(var.sqrt().mean()),
-                                "std_over_sigma": float(var.sqrt().mean() / sigma)})
+                                "std_over_sigma": float(var.sqrt().mean() / sigma),
+                                "unet_seconds": unet_done - started, "compose_seconds": composed - unet_done,
+                                "step_seconds": time.perf_counter() - started})
         return SampleResult(x, len(names) * self.rows_per_eval * len(self.schedule), diagnostics)
 
 

@@ -1,0 +1,128 @@
+"""How close is MSDDA sampling to the physical floor? Side by side, in one run, same batch and steps:
+
+    python benchmarks/compose_speed.py [--batch-size 128] [--repeats 5] [--json]
+
+* floor: the same UNet work on a plain UNet (no adapters), done the faster of two ways -- one forward of K * B
+  rows per step, or K forwards of B rows (on a small CPU model the big batch is not always faster) -- the least
+  any K-model composition can cost;
+* MSDDA: the sampler (K adapters in one mixed-adapter batch, DDIM means, the closed form, the noise);
+* sequential: the same chain, switching the active adapter K times per step (K forwards of B rows).
+
+Prints ``msdda_over_floor`` (goal <= 1.10), ``compose_math_fraction`` (DDIM means + closed form over the whole
+step; goal < 0.02), and the same figures for the sequential switches. Medians over --repeats chains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from composition.engine import load_ensemble
+from composition.msdda import compose_gaussian
+from configs import load_config
+from training.base_model import reference_identity, train_base_model
+from training.models import msdda_home
+from training.policy import ddim_mean
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=None)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    config, home = load_config(args.config), msdda_home()
+    base_dirs = [train_base_model(config, name, home, progress=False).path for name in config.objective_names]
+    ensemble = load_ensemble(config, home, base_dirs)
+    plain_unet = reference_identity(config, home, progress=False)[0].unet.eval()  # no adapters at all
+    unet, schedule = ensemble.pipe.unet.eval(), ensemble.schedule
+    k, b = len(ensemble.models), args.batch_size
+    embeds_all, uncond = ensemble.embeddings()
+    index = torch.arange(b) % len(ensemble.prompts)
+    embeds = embeds_all[index]
+    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    x_T = torch.randn((b, *shape), generator=torch.Generator().manual_seed(0))
+    weights = [1.0 / k] * k
+    sampler = ensemble.sampler("msdda", weights, config.composition)
+    kernels = ensemble.kernels
+
+    def floor_one_call():
+        xs, context = x_T.repeat(k, 1, 1, 1), embeds.repeat(k, 1, 1)
+        for step in range(len(schedule)):
+            plain_unet(xs, schedule.timesteps[step].expand(k * b), encoder_hidden_states=context)
+
+    def floor_per_model():
+        for step in range(len(schedule)):
+            for _ in range(k):
+                plain_unet(x_T, schedule.timesteps[step].expand(b), encoder_hidden_states=embeds)
+
+    diagnostics = []
+
+    def msdda():
+        result = sampler.sample(x_T, embeds, uncond, weights, torch.Generator().manual_seed(1))
+        diagnostics.append(result.diagnostics)
+
+    sequential_math = []
+
+    def sequential():
+        x, g = x_T, torch.Generator().manual_seed(1)
+        math_seconds = 0.0
+        for step in range(len(schedule)):
+            alpha, alpha_prev, sigma = sampler.coefficients(step, x)
+            t = schedule.timesteps[step].expand(b)
+            eps = []
+            for kernel in kernels:
+                unet.set_adapter(kernel.name)
+                eps.append(unet(x, t, encoder_hidden_states=embeds).sample)
+            started = time.perf_counter()
+            means = ddim_mean(x.unsqueeze(0), torch.stack(eps), alpha, alpha_prev, sigma)
+            variances = torch.stack([sampler.variance(kn, step, x).expand_as(x) for kn in kernels])
+            mean, var = compose_gaussian(means, variances, weights)
+            math_seconds += time.perf_counter() - started
+            x = mean + var.sqrt() * sampler.noise(x, g)
+        sequential_math.append(math_seconds)
+
+    t_one_call = median_seconds(floor_one_call, args.repeats)
+    t_per_model = median_seconds(floor_per_model, args.repeats)
+    t_floor = min(t_one_call, t_per_model)
+    t_msdda = median_seconds(msdda, args.repeats)
+    t_sequential = median_seconds(sequential, args.repeats)
+    compose_fraction = statistics.median(
+        sum(d["compose_seconds"] for d in run) / sum(d["step_seconds"] for d in run) for run in diagnostics[1:])
+    report = {
+        "batch_size": b, "models": k, "steps": len(schedule), "repeats": args.repeats,
+        "torch_threads": torch.get_num_threads(),
+        "floor_one_call_seconds": t_one_call, "floor_per_model_seconds": t_per_model,
+        "floor_seconds": t_floor, "msdda_seconds": t_msdda, "sequential_seconds": t_sequential,
+        "msdda_over_floor": t_msdda / t_floor,
+        "compose_math_fraction": compose_fraction,
+        "sequential_over_floor": t_sequential / t_floor,
+        "sequential_compose_math_fraction": statistics.median(sequential_math[1:]) / t_sequential,
+        "msdda_over_sequential": t_msdda / t_sequential,
+    }
+    if args.json:
+        print(json.dumps(report))
+    else:
+        for key, value in report.items():
+            print(f"{key:34s} {value:.4g}" if isinstance(value, float) else f"{key:34s} {value}")
+
+
+if __name__ == "__main__":
+    main()
