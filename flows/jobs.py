@@ -158,8 +158,7 @@ def _log_compose(home: Path, payload: dict, out_dir: Path) -> str:
         metrics = {f"reward_{k}": v for k, v in payload["rewards"].items()}
         metrics.update({f"reward_se_{k}": v for k, v in payload["reward_se"].items()})
         mlflow.log_metrics({**metrics, "nfe": payload["nfe"], "seconds": payload["seconds"]})
-        mlflow.log_artifact(str(out_dir / "grid.png"))
-        mlflow.log_artifact(str(out_dir / "manifest.json"))
+        mlflow.log_artifacts(str(out_dir), "images")  # the PNGs, their grid and the manifest
         return run.info.run_id
 
 
@@ -180,7 +179,8 @@ def sweep_job(config: PipelineConfig, home: Path, specs: list[str] | None = None
               grid: int | None = None, num_images: int | None = None, mlflow: bool = True,
               progress: bool = True) -> dict:
     """Every method over the weight grid (cached under ``$MSDDA_HOME/sweeps/<key>``): ``sweep.json``, the
-    Pareto plot ``pareto.png`` and an image grid per method and weight, all logged to one MLflow run."""
+    Pareto plot of all methods ``pareto.png``, one per method (``fronts/<method>.png``) and an image grid per
+    method and weight (``grids/<method>/w<weights>.png``), all logged to one MLflow run."""
     from composition.engine import METHODS, CompositionError, load_ensemble
     from composition.evaluation import image_grid, plot_fronts, sweep
 
@@ -210,6 +210,8 @@ def sweep_job(config: PipelineConfig, home: Path, specs: list[str] | None = None
             result["models"] = describe_models(folders)
             (tmp / "sweep.json").write_text(json.dumps(result, indent=1))
             plot_fronts(result, tmp / "pareto.png")
+            for method, data in result["methods"].items():
+                plot_fronts({**result, "methods": {method: data}}, tmp / "fronts" / f"{method}.png")
             tmp.chmod(0o755)
             if final.exists():
                 shutil.rmtree(final)
