@@ -1,8 +1,9 @@
 """Do the default objectives conflict? Each base model vs the reference, scored on every default objective.
 
-    python benchmarks/objective_conflict.py [--config PATH] [--json]
+    python benchmarks/objective_conflict.py [--config PATH] [--samples N] [--json]
 
-Trains (or reuses, from $MSDDA_HOME) one base model per default objective, samples 256 held-out images from
+Trains (or reuses, from $MSDDA_HOME) one base model per default objective, samples N (default: the config's
+``train.eval_samples``, 256) held-out images from
 the reference and from each base model with the same seeds, and prints the mean reward and standard error on
 every objective. The pair conflicts when each base model is worse than the reference on the other objective.
 """
@@ -24,6 +25,7 @@ from training.rewards import load_reward
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None)
+    parser.add_argument("--samples", type=int, default=None, help="held-out samples per model")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     config, home = load_config(args.config), msdda_home()
@@ -32,7 +34,7 @@ def main() -> None:
     models = {"reference": None}
     for name in objectives:
         models[name] = train_base_model(config, name, home, progress=not args.json).path
-    index = torch.arange(config.train.eval_samples) % len(config.train.prompts or default_prompts())
+    index = torch.arange(args.samples or config.train.eval_samples) % len(config.train.prompts or default_prompts())
     table, samples = {}, {}
     for label, path in models.items():
         problem = evaluation_problem(config, home, path)
@@ -51,7 +53,10 @@ def main() -> None:
         table[trained][other]["mean"] < table["reference"][other]["mean"]
         for trained in objectives for other in objectives if other != trained
     )
-    report = {"objectives": objectives, "rewards": table, "conflict": conflict}
+    worse_in_se = {f"{trained} on {other}": -table[trained][other]["delta_vs_reference"] / table[trained][other]["delta_se"]
+                   for trained in objectives for other in objectives if other != trained}
+    report = {"objectives": objectives, "samples": len(index), "rewards": table, "conflict": conflict,
+              "worse_than_reference_in_paired_se": worse_in_se}
     if args.json:
         print(json.dumps(report))
         return
@@ -63,7 +68,8 @@ def main() -> None:
                     if "delta_se" in row[n] else "") for n in objectives]
         print(f"| {label} | " + " | ".join(cells) + " |")
     print("\nmean ± SE over held-out samples; Δ: paired difference to the reference (same prompts and seeds) ± SE")
-    print(f"\nconflict (each model worse than the reference on the other objective): {conflict}")
+    print(f"\nconflict (each model worse than the reference on the other objective): {conflict}; "
+          + ", ".join(f"{k}: {v:.1f} paired SE worse" for k, v in worse_in_se.items()) + f"; {len(index)} samples")
 
 
 if __name__ == "__main__":
