@@ -261,6 +261,49 @@ def run(
     _emit(result, json_output, "\n".join(lines))
 
 
+@app.command()
+def deploy(
+    cron: Annotated[str, typer.Option("--cron", help="Training schedule: a cron expression, in UTC.")]
+    = "0 3 * * *",
+    pool: Annotated[str | None, typer.Option("--pool", help="Create the deployments on this process work pool "
+                                                            "(created if absent) and exit; then run `prefect "
+                                                            "worker start --pool NAME`. Default: serve them here.")]
+    = None,
+    config: ConfigOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Create the Prefect deployments on a Prefect server (PREFECT_API_URL): `train-base-models/scheduled-training`
+    on a cron schedule and `compose/on-demand`. Without --pool, serve them here until Ctrl-C."""
+    from flows.deploy import DeploymentError, check_cron, deploy_to_pool, serve_deployments
+    from training.models import msdda_home
+
+    home = msdda_home()
+    try:
+        check_cron(cron)
+        _load(config)  # a bad config fails now, not at the first scheduled run
+        if pool is not None:
+            rows = deploy_to_pool(pool, cron, config, home)
+            lines = [f"deployed {r['name']} ({r['id']})" + (f", cron '{cron}' UTC" if r["schedules"] else "")
+                     for r in rows]
+            lines += [f"work pool '{pool}': start a worker with `prefect worker start --pool {pool}`",
+                      "compose on demand: prefect deployment run compose/on-demand -p 'weights=[0.5, 0.5]'"]
+            _emit({"deployments": rows, "work_pool": pool, "serving": False}, json_output, "\n".join(lines))
+            return
+
+        def ready(rows: list[dict]) -> None:
+            if json_output:
+                typer.echo(json.dumps({"deployments": rows, "work_pool": None, "serving": True}))
+                sys.stdout.flush()
+            for row in rows:
+                typer.echo(f"deployment {row['name']} ({row['id']})"
+                           + (f", cron '{cron}' UTC" if row["schedules"] else ""), err=True)
+            typer.echo("serving; Ctrl-C to stop", err=True)
+
+        serve_deployments(cron, config, home, on_ready=ready)
+    except DeploymentError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: maps known errors to one line on stderr and exit code 2."""
     from composition.engine import CompositionError

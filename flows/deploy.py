@@ -1,0 +1,179 @@
+"""Prefect deployments (the team setup): scheduled training and on-demand composition.
+
+=======================================  ==========================================================================
+deployment                               what it runs
+=======================================  ==========================================================================
+``train-base-models/scheduled-training`` the flow ``train-base-models`` on a cron schedule (default ``0 3 * * *``,
+                                         UTC): retrain and register a base model per objective
+``compose/on-demand``                    the flow ``compose``, no schedule: trigger it with weights, e.g.
+                                         ``prefect deployment run compose/on-demand -p weights='[0.3, 0.7]'``
+=======================================  ==========================================================================
+
+Both carry ``config_path`` (absolute) and ``home`` (``$MSDDA_HOME`` at deploy time) as default parameters, so a run
+finds the same reference model and config wherever it executes; the MLflow store comes from the executing process's
+``MLFLOW_TRACKING_URI`` (default: ``$MSDDA_HOME/mlflow.db``).
+
+Two ways to execute them, both against a real Prefect server (``prefect server start``; ``PREFECT_API_URL`` set):
+
+- :func:`serve_deployments` registers them and executes their runs in this process's subprocesses until stopped
+  (``prefect.serve`` semantics: schedules are paused on shutdown);
+- :func:`deploy_to_pool` registers them on a process work pool (created if absent) with this code folder as their
+  source and returns at once; ``prefect worker start --pool NAME`` then executes the runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from prefect.deployments.runner import RunnerDeployment
+
+DEFAULT_CRON = "0 3 * * *"
+TRAINING_NAME = "scheduled-training"
+COMPOSE_NAME = "on-demand"
+TAGS = ["msdda"]
+SOURCE = Path(__file__).resolve().parents[1]  # the folder holding the ``flows`` package
+ENTRYPOINTS = {"train-base-models": "flows/pipeline.py:train_base_models", "compose": "flows/pipeline.py:compose"}
+
+
+class DeploymentError(ValueError):
+    """One-line, user-facing deployment problem (no server, bad cron, unusable work pool)."""
+
+
+def api_url() -> str:
+    """The Prefect API URL (``PREFECT_API_URL``, from the environment or the active profile), checked to answer.
+
+    Without one Prefect runs in ephemeral mode, whose temporary server cannot hold deployments for anyone.
+    """
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise DeploymentError("deployments need a Prefect server: run `prefect server start` and set "
+                              "PREFECT_API_URL=http://127.0.0.1:4200/api (ephemeral mode cannot hold deployments)")
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        failure = client.api_healthcheck()
+    if failure is not None:
+        reason = str(failure).strip().splitlines()[0] if str(failure).strip() else type(failure).__name__
+        raise DeploymentError(f"Prefect server at {url} is unreachable: {reason}")
+    return url
+
+
+def check_cron(cron: str) -> str:
+    """``cron`` itself, refused with a :class:`DeploymentError` unless it is a valid cron expression."""
+    from prefect.client.schemas.schedules import CronSchedule
+
+    try:
+        CronSchedule(cron=cron)
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        errors = getattr(exc, "errors", list)()
+        reason = errors[0]["msg"] if errors else str(exc).splitlines()[0]
+        reason = reason.removeprefix("Value error, ")
+        raise DeploymentError(f"invalid cron schedule {cron!r}: {reason}") from None
+    return cron
+
+
+def _parameters(config_path: str | Path | None, home: str | Path | None) -> dict[str, Any]:
+    from training.models import msdda_home
+
+    return {"config_path": str(Path(config_path).expanduser().resolve()) if config_path else None,
+            "home": str(Path(home or msdda_home()).expanduser().resolve())}
+
+
+def _flow(name: str, from_source: bool):
+    """The flow object: the imported one (served), or loaded from :data:`SOURCE` (for a work pool)."""
+    if from_source:
+        from prefect import Flow
+
+        return Flow.from_source(source=str(SOURCE), entrypoint=ENTRYPOINTS[name])
+    from flows import pipeline
+
+    return {"train-base-models": pipeline.train_base_models, "compose": pipeline.compose}[name]
+
+
+def training_deployment(cron: str = DEFAULT_CRON, config_path: str | Path | None = None,
+                        home: str | Path | None = None, from_source: bool = False) -> RunnerDeployment:
+    """``train-base-models/scheduled-training``: every objective of the config, on ``cron`` (UTC)."""
+    from prefect.deployments.runner import EntrypointType
+    from prefect.schedules import Cron
+
+    extra = {} if from_source else {"entrypoint_type": EntrypointType.MODULE_PATH}
+    return _flow("train-base-models", from_source).to_deployment(
+        TRAINING_NAME, schedule=Cron(check_cron(cron), timezone="UTC"), paused=False,
+        parameters=_parameters(config_path, home), tags=TAGS,
+        description="Retrain and register a base model per objective (the champion alias moves when the reward "
+                    "rose by more than 3 standard errors).", **extra)
+
+
+def compose_deployment(config_path: str | Path | None = None, home: str | Path | None = None,
+                       from_source: bool = False) -> RunnerDeployment:
+    """``compose/on-demand``: no schedule; each run takes ``weights`` (and optionally models, method, ...)."""
+    from prefect.deployments.runner import EntrypointType
+
+    extra = {} if from_source else {"entrypoint_type": EntrypointType.MODULE_PATH}
+    return _flow("compose", from_source).to_deployment(
+        COMPOSE_NAME, paused=False, parameters=_parameters(config_path, home), tags=TAGS,
+        description="Compose the registered champions (or the given models) for one weight vector.", **extra)
+
+
+def _describe(deployment: RunnerDeployment, deployment_id) -> dict[str, Any]:
+    return {"name": f"{deployment.flow_name}/{deployment.name}", "id": str(deployment_id),
+            "schedules": [getattr(s.schedule, "cron", None) for s in deployment.schedules or []],
+            "parameters": deployment.parameters}
+
+
+def serve_deployments(cron: str = DEFAULT_CRON, config_path: str | Path | None = None,
+                      home: str | Path | None = None,
+                      on_ready: Callable[[list[dict[str, Any]]], None] | None = None) -> None:
+    """Register both deployments and execute their runs until interrupted (blocking; ``prefect.serve`` with the
+    deployment ids reported to ``on_ready`` once they are registered). Schedules are paused on shutdown."""
+    import asyncio
+
+    from prefect.exceptions import TerminationSignal
+    from prefect.runner import Runner
+
+    api_url()
+    deployments = [training_deployment(cron, config_path, home), compose_deployment(config_path, home)]
+    runner = Runner(name="msdda-serve", pause_on_shutdown=True)
+    described = [_describe(d, runner.add_deployment(d)) for d in deployments]
+    if on_ready is not None:
+        on_ready(described)
+    try:
+        asyncio.run(runner.start())
+    except (KeyboardInterrupt, TerminationSignal):
+        pass
+
+
+def deploy_to_pool(pool: str, cron: str = DEFAULT_CRON, config_path: str | Path | None = None,
+                   home: str | Path | None = None) -> list[dict[str, Any]]:
+    """Register both deployments on the process work pool ``pool`` (created if absent) and return at once; their
+    code is pulled from :data:`SOURCE` by ``prefect worker start --pool POOL`` on this machine."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    if not pool or not pool.strip() or "/" in pool or "%" in pool:
+        raise DeploymentError(f"invalid work pool name {pool!r}")
+    api_url()
+    check_cron(cron)
+    with get_client(sync_client=True) as client:
+        try:
+            work_pool = client.read_work_pool(pool)
+        except ObjectNotFound:
+            try:
+                work_pool = client.create_work_pool(WorkPoolCreate(
+                    name=pool, type=ProcessWorker.type,
+                    base_job_template=ProcessWorker.get_default_base_job_template()))
+            except ObjectAlreadyExists:  # created concurrently
+                work_pool = client.read_work_pool(pool)
+    if work_pool.type != ProcessWorker.type:
+        raise DeploymentError(f"work pool '{pool}' is of type '{work_pool.type}'; use a process work pool "
+                              f"(`prefect work-pool create {pool} --type process`) or `msdda deploy` without --pool")
+    deployments = [training_deployment(cron, config_path, home, from_source=True),
+                   compose_deployment(config_path, home, from_source=True)]
+    return [{**_describe(d, d.apply(work_pool_name=pool)), "work_pool": pool} for d in deployments]
