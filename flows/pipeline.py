@@ -18,6 +18,7 @@ worker or from a deployment.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -75,7 +76,7 @@ def train_task(objective: str, config_path: str | None = None, home: str | None 
 
         torch.set_num_threads(torch_threads)
     config, root = _context(config_path, home)
-    return train_job(config, root, objective, progress=torch_threads == 0)
+    return {**train_job(config, root, objective, progress=torch_threads == 0), "pid": os.getpid()}
 
 
 # ----------------------------------------------------------------------------------------------------- flows
