@@ -20,6 +20,7 @@ import statistics
 import time
 
 import torch
+from readme_section import write_section  # benchmarks/ is on sys.path when run as a script
 
 from composition.engine import load_ensemble
 from composition.msdda import compose_gaussian
@@ -46,6 +47,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--write-readme", action="store_true")
     args = parser.parse_args()
 
     config, home = load_config(args.config), msdda_home()
@@ -117,11 +119,34 @@ def main() -> None:
         "sequential_compose_math_fraction": statistics.median(sequential_math[1:]) / t_sequential,
         "msdda_over_sequential": t_msdda / t_sequential,
     }
+    if args.write_readme:
+        write_section("compose-speed", render(report))
     if args.json:
         print(json.dumps(report))
     else:
         for key, value in report.items():
             print(f"{key:34s} {value:.4g}" if isinstance(value, float) else f"{key:34s} {value}")
+
+
+def render(r: dict) -> str:
+    return "\n".join([
+        f"`python benchmarks/compose_speed.py --write-readme`: {r['models']} base models, batch {r['batch_size']}, "
+        f"{r['steps']} steps, median of {r['repeats']} chains, {r['torch_threads']} torch threads, same run:",
+        "",
+        "| | seconds per chain | over the floor | composition maths share of a step |",
+        "|---|---|---|---|",
+        f"| floor: plain UNet, one call of K x B rows per step | {r['floor_one_call_seconds']:.3f} | "
+        f"{r['floor_one_call_seconds'] / r['floor_seconds']:.3f} | |",
+        f"| floor: plain UNet, K calls of B rows per step | {r['floor_per_model_seconds']:.3f} | "
+        f"{r['floor_per_model_seconds'] / r['floor_seconds']:.3f} | |",
+        f"| **MSDDA** (one mixed-adapter call per step) | {r['msdda_seconds']:.3f} | **{r['msdda_over_floor']:.3f}** | "
+        f"**{r['compose_math_fraction']:.4f}** |",
+        f"| K sequential adapter switches | {r['sequential_seconds']:.3f} | {r['sequential_over_floor']:.3f} | "
+        f"{r['sequential_compose_math_fraction']:.4f} |",
+        "",
+        "Goals: MSDDA at most 1.10 times the floor (the faster of the two plain-UNet floors), composition maths under "
+        "2% of a step.",
+    ])
 
 
 if __name__ == "__main__":
