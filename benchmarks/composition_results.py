@@ -1,0 +1,169 @@
+"""MSDDA against the baselines and the oracle on the embedded default (issue: composition results).
+
+    python benchmarks/composition_results.py [--num-images 256] [--oracle-images 1024] [--json] [--write-readme]
+
+1. Trains (or reuses) the base models for the config's two objectives and, as the oracle, a model trained
+   directly on ``w_1 R_1 + w_2 R_2`` for w_1 in {0.25, 0.5, 0.75} (same trainer, beta and budget).
+2. Sweeps every method over the 11-point weight grid (same prompts and seeds), hypervolume against the
+   reference model's rewards, and compares methods at matched NFE.
+3. MSDDA against the oracle at the three weights: the difference of mean rewards in units of the paired standard
+   error (both samplers start from the same x_T and draw the same noise stream).
+4. The learned variances, and where MSDDA and the epsilon blend part ways (same weights, paired).
+Writes ``benchmarks/results/composition.json``, ``benchmarks/results/pareto.png`` and, with --write-readme,
+the README section between the ``composition-results`` markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+from pathlib import Path
+
+import torch
+from readme_section import write_section  # benchmarks/ is on sys.path when run as a script
+
+from composition.engine import generate, load_ensemble, score_images
+from configs import load_config
+from configs.schema import ObjectiveSpec
+from flows.jobs import sweep_job
+from training.base_model import train_base_model
+from training.models import msdda_home
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ORACLE_WEIGHTS = (0.25, 0.5, 0.75)
+
+
+def oracle_config(config, weights: list[float]):
+    """The config with a ``weighted_sum`` objective for ``weights`` over the config's objectives."""
+    terms = dict(zip(config.objective_names, weights))
+    spec = ObjectiveSpec(name="weighted_sum", options={"terms": terms})
+    return config.model_copy(update={"objectives": [*config.objectives, spec]})
+
+
+def paired(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """Mean of ``a - b`` and its standard error (per-image pairs share x_T and noise)."""
+    d = a - b
+    return float(d.mean()), float(d.std() / math.sqrt(len(d)))
+
+
+def oracle_comparison(config, home, base_dirs, oracle_dirs, num_images) -> list[dict]:
+    ensemble = load_ensemble(config, home, base_dirs)
+    rows = []
+    for w1, oracle_dir in zip(ORACLE_WEIGHTS, oracle_dirs):
+        weights = [w1, 1 - w1]
+        msdda = generate(ensemble, "msdda", weights, config.composition, num_images=num_images)
+        msdda_scores = score_images(ensemble, msdda.images, msdda.prompts)
+        oracle_ensemble = load_ensemble(oracle_config(config, weights), home, [oracle_dir])
+        oracle = generate(oracle_ensemble, "msdda", [1.0], config.composition, num_images=num_images)
+        oracle_scores = score_images(ensemble, oracle.images, oracle.prompts)
+        combined = {k: sum(w * s[k] for w, s in zip(weights, (v1, v2))) for k, v1, v2 in [
+            ("msdda", msdda_scores[ensemble.objectives[0]], msdda_scores[ensemble.objectives[1]]),
+            ("oracle", oracle_scores[ensemble.objectives[0]], oracle_scores[ensemble.objectives[1]])]}
+        row = {"weights": weights, "nfe": {"msdda": msdda.nfe_per_image, "oracle": oracle.nfe_per_image}}
+        for name in ensemble.objectives:
+            diff, se = paired(msdda_scores[name], oracle_scores[name])
+            row[name] = {"msdda": float(msdda_scores[name].mean()), "oracle": float(oracle_scores[name].mean()),
+                         "difference": diff, "paired_se": se, "difference_in_se": diff / se if se else 0.0}
+        diff, se = paired(combined["msdda"], combined["oracle"])
+        row["combined"] = {"msdda": float(combined["msdda"].mean()), "oracle": float(combined["oracle"].mean()),
+                           "difference": diff, "paired_se": se, "difference_in_se": diff / se if se else 0.0}
+        rows.append(row)
+    return rows
+
+
+def variance_report(config, home, base_dirs, num_images) -> dict:
+    """The learned ``exp(v[t])`` per step, and MSDDA minus the epsilon blend at w = (0.5, 0.5) (paired)."""
+    ensemble = load_ensemble(config, home, base_dirs)
+    offsets = {m.objective: (m.log_variance.exp().flatten().tolist() if m.log_variance is not None else None)
+               for m in ensemble.models}
+    weights = [0.5, 0.5]
+    a = generate(ensemble, "msdda", weights, config.composition, num_images=num_images)
+    b = generate(ensemble, "db", weights, config.composition, num_images=num_images)
+    sa, sb = score_images(ensemble, a.images, a.prompts), score_images(ensemble, b.images, b.prompts)
+    gaps = {}
+    for name in ensemble.objectives:
+        diff, se = paired(sa[name], sb[name])
+        gaps[name] = {"difference": diff, "paired_se": se}
+    return {"variance_ratio_per_step": offsets, "composed_std_over_sigma": [d["std_over_sigma"] for d in a.diagnostics],
+            "msdda_minus_db_at_0.5": gaps,
+            "image_l2_distance": float((a.images - b.images).flatten(1).norm(dim=1).mean())}
+
+
+def matched_nfe(sweep: dict) -> list[dict]:
+    """Each baseline's hypervolume next to MSDDA's, with their NFE per image (max over the grid)."""
+    ours = sweep["methods"]["msdda"]
+    return [{"method": m, "hypervolume": v["hypervolume"], "nfe": v["max_nfe"], "msdda_hypervolume": ours["hypervolume"],
+             "msdda_nfe": ours["max_nfe"], "msdda_at_least": ours["hypervolume"] >= v["hypervolume"]}
+            for m, v in sweep["methods"].items() if m != "msdda"]
+
+
+def render(report: dict) -> str:
+    s = report["sweep"]
+    names = s["objectives"]
+    reference = ", ".join(f"{s['reference']['rewards'][n]:.4f}" for n in names)
+    lines = [(f"Embedded default, objectives `{names[0]}` and `{names[1]}`; {s['settings']['num_images']} images per "
+             f"point, 11 weights, seed {s['settings']['seed']}; hypervolume against the reference model "
+             f"({reference}). CoDe: N = "
+             f"{s['settings']['code_candidates']}, B = {s['settings']['code_block']}; RGG scale "
+             f"{s['settings']['rgg_scale']}. NFE = UNet rows per image (a backward pass counts 2)."),
+             "", "| method | hypervolume | max NFE/image | MSDDA HV >= this? |", "|---|---|---|---|",
+             f"| MSDDA | {s['methods']['msdda']['hypervolume']:.5f} | {s['methods']['msdda']['max_nfe']:g} | |"]
+    for row in report["matched_nfe"]:
+        lines.append(f"| {row['method']} | {row['hypervolume']:.5f} | {row['nfe']:g} | "
+                     f"{'yes' if row['msdda_at_least'] else '**no**'} |")
+    lines += ["", ("MSDDA against the oracle (a base model trained on the combined reward), "
+              f"{report['oracle_images']} images, paired over x_T and noise:"), "",
+              (f"| w | {names[0]}: MSDDA - oracle (SE) | {names[1]}: MSDDA - oracle (SE) | combined: MSDDA - oracle "
+              "(SE) | within 2 SE? |"), "|---|---|---|---|---|"]
+    for row in report["oracle"]:
+        cells = [f"{row[k]['difference']:+.4f} ({row[k]['paired_se']:.4f}, {row[k]['difference_in_se']:+.1f} SE)"
+                 for k in (*names, "combined")]
+        within = abs(row["combined"]["difference_in_se"]) <= 2
+        lines.append(f"| {row['weights'][0]:g}, {row['weights'][1]:g} | " + " | ".join(cells)
+                     + f" | {'yes' if within else '**no**'} |")
+    v = report["variance"]
+    ratios = {k: (f"{min(r):.3f}..{max(r):.3f}" if r else "none") for k, r in v["variance_ratio_per_step"].items()}
+    gap = v["msdda_minus_db_at_0.5"]
+    lines += ["", "Learned variances (exp(v[t]) over the steps): "
+              + "; ".join(f"`{k}` {r}" for k, r in ratios.items())
+              + ". At w = (0.5, 0.5) MSDDA minus the epsilon blend: "
+              + "; ".join(f"`{k}` {g['difference']:+.4f} (paired SE {g['paired_se']:.4f})" for k, g in gap.items())
+              + f"; mean image L2 distance {v['image_l2_distance']:.3f}.",
+              "", "![Pareto fronts](benchmarks/results/pareto.png)"]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=None)
+    parser.add_argument("--num-images", type=int, default=256)
+    parser.add_argument("--oracle-images", type=int, default=1024)
+    parser.add_argument("--methods", default="msdda,db,rs,code,rgg")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--write-readme", action="store_true")
+    args = parser.parse_args()
+
+    config, home = load_config(args.config), msdda_home()
+    base_dirs = [train_base_model(config, name, home).path for name in config.objective_names]
+    oracle_dirs = []
+    for w1 in ORACLE_WEIGHTS:
+        cfg = oracle_config(config, [w1, 1 - w1])
+        oracle_dirs.append(train_base_model(cfg, "weighted_sum", home).path)
+    sweep = sweep_job(config, home, [str(p) for p in base_dirs], args.methods.split(","), None, args.num_images,
+                      mlflow=False)
+    report = {"sweep": sweep, "matched_nfe": matched_nfe(sweep), "oracle_images": args.oracle_images,
+              "oracle": oracle_comparison(config, home, base_dirs, oracle_dirs, args.oracle_images),
+              "variance": variance_report(config, home, base_dirs, args.oracle_images)}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "composition.json").write_text(json.dumps(report, indent=1))
+    shutil.copyfile(sweep["plot"], RESULTS / "pareto.png")
+    table = render(report)
+    if args.write_readme:
+        write_section("composition-results", table)
+    print(json.dumps(report) if args.json else table)
+
+
+if __name__ == "__main__":
+    main()
