@@ -86,6 +86,15 @@ def read_base_model(path: Path) -> BaseModelFile:
     return BaseModelFile(path, meta["objective"], meta, lora, log_variance)
 
 
+def scheduler_identity(scheduler: dict | None) -> dict:
+    """A scheduler config without bookkeeping keys (``_diffusers_version`` and the like; ``_class_name`` stays)."""
+    return {k: v for k, v in (scheduler or {}).items() if not k.startswith("_") or k == "_class_name"}
+
+
+def _lineage(meta: dict, key: str):
+    return scheduler_identity(meta[key]) if key == "scheduler" else meta[key]
+
+
 def check_lineage(models: list[BaseModelFile], reference_hash: str | None = None) -> None:
     """All models must share the reference model (content hash) and scheduler config, and match
     ``reference_hash`` when given."""
@@ -94,7 +103,7 @@ def check_lineage(models: list[BaseModelFile], reference_hash: str | None = None
     first = models[0]
     for other in models[1:]:
         for key, what in LINEAGE_KEYS.items():
-            if other.meta[key] != first.meta[key]:
+            if _lineage(other.meta, key) != _lineage(first.meta, key):
                 raise CompositionError(
                     f"base models '{first.objective}' ({first.path}) and '{other.objective}' ({other.path}) have "
                     f"different {what}: they cannot be composed"
@@ -156,14 +165,14 @@ class Ensemble:
             self._embeds["prompts"], self._embeds["uncond"] = encode_prompts(self.pipe, self.prompts)
         return self._embeds["prompts"], self._embeds["uncond"]
 
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode_with_grad(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [0, 1], differentiable (RGG)."""
         vae = self.pipe.vae
         return ((vae.decode(latents / vae.config.scaling_factor).sample + 1) / 2).clamp(0, 1)
 
-    def decode_with_grad(self, latents: torch.Tensor) -> torch.Tensor:
-        vae = self.pipe.vae
-        return ((vae.decode(latents / vae.config.scaling_factor).sample + 1) / 2).clamp(0, 1)
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.decode_with_grad(latents)
 
     def sampler(self, method: str, weights: list[float], options: CompositionConfig) -> DDIMComposer:
         args = (self.pipe.unet, self.schedule, self.guidance_scale, self.kernels)

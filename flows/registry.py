@@ -32,6 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from composition.engine import scheduler_identity
 from flows.tracking import ensure_experiment, is_remote, store_lock, tracking_uri
 
 MODEL_PREFIX = "msdda-"
@@ -473,11 +474,6 @@ def resolve(home: Path, spec: str) -> Path:
     return folder
 
 
-def _scheduler_identity(scheduler: dict | None) -> dict:
-    """The scheduler config without bookkeeping keys (``_diffusers_version`` and the like, not the class)."""
-    return {k: v for k, v in (scheduler or {}).items() if not k.startswith("_") or k == "_class_name"}
-
-
 def resolve_many(home: Path, specs: list[str]) -> list[Path]:
     """:func:`resolve` each spec; refuse base models whose reference hash or scheduler config differ."""
     folders = [resolve(home, spec) for spec in specs]
@@ -488,8 +484,8 @@ def resolve_many(home: Path, specs: list[str]) -> list[Path]:
                 f"{specs[0]!r} and {spec!r} were trained on different reference models "
                 f"(reference_hash {str(metas[0].get('reference_hash'))[:12]} vs {str(meta.get('reference_hash'))[:12]})"
             )
-        if _scheduler_identity(meta.get("scheduler")) != _scheduler_identity(metas[0].get("scheduler")):
-            first, other = _scheduler_identity(metas[0].get("scheduler")), _scheduler_identity(meta.get("scheduler"))
+        if scheduler_identity(meta.get("scheduler")) != scheduler_identity(metas[0].get("scheduler")):
+            first, other = scheduler_identity(metas[0].get("scheduler")), scheduler_identity(meta.get("scheduler"))
             keys = sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k))
             raise RegistryError(f"{specs[0]!r} and {spec!r} have different scheduler configs (differing: "
                                 f"{', '.join(keys)})")
