@@ -70,6 +70,7 @@ def test_models_compose_and_sweep(registry, tmp_path, tiny_config_file):
     assert [p["weights"] for p in result["methods"]["msdda"]["points"]] == [[0.0, 1.0], [0.5, 0.5], [1.0, 0.0]]
     assert Path(result["plot"]).read_bytes()[:4] == b"\x89PNG"
     assert (Path(result["out_dir"]) / "grids" / "rs" / "w0.5_0.5.png").exists()
+    assert (Path(result["out_dir"]) / "fronts" / "msdda.png").exists()
     again = msdda(["sweep", "--methods", "msdda,rs", "--grid", "3", "--num-images", "4", "--json"],
                   registry, tmp_path, tiny_config_file)
     assert json.loads(again.stdout)["cached"] is True
