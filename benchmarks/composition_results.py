@@ -9,8 +9,9 @@
 3. MSDDA against the oracle at the three weights: the difference of mean rewards in units of the paired standard
    error (both samplers start from the same x_T and draw the same noise stream).
 4. The learned variances, and where MSDDA and the epsilon blend part ways (same weights, paired).
-Writes ``benchmarks/results/composition.json``, ``benchmarks/results/pareto.png`` and, with --write-readme,
-the README section between the ``composition-results`` markers.
+Writes ``benchmarks/results/composition.json``, ``pareto.png`` and ``variances.png`` there and, with
+--write-readme, the README section between the ``composition-results`` markers (``--from-json`` re-renders
+them from the saved JSON without sampling).
 """
 
 from __future__ import annotations
@@ -131,8 +132,33 @@ def render(report: dict) -> str:
               + ". At w = (0.5, 0.5) MSDDA minus the epsilon blend: "
               + "; ".join(f"`{k}` {g['difference']:+.4f} (paired SE {g['paired_se']:.4f})" for k, g in gap.items())
               + f"; mean image L2 distance {v['image_l2_distance']:.3f}.",
-              "", "![Pareto fronts](benchmarks/results/pareto.png)"]
+              "", "![Pareto fronts](benchmarks/results/pareto.png)",
+              "![Learned variances](benchmarks/results/variances.png)"]
     return "\n".join(lines)
+
+
+def plot_variances(report: dict, path: Path) -> None:
+    """exp(v[t]) of each base model and MSDDA's composed std / sigma_t at w = (0.5, 0.5), per DDIM step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    v = report["variance"]
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for name, ratios in v["variance_ratio_per_step"].items():
+        if ratios:
+            ax.plot(range(len(ratios)), ratios, marker="o", ms=3, label=f"{name}: learned variance / sigma_t^2")
+    composed = [r**2 for r in v["composed_std_over_sigma"]]
+    ax.plot(range(len(composed)), composed, "k--", label="MSDDA at w=(0.5, 0.5): composed variance / sigma_t^2")
+    ax.axhline(1.0, color="grey", lw=0.8, label="epsilon blend (sigma_t^2)")
+    ax.set_xlabel("DDIM step (0 = most noisy)")
+    ax.set_ylabel("variance / sigma_t^2")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -143,7 +169,15 @@ def main() -> None:
     parser.add_argument("--methods", default="msdda,db,rs,code,rgg")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--write-readme", action="store_true")
+    parser.add_argument("--from-json", action="store_true", help="re-render from results/composition.json")
     args = parser.parse_args()
+    if args.from_json:
+        report = json.loads((RESULTS / "composition.json").read_text())
+        plot_variances(report, RESULTS / "variances.png")
+        if args.write_readme:
+            write_section("composition-results", render(report))
+        print(render(report))
+        return
 
     config, home = load_config(args.config), msdda_home()
     base_dirs = [train_base_model(config, name, home).path for name in config.objective_names]
@@ -159,6 +193,7 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "composition.json").write_text(json.dumps(report, indent=1))
     shutil.copyfile(sweep["plot"], RESULTS / "pareto.png")
+    plot_variances(report, RESULTS / "variances.png")
     table = render(report)
     if args.write_readme:
         write_section("composition-results", table)
