@@ -39,6 +39,7 @@ TINY_CONFIG = {
 def _isolated_home(tmp_path, monkeypatch):
     """Nothing a test does lands in the repo or the user's home."""
     monkeypatch.setenv("MSDDA_HOME", str(tmp_path / "msdda_home"))
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect_home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
