@@ -241,6 +241,12 @@ def run(
         raise UsageError(f"unknown runner '{runner}'; choose sequential or dask")
     cfg = _load(config)
     home = msdda_home()
+    if cfg.model.source == "pretrained":  # a missing checkpoint fails here, in one line
+        from training.models import load_reference_pipeline
+
+        load_reference_pipeline(cfg)
+    if not cfg.objectives:
+        raise UsageError("the config lists no objectives: nothing to train or compose")
     for spec in cfg.objectives:  # unknown objectives or missing weights fail before any work
         load_reward(spec.name, cfg, home, spec.options)
     from flows.registry import check_reachable

@@ -53,7 +53,20 @@ def _publish(key: str, table: list[dict], description: str, link: str | None = N
 # ----------------------------------------------------------------------------------------------------- tasks
 
 
-@task(retries=2, retry_delay_seconds=10, name="pretrain")
+def _transient(task, task_run, state) -> bool:
+    """Retry only what may pass on a second try: bad input and configs (``ValueError``s: config, reward,
+    model-loading, registry and composition errors) fail at once."""
+    try:
+        state.result()
+    except (ValueError, TypeError, KeyError):
+        return False
+    except Exception:  # noqa: BLE001 - anything else (I/O, a lost worker, a locked database) may be transient
+        return True
+    return True
+
+
+
+@task(retries=2, retry_delay_seconds=10, retry_condition_fn=_transient, name="pretrain")
 def pretrain_task(config_path: str | None = None, home: str | None = None) -> dict:
     from training.embedded import pretrain_reference, result_dict
 
@@ -66,7 +79,7 @@ def pretrain_task(config_path: str | None = None, home: str | None = None) -> di
     return result_dict(pretrain_reference(config, root, progress=True))
 
 
-@task(retries=1, retry_delay_seconds=10, name="train")
+@task(retries=1, retry_delay_seconds=10, retry_condition_fn=_transient, name="train")
 def train_task(objective: str, config_path: str | None = None, home: str | None = None,
                torch_threads: int = 0) -> dict:
     from flows.jobs import train_job
