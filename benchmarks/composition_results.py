@@ -59,9 +59,9 @@ def oracle_comparison(config, home, base_dirs, oracle_dirs, num_images) -> list[
         oracle_ensemble = load_ensemble(oracle_config(config, weights), home, [oracle_dir])
         oracle = generate(oracle_ensemble, "msdda", [1.0], config.composition, num_images=num_images)
         oracle_scores = score_images(ensemble, oracle.images, oracle.prompts)
-        combined = {k: sum(w * s[k] for w, s in zip(weights, (v1, v2))) for k, v1, v2 in [
-            ("msdda", msdda_scores[ensemble.objectives[0]], msdda_scores[ensemble.objectives[1]]),
-            ("oracle", oracle_scores[ensemble.objectives[0]], oracle_scores[ensemble.objectives[1]])]}
+        first, second = ensemble.objectives
+        combined = {"msdda": w1 * msdda_scores[first] + (1 - w1) * msdda_scores[second],
+                    "oracle": w1 * oracle_scores[first] + (1 - w1) * oracle_scores[second]}
         row = {"weights": weights, "nfe": {"msdda": msdda.nfe_per_image, "oracle": oracle.nfe_per_image}}
         for name in ensemble.objectives:
             diff, se = paired(msdda_scores[name], oracle_scores[name])

@@ -91,7 +91,7 @@ def test_models_compose_and_sweep(registry, tmp_path, tiny_config_file):
     ],
 )
 def test_bad_compose_input_is_one_line_and_changes_nothing(registry, tmp_path, tiny_config_file, tiny_base_models,
-                                                           args, message):
+                                                           args, message, monkeypatch, capfd):
     if "PATHS" in args or "MISMATCHED" in args:
         second = tiny_base_models[1]
         if "MISMATCHED" in args:
@@ -100,12 +100,24 @@ def test_bad_compose_input_is_one_line_and_changes_nothing(registry, tmp_path, t
             meta = json.loads((second / "base_model.json").read_text())
             (second / "base_model.json").write_text(json.dumps({**meta, "reference_hash": "f" * 64}))
         args = [a if a not in ("PATHS", "MISMATCHED") else f"{tiny_base_models[0]},{second}" for a in args]
+    from flows.cli import main
+
     before = models_listing(registry)
-    result = msdda(["compose", *args, "--num-images", "2"], registry, tmp_path, tiny_config_file)
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.startswith("error: ") and result.stderr.strip().count("\n") == 0, result.stderr
-    assert message in result.stderr and "Traceback" not in result.stderr and result.stdout == ""
+    monkeypatch.setenv("MSDDA_HOME", str(registry["home"]))
+    capfd.readouterr()
+    code = main(["compose", *args, "--num-images", "2", "--config", str(tiny_config_file)])  # in-process: fast
+    out, err = capfd.readouterr()
+    assert code == 2, err
+    assert err.startswith("error: ") and err.strip().count("\n") == 0, err
+    assert message in err and "Traceback" not in err and out == ""
     assert models_listing(registry) == before
+
+
+def test_bad_weights_through_the_console_script(registry, tmp_path, tiny_config_file):
+    """The same contract through a real `python -m flows.cli` process."""
+    result = msdda(["compose", "--weights", "0.2,0.3,0.5"], registry, tmp_path, tiny_config_file)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == "error: 3 weights given for 2 base models\n"
 
 
 def test_unreachable_tracking_server_is_one_line(registry, tmp_path, tiny_config_file):
