@@ -94,6 +94,10 @@ def mlflow_run(home: Path, run_name: str, params: dict | None = None, tags: dict
                     "seconds": metrics.seconds,
                 },
                 step=metrics.iteration,
+                synchronous=False,  # a background thread writes; training does not wait on the store
             )
 
-        yield run, log_iteration
+        try:
+            yield run, log_iteration
+        finally:
+            mlflow.flush_async_logging()
