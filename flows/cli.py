@@ -220,7 +220,7 @@ def models(json_output: JsonOption = False) -> None:
         table.add_row(row["name"], str(row["version"]), ",".join(row["aliases"]), row["objective"],
                       f"{row['reward_after']:.4f}", f"{row['rise_in_se']:.1f}", f"{row['beta']:g}",
                       str(row["reference_hash"])[:12])
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
 
 
 @app.command()
