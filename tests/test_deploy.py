@@ -223,6 +223,7 @@ def test_serve_schedules_training_and_composes_on_demand(prefect_server, registr
         assert training.paused is True
 
 
+@pytest.mark.slow
 def test_process_work_pool_round_trip(prefect_server, registry, tmp_path):
     """`msdda deploy --pool` creates the process pool and both deployments and exits; a `prefect worker` on that
     pool runs a triggered composition from the source folder."""
