@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -192,6 +193,7 @@ def train(
     start_iteration, history = 0, []
     if checkpoint_dir is not None and (checkpoint_dir / "checkpoint.json").exists():
         start_iteration, history = load_checkpoint(checkpoint_dir, problem, optimizer, generator)
+        print(f"resuming from the checkpoint at iteration {start_iteration} in {checkpoint_dir}", file=sys.stderr)
         if history:
             problem.unet_evaluations = history[-1].unet_evaluations
     optimizer = accelerator.prepare(optimizer)
