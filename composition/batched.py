@@ -6,6 +6,7 @@ means no adapter, i.e. the reference). This is the physical floor of MSDDA's cos
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
 
@@ -18,7 +19,9 @@ def load_adapter(unet, name: str, lora_state: dict[str, torch.Tensor], rank: int
     """Add a LoRA adapter called ``name`` to ``unet`` and load its weights (safetensors state dict)."""
     from peft import LoraConfig, set_peft_model_state_dict
 
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets)), adapter_name=name)
+    with warnings.catch_warnings():  # several adapters on one model is the point here
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets)), adapter_name=name)
     result = set_peft_model_state_dict(unet, lora_state, adapter_name=name)
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
