@@ -313,15 +313,12 @@ def mean_and_se(values: torch.Tensor) -> tuple[float, float]:
 
 def save_images(images: torch.Tensor, prompts: list[str], out_dir: Path, manifest: dict) -> Path:
     """PNG files plus ``manifest.json``, written to a temporary folder and renamed into ``out_dir``."""
-    import shutil
-    import tempfile
-
     from PIL import Image
 
+    from training.models import staged_directory
+
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".images-", dir=out_dir.parent))
-    try:
+    with staged_directory(out_dir, prefix=".images-") as tmp:
         array = (images.permute(0, 2, 3, 1).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
         files = []
         for i, pixels in enumerate(array):
@@ -329,11 +326,4 @@ def save_images(images: torch.Tensor, prompts: list[str], out_dir: Path, manifes
             Image.fromarray(pixels).save(tmp / name)
             files.append({"file": name, "prompt": prompts[i]})
         (tmp / "manifest.json").write_text(json.dumps({**manifest, "images": files}, indent=2))
-        tmp.chmod(0o755)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -183,6 +181,7 @@ def sweep_job(config: PipelineConfig, home: Path, specs: list[str] | None = None
     method and weight (``grids/<method>/w<weights>.png``), all logged to one MLflow run."""
     from composition.engine import METHODS, CompositionError, load_ensemble
     from composition.evaluation import image_grid, plot_fronts, sweep
+    from training.models import staged_directory
 
     options = config.composition
     methods = list(methods or options.methods)
@@ -199,9 +198,7 @@ def sweep_job(config: PipelineConfig, home: Path, specs: list[str] | None = None
     cached = (final / "sweep.json").exists()
     if not cached:
         ensemble = load_ensemble(config, home, folders, progress=progress)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".sweep-", dir=final.parent))
-        try:
+        with staged_directory(final, prefix=".sweep-") as tmp:
             def save_grid(method: str, weights: list[float], sampled: dict) -> None:
                 name = "w" + "_".join(f"{w:g}" for w in weights)
                 image_grid(sampled["images"], tmp / "grids" / method / f"{name}.png")
@@ -212,13 +209,6 @@ def sweep_job(config: PipelineConfig, home: Path, specs: list[str] | None = None
             plot_fronts(result, tmp / "pareto.png")
             for method, data in result["methods"].items():
                 plot_fronts({**result, "methods": {method: data}}, tmp / "fronts" / f"{method}.png")
-            tmp.chmod(0o755)
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     result = json.loads((final / "sweep.json").read_text())
     result.update(plot=str(final / "pareto.png"), out_dir=str(final), cached=cached, mlflow_run_id=None)
     if mlflow:

@@ -12,7 +12,6 @@ import hashlib
 import json
 import math
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -23,6 +22,7 @@ from safetensors.torch import save_file
 
 from configs.schema import PipelineConfig
 from training.digits import PROMPT_TEMPLATES, digit_prompt
+from training.models import staged_directory
 from training.rewards import load_reward
 from training.trainer import IterationMetrics, train
 
@@ -146,9 +146,7 @@ def train_base_model(
 
 
 def save_base_model(final: Path, problem, config, spec, beta, reference_hash, metrics, history) -> None:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=final.parent))
-    try:
+    with staged_directory(final) as tmp:
         state = problem.trainable_state()
         save_file({k[5:]: v.contiguous() for k, v in state.items() if k.startswith("lora.")},
                   tmp / "adapter_model.safetensors")
@@ -171,13 +169,6 @@ def save_base_model(final: Path, problem, config, spec, beta, reference_hash, me
             "history": [m.__dict__ for m in history],
         }
         (tmp / BASE_MODEL_FILE).write_text(json.dumps(meta, indent=2, default=str))
-        tmp.chmod(0o755)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_base_model_state(path: Path) -> dict[str, torch.Tensor]:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from configs.schema import PipelineConfig
@@ -80,3 +84,21 @@ def content_hash(directory: Path) -> str:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+@contextmanager
+def staged_directory(final: Path, prefix: str = ".build-") -> Iterator[Path]:
+    """Yield a temporary folder next to ``final``; when the block succeeds it replaces ``final`` by a rename,
+    when it fails it is removed. Readers never see a half-written ``final``."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o755)  # mkdtemp's 0700 would hide the folder from the rest of a team
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
