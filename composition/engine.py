@@ -19,28 +19,26 @@ from pathlib import Path
 
 import torch
 
-from composition.batched import load_adapter, merge_lora_states
-from composition.sampler import (
-    BaseKernel,
-    CoDeSampler,
-    DDIMComposer,
-    EpsilonBlendSampler,
-    MSDDASampler,
-    RewardedSoupSampler,
-    RGGSampler,
-)
+from composition.batched import load_adapter
+from composition.methods import METHODS, Batch, Composer, Method
+from configs.errors import MsddaError
 from configs.schema import CompositionConfig, PipelineConfig
-from training.policy import DDIMSchedule
+from training.kernel import DDIMSchedule
+from training.rewards import mean_and_se
+from training.sd_problem import decode_latents
 
-METHODS = ("msdda", "db", "rs", "code", "rgg")
-METHOD_LABELS = {"msdda": "MSDDA", "db": "DB-MPA (epsilon blend)", "rs": "rewarded soup", "code": "CoDe",
-                 "rgg": "RGG", "oracle": "oracle"}
-SOUP_ADAPTER = "__soup__"
 LINEAGE_KEYS = {"reference_hash": "reference models", "scheduler": "scheduler configs"}
 
 
-class CompositionError(ValueError):
+class CompositionError(MsddaError, ValueError):
     """Bad composition input (weights, models, method), reported as one line."""
+
+
+def get_method(name: str) -> Method:
+    """The registered method ``name``; a one-line error naming the choices otherwise."""
+    if name not in METHODS:
+        raise CompositionError(f"unknown method '{name}'; choose from {', '.join(METHODS)}")
+    return METHODS[name]
 
 
 @dataclass(frozen=True)
@@ -60,6 +58,10 @@ class BaseModelFile:
     @property
     def rank(self) -> int:
         return int(self.meta["lora"]["rank"])
+
+    @property
+    def targets(self) -> list[str]:
+        return list(self.meta["lora"]["targets"])
 
 
 def read_base_model(path: Path) -> BaseModelFile:
@@ -154,10 +156,6 @@ class Ensemble:
     def objectives(self) -> list[str]:
         return [m.objective for m in self.models]
 
-    @property
-    def kernels(self) -> list[BaseKernel]:
-        return [BaseKernel(m.objective, m.log_variance, m.beta) for m in self.models]
-
     def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
         if not self._embeds:
             from training.sd_problem import encode_prompts
@@ -165,53 +163,20 @@ class Ensemble:
             self._embeds["prompts"], self._embeds["uncond"] = encode_prompts(self.pipe, self.prompts)
         return self._embeds["prompts"], self._embeds["uncond"]
 
-    def decode_with_grad(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> images in [0, 1], differentiable (RGG)."""
-        vae = self.pipe.vae
-        return ((vae.decode(latents / vae.config.scaling_factor).sample + 1) / 2).clamp(0, 1)
+    def composer(self, options: CompositionConfig) -> Composer:
+        return Composer(self.pipe.unet, self.schedule, self.guidance_scale, self.models, options)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.decode_with_grad(latents)
-
-    def sampler(self, method: str, weights: list[float], options: CompositionConfig) -> DDIMComposer:
-        args = (self.pipe.unet, self.schedule, self.guidance_scale, self.kernels)
-        if method == "msdda":
-            return MSDDASampler(*args)
-        if method == "db":
-            return EpsilonBlendSampler(*args)
-        if method == "rs":
-            self._load_soup(weights)
-            return RewardedSoupSampler(*args, soup_adapter=SOUP_ADAPTER)
-        if method == "code":
-            return CoDeSampler(*args, candidates=options.code_candidates, block=options.code_block)
-        if method == "rgg":
-            not_differentiable = [name for name, r in self.rewards.items() if not r.differentiable]
-            if not_differentiable:
-                raise CompositionError(f"RGG needs differentiable rewards; not differentiable: "
-                                       f"{', '.join(not_differentiable)}")
-            return RGGSampler(*args, beta=1.0, scale=options.rgg_scale)
-        raise CompositionError(f"unknown method '{method}'; choose from {', '.join(METHODS)}")
-
-    def _load_soup(self, weights: list[float]) -> None:
-        from peft import set_peft_model_state_dict
-
-        merged = merge_lora_states([m.lora for m in self.models], weights)
-        unet = self.pipe.unet
-        if SOUP_ADAPTER in getattr(unet, "peft_config", {}):
-            set_peft_model_state_dict(unet, merged, adapter_name=SOUP_ADAPTER)
-        else:
-            rank = sum(m.rank for m in self.models)
-            load_adapter(unet, SOUP_ADAPTER, merged, rank, self.models[0].meta["lora"]["targets"])
+        return decode_latents(self.pipe.vae, latents)
 
     def score_fn(self, weights: list[float], prompts: list[str], per_beta: bool, differentiable: bool):
         """``x0 latents -> sum_i c_i R_i(decode(x0))`` with ``c_i = w_i`` (or ``w_i / beta_i``); the latents'
         rows are candidate-major repeats of ``prompts``."""
         coefficients = [w / (m.beta if per_beta else 1.0) for w, m in zip(weights, self.models)]
-        decode = self.decode_with_grad if differentiable else self.decode
 
         def score(x0: torch.Tensor) -> torch.Tensor:
-            images = decode(x0)
+            images = decode_latents(self.pipe.vae, x0) if differentiable else self.decode(x0)
             repeated = prompts * (len(x0) // len(prompts))
             total = torch.zeros(len(x0), dtype=x0.dtype, device=x0.device)
             for c, (name, reward) in zip(coefficients, self.rewards.items()):
@@ -220,6 +185,14 @@ class Ensemble:
             return total
 
         return score
+
+    def check_scores(self, method: Method) -> None:
+        """Refuse a method that needs reward gradients when a reward has none."""
+        if method.score is not None and method.score.differentiable:
+            flat = [name for name, reward in self.rewards.items() if not reward.differentiable]
+            if flat:
+                raise CompositionError(f"{method.name} needs differentiable rewards; not differentiable: "
+                                       f"{', '.join(flat)}")
 
 
 def load_ensemble(config: PipelineConfig, home: Path, model_dirs: list[Path], progress: bool = False) -> Ensemble:
@@ -275,8 +248,12 @@ def generate(ensemble: Ensemble, method: str, weights: list[float], options: Com
     num_images = num_images or options.num_images
     seed = options.seed if seed is None else seed
     weights = parse_weights(weights, len(ensemble.models))
+    chosen = get_method(method)
+    ensemble.check_scores(chosen)
     embeds, uncond = ensemble.embeddings()
-    sampler = ensemble.sampler(method, weights, options)
+    composer = ensemble.composer(options)
+    if chosen.prepare is not None:
+        chosen.prepare(composer, weights)
     unet = ensemble.pipe.unet
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     images, prompts, diagnostics, nfe = [], [], [], 0.0
@@ -287,17 +264,17 @@ def generate(ensemble: Ensemble, method: str, weights: list[float], options: Com
         x_seed, noise_seed = batch_seeds(seed, batch_index)
         x_T = torch.randn((len(index), *shape), generator=torch.Generator().manual_seed(x_seed))
         score = None
-        if method in ("code", "rgg"):
-            score = ensemble.score_fn(weights, batch_prompts, per_beta=method == "rgg", differentiable=method == "rgg")
+        if chosen.score is not None:
+            score = ensemble.score_fn(weights, batch_prompts, chosen.score.per_beta, chosen.score.differentiable)
         try:
-            result = sampler.sample(x_T, embeds[index], uncond, weights, torch.Generator().manual_seed(noise_seed),
-                                    score=score)
+            with torch.no_grad():
+                chain, nfe = chosen.sample(composer, weights, x_T, Batch(embeds[index], uncond),
+                                           torch.Generator().manual_seed(noise_seed), score)
         except ValueError as exc:  # e.g. a non-positive composed precision
             raise CompositionError(f"{method} with weights {weights}: {exc}") from None
-        images.append(ensemble.decode(result.latents))
+        images.append(ensemble.decode(chain.latents))
         prompts.extend(batch_prompts)
-        diagnostics.extend(result.diagnostics if batch_index == 0 else [])
-        nfe = result.nfe_per_image
+        diagnostics.extend(chain.diagnostics if batch_index == 0 else [])
     return Generated(method, weights, torch.cat(images), prompts, nfe, time.perf_counter() - start, diagnostics)
 
 
@@ -305,10 +282,6 @@ def generate(ensemble: Ensemble, method: str, weights: list[float], options: Com
 def score_images(ensemble: Ensemble, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
     """Per-image rewards ``{objective: [N]}``."""
     return {name: reward(images, prompts).detach().float() for name, reward in ensemble.rewards.items()}
-
-
-def mean_and_se(values: torch.Tensor) -> tuple[float, float]:
-    return float(values.mean()), float(values.std() / math.sqrt(values.numel()))
 
 
 def save_images(images: torch.Tensor, prompts: list[str], out_dir: Path, manifest: dict) -> Path:

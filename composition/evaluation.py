@@ -14,7 +14,9 @@ from pathlib import Path
 
 import torch
 
-from composition.engine import METHOD_LABELS, Ensemble, generate, mean_and_se, score_images
+from composition.engine import Ensemble, generate, score_images
+from composition.methods import METHODS
+from training.rewards import mean_and_se
 from configs.schema import CompositionConfig
 
 
@@ -81,7 +83,7 @@ def sweep(
     """
     from tqdm.auto import tqdm
 
-    methods = list(methods or options.methods)
+    methods = list(methods or options.methods or METHODS)
     weights_grid = simplex_grid(len(ensemble.models), grid or options.grid)
     objectives = ensemble.objectives
     num_images = num_images or options.num_images
@@ -144,7 +146,7 @@ def plot_fronts(result: dict, path: Path, extra: dict[str, list[dict]] | None = 
         front = set(pareto_front(list(zip(xs, ys))))
         order = sorted(range(len(points)), key=lambda i: xs[i])
         hv = result["methods"].get(method, {}).get("hypervolume")
-        label = METHOD_LABELS.get(method, method) + (f" (HV {hv:.3g})" if hv is not None else "")
+        label = (METHODS[method].label if method in METHODS else method) + (f" (HV {hv:.3g})" if hv is not None else "")
         ax.plot([xs[i] for i in order], [ys[i] for i in order], "-", color=color, alpha=0.35)
         ax.scatter(xs, ys, s=[40 if i in front else 14 for i in range(len(xs))], color=color, label=label)
         if method == "msdda":

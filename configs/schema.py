@@ -128,13 +128,11 @@ class ObjectiveSpec(_Strict):
     options: dict[str, object] = {}
 
 
-Method = Literal["msdda", "db", "rs", "code", "rgg"]
-
-
 class CompositionConfig(_Strict):
     """Denoising-time composition (``msdda compose``) and the weight sweep (``msdda sweep``)."""
 
-    methods: list[Method] = ["msdda", "db", "rs", "code", "rgg"]
+    methods: list[str] | None = None
+    """Methods the sweep runs; ``None``: every registered method (``composition.methods.METHODS``)."""
     grid: Annotated[int, Field(ge=2)] = 11
     """Points per simplex edge: 11 gives w = 0, 0.1, ..., 1 for two objectives."""
     num_images: Annotated[int, Field(ge=2)] = 128

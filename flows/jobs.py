@@ -102,20 +102,11 @@ def compose_job(config: PipelineConfig, home: Path, weights, specs: list[str] | 
                 mlflow: bool = True) -> dict:
     """Sample images for one weight vector with ``method``; save them (PNG + manifest) and log an MLflow run
     with the weights, models and versions, the rewards, the NFE and an image grid."""
-    from composition.engine import (
-        METHODS,
-        CompositionError,
-        generate,
-        load_ensemble,
-        mean_and_se,
-        parse_weights,
-        save_images,
-        score_images,
-    )
+    from composition.engine import generate, get_method, load_ensemble, parse_weights, save_images, score_images
     from composition.evaluation import image_grid
+    from training.rewards import mean_and_se
 
-    if method not in METHODS:
-        raise CompositionError(f"unknown method '{method}'; choose from {', '.join(METHODS)}")
+    get_method(method)  # a one-line error before any loading
     options = config.composition
     num_images = num_images or options.num_images
     seed = options.seed if seed is None else seed
@@ -179,15 +170,13 @@ def sweep_job(config: PipelineConfig, home: Path, specs: list[str] | None = None
     """Every method over the weight grid (cached under ``$MSDDA_HOME/sweeps/<key>``): ``sweep.json``, the
     Pareto plot of all methods ``pareto.png``, one per method (``fronts/<method>.png``) and an image grid per
     method and weight (``grids/<method>/w<weights>.png``), all logged to one MLflow run."""
-    from composition.engine import METHODS, CompositionError, load_ensemble
+    from composition.engine import get_method, load_ensemble
     from composition.evaluation import image_grid, plot_fronts, sweep
+    from composition.methods import METHODS
     from training.models import staged_directory
 
     options = config.composition
-    methods = list(methods or options.methods)
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise CompositionError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    methods = [get_method(m).name for m in (methods or options.methods or METHODS)]
     grid = grid or options.grid
     num_images = num_images or options.num_images
     if mlflow:

@@ -9,6 +9,7 @@ them they fail with one line.
 from __future__ import annotations
 
 import io
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +39,11 @@ class Reward:
             return self.fn(images, prompts)
         with torch.no_grad():
             return self.fn(images, prompts)
+
+
+def mean_and_se(values: torch.Tensor) -> tuple[float, float]:
+    """Mean and standard error ``std / sqrt(n)`` of per-image rewards (or of paired differences)."""
+    return float(values.mean()), float(values.std() / math.sqrt(values.numel()))
 
 
 # ------------------------------------------------------------------------------------------ offline rewards

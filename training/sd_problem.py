@@ -14,7 +14,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from training.policy import DDIMSchedule, GaussianStepPolicy, LogVarianceOffset, cfg_epsilon, ddim_x0
+from training.chain import run_chain
+from training.kernel import DDIMSchedule, GaussianStep, LogVarianceOffset
+from training.policy import GaussianStepPolicy, GuidedEpsilon
 from training.rewards import Reward
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -55,24 +57,10 @@ def adapters_disabled(unet):
         unet.enable_adapters()
 
 
-class GuidedEpsilon(nn.Module):
-    """``eps(x_t, t, cond)`` of a conditional UNet with classifier-free guidance; counts UNet rows evaluated."""
-
-    def __init__(self, unet, guidance_scale: float):
-        super().__init__()
-        self.unet = unet
-        self.guidance_scale = guidance_scale
-        self.rows = 0
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
-        embeds, uncond = cond["embeds"], cond["uncond"]
-        if self.guidance_scale == 1.0:
-            self.rows += x.shape[0]
-            return self.unet(x, t, encoder_hidden_states=embeds).sample
-        self.rows += 2 * x.shape[0]
-        out = self.unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, embeds]))
-        eps_uncond, eps_cond = out.sample.chunk(2)
-        return cfg_epsilon(eps_cond, eps_uncond, self.guidance_scale)
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """VAE latents -> images in [0, 1] (differentiable; wrap in ``torch.no_grad()`` where no gradient is needed)."""
+    images = vae.decode(latents / vae.config.scaling_factor).sample
+    return ((images + 1) / 2).clamp(0, 1)
 
 
 @torch.no_grad()
@@ -135,14 +123,12 @@ class DiffusionStepProblem(nn.Module):
         noise = torch.randn((batch_size, *self.latent_shape), generator=generator)
         return noise.to(self.prompt_embeds.device), self.make_cond(index)
 
-    def reference(self, x_t, step, cond):
+    def reference(self, x_t, step, cond) -> GaussianStep:
         with adapters_disabled(self.unet):
             return self.reference_policy(x_t, step, cond)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> images in [0, 1]."""
-        images = self.vae.decode(latents / self.vae.config.scaling_factor).sample
-        return ((images + 1) / 2).clamp(0, 1)
+        return decode_latents(self.vae, latents)
 
     def clean_estimate(self, x_t, actions, step, cond) -> torch.Tensor:
         """``x0_hat(a, t_prev)`` for actions ``[N, B, ...]`` -> ``[N * B, ...]``."""
@@ -150,16 +136,14 @@ class DiffusionStepProblem(nn.Module):
         flat = actions.reshape(n * b, *actions.shape[2:])
         if step == len(self.schedule) - 1:
             return flat
-        alpha_prev = self.schedule.alpha_prev[step]
         if self.x0_estimate == "current_eps":
             with adapters_disabled(self.unet):
-                eps = self.eps(x_t, self.schedule.timesteps[step].expand(b), cond)
-            return ddim_x0(flat, eps.repeat(n, 1, 1, 1), alpha_prev)
+                eps = self.eps(x_t, self.schedule.timestep(step, x_t), cond)
+            return self.schedule.clean_estimate(flat, eps.repeat(n, 1, 1, 1), step, after=True)
         repeated = {k: (v.repeat(n, 1, 1) if torch.is_tensor(v) else v * n) for k, v in cond.items()}
-        prev_t = self.schedule.timesteps[step + 1].expand(n * b)
         with adapters_disabled(self.unet):
-            eps = self.eps(flat, prev_t, repeated)
-        return ddim_x0(flat, eps, alpha_prev)
+            eps = self.eps(flat, self.schedule.timestep(step + 1, flat), repeated)
+        return self.schedule.clean_estimate(flat, eps, step, after=True)
 
     def step_reward(self, x_t, actions, step, cond):
         n, b = actions.shape[:2]
@@ -184,20 +168,20 @@ class DiffusionStepProblem(nn.Module):
                       batch_size: int = 128) -> tuple[torch.Tensor, list[str], float]:
         """Full DDIM chains; returns images, prompts and the mean per-step KL(policy || reference)."""
         images, prompts, kls = [], [], []
-        from training.policy import gaussian_kl
+
+        def policy_kernel(cond):
+            def kernel(x, step):
+                policy = self.policy(x, step, cond)
+                kls.append(policy.kl(self.reference(x, step, cond)).mean().item())
+                return policy
+
+            return kernel
 
         for start in range(0, len(prompt_index), batch_size):
             index = prompt_index[start : start + batch_size]
             cond = self.make_cond(index)
-            x = torch.randn((len(index), *self.latent_shape), generator=generator).to(self.prompt_embeds.device)
-            for step in range(len(self.schedule)):
-                if use_policy:
-                    mean, var = self.policy(x, step, cond)
-                    ref_mean, ref_var = self.reference(x, step, cond)
-                    kls.append(gaussian_kl(mean, var, ref_mean, ref_var).mean().item())
-                else:
-                    mean, var = self.reference(x, step, cond)
-                x = self.policy.sample(x, step, cond, generator, mean_var=(mean, var))
-            images.append(self.decode(x))
+            x_T = torch.randn((len(index), *self.latent_shape), generator=generator).to(self.prompt_embeds.device)
+            kernel = policy_kernel(cond) if use_policy else (lambda x, step, cond=cond: self.reference(x, step, cond))
+            images.append(self.decode(run_chain(self.schedule, x_T, kernel, generator, diagnose=False).latents))
             prompts.extend(cond["prompts"])
         return torch.cat(images), prompts, (sum(kls) / len(kls) if kls else 0.0)

@@ -15,7 +15,8 @@ import math
 import torch
 from torch import nn
 
-from training.policy import DDIMSchedule, GaussianStepPolicy, LogVarianceOffset
+from training.kernel import DDIMSchedule, GaussianStep, LogVarianceOffset
+from training.policy import GaussianStepPolicy
 
 MIXTURE_MEANS = ((-2.0, 0.0), (2.0, 0.0), (0.0, 2.0))
 MIXTURE_STD = 0.5
@@ -95,7 +96,7 @@ class ToyProblem(nn.Module):
     def initial_states(self, batch_size: int, generator: torch.Generator):
         return torch.randn(batch_size, 2, generator=generator), None
 
-    def reference(self, x_t, step, cond):
+    def reference(self, x_t, step, cond) -> GaussianStep:
         return self.reference_policy(x_t, step, cond)
 
     def step_reward(self, x_t, actions, step, cond):
@@ -103,9 +104,9 @@ class ToyProblem(nn.Module):
 
     def optimum(self, x_t: torch.Tensor, step: int, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
         """The analytic ``pi*`` (mean, variance) at states ``x_t``."""
-        ref_mean, ref_var = self.reference(x_t, step, None)
-        precision = 1 / ref_var + self.quadratic / beta
-        return (ref_mean / ref_var + self.linear / beta) / precision, 1 / precision
+        reference = self.reference(x_t, step, None)
+        precision = 1 / reference.variance + self.quadratic / beta
+        return (reference.mean / reference.variance + self.linear / beta) / precision, 1 / precision
 
     def trainable_state(self):
         return {k: v for k, v in self.policy.state_dict().items() if not k.startswith("eps_model.reference")}
@@ -121,7 +122,8 @@ def evaluate_against_optimum(problem: ToyProblem, beta: float, num_states: int =
     x = torch.randn(num_states, 2, generator=generator)
     mean_errors, var_errors, per_step = [], [], []
     for step in range(len(problem.schedule)):
-        mean, var = problem.policy(x, step, None)
+        policy = problem.policy(x, step, None)
+        mean, var = policy.mean, policy.variance
         target_mean, target_var = problem.optimum(x, step, beta)
         sigma = problem.schedule.sigma[step]
         mean_error = ((mean - target_mean).norm(dim=-1) / sigma).mean().item()
@@ -129,7 +131,7 @@ def evaluate_against_optimum(problem: ToyProblem, beta: float, num_states: int =
         mean_errors.append(mean_error)
         var_errors.append(var_error)
         per_step.append({"step": step, "mean_error_over_sigma": mean_error, "variance_rel_error": var_error})
-        x = problem.reference_policy.sample(x, step, None, generator)
+        x = problem.reference(x, step, None).sample(generator)
     return {
         "mean_error_over_sigma": sum(mean_errors) / len(mean_errors),
         "variance_rel_error": sum(var_errors) / len(var_errors),

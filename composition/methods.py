@@ -1,0 +1,261 @@
+"""Composition methods: MSDDA and the baselines, each a small function over one shared chain runner.
+
+A method is either a **kernel function** ``(composer, weights, batch, x_t, step) -> GaussianStep`` that
+:func:`training.chain.run_chain` samples step by step (MSDDA, the epsilon blend, the rewarded soup), or a
+**search** ``(composer, weights, x_T, batch, generator, score) -> Chain`` around the runner (CoDe, RGG).
+:data:`METHODS` is the one registry: the CLI, the sweep and ``docs/adding-a-method.md`` read it.
+
+=========  =============================================================================  ===================
+method     step (docs/design.md §3)                                                       UNet rows per step
+=========  =============================================================================  ===================
+msdda      ``compose_gaussian`` of the K base kernels (+ reference when sum lam != 1)     K (+1)
+db         ``eps = sum w_i eps_i (+ (1 - sum w) eps_ref)``, DDIM step with ``sigma_t``    K (+1)
+rs         one adapter with ``Delta W = sum w_i B_i A_i``, ``v = sum w_i v_i``            1
+code       reference; every B steps keep the best of N candidates under the score         N
+rgg        reference, mean ``+ lambda * sigma_t^2 * grad_x score(x0_hat)``                1 forward + backward
+=========  =============================================================================  ===================
+
+Every UNet row goes through the composer's :class:`~training.policy.GuidedEpsilon`, which counts them: NFE is
+rows per image, a backward pass counting two.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from composition.batched import REFERENCE, load_adapter, merge_lora_states, mixed_adapter_batch, routing
+from composition.msdda import SUM_TOLERANCE, compose_gaussian, composition_coefficients
+from training.chain import Chain, run_chain
+from training.kernel import DDIMSchedule, GaussianStep
+from training.policy import GuidedEpsilon
+
+Score = Callable[[torch.Tensor], torch.Tensor]
+"""``score(x0_latents [M, ...]) -> [M]``: ``sum_i c_i R_i(decode(x0))`` with rows in candidate-major order."""
+
+SOUP_ADAPTER = "__soup__"
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The conditioning of one batch: prompt states ``[B, L, D]`` and the empty prompt's ``[1, L, D]``."""
+
+    embeds: torch.Tensor
+    uncond: torch.Tensor | None
+
+    def cond(self, copies: int = 1) -> dict:
+        """The epsilon model's ``cond`` for ``copies`` stacked copies of the batch."""
+        rows = len(self.embeds)
+        uncond = None if self.uncond is None else self.uncond.expand(rows, -1, -1).repeat(copies, 1, 1)
+        return {"embeds": self.embeds.repeat(copies, 1, 1), "uncond": uncond}
+
+    def repeat(self, copies: int) -> Batch:
+        return Batch(self.embeds.repeat(copies, 1, 1), self.uncond)
+
+
+class Composer:
+    """What every method works with: the UNet carrying the K base models' adapters, the schedule, guided and
+    counted epsilons, and each base model's learned variance and beta.
+
+    ``models`` are loaded base models (``training.card.LoadedBaseModel``): ``objective``, ``beta``, ``rank``,
+    ``targets``, ``lora`` and ``log_variance`` are read.
+    """
+
+    def __init__(self, unet, schedule: DDIMSchedule, guidance_scale: float, models: Sequence, options):
+        self.unet, self.schedule, self.options = unet, schedule, options
+        self.models = list(models)
+        self.eps = GuidedEpsilon(unet, guidance_scale)
+
+    @property
+    def names(self) -> list[str]:
+        """Adapter names in the UNet, one per base model (its objective)."""
+        return [m.objective for m in self.models]
+
+    def epsilons(self, x: torch.Tensor, step: int, batch: Batch, adapters: list[str]) -> torch.Tensor:
+        """``[len(adapters), B, ...]`` guided epsilons from one UNet call routed by adapter name."""
+        n, b = len(adapters), x.shape[0]
+        xs = x.repeat(n, *([1] * (x.dim() - 1)))
+        with mixed_adapter_batch(self.unet, routing(adapters, b)):
+            eps = self.eps(xs, self.schedule.timestep(step, xs), batch.cond(n))
+        return eps.view(n, b, *x.shape[1:])
+
+    def count_backward(self, rows: int) -> None:
+        """A backward pass through the UNet for ``rows`` rows costs two forwards."""
+        self.eps.rows += 2 * self.eps.rows_per_image * rows
+
+    def coefficients(self, weights: Sequence[float]) -> tuple[torch.Tensor, list[int], bool]:
+        """``(lam, active model indices, whether the reference is needed)`` for objective weights ``w``."""
+        lam = composition_coefficients(weights, len(self.models), [m.beta for m in self.models])
+        active = [i for i, value in enumerate(lam.tolist()) if value != 0.0]
+        return lam, active, abs(1.0 - float(lam.sum())) > SUM_TOLERANCE
+
+    def load_soup(self, weights: Sequence[float]) -> None:
+        """Put the exact rewarded soup of ``weights`` on the UNet as adapter :data:`SOUP_ADAPTER`."""
+        from peft import set_peft_model_state_dict
+
+        merged = merge_lora_states([m.lora for m in self.models], weights)
+        if SOUP_ADAPTER in getattr(self.unet, "peft_config", {}):
+            set_peft_model_state_dict(self.unet, merged, adapter_name=SOUP_ADAPTER)
+        else:
+            rank = sum(m.rank for m in self.models)
+            load_adapter(self.unet, SOUP_ADAPTER, merged, rank, self.models[0].targets)
+
+
+# ------------------------------------------------------------------------------------------ kernel methods
+
+
+def msdda(composer: Composer, weights, batch: Batch, x: torch.Tensor, step: int) -> GaussianStep:
+    """MSDDA: the closed-form product of the base kernels (and the reference's when ``sum lam != 1``)."""
+    started = time.perf_counter()
+    lam, active, use_reference = composer.coefficients(weights)
+    adapters = [composer.names[i] for i in active] + ([REFERENCE] if use_reference else [])
+    eps = composer.epsilons(x, step, batch, adapters)
+    unet_done = time.perf_counter()
+    schedule, k = composer.schedule, len(active)
+    means = schedule.kernel(x.unsqueeze(0), eps, step).mean
+    variances = (torch.stack([schedule.variance(step, x, composer.models[i].log_variance).expand_as(x)
+                              for i in active]) if k else x.new_zeros((0, *x.shape)))
+    ref_mean = means[k] if use_reference else None
+    ref_var = schedule.variance(step, x) if use_reference else None
+    mean, variance = compose_gaussian(means[:k], variances, lam[active].tolist(), ref_mean, ref_var)
+    return GaussianStep(mean, variance, {"unet_seconds": unet_done - started,
+                                         "compose_seconds": time.perf_counter() - unet_done})
+
+
+def epsilon_blend(composer: Composer, weights, batch: Batch, x: torch.Tensor, step: int) -> GaussianStep:
+    """DB-MPA: ``eps = sum_i w_i eps_i + (1 - sum_i w_i) eps_ref``, then a plain DDIM step with ``sigma_t``."""
+    w = torch.as_tensor([float(v) for v in weights], dtype=torch.float64)
+    active = [i for i, value in enumerate(w.tolist()) if value != 0.0]
+    remainder = 1.0 - float(w.sum())
+    use_reference = abs(remainder) > SUM_TOLERANCE
+    adapters = [composer.names[i] for i in active] + ([REFERENCE] if use_reference else [])
+    coefficients = [float(w[i]) for i in active] + ([remainder] if use_reference else [])
+    eps = composer.epsilons(x, step, batch, adapters)
+    return composer.schedule.kernel(x, sum(c * e for c, e in zip(coefficients, eps)), step)
+
+
+def rewarded_soup(composer: Composer, weights, batch: Batch, x: torch.Tensor, step: int) -> GaussianStep:
+    """RS: one adapter ``sum_i w_i B_i A_i`` (loaded by :meth:`Composer.load_soup`), variance offset
+    ``v = sum_i w_i v_i``."""
+    offsets = [(float(w), m.log_variance) for w, m in zip(weights, composer.models) if m.log_variance is not None]
+    log_variance = sum(w * v for w, v in offsets) if offsets else None
+    eps = composer.epsilons(x, step, batch, [SOUP_ADAPTER])[0]
+    return composer.schedule.kernel(x, eps, step, log_variance)
+
+
+# ------------------------------------------------------------------------------------ searches around the chain
+
+
+def code(composer: Composer, weights, x_T, batch: Batch, generator, score: Score) -> Chain:
+    """CoDe (blockwise best-of-N on the reference): every ``code_block`` steps, run ``code_candidates`` reference
+    chains for the block from the current state and keep, per image, the one whose ``x0_hat`` scores best."""
+    n, block, schedule = composer.options.code_candidates, composer.options.code_block, composer.schedule
+    b, steps, candidates, last = x_T.shape[0], len(schedule), batch.repeat(n), {}
+
+    def reference(x, step):
+        last["eps"] = composer.epsilons(x, step, candidates, [REFERENCE])[0]
+        return schedule.kernel(x, last["eps"], step)
+
+    x, picks = x_T, []
+    for start in range(0, steps, block):
+        stop = min(start + block, steps)
+        xs = run_chain(schedule, x.repeat(n, *([1] * (x.dim() - 1))), reference, generator, start, stop,
+                       diagnose=False).latents
+        x0 = xs if stop == steps else schedule.clean_estimate(xs, last["eps"], stop - 1, after=True)
+        best = score(x0).view(n, b).argmax(0)
+        x = xs.view(n, b, *x.shape[1:])[best, torch.arange(b)]
+        picks.append({"block_start": start, "mean_pick": best.float().mean().item()})
+    return Chain(x, {}, picks)
+
+
+def reward_gradient_guidance(composer: Composer, weights, x_T, batch: Batch, generator, score: Score) -> Chain:
+    """RGG on the reference: ``mean = DDIM mean + rgg_scale * sigma_t^2 * grad_x score(x0_hat(x))``, with the
+    score's coefficients ``w_i / beta_i`` (differentiable rewards only)."""
+    schedule, scale = composer.schedule, composer.options.rgg_scale
+
+    def kernel(x, step):
+        x_in = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            eps = composer.epsilons(x_in, step, batch, [REFERENCE])[0]
+            (grad,) = torch.autograd.grad(score(schedule.clean_estimate(x_in, eps, step)).sum(), x_in)
+        composer.count_backward(x.shape[0])
+        plain = schedule.kernel(x, eps.detach(), step)
+        sigma = schedule.sigma[step].to(x)
+        return GaussianStep(plain.mean + scale * sigma**2 * grad, plain.variance,
+                            {"guidance_norm": float((sigma**2 * grad).norm() / len(x))})
+
+    return run_chain(schedule, x_T, kernel, generator)
+
+
+# ------------------------------------------------------------------------------------------------ the registry
+
+
+KernelFunction = Callable[[Composer, Sequence[float], Batch, torch.Tensor, int], GaussianStep]
+Search = Callable[[Composer, Sequence[float], torch.Tensor, Batch, torch.Generator, "Score | None"], Chain]
+
+
+@dataclass(frozen=True)
+class ScoreNeed:
+    """A method that calls the rewards while sampling: with coefficients ``w_i / beta_i`` (``per_beta``) or
+    ``w_i``, and through a differentiable decode (``differentiable``)."""
+
+    per_beta: bool = False
+    differentiable: bool = False
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered composition method."""
+
+    name: str
+    label: str
+    search: Search
+    kind: str = "search"
+    """``"kernel"``: a kernel function run by the chain runner; ``"search"``: its own loop around the runner."""
+    score: ScoreNeed | None = None
+    prepare: Callable[[Composer, Sequence[float]], None] | None = None
+    """Called once per weight vector before sampling (the soup loads its merged adapter here)."""
+
+    @classmethod
+    def from_kernel(cls, name: str, label: str, kernel: KernelFunction, **kwargs) -> Method:
+        """A method whose every step is ``kernel``, run by :func:`training.chain.run_chain`."""
+
+        def search(composer, weights, x_T, batch, generator, score=None) -> Chain:
+            return run_chain(composer.schedule, x_T, lambda x, step: kernel(composer, weights, batch, x, step),
+                             generator)
+
+        search.__doc__ = kernel.__doc__
+        return cls(name, label, search, kind="kernel", **kwargs)
+
+    @property
+    def summary(self) -> str:
+        """The first sentence of the method's docstring (the docs' method table)."""
+        return (self.search.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+
+    def sample(self, composer: Composer, weights, x_T, batch: Batch, generator, score: Score | None = None):
+        """``(chain, UNet rows per image)`` for one batch."""
+        rows = composer.eps.rows
+        chain = self.search(composer, weights, x_T, batch, generator, score)
+        return chain, (composer.eps.rows - rows) / x_T.shape[0]
+
+
+METHODS: dict[str, Method] = {method.name: method for method in (
+    Method.from_kernel("msdda", "MSDDA", msdda),
+    Method.from_kernel("db", "DB-MPA (epsilon blend)", epsilon_blend),
+    Method.from_kernel("rs", "rewarded soup", rewarded_soup, prepare=Composer.load_soup),
+    Method("code", "CoDe", code, score=ScoreNeed()),
+    Method("rgg", "RGG", reward_gradient_guidance, score=ScoreNeed(per_beta=True, differentiable=True)),
+)}
+"""Every composition method by name. Adding one: write its function above and add one line here."""
+
+
+def methods_table() -> str:
+    """The registry as a Markdown table (``docs/adding-a-method.md`` embeds it; a test keeps them in step)."""
+    rows = ["| name | label | kind | calls the rewards | what a step does |", "|---|---|---|---|---|"]
+    for m in METHODS.values():
+        calls = "no" if m.score is None else ("gradient" if m.score.differentiable else "yes")
+        rows.append(f"| `{m.name}` | {m.label} | {m.kind} | {calls} | {m.summary} |")
+    return "\n".join(rows)
