@@ -233,7 +233,8 @@ class Method:
     @property
     def summary(self) -> str:
         """The first sentence of the method's docstring (the docs' method table)."""
-        return (self.search.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+        first = " ".join((self.search.__doc__ or "").strip().split("\n\n")[0].split())
+        return first.replace("``", "`").replace(":meth:", "")
 
     def sample(self, composer: Composer, weights, x_T, batch: Batch, generator, score: Score | None = None):
         """``(chain, UNet rows per image)`` for one batch."""
@@ -259,3 +260,7 @@ def methods_table() -> str:
         calls = "no" if m.score is None else ("gradient" if m.score.differentiable else "yes")
         rows.append(f"| `{m.name}` | {m.label} | {m.kind} | {calls} | {m.summary} |")
     return "\n".join(rows)
+
+
+if __name__ == "__main__":  # `python -m composition.methods`: the table for docs/adding-a-method.md
+    print(methods_table())

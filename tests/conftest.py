@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -115,3 +116,26 @@ def tiny_base_models(tiny_config, tiny_home, tiny_reference):
         (folder / "base_model.json").write_text(json.dumps(meta, default=str))
         folders.append(folder)
     return folders
+
+
+def random_lora(unet_state_keys, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {k: 0.1 * torch.randn(shape, generator=g) for k, shape in unet_state_keys.items()}
+
+
+@pytest.fixture(scope="module")
+def unet_with_two_adapters(tiny_reference):
+    """The tiny reference UNet carrying two random rank-4 LoRA adapters, ``alpha`` and ``beta``."""
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    from composition.batched import load_adapter
+    from training.embedded import load_embedded_pipeline
+    from training.sd_problem import LORA_TARGETS
+
+    unet = load_embedded_pipeline(tiny_reference.path).unet
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=LORA_TARGETS), adapter_name="probe")
+    shapes = {k: v.shape for k, v in get_peft_model_state_dict(unet, adapter_name="probe").items()}
+    unet.delete_adapters("probe")
+    for i, name in enumerate(["alpha", "beta"]):
+        load_adapter(unet, name, random_lora(shapes, seed=i), rank=4, targets=LORA_TARGETS)
+    return unet.eval()
