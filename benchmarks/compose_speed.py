@@ -23,11 +23,12 @@ import torch
 from readme_section import write_section  # benchmarks/ is on sys.path when run as a script
 
 from composition.engine import load_ensemble
+from composition.methods import METHODS, Batch
 from composition.msdda import compose_gaussian
 from configs import load_config
 from training.base_model import reference_identity, train_base_model
+from training.kernel import GaussianStep
 from training.models import msdda_home
-from training.policy import ddim_mean
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -40,7 +41,6 @@ def median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-@torch.no_grad()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None)
@@ -51,35 +51,48 @@ def main() -> None:
     args = parser.parse_args()
 
     config, home = load_config(args.config), msdda_home()
+    # Training (on a fresh home) needs gradients: only the measurement below runs without them.
     base_dirs = [train_base_model(config, name, home, progress=False).path for name in config.objective_names]
+    with torch.no_grad():
+        report = measure(config, home, base_dirs, args.batch_size, args.repeats)
+    if args.write_readme:
+        write_section("compose-speed", render(report))
+    if args.json:
+        print(json.dumps(report))
+    else:
+        for key, value in report.items():
+            print(f"{key:34s} {value:.4g}" if isinstance(value, float) else f"{key:34s} {value}")
+
+
+def measure(config, home, base_dirs, batch_size: int, repeats: int) -> dict:
     ensemble = load_ensemble(config, home, base_dirs)
     plain_unet = reference_identity(config, home, progress=False)[0].unet.eval()  # no adapters at all
     unet, schedule = ensemble.pipe.unet.eval(), ensemble.schedule
-    k, b = len(ensemble.models), args.batch_size
+    k, b = len(ensemble.models), batch_size
     embeds_all, uncond = ensemble.embeddings()
     index = torch.arange(b) % len(ensemble.prompts)
     embeds = embeds_all[index]
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     x_T = torch.randn((b, *shape), generator=torch.Generator().manual_seed(0))
     weights = [1.0 / k] * k
-    sampler = ensemble.sampler("msdda", weights, config.composition)
-    kernels = ensemble.kernels
+    composer = ensemble.composer(config.composition)
 
     def floor_one_call():
         xs, context = x_T.repeat(k, 1, 1, 1), embeds.repeat(k, 1, 1)
         for step in range(len(schedule)):
-            plain_unet(xs, schedule.timesteps[step].expand(k * b), encoder_hidden_states=context)
+            plain_unet(xs, schedule.timestep(step, xs), encoder_hidden_states=context)
 
     def floor_per_model():
         for step in range(len(schedule)):
             for _ in range(k):
-                plain_unet(x_T, schedule.timesteps[step].expand(b), encoder_hidden_states=embeds)
+                plain_unet(x_T, schedule.timestep(step, x_T), encoder_hidden_states=embeds)
 
     diagnostics = []
 
     def msdda():
-        result = sampler.sample(x_T, embeds, uncond, weights, torch.Generator().manual_seed(1))
-        diagnostics.append(result.diagnostics)
+        chain, _ = METHODS["msdda"].sample(composer, weights, x_T, Batch(embeds, uncond),
+                                           torch.Generator().manual_seed(1))
+        diagnostics.append(chain.diagnostics)
 
     sequential_math = []
 
@@ -87,29 +100,28 @@ def main() -> None:
         x, g = x_T, torch.Generator().manual_seed(1)
         math_seconds = 0.0
         for step in range(len(schedule)):
-            alpha, alpha_prev, sigma = sampler.coefficients(step, x)
-            t = schedule.timesteps[step].expand(b)
+            t = schedule.timestep(step, x)
             eps = []
-            for kernel in kernels:
-                unet.set_adapter(kernel.name)
+            for model in ensemble.models:
+                unet.set_adapter(model.objective)
                 eps.append(unet(x, t, encoder_hidden_states=embeds).sample)
             started = time.perf_counter()
-            means = ddim_mean(x.unsqueeze(0), torch.stack(eps), alpha, alpha_prev, sigma)
-            variances = torch.stack([sampler.variance(kn, step, x).expand_as(x) for kn in kernels])
+            means = schedule.kernel(x.unsqueeze(0), torch.stack(eps), step).mean
+            variances = torch.stack([schedule.variance(step, x, m.log_variance).expand_as(x) for m in ensemble.models])
             mean, var = compose_gaussian(means, variances, weights)
             math_seconds += time.perf_counter() - started
-            x = mean + var.sqrt() * sampler.noise(x, g)
+            x = GaussianStep(mean, var).sample(g)
         sequential_math.append(math_seconds)
 
-    t_one_call = median_seconds(floor_one_call, args.repeats)
-    t_per_model = median_seconds(floor_per_model, args.repeats)
+    t_one_call = median_seconds(floor_one_call, repeats)
+    t_per_model = median_seconds(floor_per_model, repeats)
     t_floor = min(t_one_call, t_per_model)
-    t_msdda = median_seconds(msdda, args.repeats)
-    t_sequential = median_seconds(sequential, args.repeats)
+    t_msdda = median_seconds(msdda, repeats)
+    t_sequential = median_seconds(sequential, repeats)
     compose_fraction = statistics.median(
         sum(d["compose_seconds"] for d in run) / sum(d["step_seconds"] for d in run) for run in diagnostics[1:])
-    report = {
-        "batch_size": b, "models": k, "steps": len(schedule), "repeats": args.repeats,
+    return {
+        "batch_size": b, "models": k, "steps": len(schedule), "repeats": repeats,
         "torch_threads": torch.get_num_threads(),
         "floor_one_call_seconds": t_one_call, "floor_per_model_seconds": t_per_model,
         "floor_seconds": t_floor, "msdda_seconds": t_msdda, "sequential_seconds": t_sequential,
@@ -119,13 +131,6 @@ def main() -> None:
         "sequential_compose_math_fraction": statistics.median(sequential_math[1:]) / t_sequential,
         "msdda_over_sequential": t_msdda / t_sequential,
     }
-    if args.write_readme:
-        write_section("compose-speed", render(report))
-    if args.json:
-        print(json.dumps(report))
-    else:
-        for key, value in report.items():
-            print(f"{key:34s} {value:.4g}" if isinstance(value, float) else f"{key:34s} {value}")
 
 
 def render(r: dict) -> str:

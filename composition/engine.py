@@ -24,7 +24,6 @@ from composition.methods import METHODS, Batch, Composer, Method
 from configs.errors import MsddaError
 from configs.schema import CompositionConfig, PipelineConfig
 from training.kernel import DDIMSchedule
-from training.rewards import mean_and_se
 from training.sd_problem import decode_latents
 
 LINEAGE_KEYS = {"reference_hash": "reference models", "scheduler": "scheduler configs"}

@@ -16,8 +16,8 @@ import torch
 
 from composition.engine import Ensemble, generate, score_images
 from composition.methods import METHODS
-from training.rewards import mean_and_se
 from configs.schema import CompositionConfig
+from training.rewards import mean_and_se
 
 
 def simplex_grid(num_objectives: int, points_per_edge: int) -> list[list[float]]:

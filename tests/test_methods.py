@@ -211,13 +211,13 @@ def test_the_docs_worked_example_runs_as_a_registered_method(unet_with_two_adapt
     import re
     from pathlib import Path
 
-    import composition.methods as methods
+    from composition import methods
 
     text = (Path(__file__).parents[1] / "docs" / "adding-a-method.md").read_text()
-    function, line = re.findall(r"```python\n(.*?)```", text, re.S)[:2]
+    function, line = re.findall(r"```python\n(.*?)```", text, re.DOTALL)[:2]
     namespace = vars(methods).copy()
     exec(function, namespace)  # noqa: S102 - the documented example, run as a user would paste it
-    method = eval(line.strip().rstrip(","), namespace)  # noqa: S307
+    method = eval(line.strip().rstrip(","), namespace)
     monkeypatch.setitem(methods.METHODS, method.name, method)
     comp = composer(unet_with_two_adapters, log_variance={})
     x_T, batch = inputs(comp.unet, seed=10)
