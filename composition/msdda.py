@@ -1,4 +1,4 @@
-"""MSDDA: the closed-form product of Gaussian step policies (DESIGN section 3).
+"""MSDDA: the closed-form product of Gaussian step policies (docs/design.md §2.2-2.3).
 
 The step-level optimum for the combined reward ``sum_i w_i r_i`` with KL coefficient ``beta`` is
 

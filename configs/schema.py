@@ -97,7 +97,7 @@ class ModelConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    """The step-level trainer (DESIGN section 2) and its evaluation."""
+    """The step-level trainer (docs/design.md §1.5) and its evaluation."""
 
     method: Literal["target_matching", "policy_gradient"] = "target_matching"
     beta: Annotated[float, Field(gt=0)] = 0.01

@@ -1,4 +1,4 @@
-"""compose_gaussian against the analytic step-level optimum on Gaussian kernels (DESIGN section 3)."""
+"""compose_gaussian against the analytic step-level optimum on Gaussian kernels (docs/design.md §2)."""
 
 import math
 
