@@ -14,10 +14,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from training.card import LORA_TARGETS
 from training.policy import DDIMSchedule, GaussianStepPolicy, LogVarianceOffset, cfg_epsilon, ddim_x0
 from training.rewards import Reward
 
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 ADAPTER = "default"
 
 
