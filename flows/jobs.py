@@ -11,8 +11,12 @@ import hashlib
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from configs.schema import PipelineConfig
+
+if TYPE_CHECKING:
+    from flows.registry import ResolvedModel
 
 
 def _reachable(home: Path) -> None:
@@ -59,37 +63,37 @@ def train_job(config: PipelineConfig, home: Path, objective: str, register: bool
 # ------------------------------------------------------------------------------------------------ resolving
 
 
-def resolve_models(config: PipelineConfig, home: Path, specs: list[str] | None = None) -> list[Path]:
-    """Base-model folders for ``specs``: a folder path is used as is, anything else is a registry spec
-    (``NAME``, ``NAME@ALIAS``, ``NAME/VERSION``). No specs: the config's objectives at ``@champion``."""
-    from flows.registry import resolve
+def resolve_models(config: PipelineConfig, home: Path, specs: list[str] | None = None) -> list[ResolvedModel]:
+    """Base models for ``specs``: a folder path is used as is (no registry name or version), anything else is a
+    registry spec (``NAME``, ``NAME@ALIAS``, ``NAME/VERSION``). No specs: the config's objectives at ``@champion``."""
+    from flows.registry import ResolvedModel, resolve
+    from training.card import CARD_FILE
 
     specs = list(specs or config.objective_names)
     if not specs:
         from composition.engine import CompositionError
 
         raise CompositionError("no base models named and the config lists no objectives")
-    folders = []
+    models = []
     for spec in specs:
         path = Path(spec).expanduser()
-        if path.is_dir() and ("/" in spec or (path / "base_model.json").exists()):
-            folders.append(path)
+        if path.is_dir() and ("/" in spec or (path / CARD_FILE).exists()):
+            models.append(ResolvedModel(path))
         else:
             _reachable(home)
-            folders.append(resolve(home, spec))
-    return folders
+            models.append(resolve(home, spec))
+    return models
 
 
-def describe_models(folders: list[Path]) -> list[dict]:
+def describe_models(models: list[ResolvedModel]) -> list[dict]:
     """Objective, registry name/version (when resolved from the registry) and path of each base model."""
+    from training.card import BaseModelCard
+
     rows = []
-    for folder in folders:
-        meta = json.loads((folder / "base_model.json").read_text())
-        row = {"objective": meta["objective"], "path": str(folder)}
-        parts = folder.resolve().parts
-        if "registry_cache" in parts:
-            i = parts.index("registry_cache")
-            row.update(name=parts[i + 1], version=int(parts[i + 2]))
+    for model in models:
+        row = {"objective": BaseModelCard.read(model.path).objective, "path": str(model.path)}
+        if model.name is not None and model.version is not None:
+            row.update(name=model.name, version=model.version)
         rows.append(row)
     return rows
 
@@ -113,11 +117,11 @@ def compose_job(config: PipelineConfig, home: Path, weights, specs: list[str] | 
     weight_list = parse_weights(weights, len(specs or config.objective_names))  # before any download or load
     if mlflow:
         _reachable(home)
-    folders = resolve_models(config, home, specs)
-    ensemble = load_ensemble(config, home, folders)
+    resolved = resolve_models(config, home, specs)
+    ensemble = load_ensemble(config, home, [m.path for m in resolved])
     generated = generate(ensemble, method, weight_list, options, num_images=num_images, seed=seed)
     stats = {k: mean_and_se(v) for k, v in score_images(ensemble, generated.images, generated.prompts).items()}
-    models = describe_models(folders)
+    models = describe_models(resolved)
     tag = "_".join(f"{w:g}" for w in weight_list)
     out_dir = Path(out_dir) if out_dir else home / "compositions" / f"{method}-w{tag}-seed{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
     payload = {
@@ -181,7 +185,8 @@ def sweep_job(config: PipelineConfig, home: Path, specs: list[str] | None = None
     num_images = num_images or options.num_images
     if mlflow:
         _reachable(home)
-    folders = resolve_models(config, home, specs)
+    resolved = resolve_models(config, home, specs)
+    folders = [m.path for m in resolved]
     key = sweep_key(config, folders, methods, grid, num_images)
     final = home / "sweeps" / key
     cached = (final / "sweep.json").exists()
@@ -193,7 +198,7 @@ def sweep_job(config: PipelineConfig, home: Path, specs: list[str] | None = None
                 image_grid(sampled["images"], tmp / "grids" / method / f"{name}.png")
 
             result = sweep(ensemble, options, methods, grid, num_images, on_point=save_grid, progress=progress)
-            result["models"] = describe_models(folders)
+            result["models"] = describe_models(resolved)
             (tmp / "sweep.json").write_text(json.dumps(result, indent=1))
             plot_fronts(result, tmp / "pareto.png")
             for method, data in result["methods"].items():

@@ -29,17 +29,18 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from composition.engine import scheduler_identity
+from configs.errors import MsddaError
 from flows.tracking import ensure_experiment, is_remote, store_lock, tracking_uri
+from training.card import CARD_FILE, BaseModelCard
 
 MODEL_PREFIX = "msdda-"
 CHAMPION = "champion"
 ARTIFACT_PATH = "base_model"
-BASE_MODEL_FILE = "base_model.json"
-LINEAGE_JSON_KEYS = ("reward", "scheduler", "sampling")
+LINEAGE_JSON_KEYS = ("reward", "reward_scale", "scheduler", "sampling")
 LINEAGE_KEYS = ("objective", "beta", "trainer", "reference_hash")
 METRIC_KEYS = ("reward_before", "reward_after", "reward_se", "rise_in_se", "kl")
 RUN_HASH_TAG = "msdda.base_model.content_hash"
@@ -47,9 +48,17 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _TRANSIENT = ("database is locked", "database table is locked", "Giving up after")
 
 
-class RegistryError(ValueError):
-    """One-line, user-facing registry problem (unknown model/alias, mismatched lineage, unreachable server,
-    corrupt model)."""
+class RegistryError(MsddaError, ValueError):
+    """One-line, user-facing registry problem (unknown model/alias/version, unreachable server, corrupt model)."""
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A base-model folder and, when it came from the registry, the registered name and version it holds."""
+
+    path: Path
+    name: str | None = None
+    version: int | None = None
 
 
 # --------------------------------------------------------------------------------------------------- plumbing
@@ -167,34 +176,28 @@ def _git_sha() -> str:
 # ------------------------------------------------------------------------------------------------ registering
 
 
-def _read_meta(model_dir: Path) -> dict:
-    try:
-        return json.loads((model_dir / BASE_MODEL_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise RegistryError(f"{model_dir} is not a base model folder: {_one_line(exc)}") from None
-
-
 def _content_hash(folder: Path) -> str:
     from training.models import content_hash
 
     return content_hash(folder)
 
 
-def lineage_tags(meta: dict, content_hash: str) -> dict[str, str]:
-    """The version tags of a base model with metadata ``meta`` (a parsed ``base_model.json``)."""
-    tags = {key: str(meta.get(key, "")) for key in LINEAGE_KEYS}
-    tags.update({key: json.dumps(meta.get(key), sort_keys=True, default=str) for key in LINEAGE_JSON_KEYS})
-    metrics = meta.get("metrics") or {}
-    tags.update({key: str(metrics.get(key, "nan")) for key in METRIC_KEYS})
+def lineage_tags(card: BaseModelCard, content_hash: str) -> dict[str, str]:
+    """The version tags of a base model with card ``card``."""
+    data = card.model_dump(mode="json", fallback=str)
+    tags = {key: str(data[key]) for key in LINEAGE_KEYS}
+    tags.update({key: json.dumps(data[key], sort_keys=True) for key in LINEAGE_JSON_KEYS})
+    tags.update({key: str(card.metrics.get(key, "nan")) for key in METRIC_KEYS})
+    tags["format_version"] = str(card.format_version)
     tags["git_sha"] = _git_sha()
     tags["content_hash"] = content_hash
     return tags
 
 
-def _is_champion(meta: dict, champion: bool | None, min_rise_se: float) -> bool:
+def _is_champion(card: BaseModelCard, champion: bool | None, min_rise_se: float) -> bool:
     if champion is not None:
         return champion
-    rise = _float((meta.get("metrics") or {}).get("rise_in_se"))
+    rise = _float(card.metrics.get("rise_in_se"))
     return not math.isnan(rise) and rise > min_rise_se
 
 
@@ -237,7 +240,7 @@ def _existing_version(client: _Client, name: str, content_hash: str):
 
 
 def _log_files(client: _Client, home: Path, model_dir: Path, objective: str, run_id: str | None,
-               meta: dict, content_hash: str) -> tuple[str, str]:
+               card: BaseModelCard, content_hash: str) -> tuple[str, str]:
     """Log the folder's files to ``run_id`` (a new run if ``None``); returns ``(run_id, artifact_uri)``."""
     artifact_path = ARTIFACT_PATH
     if run_id is None:
@@ -245,7 +248,7 @@ def _log_files(client: _Client, home: Path, model_dir: Path, objective: str, run
         run = client.create_run(experiment_id, run_name=f"register-{objective}",
                                 tags={"msdda.kind": "register", "msdda.objective": objective})
         run_id = run.info.run_id
-        client.log_batch(run_id, metrics=_run_metrics(meta))
+        client.log_batch(run_id, metrics=_run_metrics(card))
     else:
         logged = client.get_run(run_id).data.tags.get(RUN_HASH_TAG)
         if logged and logged != content_hash:  # this run already holds another base model: keep both
@@ -256,12 +259,12 @@ def _log_files(client: _Client, home: Path, model_dir: Path, objective: str, run
     return run_id, f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
 
 
-def _run_metrics(meta: dict) -> list:
-    """The finite numeric metrics of ``base_model.json`` as MLflow metrics."""
+def _run_metrics(card: BaseModelCard) -> list:
+    """The finite numeric metrics of the card as MLflow metrics."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    values = {k: _float(v) for k, v in (meta.get("metrics") or {}).items() if not isinstance(v, str)}
+    values = {k: _float(v) for k, v in card.metrics.items() if not isinstance(v, str)}
     return [Metric(k, v, now, 0) for k, v in values.items() if math.isfinite(v)]
 
 
@@ -297,10 +300,8 @@ def register_base_model(home: Path, model_dir: Path, run_id: str | None = None, 
     "created", ...}``.
     """
     model_dir = Path(model_dir)
-    meta = _read_meta(model_dir)
-    objective = str(meta.get("objective") or "")
-    if not objective:
-        raise RegistryError(f"{model_dir / BASE_MODEL_FILE} names no objective")
+    card = BaseModelCard.read(model_dir)
+    objective = card.objective
     name = _checked_name(registered_name(objective))
     digest = _content_hash(model_dir)
     client = _client(home)
@@ -310,11 +311,11 @@ def register_base_model(home: Path, model_dir: Path, run_id: str | None = None, 
         created = existing is None
         if created:
             new_run = run_id is None
-            run_id, source = _log_files(client, home, model_dir, objective, run_id, meta, digest)
-            version = client.create_model_version(name, source, run_id=run_id, tags=lineage_tags(meta, digest))
+            run_id, source = _log_files(client, home, model_dir, objective, run_id, card, digest)
+            version = client.create_model_version(name, source, run_id=run_id, tags=lineage_tags(card, digest))
             if new_run:
                 client.set_terminated(run_id)
-            make_champion = _is_champion(meta, champion, min_rise_se)
+            make_champion = _is_champion(card, champion, min_rise_se)
         else:
             version, make_champion = existing, champion is True
         if make_champion:
@@ -401,10 +402,10 @@ def _model_version(client: _Client, spec: str):
 
 
 def _base_model_folder(root: Path) -> Path | None:
-    """The folder under ``root`` (itself included) holding ``base_model.json``."""
-    if (root / BASE_MODEL_FILE).is_file():
+    """The folder under ``root`` (itself included) holding a base-model card."""
+    if (root / CARD_FILE).is_file():
         return root
-    found = sorted(root.rglob(BASE_MODEL_FILE))
+    found = sorted(root.rglob(CARD_FILE))
     return found[0].parent if found else None
 
 
@@ -442,7 +443,7 @@ def _download(home: Path, version, target: Path) -> None:
             )
         folder = _base_model_folder(Path(local))
         if folder is None:
-            raise RegistryError(f"model {version.name} v{version.version} is corrupt: no {BASE_MODEL_FILE} "
+            raise RegistryError(f"model {version.name} v{version.version} is corrupt: no {CARD_FILE} "
                                 f"in its artifacts at {version.source}")
         if not _intact(folder, version.tags.get("content_hash", "")):
             raise RegistryError(f"model {version.name} v{version.version} is corrupt: its artifacts at "
@@ -457,8 +458,9 @@ def _download(home: Path, version, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def resolve(home: Path, spec: str) -> Path:
-    """The local folder (holding ``base_model.json``) of the version ``spec`` names; see :func:`parse_spec`.
+def resolve(home: Path, spec: str) -> ResolvedModel:
+    """The local folder (holding the base-model card) of the version ``spec`` names, with that version's
+    registered name and number; see :func:`parse_spec`.
 
     The version is downloaded once to ``$MSDDA_HOME/registry_cache/<name>/<version>``; a cached copy whose
     content hash differs from the registered one (truncated, edited, or from another server) is replaced.
@@ -471,22 +473,4 @@ def resolve(home: Path, spec: str) -> Path:
         _download(home, version, target)
     folder = _base_model_folder(target)
     assert folder is not None
-    return folder
-
-
-def resolve_many(home: Path, specs: list[str]) -> list[Path]:
-    """:func:`resolve` each spec; refuse base models whose reference hash or scheduler config differ."""
-    folders = [resolve(home, spec) for spec in specs]
-    metas = [_read_meta(folder) for folder in folders]
-    for spec, meta in zip(specs[1:], metas[1:]):
-        if meta.get("reference_hash") != metas[0].get("reference_hash"):
-            raise RegistryError(
-                f"{specs[0]!r} and {spec!r} were trained on different reference models "
-                f"(reference_hash {str(metas[0].get('reference_hash'))[:12]} vs {str(meta.get('reference_hash'))[:12]})"
-            )
-        if scheduler_identity(meta.get("scheduler")) != scheduler_identity(metas[0].get("scheduler")):
-            first, other = scheduler_identity(metas[0].get("scheduler")), scheduler_identity(meta.get("scheduler"))
-            keys = sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k))
-            raise RegistryError(f"{specs[0]!r} and {spec!r} have different scheduler configs (differing: "
-                                f"{', '.join(keys)})")
-    return folders
+    return ResolvedModel(folder, version.name, int(version.version))

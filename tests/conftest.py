@@ -86,13 +86,11 @@ def tiny_config_file(tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_base_models(tiny_config, tiny_home, tiny_reference):
     """Two base models (random LoRA weights and variance offsets) in the saved format, on the tiny reference."""
-    import json
-
     import torch
     from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
 
     from training.base_model import evaluation_problem
+    from training.card import LORA_TARGETS, BaseModelCard, LoraSpec, RewardSpec, save_base_model
     from training.models import content_hash
 
     problem = evaluation_problem(tiny_config, tiny_home, None)
@@ -101,20 +99,17 @@ def tiny_base_models(tiny_config, tiny_home, tiny_reference):
     folders = []
     for i, objective in enumerate(tiny_config.objective_names):
         g = torch.Generator().manual_seed(i)
-        folder = tiny_home / "fake_base_models" / objective
-        folder.mkdir(parents=True)
-        save_file({k: 0.2 * torch.randn(s, generator=g) for k, s in keys.items()},
-                  folder / "adapter_model.safetensors")
-        save_file({"log_variance": torch.full((tiny_config.sampling.num_inference_steps, 1), 0.3 * (i - 0.5))},
-                  folder / "variance.safetensors")
-        meta = {"objective": objective, "reward": {"name": objective, "options": {}}, "beta": 0.01,
-                "lora": {"rank": 4, "targets": ["to_q", "to_k", "to_v", "to_out.0"]}, "learn_variance": "step",
-                "reference_hash": content_hash(tiny_reference.path), "scheduler": scheduler,
-                "sampling": tiny_config.sampling.model_dump(),
-                "metrics": {"reward_before": -1.0, "reward_after": -0.5 - i, "reward_se": 0.1, "rise_in_se": 5.0,
-                            "kl": 0.01}}
-        (folder / "base_model.json").write_text(json.dumps(meta, default=str))
-        folders.append(folder)
+        lora = {k: 0.2 * torch.randn(s, generator=g) for k, s in keys.items()}
+        log_variance = torch.full((tiny_config.sampling.num_inference_steps, 1), 0.3 * (i - 0.5))
+        card = BaseModelCard(
+            objective=objective, reward=RewardSpec(name=objective), beta=0.01, trainer="target_matching",
+            lora=LoraSpec(rank=4, targets=LORA_TARGETS), learn_variance="step",
+            reference_hash=content_hash(tiny_reference.path), scheduler=scheduler,
+            sampling=tiny_config.sampling.model_dump(mode="json"),
+            metrics={"reward_before": -1.0, "reward_after": -0.5 - i, "reward_se": 0.1, "rise_in_se": 5.0,
+                     "kl": 0.01},
+        )
+        folders.append(save_base_model(tiny_home / "fake_base_models" / objective, card, lora, log_variance))
     return folders
 
 

@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from training.base_model import BASE_MODEL_FILE, train_base_model
+from training.base_model import evaluation_problem, train_base_model
+from training.card import CARD_FILE, LORA_FILE, LORA_TARGETS, VARIANCE_FILE, BaseModelCard, load_base_model
 from training.models import content_hash
 
 TINY_TRAIN = {"iterations": 2, "batch_size": 4, "states_per_trajectory": 2, "num_actions": 2, "eval_samples": 8,
@@ -22,18 +22,28 @@ def trained(tiny_config, tiny_home, tiny_reference):
 def test_base_model_is_saved_with_its_lineage(trained, tiny_reference):
     _, result = trained
     assert not result.cached
-    files = {p.name for p in result.path.iterdir()}
-    assert {"adapter_model.safetensors", "variance.safetensors", BASE_MODEL_FILE} <= files
-    meta = json.loads((result.path / BASE_MODEL_FILE).read_text())
-    assert meta["objective"] == "ink_economy" and meta["beta"] == 0.01 and meta["trainer"] == "target_matching"
-    assert meta["reference_hash"] == content_hash(tiny_reference.path)
-    assert meta["scheduler"]["_class_name"] == "DDIMScheduler"
-    assert meta["reward"]["differentiable"] is True
-    assert len(meta["history"]) == 2 and meta["history"][-1]["unet_evaluations"] > 0
-    adapter = load_file(result.path / "adapter_model.safetensors")
-    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items()), "LoRA moved off zero"
-    assert load_file(result.path / "variance.safetensors")["log_variance"].shape == (4, 1)
+    assert {p.name for p in result.path.iterdir()} == {LORA_FILE, VARIANCE_FILE, CARD_FILE}
+    card = BaseModelCard.read(result.path)
+    assert card.objective == "ink_economy" and card.beta == 0.01 and card.trainer == "target_matching"
+    assert card.format_version == 2 and card.lora.rank == 4 and card.lora.targets == LORA_TARGETS
+    assert card.reference_hash == content_hash(tiny_reference.path)
+    assert card.scheduler["_class_name"] == "DDIMScheduler"
+    assert card.reward.differentiable is True
+    assert len(card.history) == 2 and card.history[-1]["unet_evaluations"] > 0
+    assert card.metrics["reward_after"] == result.reward_after
+    model = load_base_model(result.path)
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in model.lora.items()), "LoRA moved off zero"
+    assert model.log_variance.shape == (4, 1)
     assert not list(result.path.parent.glob(".build-*")), "no temporary folders left behind"
+
+
+def test_evaluation_problem_loads_the_saved_model(trained, tiny_home):
+    config, result = trained
+    model = load_base_model(result.path)
+    state = evaluation_problem(config, tiny_home, result.path).trainable_state()
+    assert state.keys() == {f"lora.{k}" for k in model.lora} | {"log_variance"}
+    assert all(torch.equal(state[f"lora.{k}"], v) for k, v in model.lora.items())
+    assert torch.equal(state["log_variance"], model.log_variance)
 
 
 def test_metrics_are_reported(trained):

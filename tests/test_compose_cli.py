@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from training.card import CARD_FILE
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -97,8 +99,8 @@ def test_bad_compose_input_is_one_line_and_changes_nothing(registry, tmp_path, t
         if "MISMATCHED" in args:
             second = tmp_path / "other"
             shutil.copytree(tiny_base_models[1], second)
-            meta = json.loads((second / "base_model.json").read_text())
-            (second / "base_model.json").write_text(json.dumps({**meta, "reference_hash": "f" * 64}))
+            meta = json.loads((second / CARD_FILE).read_text())
+            (second / CARD_FILE).write_text(json.dumps({**meta, "reference_hash": "f" * 64}))
         args = [a if a not in ("PATHS", "MISMATCHED") else f"{tiny_base_models[0]},{second}" for a in args]
     from flows.cli import main
 

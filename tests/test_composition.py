@@ -9,6 +9,7 @@ import torch
 
 from composition.batched import merge_lora_states
 from composition.evaluation import dominates, hypervolume, pareto_front, simplex_grid
+from training.card import CARD_FILE
 
 # ------------------------------------------------------------------------------------------- pure evaluation
 
@@ -144,8 +145,8 @@ def test_lineage_and_corrupt_models_are_refused(tiny_base_models, tmp_path):
     check_lineage(models)
     other = tmp_path / "other"
     shutil.copytree(tiny_base_models[1], other)
-    meta = json.loads((other / "base_model.json").read_text())
-    (other / "base_model.json").write_text(json.dumps({**meta, "reference_hash": "f" * 64}))
+    meta = json.loads((other / CARD_FILE).read_text())
+    (other / CARD_FILE).write_text(json.dumps({**meta, "reference_hash": "f" * 64}))
     with pytest.raises(CompositionError, match="different reference models"):
         check_lineage([models[0], read_base_model(other)])
     with pytest.raises(CompositionError, match="trained on reference"):

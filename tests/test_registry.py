@@ -19,11 +19,24 @@ from safetensors.torch import save_file
 from flows.registry import (
     MODEL_PREFIX,
     RegistryError,
+    ResolvedModel,
     list_models,
     register_base_model,
     registered_name,
     resolve,
-    resolve_many,
+)
+from training.card import (
+    CARD_FILE,
+    LEGACY_LORA_FILE,
+    LORA_FILE,
+    VARIANCE_FILE,
+    BaseModelCard,
+    CardError,
+    LoraSpec,
+    RewardSpec,
+    check_lineage,
+    load_base_model,
+    save_base_model,
 )
 from training.models import msdda_home
 
@@ -32,32 +45,31 @@ SCHEDULER = {"_class_name": "DDIMScheduler", "_diffusers_version": "0.35.0", "nu
              "beta_schedule": "scaled_linear", "prediction_type": "epsilon"}
 
 
+def fake_card(objective: str, rise_in_se: float = 5.0, reference_hash: str = "ref-aaaa",
+              scheduler: dict | None = None) -> BaseModelCard:
+    return BaseModelCard(
+        objective=objective, reward=RewardSpec(name=objective), beta=0.1, trainer="step_level",
+        reference_hash=reference_hash, scheduler=scheduler or SCHEDULER,
+        sampling={"num_inference_steps": 4, "eta": 1.0, "guidance_scale": 1.0},
+        lora=LoraSpec(rank=4, targets=["to_q"]), learn_variance="step",
+        metrics={"objective": objective, "reward_before": 0.2, "reward_after": 0.2 + 0.01 * rise_in_se,
+                 "reward_se_before": 0.01, "reward_se_after": 0.01, "reward_se": 0.01,
+                 "rise_in_se": rise_in_se, "rise_in_unpaired_se": rise_in_se / 2, "kl": 0.05,
+                 "seconds": 1.0, "unet_evaluations": 10},
+    )
+
+
+def fake_weights(seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    lora = {"down_blocks.0.attn1.to_q.lora_A.weight": torch.randn(4, 8, generator=generator),
+            "down_blocks.0.attn1.to_q.lora_B.weight": torch.randn(8, 4, generator=generator)}
+    return lora, torch.randn(4, 1, generator=generator)
+
+
 def fake_base_model(folder: Path, objective: str, seed: int, rise_in_se: float = 5.0,
                     reference_hash: str = "ref-aaaa", scheduler: dict | None = None) -> Path:
-    """A base-model folder in the format of ``save_base_model``, with small random weights."""
-    folder.mkdir(parents=True)
-    generator = torch.Generator().manual_seed(seed)
-    save_file({"down.weight": torch.randn(4, 8, generator=generator), "up.weight": torch.randn(8, 4, generator=generator)},
-              folder / "adapter_model.safetensors")
-    save_file({"log_variance": torch.randn(4, generator=generator)}, folder / "variance.safetensors")
-    meta = {
-        "objective": objective,
-        "reward": {"name": objective, "options": {}, "differentiable": False},
-        "beta": 0.1,
-        "trainer": "step_level",
-        "reference_hash": reference_hash,
-        "scheduler": scheduler or SCHEDULER,
-        "sampling": {"num_inference_steps": 4, "eta": 1.0, "guidance_scale": 1.0},
-        "lora": {"rank": 4, "targets": ["to_q"]},
-        "learn_variance": True,
-        "metrics": {"objective": objective, "reward_before": 0.2, "reward_after": 0.2 + 0.01 * rise_in_se,
-                    "reward_se_before": 0.01, "reward_se_after": 0.01, "reward_se": 0.01,
-                    "rise_in_se": rise_in_se, "rise_in_unpaired_se": rise_in_se / 2, "kl": 0.05,
-                    "seconds": 1.0, "unet_evaluations": 10},
-        "seed": seed,
-    }
-    (folder / "base_model.json").write_text(json.dumps(meta, indent=2))
-    return folder
+    """A base-model folder written by the card's ``save_base_model``, with small random weights."""
+    return save_base_model(folder, fake_card(objective, rise_in_se, reference_hash, scheduler), *fake_weights(seed))
 
 
 def same_files(a: Path, b: Path) -> bool:
@@ -117,13 +129,14 @@ def test_register_list_and_resolve(home, tmp_path):
     assert json.loads(tags["scheduler"]) == SCHEDULER and json.loads(tags["reward"])["name"] == "ink_economy"
     assert tags["trainer"] == "step_level" and float(tags["rise_in_se"]) == 6.0 and float(tags["kl"]) == 0.05
     assert len(tags["git_sha"]) == 40 or tags["git_sha"] == "unknown"
-    assert json.loads(tags["sampling"])["eta"] == 1.0
+    assert json.loads(tags["sampling"])["eta"] == 1.0 and tags["format_version"] == "2"
+    assert json.loads(tags["reward_scale"]) == {"offset": 0.0, "scale": 1.0}
 
     for spec in ("ink_economy", "msdda-ink_economy@champion", "msdda-ink_economy/1", "ink_economy/1"):
-        folder = resolve(home, spec)
-        assert folder == home / "registry_cache" / "msdda-ink_economy" / "1"
-        assert same_files(folder, ink), spec
-    assert same_files(resolve(home, "digit_alignment"), digit)
+        resolved = resolve(home, spec)
+        assert resolved == ResolvedModel(home / "registry_cache" / "msdda-ink_economy" / "1", "msdda-ink_economy", 1)
+        assert same_files(resolved.path, ink), spec
+    assert same_files(resolve(home, "digit_alignment").path, digit)
 
     again = register_base_model(home, ink)  # the same files: no duplicate version
     assert (again["version"], again["created"]) == (1, False)
@@ -137,8 +150,8 @@ def test_weak_version_does_not_take_the_champion_alias(home, tmp_path):
     assert (strong["version"], weak["version"]) == (1, 2)
     assert weak["aliases"] == [] and not weak["champion"]
     assert [(r["version"], r["aliases"]) for r in list_models(home)] == [(1, ["champion"]), (2, [])]
-    assert same_files(resolve(home, "ink_economy/2"), weak_dir)
-    assert resolve(home, "ink_economy").name == "1"
+    assert same_files(resolve(home, "ink_economy/2").path, weak_dir)
+    assert resolve(home, "ink_economy").version == 1
     forced = register_base_model(home, fake_base_model(tmp_path / "c", "ink_economy", seed=3, rise_in_se=1.0),
                                  champion=True)
     assert forced["version"] == 3 and forced["aliases"] == ["champion"]
@@ -166,7 +179,7 @@ def test_unknown_model_alias_or_version_is_a_one_line_error(home, tmp_path):
     assert not (home / "registry_cache").exists() or not any((home / "registry_cache").rglob("*.safetensors"))
 
 
-def test_resolve_many_refuses_mismatched_lineage(home, tmp_path):
+def test_resolved_models_with_mismatched_lineage_are_refused(home, tmp_path):
     register_base_model(home, fake_base_model(tmp_path / "a", "ink_economy", seed=1))
     register_base_model(home, fake_base_model(tmp_path / "b", "digit_alignment", seed=2))
     register_base_model(home, fake_base_model(tmp_path / "c", "other_ref", seed=3, reference_hash="ref-bbbb"))
@@ -175,13 +188,43 @@ def test_resolve_many_refuses_mismatched_lineage(home, tmp_path):
     newer_diffusers = {**SCHEDULER, "_diffusers_version": "0.99.0"}
     register_base_model(home, fake_base_model(tmp_path / "e", "same_sched", seed=5, scheduler=newer_diffusers))
 
-    folders = resolve_many(home, ["ink_economy", "digit_alignment", "same_sched"])
-    assert [f.parent.name for f in folders] == ["msdda-ink_economy", "msdda-digit_alignment", "msdda-same_sched"]
-    with pytest.raises(RegistryError, match=r"'ink_economy' and 'other_ref'.*reference") as info:
-        resolve_many(home, ["ink_economy", "other_ref"])
+    def load(*specs: str) -> list:
+        return [load_base_model(resolve(home, spec).path) for spec in specs]
+
+    models = load("ink_economy", "digit_alignment", "same_sched")
+    check_lineage(models)
+    assert [m.path.parent.name for m in models] == ["msdda-ink_economy", "msdda-digit_alignment", "msdda-same_sched"]
+    with pytest.raises(CardError, match=r"'ink_economy' \(.*\) and 'other_ref' \(.*\).*different reference models "
+                                        r"\(reference_hash ref-aaaa vs ref-bbbb\)") as info:
+        check_lineage(load("ink_economy", "other_ref"))
     assert "\n" not in str(info.value)
-    with pytest.raises(RegistryError, match=r"'digit_alignment' and 'other_sched'.*scheduler.*beta_schedule"):
-        resolve_many(home, ["digit_alignment", "other_sched"])
+    with pytest.raises(CardError, match=r"'digit_alignment' \(.*\) and 'other_sched' \(.*\).*scheduler configs "
+                                        r"\(differing: beta_schedule\)"):
+        check_lineage(load("digit_alignment", "other_sched"))
+
+
+def test_legacy_format_1_folder_registers_and_loads(home, tmp_path):
+    """Folders written before the card (adapter_model.safetensors, no format_version) keep working."""
+    folder = tmp_path / "legacy"
+    folder.mkdir()
+    lora, log_variance = fake_weights(7)
+    save_file(lora, folder / LEGACY_LORA_FILE)
+    save_file({"log_variance": log_variance}, folder / VARIANCE_FILE)
+    meta = fake_card("ink_economy").model_dump(mode="json", exclude={"format_version", "reward_scale"})
+    (folder / CARD_FILE).write_text(json.dumps(meta))
+    registered = register_base_model(home, folder)
+    assert registered["version"] == 1 and registered["champion"]
+    resolved = resolve(home, "ink_economy")
+    assert same_files(resolved.path, folder)
+    model = load_base_model(resolved.path)
+    assert model.card.format_version == 1 and all(torch.equal(model.lora[k], v) for k, v in lora.items())
+
+
+def test_registering_a_folder_without_a_card_is_a_one_line_error(home, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CardError, match=f"{CARD_FILE} is missing") as info:
+        register_base_model(home, tmp_path / "empty")
+    assert "\n" not in str(info.value)
 
 
 CONCURRENT_SCRIPT = textwrap.dedent("""
@@ -225,7 +268,7 @@ def test_concurrent_registration_loses_nothing(tmp_path, monkeypatch):
     for i, folder in enumerate(folders):
         row = by_hash[content_hash(folder)]
         assert row["objective"] == ("conc_x", "conc_y")[i % 2] and row["rise_in_se"] == float(i)
-        assert same_files(resolve(home, f"{row['name']}/{row['version']}"), folder)
+        assert same_files(resolve(home, f"{row['name']}/{row['version']}").path, folder)
 
 
 def test_unreachable_tracking_server_fails_fast(home, tmp_path, monkeypatch):
@@ -236,7 +279,7 @@ def test_unreachable_tracking_server_fails_fast(home, tmp_path, monkeypatch):
     folder = fake_base_model(tmp_path / "a", "ink_economy", seed=1)
     start = time.perf_counter()
     for call in (lambda: list_models(home), lambda: resolve(home, "ink_economy"),
-                 lambda: register_base_model(home, folder), lambda: resolve_many(home, ["a", "b"])):
+                 lambda: register_base_model(home, folder)):
         with pytest.raises(RegistryError, match=f"MLflow tracking server at http://127.0.0.1:{port} is unreachable"):
             call()
     assert time.perf_counter() - start < 15
@@ -245,13 +288,13 @@ def test_unreachable_tracking_server_fails_fast(home, tmp_path, monkeypatch):
 def test_corrupt_cache_is_replaced_and_corrupt_artifacts_refused(home, tmp_path):
     folder = fake_base_model(tmp_path / "a", "ink_economy", seed=1)
     registered = register_base_model(home, folder)
-    cached = resolve(home, "ink_economy")
-    weights = cached / "adapter_model.safetensors"
+    cached = resolve(home, "ink_economy").path
+    weights = cached / LORA_FILE
     weights.write_bytes(weights.read_bytes()[:50])  # truncated
-    assert same_files(resolve(home, "ink_economy"), folder)
+    assert same_files(resolve(home, "ink_economy").path, folder)
 
     source = Path(registered["source"].removeprefix("file://"))
-    (source / "adapter_model.safetensors").write_bytes(b"garbage")
+    (source / LORA_FILE).write_bytes(b"garbage")
     shutil.rmtree(home / "registry_cache")
     with pytest.raises(RegistryError, match="msdda-ink_economy v1 is corrupt"):
         resolve(home, "ink_economy")
@@ -274,6 +317,6 @@ def test_register_into_an_existing_training_run(home, tmp_path):
     second = register_base_model(home, second_dir, run_id=run_id, champion=False)
     assert first["run_id"] == second["run_id"] == run_id
     assert first["source"].endswith("/base_model") and second["source"] != first["source"]
-    assert same_files(resolve(home, "ink_economy/1"), first_dir)
-    assert same_files(resolve(home, "ink_economy/2"), second_dir)
-    assert resolve(home, "ink_economy").name == "1"
+    assert same_files(resolve(home, "ink_economy/1").path, first_dir)
+    assert same_files(resolve(home, "ink_economy/2").path, second_dir)
+    assert resolve(home, "ink_economy").version == 1

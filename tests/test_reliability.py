@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from tests.conftest import TINY_CONFIG
+from training.card import CARD_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,12 +36,12 @@ def test_killed_training_process_resumes(tmp_path):
     first.send_signal(signal.SIGKILL)
     first.wait()
     killed_at = json.loads(checkpoints[0].read_text())["iteration"]
-    assert not list(home.glob("base_models/*/base_model.json")), "nothing was saved by the killed run"
+    assert not list(home.glob(f"base_models/*/{CARD_FILE}")), "nothing was saved by the killed run"
 
     second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert second.returncode == 0, second.stderr[-2000:]
     resumed_from = int(second.stderr.split("resuming from the checkpoint at iteration ")[1].split()[0])
     assert resumed_from >= killed_at >= 4
-    meta = json.loads((Path(json.loads(second.stdout)["path"]) / "base_model.json").read_text())
+    meta = json.loads((Path(json.loads(second.stdout)["path"]) / CARD_FILE).read_text())
     assert [h["iteration"] for h in meta["history"]] == list(range(1, 41))
     assert not list(home.glob("checkpoints/*/checkpoint.json")), "the checkpoint is removed once the model is saved"

@@ -1,9 +1,8 @@
-"""Training one single-objective LoRA base model end to end, and its on-disk format.
+"""Training one single-objective LoRA base model end to end.
 
-A base model folder holds ``adapter_model.safetensors`` (the LoRA weights), ``variance.safetensors`` (the learned
-log-variance offset, if any) and ``base_model.json`` (objective, reward spec, beta, trainer settings, the
-reference model's content hash, the scheduler and sampling config, and the measured metrics). It is written to a
-temporary folder and renamed into place, so nothing half-written is ever visible.
+The trained model is saved as a base-model folder (its card ``base_model.json``, the LoRA weights in diffusers'
+format and the learned log-variance offset, if any; see :mod:`training.card`), written to a temporary folder and
+renamed into place, so nothing half-written is ever visible.
 """
 
 from __future__ import annotations
@@ -18,15 +17,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from configs.schema import PipelineConfig
+from training.card import CARD_FILE, LORA_TARGETS, BaseModelCard, LoraSpec, RewardSpec, load_base_model
+from training.card import save_base_model as write_base_model
 from training.digits import PROMPT_TEMPLATES, digit_prompt
-from training.models import staged_directory
 from training.rewards import load_reward
 from training.trainer import IterationMetrics, train
-
-BASE_MODEL_FILE = "base_model.json"
 
 
 @dataclass(frozen=True)
@@ -97,9 +94,9 @@ def train_base_model(
     pipe, reference_hash = reference_identity(config, home, progress)
     key = run_key(config, objective, reference_hash)
     final = home / "base_models" / f"{objective}-{key}"
-    if (final / BASE_MODEL_FILE).exists():
-        meta = json.loads((final / BASE_MODEL_FILE).read_text())
-        return BaseModelResult(**{**meta["metrics"], "path": final, "cached": True})
+    if (final / CARD_FILE).exists():
+        cached = BaseModelCard.read(final)
+        return BaseModelResult(**{**cached.metrics, "path": final, "cached": True})
 
     train_cfg = config.train
     beta = spec.beta or train_cfg.beta
@@ -146,43 +143,26 @@ def train_base_model(
 
 
 def save_base_model(final: Path, problem, config, spec, beta, reference_hash, metrics, history) -> None:
-    with staged_directory(final) as tmp:
-        state = problem.trainable_state()
-        save_file({k[5:]: v.contiguous() for k, v in state.items() if k.startswith("lora.")},
-                  tmp / "adapter_model.safetensors")
-        if "log_variance" in state:
-            save_file({"log_variance": state["log_variance"].contiguous()}, tmp / "variance.safetensors")
-        meta = {
-            "objective": spec.name,
-            "reward": {"name": spec.name, "options": spec.options, "differentiable": problem.reward.differentiable,
-                       **problem.reward.info},
-            "beta": beta,
-            "trainer": config.train.method,
-            "train": config.train.model_dump(mode="json"),
-            "lora": {"rank": config.train.lora_rank, "targets": ["to_q", "to_k", "to_v", "to_out.0"]},
-            "learn_variance": config.train.learn_variance,
-            "reference_hash": reference_hash,
-            "reference": config.model.model_dump(mode="json"),
-            "scheduler": dict(problem.pipe.scheduler.config),
-            "sampling": config.sampling.model_dump(mode="json"),
-            "metrics": {k: v for k, v in metrics.as_dict().items() if k not in ("path", "cached")},
-            "history": [m.__dict__ for m in history],
-        }
-        (tmp / BASE_MODEL_FILE).write_text(json.dumps(meta, indent=2, default=str))
-
-
-def load_base_model_state(path: Path) -> dict[str, torch.Tensor]:
-    """A saved base model's trainable state (``lora.*`` and ``log_variance``), read with safetensors only."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        state = {f"lora.{k}": v for k, v in load_file(path / "adapter_model.safetensors").items()}
-        if (path / "variance.safetensors").exists():
-            state["log_variance"] = load_file(path / "variance.safetensors")["log_variance"]
-    except (OSError, SafetensorError, KeyError) as exc:
-        raise ValueError(f"base model at {path} is corrupt or incomplete: {exc}") from None
-    return state
+    """Save ``problem``'s trained adapter and variance with its card (see :func:`training.card.save_base_model`)."""
+    state = problem.trainable_state()
+    card = BaseModelCard(
+        objective=spec.name,
+        reward=RewardSpec(**{"name": spec.name, "options": spec.options, "differentiable": problem.reward.differentiable,
+                             **problem.reward.info}),
+        beta=beta,
+        trainer=config.train.method,
+        train=config.train.model_dump(mode="json"),
+        lora=LoraSpec(rank=config.train.lora_rank, targets=LORA_TARGETS),
+        learn_variance=config.train.learn_variance,
+        reference_hash=reference_hash,
+        reference=config.model.model_dump(mode="json"),
+        scheduler=dict(problem.pipe.scheduler.config),
+        sampling=config.sampling.model_dump(mode="json"),
+        metrics={k: v for k, v in metrics.as_dict().items() if k not in ("path", "cached")},
+        history=[asdict(m) for m in history],
+    )
+    lora = {k.removeprefix("lora."): v for k, v in state.items() if k.startswith("lora.")}
+    write_base_model(final, card, lora, state.get("log_variance"))
 
 
 def evaluation_problem(config: PipelineConfig, home: Path, base_model: Path | None, progress: bool = False):
@@ -190,16 +170,17 @@ def evaluation_problem(config: PipelineConfig, home: Path, base_model: Path | No
     from training.rewards import Reward
     from training.sd_problem import DiffusionStepProblem
 
+    loaded = load_base_model(base_model) if base_model is not None else None
     pipe, _ = reference_identity(config, home, progress)
-    learn_variance = config.train.learn_variance
-    if base_model is not None:
-        meta = json.loads((base_model / BASE_MODEL_FILE).read_text())
-        learn_variance = meta["learn_variance"]
     problem = DiffusionStepProblem(
         pipe, Reward("none", False, lambda images, prompts: torch.zeros(len(images))),
         config.train.prompts or default_prompts(), config.sampling.num_inference_steps, config.sampling.eta,
-        config.sampling.guidance_scale, lora_rank=config.train.lora_rank, learn_variance=learn_variance,
+        config.sampling.guidance_scale, lora_rank=loaded.rank if loaded else config.train.lora_rank,
+        learn_variance=loaded.card.learn_variance if loaded else config.train.learn_variance,
     )
-    if base_model is not None:
-        problem.load_trainable_state(load_base_model_state(base_model))
+    if loaded is not None:
+        state = {f"lora.{k}": v for k, v in loaded.lora.items()}
+        if loaded.log_variance is not None:
+            state["log_variance"] = loaded.log_variance
+        problem.load_trainable_state(state)
     return problem

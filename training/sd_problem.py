@@ -14,12 +14,12 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from training.card import LORA_TARGETS
 from training.chain import run_chain
 from training.kernel import DDIMSchedule, GaussianStep, LogVarianceOffset
 from training.policy import GaussianStepPolicy, GuidedEpsilon
 from training.rewards import Reward
 
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 ADAPTER = "default"
 
 
