@@ -14,16 +14,19 @@ from contextlib import contextmanager
 
 import torch
 
+from training.card import LoraSpec
+
 REFERENCE = "__base__"
 
 
-def load_adapter(unet, name: str, lora_state: dict[str, torch.Tensor], rank: int, targets: Sequence[str]) -> None:
-    """Add a LoRA adapter called ``name`` to ``unet`` and load its weights (safetensors state dict)."""
+def load_adapter(unet, name: str, lora_state: dict[str, torch.Tensor], spec: LoraSpec) -> None:
+    """Add a LoRA adapter called ``name`` with ``spec``'s rank, alpha and targets to ``unet`` and load its weights
+    (a peft state dict without prefix)."""
     from peft import LoraConfig, set_peft_model_state_dict
 
     with warnings.catch_warnings():  # several adapters on one model is the point here
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets)), adapter_name=name)
+        unet.add_adapter(LoraConfig(**spec.lora_config_kwargs()), adapter_name=name)
     result = set_peft_model_state_dict(unet, lora_state, adapter_name=name)
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
@@ -123,8 +126,8 @@ def merge_lora_states(states: Sequence[dict[str, torch.Tensor]], weights: Sequen
     """Rewarded soup, exactly: one LoRA of rank ``sum r_i`` whose delta is ``sum_i w_i B_i A_i``.
 
     ``A = [A_1; ...; A_K]`` (stacked rows) and ``B = [w_1 B_1, ..., w_K B_K]`` (stacked columns), so
-    ``B A = sum_i w_i B_i A_i``. Load it with ``rank = sum r_i`` and ``lora_alpha = rank`` (scaling 1, as for
-    the base models, which use ``lora_alpha = r``).
+    ``B A = sum_i w_i B_i A_i``. Load it with ``rank = sum r_i`` and ``lora_alpha = rank`` (scaling 1); fold each
+    model's own LoRA scaling ``alpha_i / r_i`` into its weight.
     """
     if len(states) != len(weights):
         raise ValueError(f"{len(states)} adapters but {len(weights)} weights")

@@ -2,9 +2,8 @@
 
 This is the plain-function layer under ``msdda compose``, ``msdda sweep`` and the Prefect flows:
 
-* :func:`read_base_model` reads a base-model folder (safetensors only) and :func:`check_lineage` refuses models
-  trained on different references or schedulers;
-* :func:`load_ensemble` puts their LoRA adapters on one copy of the reference UNet;
+* :func:`load_ensemble` reads the base models' folders through their cards (``training.card``), refuses models
+  trained on different references or schedulers, and puts their LoRA adapters on one copy of the reference UNet;
 * :func:`generate` samples ``num_images`` images with a method (same prompts and seeds for every method);
 * :func:`score_images` returns mean reward and standard error per objective.
 """
@@ -23,11 +22,9 @@ from composition.batched import load_adapter
 from composition.methods import METHODS, Batch, Composer, Method
 from configs.errors import MsddaError
 from configs.schema import CompositionConfig, PipelineConfig
+from training.card import LoadedBaseModel, check_lineage, load_base_model
 from training.kernel import DDIMSchedule
 from training.sd_problem import decode_latents
-
-LINEAGE_KEYS = {"reference_hash": "reference models", "scheduler": "scheduler configs"}
-
 
 class CompositionError(MsddaError, ValueError):
     """Bad composition input (weights, models, method), reported as one line."""
@@ -38,85 +35,6 @@ def get_method(name: str) -> Method:
     if name not in METHODS:
         raise CompositionError(f"unknown method '{name}'; choose from {', '.join(METHODS)}")
     return METHODS[name]
-
-
-@dataclass(frozen=True)
-class BaseModelFile:
-    """A base model read from its folder (``training.base_model.save_base_model``'s format)."""
-
-    path: Path
-    objective: str
-    meta: dict
-    lora: dict[str, torch.Tensor]
-    log_variance: torch.Tensor | None
-
-    @property
-    def beta(self) -> float:
-        return float(self.meta["beta"])
-
-    @property
-    def rank(self) -> int:
-        return int(self.meta["lora"]["rank"])
-
-    @property
-    def targets(self) -> list[str]:
-        return list(self.meta["lora"]["targets"])
-
-
-def read_base_model(path: Path) -> BaseModelFile:
-    """Read and check a base-model folder; raises :class:`CompositionError` if it is missing or corrupt."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    for required in ("base_model.json", "adapter_model.safetensors"):
-        if not (path / required).is_file():
-            raise CompositionError(f"base model at {path} is incomplete: {required} is missing")
-    try:
-        meta = json.loads((path / "base_model.json").read_text())
-        lora = load_file(path / "adapter_model.safetensors")
-        variance_file = path / "variance.safetensors"
-        log_variance = load_file(variance_file)["log_variance"] if variance_file.exists() else None
-        for key in ("objective", "beta", "lora", *LINEAGE_KEYS):
-            if key not in meta:
-                raise KeyError(f"base_model.json has no '{key}'")
-    except (OSError, SafetensorError, KeyError, ValueError) as exc:
-        raise CompositionError(f"base model at {path} is corrupt: {exc}") from None
-    if not lora or not all(torch.isfinite(v).all() for v in lora.values()):
-        raise CompositionError(f"base model at {path} is corrupt: its LoRA weights are empty or not finite")
-    return BaseModelFile(path, meta["objective"], meta, lora, log_variance)
-
-
-def scheduler_identity(scheduler: dict | None) -> dict:
-    """A scheduler config without bookkeeping keys (``_diffusers_version`` and the like; ``_class_name`` stays)."""
-    return {k: v for k, v in (scheduler or {}).items() if not k.startswith("_") or k == "_class_name"}
-
-
-def _lineage(meta: dict, key: str):
-    return scheduler_identity(meta[key]) if key == "scheduler" else meta[key]
-
-
-def check_lineage(models: list[BaseModelFile], reference_hash: str | None = None) -> None:
-    """All models must share the reference model (content hash) and scheduler config, and match
-    ``reference_hash`` when given."""
-    if not models:
-        raise CompositionError("no base models to compose")
-    first = models[0]
-    for other in models[1:]:
-        for key, what in LINEAGE_KEYS.items():
-            if _lineage(other.meta, key) != _lineage(first.meta, key):
-                raise CompositionError(
-                    f"base models '{first.objective}' ({first.path}) and '{other.objective}' ({other.path}) have "
-                    f"different {what}: they cannot be composed"
-                )
-    if reference_hash is not None and first.meta["reference_hash"] != reference_hash:
-        raise CompositionError(
-            f"base model '{first.objective}' was trained on reference {first.meta['reference_hash'][:12]}, but this "
-            f"config's reference is {reference_hash[:12]}"
-        )
-    names = [m.objective for m in models]
-    if len(set(names)) != len(names):
-        raise CompositionError(f"the same objective appears twice among the base models: {names}")
 
 
 def parse_weights(text: str | list[float], num_models: int) -> list[float]:
@@ -143,7 +61,7 @@ class Ensemble:
     """The reference pipeline with K base-model adapters loaded, the rewards, prompts and the schedule."""
 
     pipe: object
-    models: list[BaseModelFile]
+    models: list[LoadedBaseModel]
     rewards: dict[str, object]
     schedule: DDIMSchedule
     guidance_scale: float
@@ -170,17 +88,18 @@ class Ensemble:
         return decode_latents(self.pipe.vae, latents)
 
     def score_fn(self, weights: list[float], prompts: list[str], per_beta: bool, differentiable: bool):
-        """``x0 latents -> sum_i c_i R_i(decode(x0))`` with ``c_i = w_i`` (or ``w_i / beta_i``); the latents'
-        rows are candidate-major repeats of ``prompts``."""
+        """``x0 latents -> sum_i c_i R_i(decode(x0))`` with ``c_i = w_i`` (or ``w_i / beta_i``), each reward on its
+        card's scale; the latents' rows are candidate-major repeats of ``prompts``."""
         coefficients = [w / (m.beta if per_beta else 1.0) for w, m in zip(weights, self.models)]
+        scales = [m.card.reward_scale for m in self.models]
 
         def score(x0: torch.Tensor) -> torch.Tensor:
             images = decode_latents(self.pipe.vae, x0) if differentiable else self.decode(x0)
             repeated = prompts * (len(x0) // len(prompts))
             total = torch.zeros(len(x0), dtype=x0.dtype, device=x0.device)
-            for c, (name, reward) in zip(coefficients, self.rewards.items()):
+            for c, scale, reward in zip(coefficients, scales, self.rewards.values()):
                 if c != 0.0:
-                    total = total + c * reward(images, repeated).to(total)
+                    total = total + c * scale.standardise(reward(images, repeated)).to(total)
             return total
 
         return score
@@ -199,7 +118,7 @@ def load_ensemble(config: PipelineConfig, home: Path, model_dirs: list[Path], pr
     from training.base_model import default_prompts, reference_identity
     from training.rewards import load_reward
 
-    models = [read_base_model(Path(p)) for p in model_dirs]
+    models = [load_base_model(Path(p)) for p in model_dirs]
     check_lineage(models)
     pipe, reference_hash = reference_identity(config, home, progress)
     check_lineage(models, reference_hash)
@@ -208,13 +127,12 @@ def load_ensemble(config: PipelineConfig, home: Path, model_dirs: list[Path], pr
     pipe.text_encoder.requires_grad_(False)
     for m in models:
         try:
-            load_adapter(pipe.unet, m.objective, m.lora, m.rank, m.meta["lora"]["targets"])
+            load_adapter(pipe.unet, m.objective, m.lora, m.card.lora)
         except (ValueError, RuntimeError, KeyError) as exc:
             raise CompositionError(f"base model '{m.objective}' at {m.path} does not fit the reference: "
                                    f"{str(exc).splitlines()[0]}") from None
-    rewards = {m.objective: load_reward(m.meta["reward"]["name"], config, home, m.meta["reward"].get("options") or {})
-               for m in models}
-    sampling = models[0].meta.get("sampling") or config.sampling.model_dump()
+    rewards = {m.objective: load_reward(m.card.reward.name, config, home, m.card.reward.options) for m in models}
+    sampling = models[0].card.sampling or config.sampling.model_dump()
     schedule = DDIMSchedule.from_scheduler(pipe.scheduler, sampling["num_inference_steps"], sampling["eta"])
     return Ensemble(pipe, models, rewards, schedule, float(sampling["guidance_scale"]),
                     config.train.prompts or default_prompts(), reference_hash)

@@ -29,6 +29,7 @@ import torch
 
 from composition.batched import REFERENCE, load_adapter, merge_lora_states, mixed_adapter_batch, routing
 from composition.msdda import SUM_TOLERANCE, compose_gaussian, composition_coefficients
+from training.card import LoraSpec
 from training.chain import Chain, run_chain
 from training.kernel import DDIMSchedule, GaussianStep
 from training.policy import GuidedEpsilon
@@ -60,8 +61,7 @@ class Composer:
     """What every method works with: the UNet carrying the K base models' adapters, the schedule, guided and
     counted epsilons, and each base model's learned variance and beta.
 
-    ``models`` are loaded base models (``training.card.LoadedBaseModel``): ``objective``, ``beta``, ``rank``,
-    ``targets``, ``lora`` and ``log_variance`` are read.
+    ``models`` are loaded base models (``training.card.LoadedBaseModel``).
     """
 
     def __init__(self, unet, schedule: DDIMSchedule, guidance_scale: float, models: Sequence, options):
@@ -96,12 +96,13 @@ class Composer:
         """Put the exact rewarded soup of ``weights`` on the UNet as adapter :data:`SOUP_ADAPTER`."""
         from peft import set_peft_model_state_dict
 
-        merged = merge_lora_states([m.lora for m in self.models], weights)
+        scaled = [float(w) * m.card.lora.scaling for w, m in zip(weights, self.models)]
+        merged = merge_lora_states([m.lora for m in self.models], scaled)
         if SOUP_ADAPTER in getattr(self.unet, "peft_config", {}):
             set_peft_model_state_dict(self.unet, merged, adapter_name=SOUP_ADAPTER)
         else:
-            rank = sum(m.rank for m in self.models)
-            load_adapter(self.unet, SOUP_ADAPTER, merged, rank, self.models[0].targets)
+            spec = LoraSpec(rank=sum(m.rank for m in self.models), targets=self.models[0].targets)
+            load_adapter(self.unet, SOUP_ADAPTER, merged, spec)
 
 
 # ------------------------------------------------------------------------------------------ kernel methods

@@ -124,13 +124,13 @@ def unet_with_two_adapters(tiny_reference):
     from peft import LoraConfig, get_peft_model_state_dict
 
     from composition.batched import load_adapter
+    from training.card import LORA_TARGETS, LoraSpec
     from training.embedded import load_embedded_pipeline
-    from training.sd_problem import LORA_TARGETS
 
     unet = load_embedded_pipeline(tiny_reference.path).unet
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=LORA_TARGETS), adapter_name="probe")
     shapes = {k: v.shape for k, v in get_peft_model_state_dict(unet, adapter_name="probe").items()}
     unet.delete_adapters("probe")
     for i, name in enumerate(["alpha", "beta"]):
-        load_adapter(unet, name, random_lora(shapes, seed=i), rank=4, targets=LORA_TARGETS)
+        load_adapter(unet, name, random_lora(shapes, seed=i), LoraSpec(rank=4, targets=LORA_TARGETS))
     return unet.eval()

@@ -136,39 +136,32 @@ def test_non_positive_precision_is_refused(ensemble, tiny_config):
         generate(ensemble, "msdda", [-5.0, 5.0], tiny_config.composition, num_images=2)
 
 
-def test_lineage_and_corrupt_models_are_refused(tiny_base_models, tmp_path):
+def test_load_ensemble_refuses_models_of_another_lineage(tiny_config, tiny_home, tiny_base_models, tmp_path):
+    """The card's lineage check guards the engine (the card's own tests cover every message)."""
     import shutil
 
-    from composition.engine import CompositionError, check_lineage, read_base_model
+    from composition.engine import load_ensemble
+    from training.card import CardError
 
-    models = [read_base_model(p) for p in tiny_base_models]
-    check_lineage(models)
     other = tmp_path / "other"
     shutil.copytree(tiny_base_models[1], other)
     meta = json.loads((other / CARD_FILE).read_text())
     (other / CARD_FILE).write_text(json.dumps({**meta, "reference_hash": "f" * 64}))
-    with pytest.raises(CompositionError, match="different reference models"):
-        check_lineage([models[0], read_base_model(other)])
-    with pytest.raises(CompositionError, match="trained on reference"):
-        check_lineage(models, reference_hash="0" * 64)
-
-    (other / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(CompositionError, match="corrupt"):
-        read_base_model(other)
-    (other / "adapter_model.safetensors").unlink()
-    with pytest.raises(CompositionError, match="adapter_model.safetensors is missing"):
-        read_base_model(other)
+    with pytest.raises(CardError, match="different reference models"):
+        load_ensemble(tiny_config, tiny_home, [tiny_base_models[0], other])
+    with pytest.raises(CardError, match="this config's reference is"):
+        load_ensemble(tiny_config, tiny_home, [other])
 
 
 def test_rgg_refuses_non_differentiable_rewards(ensemble, tiny_config):
-    from composition.engine import CompositionError
+    from composition.engine import CompositionError, generate
     from training.rewards import load_reward
 
     saved = dict(ensemble.rewards)
     try:
         ensemble.rewards["ink_economy"] = load_reward("compressibility", tiny_config, None)
         with pytest.raises(CompositionError, match="differentiable rewards; not differentiable: ink_economy"):
-            ensemble.sampler("rgg", [0.5, 0.5], tiny_config.composition)
+            generate(ensemble, "rgg", [0.5, 0.5], tiny_config.composition, num_images=2)
     finally:
         ensemble.rewards.clear()
         ensemble.rewards.update(saved)

@@ -183,11 +183,14 @@ def test_rewarded_soup_with_one_hot_weights_is_the_single_model(unet_with_two_ad
 
     from peft import get_peft_model_state_dict
 
+    from training.card import LORA_TARGETS, LoraSpec
+
     unet = copy.deepcopy(unet_with_two_adapters)
     comp = composer(unet)
     for m in comp.models:
         m.lora = get_peft_model_state_dict(unet, adapter_name=m.objective)
-        m.targets = ["to_q", "to_k", "to_v", "to_out.0"]
+        m.targets = LORA_TARGETS
+        m.card = SimpleNamespace(lora=LoraSpec(rank=4, targets=LORA_TARGETS))
     x_T, batch = inputs(unet, seed=9)
     METHODS["rs"].prepare(comp, [0.0, 1.0])
     chain, nfe = sample("rs", comp, [0.0, 1.0], x_T, batch)

@@ -72,9 +72,11 @@ class RewardSpec(BaseModel):
 
 
 class RewardScale(BaseModel):
-    """An affine standardisation of the reward; the identity by default.
+    """The scale a base model's reward is combined on: ``(R - offset) / scale``; the identity by default.
 
-    TODO: standardise against the reference model's reward distribution (its mean and standard deviation).
+    Training writes the identity today. A trainer that standardises an objective against the reference model's
+    reward distribution records that offset and scale here, so that composition scores (CoDe's selection, RGG's
+    gradient) combine the objectives on the scale each model was trained on.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
