@@ -26,6 +26,7 @@ from training.card import LoadedBaseModel, check_lineage, load_base_model
 from training.kernel import DDIMSchedule
 from training.sd_problem import decode_latents
 
+
 class CompositionError(MsddaError, ValueError):
     """Bad composition input (weights, models, method), reported as one line."""
 

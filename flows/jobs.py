@@ -106,7 +106,14 @@ def compose_job(config: PipelineConfig, home: Path, weights, specs: list[str] | 
                 mlflow: bool = True) -> dict:
     """Sample images for one weight vector with ``method``; save them (PNG + manifest) and log an MLflow run
     with the weights, models and versions, the rewards, the NFE and an image grid."""
-    from composition.engine import generate, get_method, load_ensemble, parse_weights, save_images, score_images
+    from composition.engine import (
+        generate,
+        get_method,
+        load_ensemble,
+        parse_weights,
+        save_images,
+        score_images,
+    )
     from composition.evaluation import image_grid
     from training.rewards import mean_and_se
 

@@ -41,9 +41,8 @@ def test_composition_unchanged(golden, tiny_config, tiny_home, tiny_base_models,
 
 def test_base_model_training_unchanged(golden, tiny_config, tiny_home, tiny_reference):
     """The trainer's rollouts, losses, updates and the evaluation chains, end to end on the tiny model."""
-    from training.card import load_base_model
-
     from training.base_model import train_base_model
+    from training.card import load_base_model
 
     tensors, scalars = golden
     result = train_base_model(tiny_config, "ink_economy", tiny_home, progress=False)
