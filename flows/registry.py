@@ -1,6 +1,6 @@
 """The MLflow model registry layer: base-model folders in, registered model versions with lineage tags out.
 
-Every base model (a folder written by :func:`training.base_model.save_base_model`) becomes a version of the
+Every base model (a folder written by :func:`training.card.save_base_model`) becomes a version of the
 registered model ``msdda-<objective>``. Its files are logged as artifacts (under ``base_model``) of an MLflow run;
 its version tags carry the lineage (objective, reward spec, beta, trainer, reference hash, scheduler and sampling
 config, metrics, git sha, and the content hash of the files). The alias ``champion`` marks the version to compose.
@@ -434,12 +434,11 @@ def _download(home: Path, version, target: Path) -> None:
     import mlflow.artifacts
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=target.parent))
-    try:
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=target.parent) as tmp:  # scratch, removed after
         with _registry_errors(f"downloading {version.name} v{version.version}"):
             uri = tracking_uri(home)
             local = mlflow.artifacts.download_artifacts(
-                artifact_uri=version.source, dst_path=str(tmp), tracking_uri=uri, registry_uri=uri,
+                artifact_uri=version.source, dst_path=tmp, tracking_uri=uri, registry_uri=uri,
             )
         folder = _base_model_folder(Path(local))
         if folder is None:
@@ -454,8 +453,6 @@ def _download(home: Path, version, target: Path) -> None:
         except OSError:
             if not _intact(target, version.tags.get("content_hash", "")):  # a concurrent download won?
                 raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def resolve(home: Path, spec: str) -> ResolvedModel:

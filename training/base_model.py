@@ -19,10 +19,17 @@ from pathlib import Path
 import torch
 
 from configs.schema import PipelineConfig
-from training.card import CARD_FILE, LORA_TARGETS, BaseModelCard, LoraSpec, RewardSpec, load_base_model
-from training.card import save_base_model as write_base_model
+from training.card import (
+    CARD_FILE,
+    LORA_TARGETS,
+    BaseModelCard,
+    LoraSpec,
+    RewardSpec,
+    load_base_model,
+    save_base_model,
+)
 from training.digits import PROMPT_TEMPLATES, digit_prompt
-from training.rewards import load_reward
+from training.rewards import load_reward, mean_and_se
 from training.trainer import IterationMetrics, train
 
 
@@ -73,10 +80,6 @@ def run_key(config: PipelineConfig, objective: str, reference_hash: str) -> str:
         "reference": reference_hash,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def mean_and_se(values: torch.Tensor) -> tuple[float, float]:
-    return float(values.mean()), float(values.std() / math.sqrt(values.numel()))
 
 
 def train_base_model(
@@ -137,13 +140,13 @@ def train_base_model(
     from accelerate import PartialState
 
     if PartialState().is_main_process:  # under `accelerate launch`, one process writes
-        save_base_model(final, problem, config, spec, beta, reference_hash, metrics, result.history)
+        save_trained(final, problem, config, spec, beta, reference_hash, metrics, result.history)
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return metrics
 
 
-def save_base_model(final: Path, problem, config, spec, beta, reference_hash, metrics, history) -> None:
-    """Save ``problem``'s trained adapter and variance with its card (see :func:`training.card.save_base_model`)."""
+def save_trained(final: Path, problem, config, spec, beta, reference_hash, metrics, history) -> None:
+    """Save ``problem``'s trained adapter and variance with its card (:func:`training.card.save_base_model`)."""
     state = problem.trainable_state()
     card = BaseModelCard(
         objective=spec.name,
@@ -162,7 +165,7 @@ def save_base_model(final: Path, problem, config, spec, beta, reference_hash, me
         history=[asdict(m) for m in history],
     )
     lora = {k.removeprefix("lora."): v for k, v in state.items() if k.startswith("lora.")}
-    write_base_model(final, card, lora, state.get("log_variance"))
+    save_base_model(final, card, lora, state.get("log_variance"))
 
 
 def evaluation_problem(config: PipelineConfig, home: Path, base_model: Path | None, progress: bool = False):
