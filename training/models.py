@@ -10,12 +10,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from configs.errors import MsddaError
 from configs.schema import PipelineConfig
 
 SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(MsddaError, RuntimeError):
     """A reference model's weights or files are missing or unreadable (the message is one line)."""
 
 
