@@ -58,6 +58,25 @@ def test_second_call_is_cached(tiny_config, tiny_home, tiny_reference):
     assert time.perf_counter() - start < 5
 
 
+def test_changed_sampling_re_measures_alignment_in_place(tiny_config, tiny_home, tiny_reference, tmp_path):
+    """A cached model evaluated under other sampling settings gets its metadata rewritten (atomically)."""
+    import shutil
+
+    from training.embedded import META_FILE
+
+    home = tmp_path / "copied_home"
+    shutil.copytree(tiny_home, home)
+    path = home / tiny_reference.path.relative_to(tiny_home)
+    before = content_hash(path)
+    sampling = tiny_config.sampling.model_copy(update={"eta": 0.5})
+    again = pretrain_reference(tiny_config.model_copy(update={"sampling": sampling}), home, progress=False)
+    assert again.cached and again.path == path
+    meta = json.loads((path / META_FILE).read_text())
+    assert meta["alignment_eval"]["eta"] == 0.5 and meta["alignment_accuracy"] == again.alignment_accuracy
+    assert content_hash(path) == before, "the metadata is not part of the model's identity"
+    assert not [p.name for p in path.iterdir() if p.name.startswith(".")], "no temporary file is left"
+
+
 def test_same_seed_gives_the_same_model(tiny_config, tiny_reference, tmp_path):
     rebuilt = pretrain_reference(tiny_config, tmp_path / "other_home", progress=False)
     assert not rebuilt.cached
