@@ -51,13 +51,41 @@ def test_hub_id_offline_without_cache_is_one_line(monkeypatch, tmp_path):
     assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in message and "\n" not in message
 
 
-def test_content_hash_changes_with_weights(tiny_reference, tmp_path):
+def test_content_hash_changes_with_weights_and_configs(tiny_reference, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from training.embedded import META_FILE
+
     copy = tmp_path / "copy"
     shutil.copytree(tiny_reference.path, copy)
-    assert content_hash(copy) == content_hash(tiny_reference.path)
+    original = content_hash(tiny_reference.path)
+    assert content_hash(copy) == original
+
+    # one weight of the UNet, nudged
+    (weights,) = (copy / "unet").glob("*.safetensors")
+    tensors = load_file(weights)
+    name = min(tensors)
+    before = tensors[name].clone()
+    tensors[name] = before.clone()
+    tensors[name].view(-1)[0] += 1e-3
+    save_file(tensors, weights, metadata={"format": "pt"})
+    assert not load_file(weights)[name].equal(before)
+    with_weight = content_hash(copy)
+    assert with_weight != original
+
+    # a config value: the scheduler's number of training timesteps
     config = copy / "scheduler" / "scheduler_config.json"
-    config.write_text(config.read_text().replace('"eta"', '"eta"').replace("1000", "999"))
-    assert content_hash(copy) != content_hash(tiny_reference.path)
+    text = config.read_text()
+    changed = text.replace('"num_train_timesteps": 1000', '"num_train_timesteps": 999')
+    assert changed != text
+    config.write_text(changed)
+    with_config = content_hash(copy)
+    assert with_config not in (original, with_weight)
+
+    # our own metadata (msdda_*) is not part of the model's identity
+    meta = copy / META_FILE
+    meta.write_text(meta.read_text().replace('"alignment_accuracy"', '"alignment_accuracy_renamed"'))
+    assert content_hash(copy) == with_config
 
 
 def test_atomic_file_replaces_on_success(tmp_path):
