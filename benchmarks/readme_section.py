@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from training.models import atomic_file
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -13,6 +15,5 @@ def write_section(name: str, markdown: str, readme: Path = README) -> None:
     text = readme.read_text()
     block = f"{start}\n{markdown}\n{end}"
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.DOTALL)
-    tmp = readme.with_name(f".{readme.name}.tmp")
-    tmp.write_text(pattern.sub(lambda _: block, text) if pattern.search(text) else text + "\n" + block + "\n")
-    tmp.replace(readme)
+    with atomic_file(readme) as tmp:
+        tmp.write_text(pattern.sub(lambda _: block, text) if pattern.search(text) else text + "\n" + block + "\n")

@@ -13,10 +13,12 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from configs.errors import MsddaError
+
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
 
 
-class ConfigError(ValueError):
+class ConfigError(MsddaError, ValueError):
     """A config file is missing, is not YAML, or does not match the schema."""
 
 

@@ -15,6 +15,8 @@ from typing import Annotated
 
 import typer
 
+from configs.errors import MsddaError
+
 app = typer.Typer(
     name="msdda",
     help="Multi-objective alignment of diffusion models: step-level RL base models composed with MSDDA.",
@@ -29,7 +31,7 @@ ConfigOption = Annotated[
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 
 
-class UsageError(Exception):
+class UsageError(MsddaError):
     """Bad user input: reported as one line on stderr with exit code 2."""
 
 
@@ -280,48 +282,43 @@ def deploy(
 ) -> None:
     """Create the Prefect deployments on a Prefect server (PREFECT_API_URL): `train-base-models/scheduled-training`
     on a cron schedule and `compose/on-demand`. Without --pool, serve them here until Ctrl-C."""
-    from flows.deploy import DeploymentError, check_cron, deploy_to_pool, serve_deployments
+    from flows.deploy import check_cron, deploy_to_pool, serve_deployments
     from training.models import msdda_home
 
     home = msdda_home()
-    try:
-        check_cron(cron)
-        _load(config)  # a bad config fails now, not at the first scheduled run
-        if pool is not None:
-            rows = deploy_to_pool(pool, cron, config, home)
-            lines = [f"deployed {r['name']} ({r['id']})" + (f", cron '{cron}' UTC" if r["schedules"] else "")
-                     for r in rows]
-            lines += [f"work pool '{pool}': start a worker with `prefect worker start --pool {pool}`",
-                      "compose on demand: prefect deployment run compose/on-demand -p 'weights=[0.5, 0.5]'"]
-            _emit({"deployments": rows, "work_pool": pool, "serving": False}, json_output, "\n".join(lines))
-            return
+    check_cron(cron)
+    _load(config)  # a bad config fails now, not at the first scheduled run
+    if pool is not None:
+        rows = deploy_to_pool(pool, cron, config, home)
+        lines = [f"deployed {r['name']} ({r['id']})" + (f", cron '{cron}' UTC" if r["schedules"] else "")
+                 for r in rows]
+        lines += [f"work pool '{pool}': start a worker with `prefect worker start --pool {pool}`",
+                  "compose on demand: prefect deployment run compose/on-demand -p 'weights=[0.5, 0.5]'"]
+        _emit({"deployments": rows, "work_pool": pool, "serving": False}, json_output, "\n".join(lines))
+        return
 
-        def ready(rows: list[dict]) -> None:
-            if json_output:
-                typer.echo(json.dumps({"deployments": rows, "work_pool": None, "serving": True}))
-                sys.stdout.flush()
-            for row in rows:
-                typer.echo(f"deployment {row['name']} ({row['id']})"
-                           + (f", cron '{cron}' UTC" if row["schedules"] else ""), err=True)
-            typer.echo("serving; Ctrl-C to stop", err=True)
+    def ready(rows: list[dict]) -> None:
+        if json_output:
+            typer.echo(json.dumps({"deployments": rows, "work_pool": None, "serving": True}))
+            sys.stdout.flush()
+        for row in rows:
+            typer.echo(f"deployment {row['name']} ({row['id']})"
+                       + (f", cron '{cron}' UTC" if row["schedules"] else ""), err=True)
+        typer.echo("serving; Ctrl-C to stop", err=True)
 
-        serve_deployments(cron, config, home, on_ready=ready)
-    except DeploymentError as exc:
-        raise UsageError(str(exc)) from None
+    serve_deployments(cron, config, home, on_ready=ready)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point: maps known errors to one line on stderr and exit code 2."""
+    """Console entry point: maps user-facing errors (:class:`MsddaError`) to one line on stderr and exit code 2."""
+    # CompositionError and RegistryError are named as well until they subclass MsddaError too (then redundant).
     from composition.engine import CompositionError
-    from configs import ConfigError
     from flows.registry import RegistryError
-    from training.models import ModelLoadError
-    from training.rewards import RewardError
 
     _quiet_libraries()
     try:
         app(args=argv, prog_name="msdda")
-    except (ConfigError, CompositionError, ModelLoadError, RegistryError, RewardError, UsageError) as exc:
+    except (MsddaError, CompositionError, RegistryError) as exc:
         typer.echo(f"error: {exc}", err=True)
         return 2
     except SystemExit as exc:  # click's standalone mode: usage errors exit 2 with their own message

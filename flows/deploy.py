@@ -27,6 +27,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from configs.errors import MsddaError
+
 if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment
 
@@ -38,7 +40,7 @@ SOURCE = Path(__file__).resolve().parents[1]  # the folder holding the ``flows``
 ENTRYPOINTS = {"train-base-models": "flows/pipeline.py:train_base_models", "compose": "flows/pipeline.py:compose"}
 
 
-class DeploymentError(ValueError):
+class DeploymentError(MsddaError, ValueError):
     """One-line, user-facing deployment problem (no server, bad cron, unusable work pool)."""
 
 

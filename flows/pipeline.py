@@ -11,19 +11,24 @@ flow                   what it does
 ``msdda-pipeline``     all of the above, in order (this is ``msdda run``)
 =====================  ====================================================================================
 
-Parameters are validated by Prefect with pydantic from the type hints. Flows take ``config_path`` (YAML, default:
-the embedded default) and ``home`` (default ``$MSDDA_HOME``) so that they run the same in-process, on a Dask
-worker or from a deployment.
+Parameters are validated by Prefect with pydantic from the type hints. Flows take ``config_path`` (YAML,
+default: the embedded default) and ``home`` (default ``$MSDDA_HOME``) so that they run the same in-process,
+on a Dask worker or from a deployment.
 """
 
 from __future__ import annotations
 
 import os
+import sqlite3
+import sys
+import urllib.error
 from pathlib import Path
 from typing import Annotated, Literal
 
 from prefect import flow, task
 from pydantic import Field
+
+from configs.errors import MsddaError
 
 Method = Literal["msdda", "db", "rs", "code", "rgg"]
 Runner = Literal["sequential", "dask"]
@@ -53,17 +58,66 @@ def _publish(key: str, table: list[dict], description: str, link: str | None = N
 # ----------------------------------------------------------------------------------------------------- tasks
 
 
+SQLITE_LOCKED = ("database is locked", "database table is locked")
+"""Messages of a SQLite lock (MLflow's store under concurrent writers): it passes once the writer is gone."""
+
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
+"""Errors that may pass on a second try whatever their message: a refused, reset or broken connection
+(``ConnectionError`` covers ``ConnectionRefusedError``, ``ConnectionResetError``, ``BrokenPipeError``...)
+and a timeout (``socket.timeout`` is ``TimeoutError``). :func:`is_transient` holds the rest of the list."""
+
+
+def _loaded_classes(module: str, *names: str) -> tuple[type[BaseException], ...]:
+    """Exception classes of ``module`` if it is already imported (else no instance of them can exist):
+    optional dependencies are never imported just to classify an error."""
+    loaded = sys.modules.get(module)
+    return tuple(getattr(loaded, name) for name in names if hasattr(loaded, name)) if loaded else ()
+
+
+def _transient_one(exc: BaseException) -> bool:
+    if isinstance(exc, TRANSIENT_ERRORS):
+        return True
+    if isinstance(exc, urllib.error.URLError):  # no route, DNS failure...; an HTTP error only if server-side
+        return not isinstance(exc, urllib.error.HTTPError) or exc.code == 429 or exc.code >= 500
+    locked = (sqlite3.OperationalError, *_loaded_classes("sqlalchemy.exc", "OperationalError"),
+              *_loaded_classes("mlflow.exceptions", "MlflowException"))
+    if isinstance(exc, locked):
+        return any(text in str(exc) for text in SQLITE_LOCKED)
+    connection = (*_loaded_classes("requests.exceptions", "ConnectionError", "Timeout"),
+                  *_loaded_classes("httpx", "TransportError"),
+                  # a Dask worker died (KilledWorker) or its connection closed under a task (CommClosedError)
+                  *_loaded_classes("distributed", "KilledWorker"),
+                  *_loaded_classes("distributed.comm.core", "CommClosedError"))
+    return isinstance(exc, connection)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a failed task may pass on a second try: an explicit allow-list (a locked SQLite database, a
+    lost connection or a timeout, a lost Dask worker), looked for in ``exc`` and the exceptions it was raised
+    ``from``.
+
+    Everything else fails at once, and so does every :class:`~configs.errors.MsddaError` (bad input or a
+    broken artefact: config, reward, model loading, registry, composition) whatever caused it.
+    """
+    if isinstance(exc, MsddaError):
+        return False
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if _transient_one(current):
+            return True
+        seen.add(id(current))
+        current = current.__cause__
+    return False
+
+
 def _transient(task, task_run, state) -> bool:
-    """Retry only what may pass on a second try: bad input and configs (``ValueError``s: config, reward,
-    model-loading, registry and composition errors) fail at once."""
+    """Prefect ``retry_condition_fn``: retry the failed task only if its exception :func:`is_transient`."""
     try:
         state.result()
-    except (ValueError, TypeError, KeyError):
-        return False
-    except Exception:  # noqa: BLE001 - anything else (I/O, a lost worker, a locked database) may be transient
-        return True
-    return True
-
+    except Exception as exc:  # noqa: BLE001 - classified by the allow-list
+        return is_transient(exc)
+    return False
 
 
 @task(retries=2, retry_delay_seconds=10, retry_condition_fn=_transient, name="pretrain")
@@ -119,7 +173,8 @@ def _publish_training(results: list[dict]) -> None:
 
 
 @flow(name="fan-out-training")
-def _fan_out(objectives: list[str], config_path: str | None, home: str | None, torch_threads: int) -> list[dict]:
+def _fan_out(objectives: list[str], config_path: str | None, home: str | None,
+             torch_threads: int) -> list[dict]:
     futures = [train_task.submit(objective, config_path, home, torch_threads) for objective in objectives]
     return [future.result() for future in futures]
 
@@ -160,14 +215,16 @@ def compose(
     config_path: str | None = None,
     home: str | None = None,
 ) -> dict:
-    """On-demand composition of registered base models (``NAME[@ALIAS]``; default: the objectives' champions)."""
+    """On-demand composition of registered base models (``NAME[@ALIAS]``; default: the objectives'
+    champions)."""
     from flows.jobs import compose_job
 
     config, root = _context(config_path, home)
     result = compose_job(config, root, weights, models, method, num_images, seed)
-    _publish("composition", [{"objective": k, "mean reward": round(v, 4), "SE": round(result["reward_se"][k], 4)}
-                             for k, v in result["rewards"].items()],
-             f"{method} at w={weights}, {result['nfe']:g} NFE/image", link=str(Path(result["image_dir"]) / "grid.png"))
+    rows = [{"objective": k, "mean reward": round(v, 4), "SE": round(result["reward_se"][k], 4)}
+            for k, v in result["rewards"].items()]
+    _publish("composition", rows, f"{method} at w={weights}, {result['nfe']:g} NFE/image",
+             link=str(Path(result["image_dir"]) / "grid.png"))
     return result
 
 

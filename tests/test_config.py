@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from configs import DEFAULT_CONFIG, ConfigError, load_config, parse_config
 
@@ -10,6 +11,29 @@ def test_default_config_is_the_embedded_default():
     assert config.model.source == "embedded"
     assert config.sampling.eta > 0
     assert config.objective_names == ["digit_alignment", "ink_economy"]
+
+
+def test_default_config_only_states_what_differs_from_the_schema():
+    """configs/default.yaml holds the objectives and nothing else: the effective default config is the
+    schema's defaults plus those objectives (so the two cannot drift apart)."""
+    from configs.schema import PipelineConfig
+
+    raw = yaml.safe_load(Path(DEFAULT_CONFIG).read_text())
+    assert set(raw) == {"objectives"}, "every other default lives in configs/schema.py"
+    assert load_config() == PipelineConfig(objectives=raw["objectives"])
+    assert load_config() != PipelineConfig(), "the objectives do differ from the schema's (empty) default"
+
+
+def test_default_config_commented_examples_are_valid():
+    """The commented overrides at the end of configs/default.yaml, uncommented, validate."""
+    lines = Path(DEFAULT_CONFIG).read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("# Common overrides"))
+    example = "\n".join(line[2:] for line in lines[start + 1:] if line.startswith("# "))
+    data = yaml.safe_load(example)
+    assert {"model", "pretrain", "sampling", "train", "composition", "objectives"} <= set(data)
+    config = parse_config(data, "configs/default.yaml (examples)")
+    assert config.model.source == "pretrained" and config.sampling.guidance_scale == 7.5
+    assert config.objective("ink_economy").beta == 0.05
 
 
 def test_objectives_accept_names_and_mappings():

@@ -22,16 +22,26 @@ def test_toy_policy_reaches_the_analytic_optimum(method):
     assert after["variance_rel_error"] <= 0.1, after
 
 
-def test_killed_training_resumes_exactly(tmp_path):
-    config = TrainConfig(iterations=6, checkpoint_every=3, **{**FAST, "batch_size": 16})
-    straight = ToyProblem(num_inference_steps=5)
-    train(straight, config, progress=False)
+def _toy(seed: int, **kwargs) -> ToyProblem:
+    """A toy whose initial weights (the MLP's random layers) come from ``seed``, not from whatever state the
+    global RNG was left in."""
+    torch.manual_seed(seed)
+    return ToyProblem(**kwargs)
 
-    resumed = ToyProblem(num_inference_steps=5)
+
+def test_killed_training_resumes_exactly(tmp_path):
+    config = TrainConfig(iterations=6, checkpoint_every=3, seed=0, **{**FAST, "batch_size": 16})
+    straight = _toy(0, num_inference_steps=5)
+    expected = train(straight, config, progress=False)
+
+    resumed = _toy(0, num_inference_steps=5)  # the same start as `straight`
     train(resumed, config, checkpoint_dir=tmp_path / "ckpt", progress=False, stop_after=4)  # "killed" at 4
-    fresh = ToyProblem(num_inference_steps=5)  # a new process: nothing in memory
+    torch.manual_seed(12345)  # a new process: nothing in memory, the global RNG elsewhere
+    fresh = _toy(1, num_inference_steps=5)  # other initial weights: the checkpoint must restore them
+    assert not torch.equal(fresh.policy.eps_model.net[0].weight, straight.policy.eps_model.net[0].weight)
     result = train(fresh, config, checkpoint_dir=tmp_path / "ckpt", progress=False)
     assert [m.iteration for m in result.history] == [1, 2, 3, 4, 5, 6]
+    assert [m.loss for m in result.history] == [m.loss for m in expected.history]
     for key, value in straight.trainable_state().items():
         torch.testing.assert_close(fresh.trainable_state()[key], value, rtol=0, atol=0)
 

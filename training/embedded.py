@@ -12,8 +12,6 @@ import copy
 import hashlib
 import json
 import math
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +36,7 @@ from training.digits import (
     prompt_vocabulary,
     train_test_split,
 )
+from training.models import atomic_file, staged_directory
 from training.tokenizer import build_tokenizer, save_tokenizer
 
 FORMAT_VERSION = 1
@@ -151,23 +150,6 @@ def classifier_key(size: int, pretrain: PretrainConfig) -> str:
     )
 
 
-def _publish(tmp: Path, final: Path) -> None:
-    """Atomically move a finished build into place; a concurrent build that won the race is kept."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp.chmod(0o755)  # mkdtemp's 0700 would hide the model from the rest of a team
-    try:
-        tmp.rename(final)
-    except OSError:
-        if not (final / "DONE").exists():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _build_dir(parent: Path) -> Path:
-    parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=".build-", dir=parent))
-
-
 def digit_classifier(config: PipelineConfig, home: Path, progress: bool = True):
     """The cached evaluator CNN for the embedded model's image size, trained on the train split."""
     size = config.model.embedded.image_size
@@ -175,10 +157,9 @@ def digit_classifier(config: PipelineConfig, home: Path, progress: bool = True):
     if not (final / "DONE").exists():
         train, test = train_test_split(size, config.pretrain.test_fraction, seed=0)
         model, report = train_classifier(train, test, config.pretrain.classifier_steps, config.pretrain.seed, progress)
-        tmp = _build_dir(final.parent)
-        save_classifier(model, report, tmp)
-        (tmp / "DONE").touch()
-        _publish(tmp, final)
+        with staged_directory(final, keep_existing=True) as tmp:  # a concurrent build that won the race is kept
+            save_classifier(model, report, tmp)
+            (tmp / "DONE").touch()
     return load_classifier(final)
 
 
@@ -368,8 +349,7 @@ def pretrain_reference(config: PipelineConfig, home: Path, progress: bool = True
         components, latents, train.labels, pretrain, generator, progress
     )
 
-    tmp = _build_dir(final.parent)
-    try:
+    with staged_directory(final, keep_existing=True) as tmp:  # a concurrent build that won the race is kept
         save_pipeline(components, tmp)
         accuracy = alignment_accuracy(
             load_embedded_pipeline(tmp), classifier, config.sampling, pretrain.eval_samples, pretrain.seed, progress
@@ -378,10 +358,6 @@ def pretrain_reference(config: PipelineConfig, home: Path, progress: bool = True
         meta = _reference_meta(config, key, accuracy, report, seconds)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
         (tmp / "DONE").touch()
-        _publish(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return PretrainResult(final, accuracy, report.test_accuracy, seconds, cached=False, key=key)
 
 
@@ -400,9 +376,8 @@ def _current_evaluation(config: PipelineConfig, home: Path, final: Path, progres
             config.pretrain.seed, progress,
         )
         meta["alignment_eval"].update(settings)
-        tmp = final / (META_FILE + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=2))
-        tmp.replace(final / META_FILE)
+        with atomic_file(final / META_FILE) as tmp:
+            tmp.write_text(json.dumps(meta, indent=2))
     return meta
 
 

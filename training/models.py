@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from configs.errors import MsddaError
 from configs.schema import PipelineConfig
 
 SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(MsddaError, RuntimeError):
     """A reference model's weights or files are missing or unreadable (the message is one line)."""
 
 
@@ -87,18 +89,49 @@ def content_hash(directory: Path) -> str:
 
 
 @contextmanager
-def staged_directory(final: Path, prefix: str = ".build-") -> Iterator[Path]:
+def staged_directory(final: Path, prefix: str = ".build-", keep_existing: bool = False) -> Iterator[Path]:
     """Yield a temporary folder next to ``final``; when the block succeeds it replaces ``final`` by a rename,
-    when it fails it is removed. Readers never see a half-written ``final``."""
+    when it fails it is removed. Readers never see a half-written ``final``.
+
+    With ``keep_existing`` (content-addressed caches, where ``final`` only ever appears complete): if ``final``
+    exists by then, a concurrent build of the same content won the race; it is kept, the staged one discarded.
+    """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
     try:
         yield tmp
         tmp.chmod(0o755)  # mkdtemp's 0700 would hide the folder from the rest of a team
+        if keep_existing:
+            try:
+                tmp.rename(final)  # fails if a non-empty ``final`` appeared meanwhile
+            except OSError:
+                if not final.exists():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
+            return
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary path in ``path``'s folder; when the block succeeds, the file written there replaces
+    ``path`` by a rename, when it fails it is removed. Readers see the old file or the new one, never a
+    half-written one; concurrent writers each have their own temporary file, and the last rename wins.
+
+    The temporary name is hidden and ends in ``.tmp`` (what a killed process leaves is not taken for data, e.g.
+    by :func:`content_hash`), so writers that pick a format by the extension must be told the format."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise

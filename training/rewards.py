@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
+from configs.errors import MsddaError
 from training.digits import DIGIT_WORDS
 
 
-class RewardError(ValueError):
+class RewardError(MsddaError, ValueError):
     """An unknown objective, or a reward whose weights or package are missing (one-line message)."""
 
 
