@@ -17,6 +17,7 @@ import torch
 from composition.engine import Ensemble, generate, score_images
 from composition.methods import METHODS
 from configs.schema import CompositionConfig
+from training.models import atomic_file
 from training.rewards import mean_and_se
 
 
@@ -181,19 +182,13 @@ def image_grid(images: torch.Tensor, path: Path, columns: int = 16, scale: int =
 def _save_figure(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=130)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=130, format="png")
     plt.close(fig)
-    tmp.replace(path)
-    return path
+    return Path(path)
 
 
 def _save_image(image, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    image.save(tmp)
-    tmp.replace(path)
-    return path
+    with atomic_file(path) as tmp:
+        image.save(tmp, format="PNG")
+    return Path(path)

@@ -124,7 +124,7 @@ ModelsOption = Annotated[
     typer.Option("--models", "-m", help="Comma-separated NAME[@ALIAS] or NAME/VERSION registry specs, or "
                                         "base-model folders (default: the config's objectives @champion)."),
 ]
-MethodOption = Annotated[str, typer.Option("--method", help="msdda | db | rs | code | rgg")]
+MethodOption = Annotated[str, typer.Option("--method", help="A composition method (`msdda methods` lists them).")]
 
 
 def _split(text: str | None) -> list[str] | None:
@@ -157,7 +157,7 @@ def compose(
 
 @app.command()
 def sweep(
-    methods: Annotated[str | None, typer.Option("--methods", help="Comma-separated, e.g. msdda,db,rs,code,rgg.")]
+    methods: Annotated[str | None, typer.Option("--methods", help="Comma-separated methods (`msdda methods`); default: all.")]
     = None,
     grid: Annotated[int | None, typer.Option("--grid", min=2, help="Points per simplex edge (11: w=0,0.1..1).")]
     = None,
@@ -174,6 +174,16 @@ def sweep(
     result = sweep_job(cfg, msdda_home(), _split(models), _split(methods), grid, num_images,
                        progress=sys.stderr.isatty() or not json_output)
     _emit(result, json_output, sweep_table(result) + f"\nPareto plot: {result['plot']}")
+
+
+@app.command()
+def methods(json_output: JsonOption = False) -> None:
+    """The registered composition methods (`composition/methods.py`): name, label, kind, what a step does."""
+    from composition.methods import METHODS, methods_table
+
+    rows = [{"name": m.name, "label": m.label, "kind": m.kind, "calls_rewards": m.score is not None,
+             "summary": m.summary} for m in METHODS.values()]
+    _emit(rows, json_output, methods_table())
 
 
 def sweep_table(result: dict) -> str:
@@ -311,14 +321,10 @@ def deploy(
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: maps user-facing errors (:class:`MsddaError`) to one line on stderr and exit code 2."""
-    # CompositionError and RegistryError are named as well until they subclass MsddaError too (then redundant).
-    from composition.engine import CompositionError
-    from flows.registry import RegistryError
-
     _quiet_libraries()
     try:
         app(args=argv, prog_name="msdda")
-    except (MsddaError, CompositionError, RegistryError) as exc:
+    except MsddaError as exc:
         typer.echo(f"error: {exc}", err=True)
         return 2
     except SystemExit as exc:  # click's standalone mode: usage errors exit 2 with their own message

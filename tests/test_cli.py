@@ -85,3 +85,16 @@ def test_missing_checkpoint_is_one_line_exit_2(tmp_path):
 def test_unknown_option_exits_2(tmp_path):
     result = run_cli(["pretrain", "--bogus"], tmp_path, tmp_path / "home")
     assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_methods_lists_the_registry(tmp_path):
+    from composition.methods import METHODS
+
+    result = run_cli(["methods", "--json"], tmp_path, tmp_path / "home")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert [row["name"] for row in rows] == list(METHODS)
+    assert {row["kind"] for row in rows} == {"kernel", "search"}
+    bad = run_cli(["compose", "--method", "nope", "-w", "0.5,0.5"], tmp_path, tmp_path / "home")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        f"error: unknown method 'nope'; choose from {', '.join(METHODS)}"]

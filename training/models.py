@@ -110,9 +110,11 @@ def staged_directory(final: Path, prefix: str = ".build-", keep_existing: bool =
                     raise
                 shutil.rmtree(tmp, ignore_errors=True)
             return
+        aside = final.with_name(f".old-{final.name}-{secrets.token_hex(4)}")
         if final.exists():
-            shutil.rmtree(final)
+            final.rename(aside)  # a crash from here on leaves the old copy aside, never a half-written one
         tmp.rename(final)
+        shutil.rmtree(aside, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
