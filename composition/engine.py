@@ -180,7 +180,7 @@ def generate(ensemble: Ensemble, method: str, weights: list[float], options: Com
         index = torch.arange(first, min(first + options.batch_size, num_images)) % len(ensemble.prompts)
         batch_prompts = [ensemble.prompts[i] for i in index.tolist()]
         x_seed, noise_seed = batch_seeds(seed, batch_index)
-        x_T = torch.randn((len(index), *shape), generator=torch.Generator().manual_seed(x_seed))
+        x_T = torch.randn((len(index), *shape), generator=torch.Generator().manual_seed(x_seed)).to(unet.device)
         score = None
         if chosen.score is not None:
             score = ensemble.score_fn(weights, batch_prompts, chosen.score.per_beta, chosen.score.differentiable)

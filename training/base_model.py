@@ -114,7 +114,7 @@ def train_base_model(
     def evaluate(use_policy: bool):
         generator = torch.Generator().manual_seed(train_cfg.eval_seed)
         images, eval_prompts, kl = problem.sample_images(eval_index, generator, use_policy=use_policy)
-        return reward(images, eval_prompts).detach(), kl
+        return reward(images, eval_prompts).detach().cpu(), kl
 
     before, _ = evaluate(use_policy=False)
     problem.unet_evaluations = 0  # evaluation calls are not training cost

@@ -97,7 +97,7 @@ def digit_alignment(config, home: Path, options: dict) -> Reward:
 
     def fn(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         labels = torch.tensor([prompted_digit(p) for p in prompts], device=images.device)
-        logits = classifier(to_grayscale(images, size))
+        logits = classifier.to(images.device)(to_grayscale(images, size))  # the reward follows the images' device
         return logits.log_softmax(-1).gather(1, labels[:, None]).squeeze(1)
 
     return Reward(
@@ -150,11 +150,12 @@ def _clip_scorer(name: str, options: dict, head: Callable | None = None) -> Rewa
         pixels = torch.nn.functional.interpolate(images, size=(size, size), mode="bicubic", align_corners=False)
         mean = torch.tensor(processor.image_processor.image_mean, device=images.device).view(1, 3, 1, 1)
         std = torch.tensor(processor.image_processor.image_std, device=images.device).view(1, 3, 1, 1)
+        model.to(images.device)  # the reward follows the images' device
         image_embeds = model.get_image_features(pixel_values=(pixels - mean) / std)
         image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
         if head is not None:
             return head(image_embeds)
-        tokens = processor.tokenizer(prompts, padding=True, truncation=True, return_tensors="pt")
+        tokens = processor.tokenizer(prompts, padding=True, truncation=True, return_tensors="pt").to(images.device)
         text_embeds = model.get_text_features(**tokens)
         text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
         return scale * (image_embeds * text_embeds).sum(-1)
