@@ -74,6 +74,19 @@ def tiny_reference(tiny_config, tiny_home):
 
 
 @pytest.fixture
+def pretrained_home(tmp_path, tiny_home, tiny_reference) -> Path:
+    """This test's ``MSDDA_HOME``, holding a copy of the session's pretrained tiny reference and its evaluator
+    CNN: a test that runs `msdda train` or `msdda run` (the tiny config) starts from them instead of pretraining
+    again, and nothing it writes lands in the shared tiny home."""
+    import shutil
+
+    home = Path(os.environ["MSDDA_HOME"])  # set per test by _isolated_home
+    for part in ("reference", "classifiers"):
+        shutil.copytree(tiny_home / part, home / part)
+    return home
+
+
+@pytest.fixture
 def tiny_config_file(tmp_path) -> Path:
     import yaml
 

@@ -66,12 +66,12 @@ def test_cli_missing_reward_weights_is_one_line(tmp_path):
     assert out.returncode == 2 and "needs `options.weights`" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_cli_train_logs_every_iteration_to_mlflow(tmp_path, tiny_config_file):
+def test_cli_train_logs_every_iteration_to_mlflow(tmp_path, tiny_config_file, pretrained_home):
     import mlflow
 
     from tests.test_cli import run_cli
 
-    home = tmp_path / "h"
+    home = pretrained_home
     out = run_cli(["train", "--objective", "ink_economy", "--config", str(tiny_config_file), "--json"], tmp_path, home)
     assert out.returncode == 0, out.stderr
     payload = json.loads(out.stdout)

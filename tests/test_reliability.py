@@ -15,11 +15,11 @@ from tests.conftest import TINY_CONFIG
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_killed_training_process_resumes(tmp_path):
+def test_killed_training_process_resumes(tmp_path, pretrained_home):
     config = {**TINY_CONFIG, "train": {**TINY_CONFIG["train"], "iterations": 40, "checkpoint_every": 2}}
     config_file = tmp_path / "tiny.yaml"
     config_file.write_text(yaml.safe_dump(config))
-    home = tmp_path / "home"
+    home = pretrained_home
     env = {**os.environ, "MSDDA_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "flows.cli", "train", "--objective", "ink_economy", "--config", str(config_file),
                "--no-mlflow", "--json"]
