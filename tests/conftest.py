@@ -75,12 +75,18 @@ def tiny_reference(tiny_config, tiny_home):
 
 @pytest.fixture
 def pretrained_home(tmp_path, tiny_home, tiny_reference) -> Path:
-    """This test's ``MSDDA_HOME``, holding a copy of the session's pretrained tiny reference and its evaluator
-    CNN: a test that runs `msdda train` or `msdda run` (the tiny config) starts from them instead of pretraining
-    again, and nothing it writes lands in the shared tiny home."""
+    """This test's ``MSDDA_HOME``, holding a copy of the session's pretrained tiny reference and its
+    evaluator CNN: a test that runs `msdda train` or `msdda run` (the tiny config) starts from them instead
+    of pretraining again, and nothing it writes lands in the shared tiny home."""
+    home = Path(os.environ["MSDDA_HOME"])  # set per test by _isolated_home
+    copy_pretrained(tiny_home, home)
+    return home
+
+
+def copy_pretrained(tiny_home: Path, home: Path) -> Path:
+    """Copy the session's pretrained tiny reference and evaluator CNN into ``home`` (another fresh home)."""
     import shutil
 
-    home = Path(os.environ["MSDDA_HOME"])  # set per test by _isolated_home
     for part in ("reference", "classifiers"):
         shutil.copytree(tiny_home / part, home / part)
     return home
