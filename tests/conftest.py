@@ -28,8 +28,8 @@ TINY_CONFIG = {
         "eval_samples": 20,
     },
     "sampling": {"num_inference_steps": 4},
-    "train": {"iterations": 2, "batch_size": 4, "states_per_trajectory": 2, "num_actions": 2, "eval_samples": 8,
-              "checkpoint_every": 1},
+    "train": {"iterations": 2, "batch_size": 4, "states_per_trajectory": 2, "num_actions": 2,
+              "eval_samples": 8, "checkpoint_every": 1},
     "composition": {"num_images": 8, "grid": 3, "code_block": 2},
     "objectives": ["digit_alignment", {"name": "ink_economy"}],
 }
@@ -103,7 +103,8 @@ def tiny_config_file(tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_base_models(tiny_config, tiny_home, tiny_reference):
-    """Two base models (random LoRA weights and variance offsets) in the saved format, on the tiny reference."""
+    """Two base models (random LoRA weights and variance offsets) in the saved format, on the tiny
+    reference."""
     import json
 
     import torch
@@ -123,14 +124,14 @@ def tiny_base_models(tiny_config, tiny_home, tiny_reference):
         folder.mkdir(parents=True)
         save_file({k: 0.2 * torch.randn(s, generator=g) for k, s in keys.items()},
                   folder / "adapter_model.safetensors")
-        save_file({"log_variance": torch.full((tiny_config.sampling.num_inference_steps, 1), 0.3 * (i - 0.5))},
-                  folder / "variance.safetensors")
+        steps = tiny_config.sampling.num_inference_steps
+        save_file({"log_variance": torch.full((steps, 1), 0.3 * (i - 0.5))}, folder / "variance.safetensors")
         meta = {"objective": objective, "reward": {"name": objective, "options": {}}, "beta": 0.01,
-                "lora": {"rank": 4, "targets": ["to_q", "to_k", "to_v", "to_out.0"]}, "learn_variance": "step",
-                "reference_hash": content_hash(tiny_reference.path), "scheduler": scheduler,
-                "sampling": tiny_config.sampling.model_dump(),
-                "metrics": {"reward_before": -1.0, "reward_after": -0.5 - i, "reward_se": 0.1, "rise_in_se": 5.0,
-                            "kl": 0.01}}
+                "lora": {"rank": 4, "targets": ["to_q", "to_k", "to_v", "to_out.0"]},
+                "learn_variance": "step", "reference_hash": content_hash(tiny_reference.path),
+                "scheduler": scheduler, "sampling": tiny_config.sampling.model_dump(),
+                "metrics": {"reward_before": -1.0, "reward_after": -0.5 - i, "reward_se": 0.1,
+                            "rise_in_se": 5.0, "kl": 0.01}}
         (folder / "base_model.json").write_text(json.dumps(meta, default=str))
         folders.append(folder)
     return folders

@@ -9,8 +9,8 @@ from safetensors.torch import load_file
 from training.base_model import BASE_MODEL_FILE, train_base_model
 from training.models import content_hash
 
-TINY_TRAIN = {"iterations": 2, "batch_size": 4, "states_per_trajectory": 2, "num_actions": 2, "eval_samples": 8,
-              "checkpoint_every": 1, "learning_rate": 0.01}
+TINY_TRAIN = {"iterations": 2, "batch_size": 4, "states_per_trajectory": 2, "num_actions": 2,
+              "eval_samples": 8, "checkpoint_every": 1, "learning_rate": 0.01}
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,8 @@ def test_base_model_is_saved_with_its_lineage(trained, tiny_reference):
     files = {p.name for p in result.path.iterdir()}
     assert {"adapter_model.safetensors", "variance.safetensors", BASE_MODEL_FILE} <= files
     meta = json.loads((result.path / BASE_MODEL_FILE).read_text())
-    assert meta["objective"] == "ink_economy" and meta["beta"] == 0.01 and meta["trainer"] == "target_matching"
+    assert meta["objective"] == "ink_economy" and meta["beta"] == 0.01
+    assert meta["trainer"] == "target_matching"
     assert meta["reference_hash"] == content_hash(tiny_reference.path)
     assert meta["scheduler"]["_class_name"] == "DDIMScheduler"
     assert meta["reward"]["differentiable"] is True
@@ -52,7 +53,8 @@ def test_second_call_reuses_the_model(trained, tiny_home):
 def test_cli_unknown_objective_is_one_line(tmp_path, tiny_config_file):
     from tests.test_cli import run_cli
 
-    out = run_cli(["train", "--objective", "beauty", "--config", str(tiny_config_file)], tmp_path, tmp_path / "h")
+    args = ["train", "--objective", "beauty", "--config", str(tiny_config_file)]
+    out = run_cli(args, tmp_path, tmp_path / "h")
     assert out.returncode == 2 and out.stderr.startswith("error: unknown objective 'beauty'")
     assert out.stderr.strip().count("\n") == 0 and not (tmp_path / "h").exists()
 
@@ -72,7 +74,8 @@ def test_cli_train_logs_every_iteration_to_mlflow(tmp_path, tiny_config_file, pr
     from tests.test_cli import run_cli
 
     home = pretrained_home
-    out = run_cli(["train", "--objective", "ink_economy", "--config", str(tiny_config_file), "--json"], tmp_path, home)
+    args = ["train", "--objective", "ink_economy", "--config", str(tiny_config_file), "--json"]
+    out = run_cli(args, tmp_path, home)
     assert out.returncode == 0, out.stderr
     payload = json.loads(out.stdout)
     assert {"reward_before", "reward_after", "reward_se", "kl", "seconds"} <= payload.keys()
