@@ -15,5 +15,6 @@ def write_section(name: str, markdown: str, readme: Path = README) -> None:
     text = readme.read_text()
     block = f"{start}\n{markdown}\n{end}"
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.DOTALL)
+    updated = pattern.sub(lambda _: block, text) if pattern.search(text) else text + "\n" + block + "\n"
     with atomic_file(readme) as tmp:
-        tmp.write_text(pattern.sub(lambda _: block, text) if pattern.search(text) else text + "\n" + block + "\n")
+        tmp.write_text(updated)

@@ -1,7 +1,7 @@
 """Typed, pydantic-validated configuration.
 
-Every YAML file in ``configs/`` validates against :class:`PipelineConfig`. Unknown fields are errors, and every
-error names the offending field and the file it came from (:class:`ConfigError`).
+Every YAML file in ``configs/`` validates against :class:`PipelineConfig`. Unknown fields are errors, and
+every error names the offending field and the file it came from (:class:`ConfigError`).
 """
 
 from __future__ import annotations
@@ -50,7 +50,9 @@ class EmbeddedModelConfig(_Strict):
         for name in ("vae_channels", "unet_channels"):
             channels = getattr(self, name)
             if not channels or any(c % self.norm_num_groups for c in channels):
-                raise ValueError(f"{name} must be non-empty multiples of norm_num_groups={self.norm_num_groups}")
+                raise ValueError(
+                    f"{name} must be non-empty multiples of norm_num_groups={self.norm_num_groups}"
+                )
         if self.image_size % 2 ** (len(self.vae_channels) - 1):
             raise ValueError("image_size must be divisible by the VAE's downsampling factor")
         return self
@@ -84,7 +86,8 @@ class SamplingConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    """The frozen reference model: the embedded tiny model, or a diffusers SD checkpoint (local dir or hub id)."""
+    """The frozen reference model: the embedded tiny model, or a diffusers SD checkpoint (local dir or hub
+    id)."""
 
     source: Literal["embedded", "pretrained"] = "embedded"
     pretrained: str | None = None

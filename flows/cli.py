@@ -1,7 +1,7 @@
 """The ``msdda`` command line.
 
-Every subcommand takes ``--json`` and then prints a single JSON object on stdout (progress goes to stderr). Bad
-input exits with code 2 and a one-line ``error: ...`` on stderr, without a traceback.
+Every subcommand takes ``--json`` and then prints a single JSON object on stdout (progress goes to stderr).
+Bad input exits with code 2 and a one-line ``error: ...`` on stderr, without a traceback.
 """
 
 from __future__ import annotations
@@ -92,10 +92,14 @@ def pretrain(config: ConfigOption = None, json_output: JsonOption = False) -> No
 
 @app.command()
 def train(
-    objective: Annotated[str, typer.Option("--objective", "-o", help="Reward to train for, e.g. ink_economy.")],
+    objective: Annotated[
+        str, typer.Option("--objective", "-o", help="Reward to train for, e.g. ink_economy.")
+    ],
     config: ConfigOption = None,
     json_output: JsonOption = False,
-    mlflow: Annotated[bool, typer.Option(help="Log the run to MLflow and register the model version.")] = True,
+    mlflow: Annotated[
+        bool, typer.Option(help="Log the run to MLflow and register the model version.")
+    ] = True,
 ) -> None:
     """Train one single-objective LoRA base model with the step-level trainer, log and register it."""
     from flows.jobs import train_job
@@ -138,7 +142,9 @@ def compose(
     num_images: Annotated[int | None, typer.Option("--num-images", "-n", min=1)] = None,
     seed: Annotated[int | None, typer.Option("--seed")] = None,
     method: MethodOption = "msdda",
-    out: Annotated[Path | None, typer.Option("--out", help="Image folder (default: under $MSDDA_HOME).")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Image folder (default: under $MSDDA_HOME).")
+    ] = None,
     config: ConfigOption = None,
     json_output: JsonOption = False,
 ) -> None:
@@ -157,10 +163,12 @@ def compose(
 
 @app.command()
 def sweep(
-    methods: Annotated[str | None, typer.Option("--methods", help="Comma-separated methods (`msdda methods`); default: all.")]
-    = None,
-    grid: Annotated[int | None, typer.Option("--grid", min=2, help="Points per simplex edge (11: w=0,0.1..1).")]
-    = None,
+    methods: Annotated[
+        str | None, typer.Option("--methods", help="Comma-separated methods (`msdda methods`); default: all.")
+    ] = None,
+    grid: Annotated[
+        int | None, typer.Option("--grid", min=2, help="Points per simplex edge (11: w=0,0.1..1).")
+    ] = None,
     num_images: Annotated[int | None, typer.Option("--num-images", "-n", min=2)] = None,
     models: ModelsOption = None,
     config: ConfigOption = None,
@@ -192,8 +200,9 @@ def sweep_table(result: dict) -> str:
     from rich.table import Table
 
     objectives = result["objectives"]
-    table = Table(title=f"sweep over {result['settings']['grid']} weights, {result['settings']['num_images']} "
-                        f"images each" + (" (cached)" if result.get("cached") else ""))
+    settings = result["settings"]
+    table = Table(title=f"sweep over {settings['grid']} weights, {settings['num_images']} images each"
+                        + (" (cached)" if result.get("cached") else ""))
     table.add_column("method")
     table.add_column("hypervolume", justify="right")
     table.add_column("max NFE/image", justify="right")
@@ -201,9 +210,11 @@ def sweep_table(result: dict) -> str:
         table.add_column(f"best {name}", justify="right")
     for method, data in result["methods"].items():
         best = [max(p["rewards"][name] for p in data["points"]) for name in objectives]
-        table.add_row(method, f"{data['hypervolume']:.4g}", f"{data['max_nfe']:g}", *[f"{b:.4f}" for b in best])
+        table.add_row(method, f"{data['hypervolume']:.4g}", f"{data['max_nfe']:g}",
+                      *[f"{b:.4f}" for b in best])
     reference = result["reference"]["rewards"]
-    table.add_row("reference", "0", f"{result['reference']['nfe']:g}", *[f"{reference[n]:.4f}" for n in objectives])
+    table.add_row("reference", "0", f"{result['reference']['nfe']:g}",
+                  *[f"{reference[n]:.4f}" for n in objectives])
     buffer = io.StringIO()
     Console(file=buffer, width=120).print(table)
     return buffer.getvalue().rstrip()
@@ -242,9 +253,9 @@ def run(
     runner: Annotated[str, typer.Option(help="sequential | dask (train the base models in parallel)")]
     = "sequential",
 ) -> None:
-    """The main job (Prefect flow `msdda-pipeline`): pretrain the reference, train and register a base model per
-    objective, sweep every method over the weight grid, print the summary and the Pareto plot's path. Every
-    stage is cached."""
+    """The main job (Prefect flow `msdda-pipeline`): pretrain the reference, train and register a base model
+    per objective, sweep every method over the weight grid, print the summary and the Pareto plot's path.
+    Every stage is cached."""
     from flows.pipeline import pipeline
     from training.models import msdda_home
     from training.rewards import load_reward
@@ -266,14 +277,15 @@ def run(
     check_reachable(home)
     result = pipeline(str(config) if config else None, str(home), runner)
     reference = result["reference"]
+    accuracy = reference.get("alignment_accuracy")
     lines = [f"reference model: {reference['path']}"
-             + (f" (alignment accuracy {reference['alignment_accuracy']:.3f})" if "alignment_accuracy" in reference
-                else "")]
+             + (f" (alignment accuracy {accuracy:.3f})" if accuracy is not None else "")]
     for name, m in result["base_models"].items():
         registered = m.get("registered") or {}
         lines.append(f"base model {name}: reward {m['reward_before']:.4f} -> {m['reward_after']:.4f} "
-                     f"({m['rise_in_se']:+.1f} SE), KL/step {m['kl']:.4f}; registered {registered.get('name')} "
-                     f"v{registered.get('version')}" + (" @champion" if registered.get("champion") else ""))
+                     f"({m['rise_in_se']:+.1f} SE), KL/step {m['kl']:.4f}; "
+                     f"registered {registered.get('name')} v{registered.get('version')}"
+                     + (" @champion" if registered.get("champion") else ""))
     lines += [sweep_table(result["sweep"]), f"Pareto plot: {result['sweep']['plot']}",
               f"done in {result['seconds']:.0f} s"]
     _emit(result, json_output, "\n".join(lines))
@@ -283,15 +295,18 @@ def run(
 def deploy(
     cron: Annotated[str, typer.Option("--cron", help="Training schedule: a cron expression, in UTC.")]
     = "0 3 * * *",
-    pool: Annotated[str | None, typer.Option("--pool", help="Create the deployments on this process work pool "
-                                                            "(created if absent) and exit; then run `prefect "
-                                                            "worker start --pool NAME`. Default: serve them here.")]
-    = None,
+    pool: Annotated[
+        str | None,
+        typer.Option("--pool", help="Create the deployments on this process work pool (created if absent) "
+                                    "and exit; then run `prefect worker start --pool NAME`. Default: serve "
+                                    "them here."),
+    ] = None,
     config: ConfigOption = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Create the Prefect deployments on a Prefect server (PREFECT_API_URL): `train-base-models/scheduled-training`
-    on a cron schedule and `compose/on-demand`. Without --pool, serve them here until Ctrl-C."""
+    """Create the Prefect deployments on a Prefect server (PREFECT_API_URL):
+    `train-base-models/scheduled-training` on a cron schedule and `compose/on-demand`. Without --pool, serve
+    them here until Ctrl-C."""
     from flows.deploy import check_cron, deploy_to_pool, serve_deployments
     from training.models import msdda_home
 
@@ -320,7 +335,8 @@ def deploy(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point: maps user-facing errors (:class:`MsddaError`) to one line on stderr and exit code 2."""
+    """Console entry point: maps user-facing errors (:class:`MsddaError`) to one line on stderr and exit
+    code 2."""
     _quiet_libraries()
     try:
         app(args=argv, prog_name="msdda")

@@ -1,24 +1,25 @@
 """Prefect deployments (the team setup): scheduled training and on-demand composition.
 
-=======================================  ==========================================================================
+=======================================  =====================================================================
 deployment                               what it runs
-=======================================  ==========================================================================
-``train-base-models/scheduled-training`` the flow ``train-base-models`` on a cron schedule (default ``0 3 * * *``,
-                                         UTC): retrain and register a base model per objective
+=======================================  =====================================================================
+``train-base-models/scheduled-training`` the flow ``train-base-models`` on a cron schedule (default
+                                         ``0 3 * * *``, UTC): retrain and register a base model per objective
 ``compose/on-demand``                    the flow ``compose``, no schedule: trigger it with weights, e.g.
                                          ``prefect deployment run compose/on-demand -p weights='[0.3, 0.7]'``
-=======================================  ==========================================================================
+=======================================  =====================================================================
 
-Both carry ``config_path`` (absolute) and ``home`` (``$MSDDA_HOME`` at deploy time) as default parameters, so a run
-finds the same reference model and config wherever it executes; the MLflow store comes from the executing process's
-``MLFLOW_TRACKING_URI`` (default: ``$MSDDA_HOME/mlflow.db``).
+Both carry ``config_path`` (absolute) and ``home`` (``$MSDDA_HOME`` at deploy time) as default parameters, so
+a run finds the same reference model and config wherever it executes; the MLflow store comes from the
+executing process's ``MLFLOW_TRACKING_URI`` (default: ``$MSDDA_HOME/mlflow.db``).
 
-Two ways to execute them, both against a real Prefect server (``prefect server start``; ``PREFECT_API_URL`` set):
+Two ways to execute them, both against a real Prefect server (``prefect server start``; ``PREFECT_API_URL``
+set):
 
-- :func:`serve_deployments` registers them and executes their runs in this process's subprocesses until stopped
-  (``prefect.serve`` semantics: schedules are paused on shutdown);
-- :func:`deploy_to_pool` registers them on a process work pool (created if absent) with this code folder as their
-  source and returns at once; ``prefect worker start --pool NAME`` then executes the runs.
+- :func:`serve_deployments` registers them and executes their runs in this process's subprocesses until
+  stopped (``prefect.serve`` semantics: schedules are paused on shutdown);
+- :func:`deploy_to_pool` registers them on a process work pool (created if absent) with this code folder as
+  their source and returns at once; ``prefect worker start --pool NAME`` then executes the runs.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ TRAINING_NAME = "scheduled-training"
 COMPOSE_NAME = "on-demand"
 TAGS = ["msdda"]
 SOURCE = Path(__file__).resolve().parents[1]  # the folder holding the ``flows`` package
-ENTRYPOINTS = {"train-base-models": "flows/pipeline.py:train_base_models", "compose": "flows/pipeline.py:compose"}
+ENTRYPOINTS = {"train-base-models": "flows/pipeline.py:train_base_models",
+               "compose": "flows/pipeline.py:compose"}
 
 
 class DeploymentError(MsddaError, ValueError):
@@ -45,7 +47,8 @@ class DeploymentError(MsddaError, ValueError):
 
 
 def api_url() -> str:
-    """The Prefect API URL (``PREFECT_API_URL``, from the environment or the active profile), checked to answer.
+    """The Prefect API URL (``PREFECT_API_URL``, from the environment or the active profile), checked to
+    answer.
 
     Without one Prefect runs in ephemeral mode, whose temporary server cannot hold deployments for anyone.
     """
@@ -54,7 +57,8 @@ def api_url() -> str:
     url = PREFECT_API_URL.value()
     if not url:
         raise DeploymentError("deployments need a Prefect server: run `prefect server start` and set "
-                              "PREFECT_API_URL=http://127.0.0.1:4200/api (ephemeral mode cannot hold deployments)")
+                              "PREFECT_API_URL=http://127.0.0.1:4200/api "
+                              "(ephemeral mode cannot hold deployments)")
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
@@ -107,8 +111,8 @@ def training_deployment(cron: str = DEFAULT_CRON, config_path: str | Path | None
     return _flow("train-base-models", from_source).to_deployment(
         TRAINING_NAME, schedule=Cron(check_cron(cron), timezone="UTC"), paused=False,
         parameters=_parameters(config_path, home), tags=TAGS,
-        description="Retrain and register a base model per objective (the champion alias moves when the reward "
-                    "rose by more than 3 standard errors).", **extra)
+        description="Retrain and register a base model per objective (the champion alias moves when the "
+                    "reward rose by more than 3 standard errors).", **extra)
 
 
 def compose_deployment(config_path: str | Path | None = None, home: str | Path | None = None,
@@ -131,8 +135,9 @@ def _describe(deployment: RunnerDeployment, deployment_id) -> dict[str, Any]:
 def serve_deployments(cron: str = DEFAULT_CRON, config_path: str | Path | None = None,
                       home: str | Path | None = None,
                       on_ready: Callable[[list[dict[str, Any]]], None] | None = None) -> None:
-    """Register both deployments and execute their runs until interrupted (blocking; ``prefect.serve`` with the
-    deployment ids reported to ``on_ready`` once they are registered). Schedules are paused on shutdown."""
+    """Register both deployments and execute their runs until interrupted (blocking; ``prefect.serve`` with
+    the deployment ids reported to ``on_ready`` once they are registered). Schedules are paused on
+    shutdown."""
     import asyncio
 
     from prefect.exceptions import TerminationSignal
@@ -152,8 +157,8 @@ def serve_deployments(cron: str = DEFAULT_CRON, config_path: str | Path | None =
 
 def deploy_to_pool(pool: str, cron: str = DEFAULT_CRON, config_path: str | Path | None = None,
                    home: str | Path | None = None) -> list[dict[str, Any]]:
-    """Register both deployments on the process work pool ``pool`` (created if absent) and return at once; their
-    code is pulled from :data:`SOURCE` by ``prefect worker start --pool POOL`` on this machine."""
+    """Register both deployments on the process work pool ``pool`` (created if absent) and return at once;
+    their code is pulled from :data:`SOURCE` by ``prefect worker start --pool POOL`` on this machine."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
@@ -175,7 +180,8 @@ def deploy_to_pool(pool: str, cron: str = DEFAULT_CRON, config_path: str | Path 
                 work_pool = client.read_work_pool(pool)
     if work_pool.type != ProcessWorker.type:
         raise DeploymentError(f"work pool '{pool}' is of type '{work_pool.type}'; use a process work pool "
-                              f"(`prefect work-pool create {pool} --type process`) or `msdda deploy` without --pool")
+                              f"(`prefect work-pool create {pool} --type process`) "
+                              "or `msdda deploy` without --pool")
     deployments = [training_deployment(cron, config_path, home, from_source=True),
                    compose_deployment(config_path, home, from_source=True)]
     return [{**_describe(d, d.apply(work_pool_name=pool)), "work_pool": pool} for d in deployments]

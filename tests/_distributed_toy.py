@@ -1,5 +1,5 @@
-"""Run by test_distributed.py under torchrun (2 processes, gloo on CPU) or as a plain single process: train the
-toy, dump each process's trainable weights before and after training.
+"""Run by test_distributed.py under torchrun (2 processes, gloo on CPU) or as a plain single process: train
+the toy, dump each process's trainable weights before and after training.
 
 Each process initialises its toy from its own seed, so the processes start from different weights: only the
 trainer's broadcast of rank 0's weights and its gradient averaging can make them end equal.
@@ -26,6 +26,7 @@ if __name__ == "__main__":
     torch.manual_seed(1000 + state.process_index)
     problem = ToyProblem(num_inference_steps=4)
     initial = _weights(problem)
-    train(problem, TrainConfig(iterations=3, batch_size=8, states_per_trajectory=2, num_actions=4), progress=False)
+    config = TrainConfig(iterations=3, batch_size=8, states_per_trajectory=2, num_actions=4)
+    train(problem, config, progress=False)
     with open(f"{out}/rank{state.process_index}.json", "w") as handle:
         json.dump({"world": state.num_processes, "initial": initial, "weights": _weights(problem)}, handle)

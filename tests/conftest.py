@@ -29,8 +29,8 @@ TINY_CONFIG = {
         "eval_samples": 20,
     },
     "sampling": {"num_inference_steps": 4},
-    "train": {"iterations": 2, "batch_size": 4, "states_per_trajectory": 2, "num_actions": 2, "eval_samples": 8,
-              "checkpoint_every": 1},
+    "train": {"iterations": 2, "batch_size": 4, "states_per_trajectory": 2, "num_actions": 2,
+              "eval_samples": 8, "checkpoint_every": 1},
     "composition": {"num_images": 8, "grid": 3, "code_block": 2},
     "objectives": ["digit_alignment", {"name": "ink_economy"}],
 }
@@ -75,6 +75,25 @@ def tiny_reference(tiny_config, tiny_home):
 
 
 @pytest.fixture
+def pretrained_home(tmp_path, tiny_home, tiny_reference) -> Path:
+    """This test's ``MSDDA_HOME``, holding a copy of the session's pretrained tiny reference and its
+    evaluator CNN: a test that runs `msdda train` or `msdda run` (the tiny config) starts from them instead
+    of pretraining again, and nothing it writes lands in the shared tiny home."""
+    home = Path(os.environ["MSDDA_HOME"])  # set per test by _isolated_home
+    copy_pretrained(tiny_home, home)
+    return home
+
+
+def copy_pretrained(tiny_home: Path, home: Path) -> Path:
+    """Copy the session's pretrained tiny reference and evaluator CNN into ``home`` (another fresh home)."""
+    import shutil
+
+    for part in ("reference", "classifiers"):
+        shutil.copytree(tiny_home / part, home / part)
+    return home
+
+
+@pytest.fixture
 def tiny_config_file(tmp_path) -> Path:
     import yaml
 
@@ -85,7 +104,8 @@ def tiny_config_file(tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_base_models(tiny_config, tiny_home, tiny_reference):
-    """Two base models (random LoRA weights and variance offsets) in the saved format, on the tiny reference."""
+    """Two base models (random LoRA weights and variance offsets) in the saved format, on the tiny
+    reference."""
     import torch
     from peft import get_peft_model_state_dict
 

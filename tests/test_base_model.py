@@ -9,8 +9,8 @@ from training.base_model import evaluation_problem, train_base_model
 from training.card import CARD_FILE, LORA_FILE, LORA_TARGETS, VARIANCE_FILE, BaseModelCard, load_base_model
 from training.models import content_hash
 
-TINY_TRAIN = {"iterations": 2, "batch_size": 4, "states_per_trajectory": 2, "num_actions": 2, "eval_samples": 8,
-              "checkpoint_every": 1, "learning_rate": 0.01}
+TINY_TRAIN = {"iterations": 2, "batch_size": 4, "states_per_trajectory": 2, "num_actions": 2,
+              "eval_samples": 8, "checkpoint_every": 1, "learning_rate": 0.01}
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,8 @@ def test_second_call_reuses_the_model(trained, tiny_home):
 def test_cli_unknown_objective_is_one_line(tmp_path, tiny_config_file):
     from tests.test_cli import run_cli
 
-    out = run_cli(["train", "--objective", "beauty", "--config", str(tiny_config_file)], tmp_path, tmp_path / "h")
+    args = ["train", "--objective", "beauty", "--config", str(tiny_config_file)]
+    out = run_cli(args, tmp_path, tmp_path / "h")
     assert out.returncode == 2 and out.stderr.startswith("error: unknown objective 'beauty'")
     assert out.stderr.strip().count("\n") == 0 and not (tmp_path / "h").exists()
 
@@ -76,13 +77,14 @@ def test_cli_missing_reward_weights_is_one_line(tmp_path):
     assert out.returncode == 2 and "needs `options.weights`" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_cli_train_logs_every_iteration_to_mlflow(tmp_path, tiny_config_file):
+def test_cli_train_logs_every_iteration_to_mlflow(tmp_path, tiny_config_file, pretrained_home):
     import mlflow
 
     from tests.test_cli import run_cli
 
-    home = tmp_path / "h"
-    out = run_cli(["train", "--objective", "ink_economy", "--config", str(tiny_config_file), "--json"], tmp_path, home)
+    home = pretrained_home
+    args = ["train", "--objective", "ink_economy", "--config", str(tiny_config_file), "--json"]
+    out = run_cli(args, tmp_path, home)
     assert out.returncode == 0, out.stderr
     payload = json.loads(out.stdout)
     assert {"reward_before", "reward_after", "reward_se", "kl", "seconds"} <= payload.keys()

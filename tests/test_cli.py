@@ -16,7 +16,8 @@ def run_cli(args, cwd, home):
     env = {**os.environ, "MSDDA_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO),
            "PREFECT_HOME": str(Path(cwd) / "prefect")}
     env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run(MSDDA + args, check=False, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(MSDDA + args, check=False, cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
 
 
 def test_pretrain_json_then_cached(tmp_path, tiny_config_file):
@@ -34,15 +35,18 @@ def test_pretrain_json_then_cached(tmp_path, tiny_config_file):
     assert not (tmp_path / ".msdda").exists(), "MSDDA_HOME is honoured"
 
 
-def test_run_is_the_whole_pipeline_and_is_cached(tmp_path, tiny_config_file):
-    """`msdda run` (the Prefect flow `msdda-pipeline`, ephemeral mode): pretrain, train, register, sweep."""
-    home = tmp_path / "home"
+def test_run_is_the_whole_pipeline_and_is_cached(tmp_path, tiny_config_file, pretrained_home):
+    """`msdda run` (the Prefect flow `msdda-pipeline`, ephemeral mode): pretrain (here: the cached reference),
+    train, register, sweep."""
+    home = pretrained_home
     first = run_cli(["run", "--config", str(tiny_config_file), "--json"], tmp_path, home)
     assert first.returncode == 0, first.stderr[-3000:]
     payload = json.loads(first.stdout)
+    assert payload["reference"]["cached"] is True and Path(payload["reference"]["path"]).is_relative_to(home)
     assert set(payload["base_models"]) == {"digit_alignment", "ink_economy"}
     for model in payload["base_models"].values():
-        assert model["registered"]["name"] == f"msdda-{model['objective']}" and model["registered"]["version"] == 1
+        registered = model["registered"]
+        assert registered["name"] == f"msdda-{model['objective']}" and registered["version"] == 1
     sweep = payload["sweep"]
     assert set(sweep["methods"]) == {"msdda", "db", "rs", "code", "rgg"} and sweep["cached"] is False
     assert all(len(m["points"]) == 3 for m in sweep["methods"].values())

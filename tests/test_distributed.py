@@ -1,6 +1,6 @@
 """Several processes (torchrun on CPU with gloo here; `accelerate launch --multi_gpu` on GPUs sets up the same
-process group): every process starts from rank 0's weights and gradients are averaged, so every process ends with
-the same weights though each draws its own states."""
+process group): every process starts from rank 0's weights and gradients are averaged, so every process ends
+with the same weights though each draws its own states."""
 
 import json
 import os
@@ -35,7 +35,7 @@ def test_two_processes_stay_in_sync(tmp_path):
     assert len(ranks) == 2 and all(r["world"] == 2 for r in ranks)
     start0, start1 = _flat(ranks[0]["initial"]), _flat(ranks[1]["initial"])
     end0, end1 = _flat(ranks[0]["weights"]), _flat(ranks[1]["weights"])
-    assert not torch.equal(start0, start1), "the processes start from different weights (else nothing is shown)"
+    assert not torch.equal(start0, start1), "the processes start apart (else this shows nothing)"
     assert torch.equal(end0, end1), "every process ends with the same weights"
     assert not torch.equal(end0, start0), "training moved the weights"
     # the MLP's zero-initialised last layer is where the trained correction lives

@@ -1,4 +1,5 @@
-"""A training process killed with SIGKILL resumes from its last checkpoint when the command is run again."""
+"""A training process killed with SIGKILL resumes from its last checkpoint when the command is run again, and
+ends with exactly the model an uninterrupted run trains."""
 
 import json
 import os
@@ -10,21 +11,34 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import TINY_CONFIG
-from training.card import CARD_FILE
+from tests.conftest import TINY_CONFIG, copy_pretrained
+from training.card import CARD_FILE, LORA_FILE, VARIANCE_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_killed_training_process_resumes(tmp_path):
+def _saved_model(stdout: str) -> tuple[dict[str, bytes], dict]:
+    path = Path(json.loads(stdout)["path"])
+    files = {p.name: p.read_bytes() for p in sorted(path.glob("*.safetensors"))}
+    return files, json.loads((path / CARD_FILE).read_text())
+
+
+def test_killed_training_process_resumes(tmp_path, tiny_home, pretrained_home):
     config = {**TINY_CONFIG, "train": {**TINY_CONFIG["train"], "iterations": 40, "checkpoint_every": 2}}
     config_file = tmp_path / "tiny.yaml"
     config_file.write_text(yaml.safe_dump(config))
-    home = tmp_path / "home"
-    env = {**os.environ, "MSDDA_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "flows.cli", "train", "--objective", "ink_economy", "--config", str(config_file),
-               "--no-mlflow", "--json"]
-    first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    home, straight_home = pretrained_home, copy_pretrained(tiny_home, tmp_path / "straight_home")
+    # The same torch thread count in every run (the CLI takes torch's, which follows OMP_NUM_THREADS): float
+    # reductions split over other thread counts may round differently. One thread each also lets the
+    # uninterrupted run share the machine with the killed one.
+    env = {**os.environ, "MSDDA_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO),
+           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "flows.cli", "train", "--objective", "ink_economy", "--config",
+               str(config_file), "--no-mlflow", "--json"]
+    straight = subprocess.Popen(command, cwd=tmp_path, env={**env, "MSDDA_HOME": str(straight_home)},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     checkpoints = []
     while time.monotonic() < deadline and first.poll() is None:
@@ -38,10 +52,26 @@ def test_killed_training_process_resumes(tmp_path):
     killed_at = json.loads(checkpoints[0].read_text())["iteration"]
     assert not list(home.glob(f"base_models/*/{CARD_FILE}")), "nothing was saved by the killed run"
 
-    second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
+    second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+                            check=False)
     assert second.returncode == 0, second.stderr[-2000:]
     resumed_from = int(second.stderr.split("resuming from the checkpoint at iteration ")[1].split()[0])
     assert resumed_from >= killed_at >= 4
-    meta = json.loads((Path(json.loads(second.stdout)["path"]) / CARD_FILE).read_text())
-    assert [h["iteration"] for h in meta["history"]] == list(range(1, 41))
-    assert not list(home.glob("checkpoints/*/checkpoint.json")), "the checkpoint is removed once the model is saved"
+    resumed_files, resumed_meta = _saved_model(second.stdout)
+    assert [h["iteration"] for h in resumed_meta["history"]] == list(range(1, 41))
+    assert not list(home.glob("checkpoints/*/checkpoint.json")), "the checkpoint is removed once saved"
+
+    out, err = straight.communicate(timeout=600)
+    assert straight.returncode == 0, err[-2000:]
+    assert "resuming" not in err
+    straight_files, straight_meta = _saved_model(out)
+    # bit-exact: the adapter and the variance offset, byte for byte, and so everything measured with them
+    assert set(resumed_files) == {LORA_FILE, VARIANCE_FILE}
+    assert resumed_files == straight_files, "the resumed run's model differs from the uninterrupted run's"
+
+    def timeless(meta):
+        return [{k: v for k, v in h.items() if k != "seconds"} for h in meta["history"]]
+
+    assert timeless(resumed_meta) == timeless(straight_meta)
+    for key in ("reward_before", "reward_after", "reward_se", "kl", "unet_evaluations"):
+        assert resumed_meta["metrics"][key] == straight_meta["metrics"][key], key

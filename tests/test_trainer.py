@@ -62,8 +62,8 @@ def test_nan_rewards_skip_the_batch_with_a_warning():
     config = TrainConfig(iterations=3, **{**FAST, "batch_size": 8, "states_per_trajectory": 1})
     snapshots = []
     with pytest.warns(RuntimeWarning, match="non-finite rewards"):
-        result = train(problem, config, progress=False,
-                       log_metrics=lambda m: snapshots.append({k: v.clone() for k, v in problem.trainable_state().items()}))
+        result = train(problem, config, progress=False, log_metrics=lambda m: snapshots.append(
+            {k: v.clone() for k, v in problem.trainable_state().items()}))
     assert [m.skipped for m in result.history] == [False, True, False]
     for key in snapshots[0]:
         torch.testing.assert_close(snapshots[1][key], snapshots[0][key], rtol=0, atol=0)

@@ -3,7 +3,8 @@
 It has the four SD components (``UNet2DConditionModel``, ``AutoencoderKL``, ``CLIPTextModel`` with a
 ``CLIPTokenizer`` built here, ``DDIMScheduler``), is saved with ``save_pretrained`` and loads through
 ``StableDiffusionPipeline.from_pretrained``. Building it is deterministic for a given config and seed, and the
-result is cached under ``$MSDDA_HOME/reference/<key>``, where ``key`` hashes the config, the data and the format.
+result is cached under ``$MSDDA_HOME/reference/<key>``, where ``key`` hashes the config, the data and the
+format.
 """
 
 from __future__ import annotations
@@ -114,7 +115,8 @@ def build_components(cfg: EmbeddedModelConfig) -> dict:
         steps_offset=1,
         prediction_type="epsilon",
     )
-    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
+            "scheduler": scheduler}
 
 
 # ------------------------------------------------------------------------------------------------- caching
@@ -156,8 +158,10 @@ def digit_classifier(config: PipelineConfig, home: Path, progress: bool = True):
     final = home / "classifiers" / classifier_key(size, config.pretrain)
     if not (final / "DONE").exists():
         train, test = train_test_split(size, config.pretrain.test_fraction, seed=0)
-        model, report = train_classifier(train, test, config.pretrain.classifier_steps, config.pretrain.seed, progress)
-        with staged_directory(final, keep_existing=True) as tmp:  # a concurrent build that won the race is kept
+        model, report = train_classifier(train, test, config.pretrain.classifier_steps, config.pretrain.seed,
+                                         progress)
+        # keep_existing: a concurrent build that won the race is kept
+        with staged_directory(final, keep_existing=True) as tmp:
             save_classifier(model, report, tmp)
             (tmp / "DONE").touch()
     return load_classifier(final)
@@ -180,10 +184,13 @@ def _cosine_with_warmup(optimizer: torch.optim.Optimizer, steps: int, warmup: in
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def train_vae(vae, images: torch.Tensor, pretrain: PretrainConfig, generator: torch.Generator, progress: bool):
-    """Reconstruction MSE plus ``vae_kl_weight`` * KL(q(z|x) || N(0, I)); returns the posterior-mean latents."""
+def train_vae(vae, images: torch.Tensor, pretrain: PretrainConfig, generator: torch.Generator,
+              progress: bool):
+    """Reconstruction MSE plus ``vae_kl_weight`` * KL(q(z|x) || N(0, I)); returns the posterior-mean
+    latents."""
     optimizer = torch.optim.AdamW(vae.parameters(), lr=pretrain.vae_lr, weight_decay=0.0)
-    schedule = _cosine_with_warmup(optimizer, pretrain.vae_steps, warmup=min(100, pretrain.vae_steps // 10 + 1))
+    warmup = min(100, pretrain.vae_steps // 10 + 1)
+    schedule = _cosine_with_warmup(optimizer, pretrain.vae_steps, warmup=warmup)
     x_all = _to_vae_input(images)
     vae.train()
     bar = tqdm(range(pretrain.vae_steps), desc="pretrain: autoencoder", disable=not progress)
@@ -208,9 +215,9 @@ def _prompt_bank(tokenizer, max_length: int) -> tuple[torch.Tensor, torch.Tensor
     """Token ids ``[10, T, L]`` for every (digit, template) pair, and ``[L]`` for the empty prompt."""
 
     def ids(text: str) -> torch.Tensor:
-        return tokenizer(text, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")[
-            "input_ids"
-        ][0]
+        encoded = tokenizer(text, padding="max_length", max_length=max_length, truncation=True,
+                            return_tensors="pt")
+        return encoded["input_ids"][0]
 
     bank = torch.stack(
         [torch.stack([ids(digit_prompt(d, t)) for t in range(len(PROMPT_TEMPLATES))]) for d in range(10)]
@@ -230,7 +237,8 @@ def train_denoiser(components: dict, latents, labels, pretrain: PretrainConfig, 
     alphas_cumprod = scheduler.alphas_cumprod
     params = [*unet.parameters(), *text_encoder.parameters()]
     optimizer = torch.optim.AdamW(params, lr=pretrain.unet_lr, weight_decay=1e-4)
-    schedule = _cosine_with_warmup(optimizer, pretrain.unet_steps, warmup=min(200, pretrain.unet_steps // 10 + 1))
+    warmup = min(200, pretrain.unet_steps // 10 + 1)
+    schedule = _cosine_with_warmup(optimizer, pretrain.unet_steps, warmup=warmup)
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     ema_params = [*ema_unet.parameters(), *ema_text.parameters()]
     unet.train()
@@ -288,7 +296,8 @@ def load_embedded_pipeline(path: Path):
 
 @torch.no_grad()
 def alignment_accuracy(
-    pipe, classifier, sampling: SamplingConfig, num_samples: int, seed: int, progress: bool, batch_size: int = 250
+    pipe, classifier, sampling: SamplingConfig, num_samples: int, seed: int, progress: bool,
+    batch_size: int = 250,
 ) -> float:
     """Share of ``num_samples`` DDIM samples (prompts cycling over digits and paraphrases) that the classifier
     labels as the prompted digit."""
@@ -349,10 +358,12 @@ def pretrain_reference(config: PipelineConfig, home: Path, progress: bool = True
         components, latents, train.labels, pretrain, generator, progress
     )
 
-    with staged_directory(final, keep_existing=True) as tmp:  # a concurrent build that won the race is kept
+    # keep_existing: a concurrent build that won the race is kept
+    with staged_directory(final, keep_existing=True) as tmp:
         save_pipeline(components, tmp)
         accuracy = alignment_accuracy(
-            load_embedded_pipeline(tmp), classifier, config.sampling, pretrain.eval_samples, pretrain.seed, progress
+            load_embedded_pipeline(tmp), classifier, config.sampling, pretrain.eval_samples, pretrain.seed,
+            progress,
         )
         seconds = time.perf_counter() - start
         meta = _reference_meta(config, key, accuracy, report, seconds)
@@ -381,7 +392,8 @@ def _current_evaluation(config: PipelineConfig, home: Path, final: Path, progres
     return meta
 
 
-def _reference_meta(config: PipelineConfig, key: str, accuracy: float, report: ClassifierReport, seconds: float):
+def _reference_meta(config: PipelineConfig, key: str, accuracy: float, report: ClassifierReport,
+                    seconds: float):
     return {
         "key": key,
         "format": FORMAT_VERSION,
@@ -393,7 +405,8 @@ def _reference_meta(config: PipelineConfig, key: str, accuracy: float, report: C
         "classifier_test_accuracy": report.test_accuracy,
         "pretrain_seconds": seconds,
         "torch_threads": torch.get_num_threads(),
-        "config": {"model": config.model.embedded.model_dump(mode="json"), "pretrain": config.pretrain.model_dump()},
+        "config": {"model": config.model.embedded.model_dump(mode="json"),
+                   "pretrain": config.pretrain.model_dump()},
         "data": data_fingerprint(),
     }
 

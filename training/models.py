@@ -44,7 +44,8 @@ def _missing_components(directory: Path) -> list[str]:
 
 
 def load_pretrained_pipeline(source: str, revision: str | None = None, torch_dtype=None):
-    """``StableDiffusionPipeline.from_pretrained`` from a local directory or a hub id, with one-line errors."""
+    """``StableDiffusionPipeline.from_pretrained`` from a local directory or a hub id, with one-line
+    errors."""
     from diffusers import StableDiffusionPipeline
 
     local = Path(source).expanduser()
@@ -62,7 +63,9 @@ def load_pretrained_pipeline(source: str, revision: str | None = None, torch_dty
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         where = "local files" if local.exists() else "the local hub cache (offline) or the hub"
-        raise ModelLoadError(f"cannot load Stable Diffusion weights '{source}' from {where}: {first}") from None
+        raise ModelLoadError(
+            f"cannot load Stable Diffusion weights '{source}' from {where}: {first}"
+        ) from None
 
 
 def load_reference_pipeline(config: PipelineConfig, home: Path | None = None, progress: bool = True):
@@ -93,8 +96,9 @@ def staged_directory(final: Path, prefix: str = ".build-", keep_existing: bool =
     """Yield a temporary folder next to ``final``; when the block succeeds it replaces ``final`` by a rename,
     when it fails it is removed. Readers never see a half-written ``final``.
 
-    With ``keep_existing`` (content-addressed caches, where ``final`` only ever appears complete): if ``final``
-    exists by then, a concurrent build of the same content won the race; it is kept, the staged one discarded.
+    With ``keep_existing`` (content-addressed caches, where ``final`` only ever appears complete): if
+    ``final`` exists by then, a concurrent build of the same content won the race; it is kept, the staged
+    one discarded.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -126,8 +130,8 @@ def atomic_file(path: Path) -> Iterator[Path]:
     ``path`` by a rename, when it fails it is removed. Readers see the old file or the new one, never a
     half-written one; concurrent writers each have their own temporary file, and the last rename wins.
 
-    The temporary name is hidden and ends in ``.tmp`` (what a killed process leaves is not taken for data, e.g.
-    by :func:`content_hash`), so writers that pick a format by the extension must be told the format."""
+    The temporary name is hidden and ends in ``.tmp`` (what a killed process leaves is not taken for data,
+    e.g. by :func:`content_hash`), so writers that pick a format by the extension must be told the format."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")

@@ -1,9 +1,9 @@
 """Image rewards: a registry of ``R(images, prompts) -> [N]`` with images ``[N, 3, H, W]`` in [0, 1].
 
-Each reward declares whether it is differentiable (RGG and gradient-based baselines need that). The offline rewards
-run on the embedded default; the heavy ones (ImageReward, LAION aesthetic, PickScore, CLIP score, HPSv2) are
-plugins that import lazily and load their weights from ``options.weights`` (a local path or a hub id); without
-them they fail with one line.
+Each reward declares whether it is differentiable (RGG and gradient-based baselines need that). The offline
+rewards run on the embedded default; the heavy ones (ImageReward, LAION aesthetic, PickScore, CLIP score,
+HPSv2) are plugins that import lazily and load their weights from ``options.weights`` (a local path or a hub
+id); without them they fail with one line.
 """
 
 from __future__ import annotations
@@ -142,12 +142,14 @@ def _clip_scorer(name: str, options: dict, head: Callable | None = None) -> Rewa
     source = _weights(name, options)
     transformers = _import(name, "transformers", "transformers")
     model = _load_or_fail(name, source, lambda s: transformers.CLIPModel.from_pretrained(s).eval())
-    processor = _load_or_fail(name, options.get("processor", source), transformers.CLIPProcessor.from_pretrained)
+    processor = _load_or_fail(name, options.get("processor", source),
+                              transformers.CLIPProcessor.from_pretrained)
     scale = float(options.get("scale", 100.0 if name == "pickscore" else 1.0))
 
     def fn(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         size = processor.image_processor.crop_size["height"]
-        pixels = torch.nn.functional.interpolate(images, size=(size, size), mode="bicubic", align_corners=False)
+        pixels = torch.nn.functional.interpolate(images, size=(size, size), mode="bicubic",
+                                                 align_corners=False)
         mean = torch.tensor(processor.image_processor.image_mean, device=images.device).view(1, 3, 1, 1)
         std = torch.tensor(processor.image_processor.image_std, device=images.device).view(1, 3, 1, 1)
         model.to(images.device)  # the reward follows the images' device
@@ -229,12 +231,14 @@ def _simple(name: str, fn: Callable, differentiable: bool, description: str):
 
 
 def weighted_sum(config, home, options) -> Reward:
-    """``sum_i w_i R_i``: the combined reward the oracle is trained on. ``options.terms`` maps reward names to
-    weights, e.g. ``{"digit_alignment": 0.25, "ink_economy": 0.75}``; each term uses its objective's options."""
+    """``sum_i w_i R_i``: the combined reward the oracle is trained on. ``options.terms`` maps reward names
+    to weights, e.g. ``{"digit_alignment": 0.25, "ink_economy": 0.75}``; each term uses its objective's
+    options."""
     terms = options.get("terms")
     if not isinstance(terms, dict) or not terms:
         raise RewardError("weighted_sum needs options.terms, a mapping of reward names to weights")
-    parts = [(load_reward(name, config, home, config.objective(name).options), float(w)) for name, w in terms.items()]
+    parts = [(load_reward(name, config, home, config.objective(name).options), float(w))
+             for name, w in terms.items()]
 
     def fn(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         return sum(w * reward(images, prompts) for reward, w in parts)
