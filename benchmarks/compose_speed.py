@@ -90,8 +90,9 @@ def measure(config, home, base_dirs, batch_size: int, repeats: int) -> dict:
     diagnostics = []
 
     def msdda():
-        chain, _ = METHODS["msdda"].sample(composer, weights, x_T, Batch(embeds, uncond),
-                                           torch.Generator().manual_seed(1))
+        chain, _ = METHODS["msdda"].sample(
+            composer, weights, x_T, Batch(embeds, uncond), torch.Generator().manual_seed(1)
+        )
         diagnostics.append(chain.diagnostics)
 
     sequential_math = []
@@ -107,7 +108,9 @@ def measure(config, home, base_dirs, batch_size: int, repeats: int) -> dict:
                 eps.append(unet(x, t, encoder_hidden_states=embeds).sample)
             started = time.perf_counter()
             means = schedule.kernel(x.unsqueeze(0), torch.stack(eps), step).mean
-            variances = torch.stack([schedule.variance(step, x, m.log_variance).expand_as(x) for m in ensemble.models])
+            variances = torch.stack(
+                [schedule.variance(step, x, m.log_variance).expand_as(x) for m in ensemble.models]
+            )
             mean, var = compose_gaussian(means, variances, weights)
             math_seconds += time.perf_counter() - started
             x = GaussianStep(mean, var).sample(g)
@@ -119,12 +122,20 @@ def measure(config, home, base_dirs, batch_size: int, repeats: int) -> dict:
     t_msdda = median_seconds(msdda, repeats)
     t_sequential = median_seconds(sequential, repeats)
     compose_fraction = statistics.median(
-        sum(d["compose_seconds"] for d in run) / sum(d["step_seconds"] for d in run) for run in diagnostics[1:])
+        sum(d["compose_seconds"] for d in run) / sum(d["step_seconds"] for d in run)
+        for run in diagnostics[1:]
+    )
     return {
-        "batch_size": b, "models": k, "steps": len(schedule), "repeats": repeats,
+        "batch_size": b,
+        "models": k,
+        "steps": len(schedule),
+        "repeats": repeats,
         "torch_threads": torch.get_num_threads(),
-        "floor_one_call_seconds": t_one_call, "floor_per_model_seconds": t_per_model,
-        "floor_seconds": t_floor, "msdda_seconds": t_msdda, "sequential_seconds": t_sequential,
+        "floor_one_call_seconds": t_one_call,
+        "floor_per_model_seconds": t_per_model,
+        "floor_seconds": t_floor,
+        "msdda_seconds": t_msdda,
+        "sequential_seconds": t_sequential,
         "msdda_over_floor": t_msdda / t_floor,
         "compose_math_fraction": compose_fraction,
         "sequential_over_floor": t_sequential / t_floor,
@@ -134,24 +145,26 @@ def measure(config, home, base_dirs, batch_size: int, repeats: int) -> dict:
 
 
 def render(r: dict) -> str:
-    return "\n".join([
-        f"`python benchmarks/compose_speed.py --write-readme`: {r['models']} base models, batch {r['batch_size']}, "
-        f"{r['steps']} steps, median of {r['repeats']} chains, {r['torch_threads']} torch threads, same run:",
-        "",
-        "| | seconds per chain | over the floor | composition maths share of a step |",
-        "|---|---|---|---|",
-        f"| floor: plain UNet, one call of K x B rows per step | {r['floor_one_call_seconds']:.3f} | "
-        f"{r['floor_one_call_seconds'] / r['floor_seconds']:.3f} | |",
-        f"| floor: plain UNet, K calls of B rows per step | {r['floor_per_model_seconds']:.3f} | "
-        f"{r['floor_per_model_seconds'] / r['floor_seconds']:.3f} | |",
-        f"| **MSDDA** (one mixed-adapter call per step) | {r['msdda_seconds']:.3f} | **{r['msdda_over_floor']:.3f}** | "
-        f"**{r['compose_math_fraction']:.4f}** |",
-        f"| K sequential adapter switches | {r['sequential_seconds']:.3f} | {r['sequential_over_floor']:.3f} | "
-        f"{r['sequential_compose_math_fraction']:.4f} |",
-        "",
-        "Goals: MSDDA at most 1.10 times the floor (the faster of the two plain-UNet floors), composition maths under "
-        "2% of a step.",
-    ])
+    return "\n".join(
+        [
+            f"`python benchmarks/compose_speed.py --write-readme`: {r['models']} base models, batch {r['batch_size']}, "
+            f"{r['steps']} steps, median of {r['repeats']} chains, {r['torch_threads']} torch threads, same run:",
+            "",
+            "| | seconds per chain | over the floor | composition maths share of a step |",
+            "|---|---|---|---|",
+            f"| floor: plain UNet, one call of K x B rows per step | {r['floor_one_call_seconds']:.3f} | "
+            f"{r['floor_one_call_seconds'] / r['floor_seconds']:.3f} | |",
+            f"| floor: plain UNet, K calls of B rows per step | {r['floor_per_model_seconds']:.3f} | "
+            f"{r['floor_per_model_seconds'] / r['floor_seconds']:.3f} | |",
+            f"| **MSDDA** (one mixed-adapter call per step) | {r['msdda_seconds']:.3f} | **{r['msdda_over_floor']:.3f}** | "
+            f"**{r['compose_math_fraction']:.4f}** |",
+            f"| K sequential adapter switches | {r['sequential_seconds']:.3f} | {r['sequential_over_floor']:.3f} | "
+            f"{r['sequential_compose_math_fraction']:.4f} |",
+            "",
+            "Goals: MSDDA at most 1.10 times the floor (the faster of the two plain-UNet floors), composition maths under "
+            "2% of a step.",
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -60,16 +60,28 @@ def oracle_comparison(config, home, base_dirs, oracle_dirs, num_images) -> list[
         oracle = generate(oracle_ensemble, "msdda", [1.0], config.composition, num_images=num_images)
         oracle_scores = score_images(ensemble, oracle.images, oracle.prompts)
         first, second = ensemble.objectives
-        combined = {"msdda": w1 * msdda_scores[first] + (1 - w1) * msdda_scores[second],
-                    "oracle": w1 * oracle_scores[first] + (1 - w1) * oracle_scores[second]}
+        combined = {
+            "msdda": w1 * msdda_scores[first] + (1 - w1) * msdda_scores[second],
+            "oracle": w1 * oracle_scores[first] + (1 - w1) * oracle_scores[second],
+        }
         row = {"weights": weights, "nfe": {"msdda": msdda.nfe_per_image, "oracle": oracle.nfe_per_image}}
         for name in ensemble.objectives:
             diff, se = paired(msdda_scores[name], oracle_scores[name])
-            row[name] = {"msdda": float(msdda_scores[name].mean()), "oracle": float(oracle_scores[name].mean()),
-                         "difference": diff, "paired_se": se, "difference_in_se": diff / se if se else 0.0}
+            row[name] = {
+                "msdda": float(msdda_scores[name].mean()),
+                "oracle": float(oracle_scores[name].mean()),
+                "difference": diff,
+                "paired_se": se,
+                "difference_in_se": diff / se if se else 0.0,
+            }
         diff, se = paired(combined["msdda"], combined["oracle"])
-        row["combined"] = {"msdda": float(combined["msdda"].mean()), "oracle": float(combined["oracle"].mean()),
-                           "difference": diff, "paired_se": se, "difference_in_se": diff / se if se else 0.0}
+        row["combined"] = {
+            "msdda": float(combined["msdda"].mean()),
+            "oracle": float(combined["oracle"].mean()),
+            "difference": diff,
+            "paired_se": se,
+            "difference_in_se": diff / se if se else 0.0,
+        }
         rows.append(row)
     return rows
 
@@ -77,8 +89,10 @@ def oracle_comparison(config, home, base_dirs, oracle_dirs, num_images) -> list[
 def variance_report(config, home, base_dirs, num_images) -> dict:
     """The learned ``exp(v[t])`` per step, and MSDDA minus the epsilon blend at w = (0.5, 0.5) (paired)."""
     ensemble = load_ensemble(config, home, base_dirs)
-    offsets = {m.objective: (m.log_variance.exp().flatten().tolist() if m.log_variance is not None else None)
-               for m in ensemble.models}
+    offsets = {
+        m.objective: (m.log_variance.exp().flatten().tolist() if m.log_variance is not None else None)
+        for m in ensemble.models
+    }
     weights = [0.5, 0.5]
     a = generate(ensemble, "msdda", weights, config.composition, num_images=num_images)
     b = generate(ensemble, "db", weights, config.composition, num_images=num_images)
@@ -87,53 +101,93 @@ def variance_report(config, home, base_dirs, num_images) -> dict:
     for name in ensemble.objectives:
         diff, se = paired(sa[name], sb[name])
         gaps[name] = {"difference": diff, "paired_se": se}
-    return {"variance_ratio_per_step": offsets, "composed_std_over_sigma": [d["std_over_sigma"] for d in a.diagnostics],
-            "msdda_minus_db_at_0.5": gaps,
-            "image_l2_distance": float((a.images - b.images).flatten(1).norm(dim=1).mean())}
+    return {
+        "variance_ratio_per_step": offsets,
+        "composed_std_over_sigma": [d["std_over_sigma"] for d in a.diagnostics],
+        "msdda_minus_db_at_0.5": gaps,
+        "image_l2_distance": float((a.images - b.images).flatten(1).norm(dim=1).mean()),
+    }
 
 
 def matched_nfe(sweep: dict) -> list[dict]:
     """Each baseline's hypervolume next to MSDDA's, with their NFE per image (max over the grid)."""
     ours = sweep["methods"]["msdda"]
-    return [{"method": m, "hypervolume": v["hypervolume"], "nfe": v["max_nfe"], "msdda_hypervolume": ours["hypervolume"],
-             "msdda_nfe": ours["max_nfe"], "msdda_at_least": ours["hypervolume"] >= v["hypervolume"]}
-            for m, v in sweep["methods"].items() if m != "msdda"]
+    return [
+        {
+            "method": m,
+            "hypervolume": v["hypervolume"],
+            "nfe": v["max_nfe"],
+            "msdda_hypervolume": ours["hypervolume"],
+            "msdda_nfe": ours["max_nfe"],
+            "msdda_at_least": ours["hypervolume"] >= v["hypervolume"],
+        }
+        for m, v in sweep["methods"].items()
+        if m != "msdda"
+    ]
 
 
 def render(report: dict) -> str:
     s = report["sweep"]
     names = s["objectives"]
     reference = ", ".join(f"{s['reference']['rewards'][n]:.4f}" for n in names)
-    lines = [(f"Embedded default, objectives `{names[0]}` and `{names[1]}`; {s['settings']['num_images']} images per "
-             f"point, 11 weights, seed {s['settings']['seed']}; hypervolume against the reference model "
-             f"({reference}). CoDe: N = "
-             f"{s['settings']['code_candidates']}, B = {s['settings']['code_block']}; RGG scale "
-             f"{s['settings']['rgg_scale']}. NFE = UNet rows per image (a backward pass counts 2)."),
-             "", "| method | hypervolume | max NFE/image | MSDDA HV >= this? |", "|---|---|---|---|",
-             f"| MSDDA | {s['methods']['msdda']['hypervolume']:.5f} | {s['methods']['msdda']['max_nfe']:g} | |"]
+    lines = [
+        (
+            f"Embedded default, objectives `{names[0]}` and `{names[1]}`; {s['settings']['num_images']} images per "
+            f"point, 11 weights, seed {s['settings']['seed']}; hypervolume against the reference model "
+            f"({reference}). CoDe: N = "
+            f"{s['settings']['code_candidates']}, B = {s['settings']['code_block']}; RGG scale "
+            f"{s['settings']['rgg_scale']}. NFE = UNet rows per image (a backward pass counts 2)."
+        ),
+        "",
+        "| method | hypervolume | max NFE/image | MSDDA HV >= this? |",
+        "|---|---|---|---|",
+        f"| MSDDA | {s['methods']['msdda']['hypervolume']:.5f} | {s['methods']['msdda']['max_nfe']:g} | |",
+    ]
     for row in report["matched_nfe"]:
-        lines.append(f"| {row['method']} | {row['hypervolume']:.5f} | {row['nfe']:g} | "
-                     f"{'yes' if row['msdda_at_least'] else '**no**'} |")
-    lines += ["", ("MSDDA against the oracle (a base model trained on the combined reward), "
-              f"{report['oracle_images']} images, paired over x_T and noise:"), "",
-              (f"| w | {names[0]}: MSDDA - oracle (SE) | {names[1]}: MSDDA - oracle (SE) | combined: MSDDA - oracle "
-              "(SE) | within 2 SE? |"), "|---|---|---|---|---|"]
+        lines.append(
+            f"| {row['method']} | {row['hypervolume']:.5f} | {row['nfe']:g} | "
+            f"{'yes' if row['msdda_at_least'] else '**no**'} |"
+        )
+    lines += [
+        "",
+        (
+            "MSDDA against the oracle (a base model trained on the combined reward), "
+            f"{report['oracle_images']} images, paired over x_T and noise:"
+        ),
+        "",
+        (
+            f"| w | {names[0]}: MSDDA - oracle (SE) | {names[1]}: MSDDA - oracle (SE) | combined: MSDDA - oracle "
+            "(SE) | within 2 SE? |"
+        ),
+        "|---|---|---|---|---|",
+    ]
     for row in report["oracle"]:
-        cells = [f"{row[k]['difference']:+.4f} ({row[k]['paired_se']:.4f}, {row[k]['difference_in_se']:+.1f} SE)"
-                 for k in (*names, "combined")]
+        cells = [
+            f"{row[k]['difference']:+.4f} ({row[k]['paired_se']:.4f}, {row[k]['difference_in_se']:+.1f} SE)"
+            for k in (*names, "combined")
+        ]
         within = abs(row["combined"]["difference_in_se"]) <= 2
-        lines.append(f"| {row['weights'][0]:g}, {row['weights'][1]:g} | " + " | ".join(cells)
-                     + f" | {'yes' if within else '**no**'} |")
+        lines.append(
+            f"| {row['weights'][0]:g}, {row['weights'][1]:g} | "
+            + " | ".join(cells)
+            + f" | {'yes' if within else '**no**'} |"
+        )
     v = report["variance"]
-    ratios = {k: (f"{min(r):.3f}..{max(r):.3f}" if r else "none") for k, r in v["variance_ratio_per_step"].items()}
+    ratios = {
+        k: (f"{min(r):.3f}..{max(r):.3f}" if r else "none") for k, r in v["variance_ratio_per_step"].items()
+    }
     gap = v["msdda_minus_db_at_0.5"]
-    lines += ["", "Learned variances (exp(v[t]) over the steps): "
-              + "; ".join(f"`{k}` {r}" for k, r in ratios.items())
-              + ". At w = (0.5, 0.5) MSDDA minus the epsilon blend: "
-              + "; ".join(f"`{k}` {g['difference']:+.4f} (paired SE {g['paired_se']:.4f})" for k, g in gap.items())
-              + f"; mean image L2 distance {v['image_l2_distance']:.3f}.",
-              "", "![Pareto fronts](benchmarks/results/pareto.png)",
-              "![Learned variances](benchmarks/results/variances.png)"]
+    lines += [
+        "",
+        "Learned variances (exp(v[t]) over the steps): "
+        + "; ".join(f"`{k}` {r}" for k, r in ratios.items())
+        + ". At w = (0.5, 0.5) MSDDA minus the epsilon blend: "
+        + "; ".join(f"`{k}` {g['difference']:+.4f} (paired SE {g['paired_se']:.4f})" for k, g in gap.items())
+        + f"; mean image L2 distance {v['image_l2_distance']:.3f}.",
+        "",
+        "![Pareto fronts](benchmarks/results/pareto.png)",
+        "![Learned variances](benchmarks/results/variances.png)",
+    ]
     return "\n".join(lines)
 
 
@@ -148,9 +202,13 @@ def plot_variances(report: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     for name, ratios in v["variance_ratio_per_step"].items():
         if ratios:
-            ax.plot(range(len(ratios)), ratios, marker="o", ms=3, label=f"{name}: learned variance / sigma_t^2")
+            ax.plot(
+                range(len(ratios)), ratios, marker="o", ms=3, label=f"{name}: learned variance / sigma_t^2"
+            )
     composed = [r**2 for r in v["composed_std_over_sigma"]]
-    ax.plot(range(len(composed)), composed, "k--", label="MSDDA at w=(0.5, 0.5): composed variance / sigma_t^2")
+    ax.plot(
+        range(len(composed)), composed, "k--", label="MSDDA at w=(0.5, 0.5): composed variance / sigma_t^2"
+    )
     ax.axhline(1.0, color="grey", lw=0.8, label="epsilon blend (sigma_t^2)")
     ax.set_xlabel("DDIM step (0 = most noisy)")
     ax.set_ylabel("variance / sigma_t^2")
@@ -185,11 +243,22 @@ def main() -> None:
     for w1 in ORACLE_WEIGHTS:
         cfg = oracle_config(config, [w1, 1 - w1])
         oracle_dirs.append(train_base_model(cfg, "weighted_sum", home).path)
-    sweep = sweep_job(config, home, [str(p) for p in base_dirs], args.methods.split(","), None, args.num_images,
-                      mlflow=False)
-    report = {"sweep": sweep, "matched_nfe": matched_nfe(sweep), "oracle_images": args.oracle_images,
-              "oracle": oracle_comparison(config, home, base_dirs, oracle_dirs, args.oracle_images),
-              "variance": variance_report(config, home, base_dirs, args.oracle_images)}
+    sweep = sweep_job(
+        config,
+        home,
+        [str(p) for p in base_dirs],
+        args.methods.split(","),
+        None,
+        args.num_images,
+        mlflow=False,
+    )
+    report = {
+        "sweep": sweep,
+        "matched_nfe": matched_nfe(sweep),
+        "oracle_images": args.oracle_images,
+        "oracle": oracle_comparison(config, home, base_dirs, oracle_dirs, args.oracle_images),
+        "variance": variance_report(config, home, base_dirs, args.oracle_images),
+    }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "composition.json").write_text(json.dumps(report, indent=1))
     shutil.copyfile(sweep["plot"], RESULTS / "pareto.png")

@@ -22,12 +22,32 @@ from pathlib import Path
 import torch
 
 TINY = {
-    "model": {"embedded": {"image_size": 16, "vae_channels": [8, 16], "unet_channels": [16, 32],
-                           "text_hidden_size": 16, "text_layers": 1, "text_heads": 2}},
-    "pretrain": {"vae_steps": 20, "unet_steps": 30, "batch_size": 16, "classifier_steps": 40, "eval_samples": 20},
+    "model": {
+        "embedded": {
+            "image_size": 16,
+            "vae_channels": [8, 16],
+            "unet_channels": [16, 32],
+            "text_hidden_size": 16,
+            "text_layers": 1,
+            "text_heads": 2,
+        }
+    },
+    "pretrain": {
+        "vae_steps": 20,
+        "unet_steps": 30,
+        "batch_size": 16,
+        "classifier_steps": 40,
+        "eval_samples": 20,
+    },
     "sampling": {"num_inference_steps": 4},
-    "train": {"iterations": 3, "batch_size": 4, "states_per_trajectory": 2, "num_actions": 2, "eval_samples": 8,
-              "checkpoint_every": 0},
+    "train": {
+        "iterations": 3,
+        "batch_size": 4,
+        "states_per_trajectory": 2,
+        "num_actions": 2,
+        "eval_samples": 8,
+        "checkpoint_every": 0,
+    },
     "composition": {"num_images": 4, "grid": 3, "code_block": 2},
     "objectives": ["digit_alignment", "ink_economy"],
 }
@@ -42,9 +62,15 @@ def stage(name: str, results: list, fn) -> object:
     except Exception as exc:  # noqa: BLE001 - a check reports every failure and goes on
         frame = traceback.extract_tb(exc.__traceback__)[-1]
         first = (str(exc).strip().splitlines() or [""])[0][:300]
-        results.append({"stage": name, "ok": False, "error": f"{type(exc).__name__}: {first}",
-                        "at": f"{Path(frame.filename).name}:{frame.lineno} ({frame.name})",
-                        "seconds": round(time.perf_counter() - started, 2)})
+        results.append(
+            {
+                "stage": name,
+                "ok": False,
+                "error": f"{type(exc).__name__}: {first}",
+                "at": f"{Path(frame.filename).name}:{frame.lineno} ({frame.name})",
+                "seconds": round(time.perf_counter() - started, 2),
+            }
+        )
         return None
 
 
@@ -67,17 +93,28 @@ def main() -> None:
     stage("pretrain (embedded)", results, lambda: pretrain_reference(config, home, progress=False))
     models = []
     for objective in config.objective_names:  # the trainer moves the problem to accelerate's device
-        path = stage(f"train + evaluate {objective} (3 iterations)", results,
-                     lambda objective=objective: train_base_model(config, objective, home, progress=False).path)
+        path = stage(
+            f"train + evaluate {objective} (3 iterations)",
+            results,
+            lambda objective=objective: train_base_model(config, objective, home, progress=False).path,
+        )
         models.append(path)
     if None in models:
         models = stage("random base models instead (CPU)", results, lambda: random_base_models(config, home))
     if models:
-        ensemble = stage("load ensemble, pipeline moved to the device", results,
-                         lambda: moved(load_ensemble(config, home, models), device))
+        ensemble = stage(
+            "load ensemble, pipeline moved to the device",
+            results,
+            lambda: moved(load_ensemble(config, home, models), device),
+        )
         for method in METHODS if ensemble is not None else []:
-            stage(f"compose {method}", results,
-                  lambda method=method: generate(ensemble, method, [0.5, 0.5], config.composition, num_images=4))
+            stage(
+                f"compose {method}",
+                results,
+                lambda method=method: generate(
+                    ensemble, method, [0.5, 0.5], config.composition, num_images=4
+                ),
+            )
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     report = {"device": device_name, "torch": torch.__version__, "stages": results}
     if args.json:
@@ -109,10 +146,17 @@ def random_base_models(config, home: Path) -> list[Path]:
     folders = []
     for i, objective in enumerate(config.objective_names):
         g = torch.Generator().manual_seed(i)
-        card = BaseModelCard(objective=objective, reward=RewardSpec(name=objective), beta=0.01,
-                             trainer="random", lora=LoraSpec(rank=4, targets=LORA_TARGETS), learn_variance="step",
-                             reference_hash=content_hash(pretrain_reference(config, home, progress=False).path),
-                             scheduler=dict(problem.pipe.scheduler.config), sampling=config.sampling.model_dump())
+        card = BaseModelCard(
+            objective=objective,
+            reward=RewardSpec(name=objective),
+            beta=0.01,
+            trainer="random",
+            lora=LoraSpec(rank=4, targets=LORA_TARGETS),
+            learn_variance="step",
+            reference_hash=content_hash(pretrain_reference(config, home, progress=False).path),
+            scheduler=dict(problem.pipe.scheduler.config),
+            sampling=config.sampling.model_dump(),
+        )
         lora = {k: 0.2 * torch.randn(s, generator=g) for k, s in shapes.items()}
         folders.append(save_base_model(home / "random" / objective, card, lora, torch.zeros(4, 1)))
     return folders

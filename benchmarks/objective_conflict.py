@@ -34,7 +34,9 @@ def main() -> None:
     models = {"reference": None}
     for name in objectives:
         models[name] = train_base_model(config, name, home, progress=not args.json).path
-    index = torch.arange(args.samples or config.train.eval_samples) % len(config.train.prompts or default_prompts())
+    index = torch.arange(args.samples or config.train.eval_samples) % len(
+        config.train.prompts or default_prompts()
+    )
     table, samples = {}, {}
     for label, path in models.items():
         problem = evaluation_problem(config, home, path)
@@ -44,32 +46,58 @@ def main() -> None:
         for name, reward in rewards.items():
             values = reward(images, prompts).detach()
             samples[label, name] = values
-            table[label][name] = {"mean": float(values.mean()), "se": float(values.std() / math.sqrt(len(values)))}
+            table[label][name] = {
+                "mean": float(values.mean()),
+                "se": float(values.std() / math.sqrt(len(values))),
+            }
             if path is not None:  # same prompts and seeds as the reference: paired difference
                 diff = values - samples["reference", name]
                 table[label][name]["delta_vs_reference"] = float(diff.mean())
                 table[label][name]["delta_se"] = float(diff.std() / math.sqrt(len(diff)))
     conflict = all(
         table[trained][other]["mean"] < table["reference"][other]["mean"]
-        for trained in objectives for other in objectives if other != trained
+        for trained in objectives
+        for other in objectives
+        if other != trained
     )
-    worse_in_se = {f"{trained} on {other}": -table[trained][other]["delta_vs_reference"] / table[trained][other]["delta_se"]
-                   for trained in objectives for other in objectives if other != trained}
-    report = {"objectives": objectives, "samples": len(index), "rewards": table, "conflict": conflict,
-              "worse_than_reference_in_paired_se": worse_in_se}
+    worse_in_se = {
+        f"{trained} on {other}": -table[trained][other]["delta_vs_reference"]
+        / table[trained][other]["delta_se"]
+        for trained in objectives
+        for other in objectives
+        if other != trained
+    }
+    report = {
+        "objectives": objectives,
+        "samples": len(index),
+        "rewards": table,
+        "conflict": conflict,
+        "worse_than_reference_in_paired_se": worse_in_se,
+    }
     if args.json:
         print(json.dumps(report))
         return
     print("| model | " + " | ".join(objectives) + " |")
     print("|---|" + "---|" * len(objectives))
     for label, row in table.items():
-        cells = [f"{row[n]['mean']:.4f} ± {row[n]['se']:.4f}"
-                 + (f" (Δ {row[n]['delta_vs_reference']:+.4f} ± {row[n]['delta_se']:.4f})"
-                    if "delta_se" in row[n] else "") for n in objectives]
+        cells = [
+            f"{row[n]['mean']:.4f} ± {row[n]['se']:.4f}"
+            + (
+                f" (Δ {row[n]['delta_vs_reference']:+.4f} ± {row[n]['delta_se']:.4f})"
+                if "delta_se" in row[n]
+                else ""
+            )
+            for n in objectives
+        ]
         print(f"| {label} | " + " | ".join(cells) + " |")
-    print("\nmean ± SE over held-out samples; Δ: paired difference to the reference (same prompts and seeds) ± SE")
-    print(f"\nconflict (each model worse than the reference on the other objective): {conflict}; "
-          + ", ".join(f"{k}: {v:.1f} paired SE worse" for k, v in worse_in_se.items()) + f"; {len(index)} samples")
+    print(
+        "\nmean ± SE over held-out samples; Δ: paired difference to the reference (same prompts and seeds) ± SE"
+    )
+    print(
+        f"\nconflict (each model worse than the reference on the other objective): {conflict}; "
+        + ", ".join(f"{k}: {v:.1f} paired SE worse" for k, v in worse_in_se.items())
+        + f"; {len(index)} samples"
+    )
 
 
 if __name__ == "__main__":

@@ -33,9 +33,17 @@ def step_level_curve(config, home, objective, iterations, eval_every, eval_sampl
     reward = load_reward(objective, config, home, spec.options)
     pipe, _ = reference_identity(config, home, progress)
     prompts = config.train.prompts or default_prompts()
-    problem = DiffusionStepProblem(pipe, reward, prompts, config.sampling.num_inference_steps, config.sampling.eta,
-                                   config.sampling.guidance_scale, lora_rank=config.train.lora_rank,
-                                   learn_variance=config.train.learn_variance, x0_estimate=config.train.x0_estimate)
+    problem = DiffusionStepProblem(
+        pipe,
+        reward,
+        prompts,
+        config.sampling.num_inference_steps,
+        config.sampling.eta,
+        config.sampling.guidance_scale,
+        lora_rank=config.train.lora_rank,
+        learn_variance=config.train.learn_variance,
+        x0_estimate=config.train.x0_estimate,
+    )
     index = torch.arange(eval_samples) % len(prompts)
     curve = {"unet_evaluations": [], "reward_mean": [], "seconds": []}
 
@@ -43,15 +51,22 @@ def step_level_curve(config, home, objective, iterations, eval_every, eval_sampl
         if metrics is not None and metrics.iteration % eval_every:
             return
         rows = problem.unet_evaluations
-        images, eval_prompts, _ = problem.sample_images(index, torch.Generator().manual_seed(777), use_policy=True)
+        images, eval_prompts, _ = problem.sample_images(
+            index, torch.Generator().manual_seed(777), use_policy=True
+        )
         problem.unet_evaluations = rows
         curve["unet_evaluations"].append(rows)
         curve["reward_mean"].append(float(reward(images, eval_prompts).mean()))
         curve["seconds"].append(metrics.seconds if metrics else 0.0)
 
     evaluate()
-    cfg = config.train.model_copy(update={"iterations": iterations, "beta": beta or spec.beta or config.train.beta,
-                                          "checkpoint_every": 0})
+    cfg = config.train.model_copy(
+        update={
+            "iterations": iterations,
+            "beta": beta or spec.beta or config.train.beta,
+            "checkpoint_every": 0,
+        }
+    )
     train(problem, cfg, log_metrics=evaluate, progress=progress)
     return curve, reward, prompts
 
@@ -76,8 +91,16 @@ def main() -> None:
     parser.add_argument("--write-readme", action="store_true")
     args = parser.parse_args()
     config, home = load_config(args.config), msdda_home()
-    ours, reward, prompts = step_level_curve(config, home, args.objective, args.iterations, args.eval_every,
-                                             args.eval_samples, progress=not args.json, beta=args.beta)
+    ours, reward, prompts = step_level_curve(
+        config,
+        home,
+        args.objective,
+        args.iterations,
+        args.eval_every,
+        args.eval_samples,
+        progress=not args.json,
+        beta=args.beta,
+    )
     reference_path = reference_identity(config, home, False)[0].name_or_path
     with tempfile.TemporaryDirectory() as out:
         ddpo = run_ddpo(config, Path(reference_path), reward, prompts, args.ddpo_epochs, Path(out))
@@ -92,12 +115,17 @@ def main() -> None:
         "beta": args.beta or config.objective(args.objective).beta or config.train.beta,
         "reward_reference": ours["reward_mean"][0],
         "ddpo": {"final_reward": ddpo_final, "unet_evaluations": ddpo_rows, "curve": ddpo.__dict__},
-        "step_level": {"final_reward": ours["reward_mean"][-1], "unet_evaluations": ours["unet_evaluations"][-1],
-                       "rows_to_reach_ddpo_final": reached, "curve": ours},
+        "step_level": {
+            "final_reward": ours["reward_mean"][-1],
+            "unet_evaluations": ours["unet_evaluations"][-1],
+            "rows_to_reach_ddpo_final": reached,
+            "curve": ours,
+        },
         "ratio_rows_to_reach_ddpo_final": (reached / ddpo_rows) if reached is not None else None,
         "ddpo_rows_to_reach_step_level_final": ddpo_reached_ours,
         "ratio_rows_to_reach_step_level_final": (ours_reached_own / ddpo_reached_ours)
-        if ddpo_reached_ours and ours_reached_own else None,
+        if ddpo_reached_ours and ours_reached_own
+        else None,
     }
     table = render_table(report)
     if args.write_readme:
@@ -110,19 +138,28 @@ def render_table(report: dict) -> str:
     ours, ddpo = report["step_level"], report["ddpo"]
     other = report["ratio_rows_to_reach_step_level_final"]
     lines = [
-        (f"Objective `{report['objective']}`, step-level beta {report['beta']}; reference reward "
-        f"{report['reward_reference']:.4f}."),
+        (
+            f"Objective `{report['objective']}`, step-level beta {report['beta']}; reference reward "
+            f"{report['reward_reference']:.4f}."
+        ),
         "",
         "| trainer | final reward | UNet rows used | UNet rows to reach DDPO's final reward |",
         "|---|---|---|---|",
         f"| DDPO (trl 0.23.1) | {ddpo['final_reward']:.4f} | {ddpo['unet_evaluations']:,} | {ddpo['unet_evaluations']:,} |",
         f"| step-level (ours) | {ours['final_reward']:.4f} | {ours['unet_evaluations']:,} | "
-        + (f"{ours['rows_to_reach_ddpo_final']:,} (ratio {ratio:.2f})" if ratio is not None else "not reached")
+        + (
+            f"{ours['rows_to_reach_ddpo_final']:,} (ratio {ratio:.2f})"
+            if ratio is not None
+            else "not reached"
+        )
         + " |",
         "",
         "Rows DDPO needs to reach the step-level trainer's final reward: "
-        + (f"{report['ddpo_rows_to_reach_step_level_final']:,} (step-level/DDPO ratio {other:.2f})."
-           if other is not None else "not reached."),
+        + (
+            f"{report['ddpo_rows_to_reach_step_level_final']:,} (step-level/DDPO ratio {other:.2f})."
+            if other is not None
+            else "not reached."
+        ),
     ]
     return "\n".join(lines)
 

@@ -20,8 +20,14 @@ from training.trainer import train
 
 def run(iterations: int, method: str, seed: int, progress: bool) -> dict:
     config = TrainConfig(
-        method=method, beta=1.0, iterations=iterations, batch_size=256, states_per_trajectory=10,
-        num_actions=64, learning_rate=3e-3, seed=seed,
+        method=method,
+        beta=1.0,
+        iterations=iterations,
+        batch_size=256,
+        states_per_trajectory=10,
+        num_actions=64,
+        learning_rate=3e-3,
+        seed=seed,
     )
     problem = ToyProblem(num_inference_steps=10)
     start = time.perf_counter()
@@ -43,10 +49,14 @@ def main() -> None:
         print(json.dumps(report))
     else:
         for row in report["per_step"]:
-            print(f"step {row['step']:2d}  |dmu|/sigma {row['mean_error_over_sigma']:.4f}  "
-                  f"|dvar|/var {row['variance_rel_error']:.4f}")
-        print(f"mean: {report['mean_error_over_sigma']:.4f} / {report['variance_rel_error']:.4f} "
-              f"in {report['seconds']} s")
+            print(
+                f"step {row['step']:2d}  |dmu|/sigma {row['mean_error_over_sigma']:.4f}  "
+                f"|dvar|/var {row['variance_rel_error']:.4f}"
+            )
+        print(
+            f"mean: {report['mean_error_over_sigma']:.4f} / {report['variance_rel_error']:.4f} "
+            f"in {report['seconds']} s"
+        )
 
 
 if __name__ == "__main__":

@@ -110,11 +110,14 @@ class Ensemble:
         if method.score is not None and method.score.differentiable:
             flat = [name for name, reward in self.rewards.items() if not reward.differentiable]
             if flat:
-                raise CompositionError(f"{method.name} needs differentiable rewards; not differentiable: "
-                                       f"{', '.join(flat)}")
+                raise CompositionError(
+                    f"{method.name} needs differentiable rewards; not differentiable: {', '.join(flat)}"
+                )
 
 
-def load_ensemble(config: PipelineConfig, home: Path, model_dirs: list[Path], progress: bool = False) -> Ensemble:
+def load_ensemble(
+    config: PipelineConfig, home: Path, model_dirs: list[Path], progress: bool = False
+) -> Ensemble:
     """Load the reference and put every base model's LoRA adapter on its UNet (named by objective)."""
     from training.base_model import default_prompts, reference_identity
     from training.rewards import load_reward
@@ -130,13 +133,24 @@ def load_ensemble(config: PipelineConfig, home: Path, model_dirs: list[Path], pr
         try:
             load_adapter(pipe.unet, m.objective, m.lora, m.card.lora)
         except (ValueError, RuntimeError, KeyError) as exc:
-            raise CompositionError(f"base model '{m.objective}' at {m.path} does not fit the reference: "
-                                   f"{str(exc).splitlines()[0]}") from None
-    rewards = {m.objective: load_reward(m.card.reward.name, config, home, m.card.reward.options) for m in models}
+            raise CompositionError(
+                f"base model '{m.objective}' at {m.path} does not fit the reference: "
+                f"{str(exc).splitlines()[0]}"
+            ) from None
+    rewards = {
+        m.objective: load_reward(m.card.reward.name, config, home, m.card.reward.options) for m in models
+    }
     sampling = models[0].card.sampling or config.sampling.model_dump()
     schedule = DDIMSchedule.from_scheduler(pipe.scheduler, sampling["num_inference_steps"], sampling["eta"])
-    return Ensemble(pipe, models, rewards, schedule, float(sampling["guidance_scale"]),
-                    config.train.prompts or default_prompts(), reference_hash)
+    return Ensemble(
+        pipe,
+        models,
+        rewards,
+        schedule,
+        float(sampling["guidance_scale"]),
+        config.train.prompts or default_prompts(),
+        reference_hash,
+    )
 
 
 # ------------------------------------------------------------------------------------------- sample and score
@@ -159,8 +173,14 @@ def batch_seeds(seed: int, batch_index: int) -> tuple[int, int]:
     return base, base + 2**61
 
 
-def generate(ensemble: Ensemble, method: str, weights: list[float], options: CompositionConfig,
-             num_images: int | None = None, seed: int | None = None) -> Generated:
+def generate(
+    ensemble: Ensemble,
+    method: str,
+    weights: list[float],
+    options: CompositionConfig,
+    num_images: int | None = None,
+    seed: int | None = None,
+) -> Generated:
     """Sample ``num_images`` images for ``weights`` with ``method``; prompts cycle through the prompt set and
     batch ``b`` draws its noise from :func:`batch_seeds` so every method sees the same ``x_T``."""
     num_images = num_images or options.num_images
@@ -180,20 +200,32 @@ def generate(ensemble: Ensemble, method: str, weights: list[float], options: Com
         index = torch.arange(first, min(first + options.batch_size, num_images)) % len(ensemble.prompts)
         batch_prompts = [ensemble.prompts[i] for i in index.tolist()]
         x_seed, noise_seed = batch_seeds(seed, batch_index)
-        x_T = torch.randn((len(index), *shape), generator=torch.Generator().manual_seed(x_seed)).to(unet.device)
+        x_T = torch.randn((len(index), *shape), generator=torch.Generator().manual_seed(x_seed)).to(
+            unet.device
+        )
         score = None
         if chosen.score is not None:
-            score = ensemble.score_fn(weights, batch_prompts, chosen.score.per_beta, chosen.score.differentiable)
+            score = ensemble.score_fn(
+                weights, batch_prompts, chosen.score.per_beta, chosen.score.differentiable
+            )
         try:
             with torch.no_grad():
-                chain, nfe = chosen.sample(composer, weights, x_T, Batch(embeds[index], uncond),
-                                           torch.Generator().manual_seed(noise_seed), score)
+                chain, nfe = chosen.sample(
+                    composer,
+                    weights,
+                    x_T,
+                    Batch(embeds[index], uncond),
+                    torch.Generator().manual_seed(noise_seed),
+                    score,
+                )
         except ValueError as exc:  # e.g. a non-positive composed precision
             raise CompositionError(f"{method} with weights {weights}: {exc}") from None
         images.append(ensemble.decode(chain.latents))
         prompts.extend(batch_prompts)
         diagnostics.extend(chain.diagnostics if batch_index == 0 else [])
-    return Generated(method, weights, torch.cat(images), prompts, nfe, time.perf_counter() - start, diagnostics)
+    return Generated(
+        method, weights, torch.cat(images), prompts, nfe, time.perf_counter() - start, diagnostics
+    )
 
 
 @torch.no_grad()

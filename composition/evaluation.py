@@ -43,7 +43,9 @@ def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
 
 def pareto_front(points: Sequence[Sequence[float]]) -> list[int]:
     """Indices of the non-dominated points."""
-    return [i for i, p in enumerate(points) if not any(dominates(q, p) for j, q in enumerate(points) if j != i)]
+    return [
+        i for i, p in enumerate(points) if not any(dominates(q, p) for j, q in enumerate(points) if j != i)
+    ]
 
 
 def hypervolume(points: Sequence[Sequence[float]], reference: Sequence[float]) -> float:
@@ -95,16 +97,22 @@ def sweep(
         stats = {name: mean_and_se(values) for name, values in rewards.items()}
         if on_point is not None:
             on_point(label or method, weights, {"images": generated.images, "prompts": generated.prompts})
-        return {"weights": weights, "rewards": {k: v[0] for k, v in stats.items()},
-                "reward_se": {k: v[1] for k, v in stats.items()}, "nfe": generated.nfe_per_image,
-                "seconds": round(generated.seconds, 3)}
+        return {
+            "weights": weights,
+            "rewards": {k: v[0] for k, v in stats.items()},
+            "reward_se": {k: v[1] for k, v in stats.items()},
+            "nfe": generated.nfe_per_image,
+            "seconds": round(generated.seconds, 3),
+        }
 
     start = time.perf_counter()
     reference = evaluate("msdda", [0.0] * len(objectives), "reference")  # w = 0: the reference model
     reference_point = [reference["rewards"][name] for name in objectives]
-    result = {"objectives": objectives,
-              "reference": {k: reference[k] for k in ("rewards", "reward_se", "nfe", "seconds")},
-              "methods": {}}
+    result = {
+        "objectives": objectives,
+        "reference": {k: reference[k] for k in ("rewards", "reward_se", "nfe", "seconds")},
+        "methods": {},
+    }
     bar = tqdm(total=len(methods) * len(weights_grid), desc="sweep", disable=not progress, unit="point")
     for method in methods:
         points = []
@@ -120,9 +128,15 @@ def sweep(
             "points": points,
         }
     bar.close()
-    result["settings"] = {"grid": len(weights_grid), "num_images": num_images, "seed": options.seed,
-                          "code_candidates": options.code_candidates, "code_block": options.code_block,
-                          "rgg_scale": options.rgg_scale, "seconds": round(time.perf_counter() - start, 1)}
+    result["settings"] = {
+        "grid": len(weights_grid),
+        "num_images": num_images,
+        "seed": options.seed,
+        "code_candidates": options.code_candidates,
+        "code_block": options.code_block,
+        "rgg_scale": options.rgg_scale,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
     return result
 
 
@@ -147,19 +161,26 @@ def plot_fronts(result: dict, path: Path, extra: dict[str, list[dict]] | None = 
         front = set(pareto_front(list(zip(xs, ys))))
         order = sorted(range(len(points)), key=lambda i: xs[i])
         hv = result["methods"].get(method, {}).get("hypervolume")
-        label = (METHODS[method].label if method in METHODS else method) + (f" (HV {hv:.3g})" if hv is not None else "")
+        label = (METHODS[method].label if method in METHODS else method) + (
+            f" (HV {hv:.3g})" if hv is not None else ""
+        )
         ax.plot([xs[i] for i in order], [ys[i] for i in order], "-", color=color, alpha=0.35)
         ax.scatter(xs, ys, s=[40 if i in front else 14 for i in range(len(xs))], color=color, label=label)
         if method == "msdda":
             for p, x, y in zip(points, xs, ys):
-                ax.annotate(f"{p['weights'][0]:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+                ax.annotate(
+                    f"{p['weights'][0]:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points"
+                )
     ref = result["reference"]["rewards"]
-    ax.scatter([ref[x_name]], [ref[y_name]], marker="*", s=220, color="black", label="reference model", zorder=5)
+    ax.scatter(
+        [ref[x_name]], [ref[y_name]], marker="*", s=220, color="black", label="reference model", zorder=5
+    )
     ax.set_xlabel(f"{x_name} (mean reward)")
     ax.set_ylabel(f"{y_name} (mean reward)")
     settings = result.get("settings", {})
-    ax.set_title(f"Pareto fronts, {settings.get('num_images', '?')} images per point "
-                 f"(labels: w_{x_name})", fontsize=10)
+    ax.set_title(
+        f"Pareto fronts, {settings.get('num_images', '?')} images per point (labels: w_{x_name})", fontsize=10
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
@@ -173,7 +194,9 @@ def image_grid(images: torch.Tensor, path: Path, columns: int = 16, scale: int =
 
     count = min(len(images), columns * max(1, math.ceil(min(len(images), 64) / columns)))
     array = (images[:count].permute(0, 2, 3, 1).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-    tiles = [Image.fromarray(a).resize((a.shape[1] * scale, a.shape[0] * scale), Image.NEAREST) for a in array]
+    tiles = [
+        Image.fromarray(a).resize((a.shape[1] * scale, a.shape[0] * scale), Image.NEAREST) for a in array
+    ]
     rows = math.ceil(len(tiles) / columns)
     tiles += [Image.new("RGB", tiles[0].size)] * (rows * columns - len(tiles))
     return _save_image(make_image_grid(tiles, rows=rows, cols=columns), path)

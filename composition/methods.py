@@ -117,13 +117,21 @@ def msdda(composer: Composer, weights, batch: Batch, x: torch.Tensor, step: int)
     unet_done = time.perf_counter()
     schedule, k = composer.schedule, len(active)
     means = schedule.kernel(x.unsqueeze(0), eps, step).mean
-    variances = (torch.stack([schedule.variance(step, x, composer.models[i].log_variance).expand_as(x)
-                              for i in active]) if k else x.new_zeros((0, *x.shape)))
+    variances = (
+        torch.stack(
+            [schedule.variance(step, x, composer.models[i].log_variance).expand_as(x) for i in active]
+        )
+        if k
+        else x.new_zeros((0, *x.shape))
+    )
     ref_mean = means[k] if use_reference else None
     ref_var = schedule.variance(step, x) if use_reference else None
     mean, variance = compose_gaussian(means[:k], variances, lam[active].tolist(), ref_mean, ref_var)
-    return GaussianStep(mean, variance, {"unet_seconds": unet_done - started,
-                                         "compose_seconds": time.perf_counter() - unet_done})
+    return GaussianStep(
+        mean,
+        variance,
+        {"unet_seconds": unet_done - started, "compose_seconds": time.perf_counter() - unet_done},
+    )
 
 
 def epsilon_blend(composer: Composer, weights, batch: Batch, x: torch.Tensor, step: int) -> GaussianStep:
@@ -141,7 +149,9 @@ def epsilon_blend(composer: Composer, weights, batch: Batch, x: torch.Tensor, st
 def rewarded_soup(composer: Composer, weights, batch: Batch, x: torch.Tensor, step: int) -> GaussianStep:
     """RS: one adapter ``sum_i w_i B_i A_i`` (loaded by :meth:`Composer.load_soup`), variance offset
     ``v = sum_i w_i v_i``."""
-    offsets = [(float(w), m.log_variance) for w, m in zip(weights, composer.models) if m.log_variance is not None]
+    offsets = [
+        (float(w), m.log_variance) for w, m in zip(weights, composer.models) if m.log_variance is not None
+    ]
     log_variance = sum(w * v for w, v in offsets) if offsets else None
     eps = composer.epsilons(x, step, batch, [SOUP_ADAPTER])[0]
     return composer.schedule.kernel(x, eps, step, log_variance)
@@ -163,8 +173,9 @@ def code(composer: Composer, weights, x_T, batch: Batch, generator, score: Score
     x, picks = x_T, []
     for start in range(0, steps, block):
         stop = min(start + block, steps)
-        xs = run_chain(schedule, x.repeat(n, *([1] * (x.dim() - 1))), reference, generator, start, stop,
-                       diagnose=False).latents
+        xs = run_chain(
+            schedule, x.repeat(n, *([1] * (x.dim() - 1))), reference, generator, start, stop, diagnose=False
+        ).latents
         x0 = xs if stop == steps else schedule.clean_estimate(xs, last["eps"], stop - 1, after=True)
         best = score(x0).view(n, b).argmax(0)
         x = xs.view(n, b, *x.shape[1:])[best, torch.arange(b)]
@@ -172,7 +183,9 @@ def code(composer: Composer, weights, x_T, batch: Batch, generator, score: Score
     return Chain(x, {}, picks)
 
 
-def reward_gradient_guidance(composer: Composer, weights, x_T, batch: Batch, generator, score: Score) -> Chain:
+def reward_gradient_guidance(
+    composer: Composer, weights, x_T, batch: Batch, generator, score: Score
+) -> Chain:
     """RGG on the reference: ``mean = DDIM mean + rgg_scale * sigma_t^2 * grad_x score(x0_hat(x))``, with the
     score's coefficients ``w_i / beta_i`` (differentiable rewards only)."""
     schedule, scale = composer.schedule, composer.options.rgg_scale
@@ -185,8 +198,11 @@ def reward_gradient_guidance(composer: Composer, weights, x_T, batch: Batch, gen
         composer.count_backward(x.shape[0])
         plain = schedule.kernel(x, eps.detach(), step)
         sigma = schedule.sigma[step].to(x)
-        return GaussianStep(plain.mean + scale * sigma**2 * grad, plain.variance,
-                            {"guidance_norm": float((sigma**2 * grad).norm() / len(x))})
+        return GaussianStep(
+            plain.mean + scale * sigma**2 * grad,
+            plain.variance,
+            {"guidance_norm": float((sigma**2 * grad).norm() / len(x))},
+        )
 
     return run_chain(schedule, x_T, kernel, generator)
 
@@ -225,8 +241,9 @@ class Method:
         """A method whose every step is ``kernel``, run by :func:`training.chain.run_chain`."""
 
         def search(composer, weights, x_T, batch, generator, score=None) -> Chain:
-            return run_chain(composer.schedule, x_T, lambda x, step: kernel(composer, weights, batch, x, step),
-                             generator)
+            return run_chain(
+                composer.schedule, x_T, lambda x, step: kernel(composer, weights, batch, x, step), generator
+            )
 
         search.__doc__ = kernel.__doc__
         return cls(name, label, search, kind="kernel", **kwargs)
@@ -244,13 +261,16 @@ class Method:
         return chain, (composer.eps.rows - rows) / x_T.shape[0]
 
 
-METHODS: dict[str, Method] = {method.name: method for method in (
-    Method.from_kernel("msdda", "MSDDA", msdda),
-    Method.from_kernel("db", "DB-MPA (epsilon blend)", epsilon_blend),
-    Method.from_kernel("rs", "rewarded soup", rewarded_soup, prepare=Composer.load_soup),
-    Method("code", "CoDe", code, score=ScoreNeed()),
-    Method("rgg", "RGG", reward_gradient_guidance, score=ScoreNeed(per_beta=True, differentiable=True)),
-)}
+METHODS: dict[str, Method] = {
+    method.name: method
+    for method in (
+        Method.from_kernel("msdda", "MSDDA", msdda),
+        Method.from_kernel("db", "DB-MPA (epsilon blend)", epsilon_blend),
+        Method.from_kernel("rs", "rewarded soup", rewarded_soup, prepare=Composer.load_soup),
+        Method("code", "CoDe", code, score=ScoreNeed()),
+        Method("rgg", "RGG", reward_gradient_guidance, score=ScoreNeed(per_beta=True, differentiable=True)),
+    )
+}
 """Every composition method by name. Adding one: write its function above and add one line here."""
 
 

@@ -106,8 +106,14 @@ def train(
     from training.models import msdda_home
 
     cfg = _load(config)
-    result = train_job(cfg, msdda_home(), objective, register=mlflow, mlflow=mlflow,
-                       progress=sys.stderr.isatty() or not json_output)
+    result = train_job(
+        cfg,
+        msdda_home(),
+        objective,
+        register=mlflow,
+        mlflow=mlflow,
+        progress=sys.stderr.isatty() or not json_output,
+    )
     registered = result["registered"]
     human = (
         f"base model '{objective}': {result['path']}\n"
@@ -115,9 +121,12 @@ def train(
         f"(+{result['rise_in_se']:.1f} SE, SE {result['reward_se']:.4f}); KL/step {result['kl']:.4f}; "
         f"{result['unet_evaluations']} UNet evaluations; {result['seconds']:.0f} s"
         + (" (cached)" if result["cached"] else "")
-        + (f"\nregistered {registered['name']} v{registered['version']}"
-           + (" @champion" if registered["champion"] else " (not champion: reward rise <= 3 SE)")
-           if registered else "")
+        + (
+            f"\nregistered {registered['name']} v{registered['version']}"
+            + (" @champion" if registered["champion"] else " (not champion: reward rise <= 3 SE)")
+            if registered
+            else ""
+        )
     )
     _emit(result, json_output, human)
 
@@ -125,10 +134,16 @@ def train(
 WeightsOption = Annotated[str, typer.Option("--weights", "-w", help="Objective weights, e.g. 0.3,0.7.")]
 ModelsOption = Annotated[
     str | None,
-    typer.Option("--models", "-m", help="Comma-separated NAME[@ALIAS] or NAME/VERSION registry specs, or "
-                                        "base-model folders (default: the config's objectives @champion)."),
+    typer.Option(
+        "--models",
+        "-m",
+        help="Comma-separated NAME[@ALIAS] or NAME/VERSION registry specs, or "
+        "base-model folders (default: the config's objectives @champion).",
+    ),
 ]
-MethodOption = Annotated[str, typer.Option("--method", help="A composition method (`msdda methods` lists them).")]
+MethodOption = Annotated[
+    str, typer.Option("--method", help="A composition method (`msdda methods` lists them).")
+]
 
 
 def _split(text: str | None) -> list[str] | None:
@@ -154,8 +169,12 @@ def compose(
 
     cfg = _load(config)
     result = compose_job(cfg, msdda_home(), weights, _split(models), method, num_images, seed, out)
-    lines = [(f"{result['method']} w={result['weights']}: {result['num_images']} images, "
-              f"{result['nfe']:g} UNet rows per image, {result['seconds']:.1f} s")]
+    lines = [
+        (
+            f"{result['method']} w={result['weights']}: {result['num_images']} images, "
+            f"{result['nfe']:g} UNet rows per image, {result['seconds']:.1f} s"
+        )
+    ]
     lines += [f"  {k}: {v:.4f} +- {result['reward_se'][k]:.4f}" for k, v in result["rewards"].items()]
     lines += [f"images: {result['image_dir']}", f"MLflow run: {result['mlflow_run_id']}"]
     _emit(result, json_output, "\n".join(lines))
@@ -179,8 +198,15 @@ def sweep(
     from training.models import msdda_home
 
     cfg = _load(config)
-    result = sweep_job(cfg, msdda_home(), _split(models), _split(methods), grid, num_images,
-                       progress=sys.stderr.isatty() or not json_output)
+    result = sweep_job(
+        cfg,
+        msdda_home(),
+        _split(models),
+        _split(methods),
+        grid,
+        num_images,
+        progress=sys.stderr.isatty() or not json_output,
+    )
     _emit(result, json_output, sweep_table(result) + f"\nPareto plot: {result['plot']}")
 
 
@@ -189,8 +215,16 @@ def methods(json_output: JsonOption = False) -> None:
     """The registered composition methods (`composition/methods.py`): name, label, kind, what a step does."""
     from composition.methods import METHODS, methods_table
 
-    rows = [{"name": m.name, "label": m.label, "kind": m.kind, "calls_rewards": m.score is not None,
-             "summary": m.summary} for m in METHODS.values()]
+    rows = [
+        {
+            "name": m.name,
+            "label": m.label,
+            "kind": m.kind,
+            "calls_rewards": m.score is not None,
+            "summary": m.summary,
+        }
+        for m in METHODS.values()
+    ]
     _emit(rows, json_output, methods_table())
 
 
@@ -201,8 +235,10 @@ def sweep_table(result: dict) -> str:
 
     objectives = result["objectives"]
     settings = result["settings"]
-    table = Table(title=f"sweep over {settings['grid']} weights, {settings['num_images']} images each"
-                        + (" (cached)" if result.get("cached") else ""))
+    table = Table(
+        title=f"sweep over {settings['grid']} weights, {settings['num_images']} images each"
+        + (" (cached)" if result.get("cached") else "")
+    )
     table.add_column("method")
     table.add_column("hypervolume", justify="right")
     table.add_column("max NFE/image", justify="right")
@@ -210,11 +246,13 @@ def sweep_table(result: dict) -> str:
         table.add_column(f"best {name}", justify="right")
     for method, data in result["methods"].items():
         best = [max(p["rewards"][name] for p in data["points"]) for name in objectives]
-        table.add_row(method, f"{data['hypervolume']:.4g}", f"{data['max_nfe']:g}",
-                      *[f"{b:.4f}" for b in best])
+        table.add_row(
+            method, f"{data['hypervolume']:.4g}", f"{data['max_nfe']:g}", *[f"{b:.4f}" for b in best]
+        )
     reference = result["reference"]["rewards"]
-    table.add_row("reference", "0", f"{result['reference']['nfe']:g}",
-                  *[f"{reference[n]:.4f}" for n in objectives])
+    table.add_row(
+        "reference", "0", f"{result['reference']['nfe']:g}", *[f"{reference[n]:.4f}" for n in objectives]
+    )
     buffer = io.StringIO()
     Console(file=buffer, width=120).print(table)
     return buffer.getvalue().rstrip()
@@ -240,9 +278,16 @@ def models(json_output: JsonOption = False) -> None:
     for column in ("name", "version", "aliases", "objective", "reward", "rise (SE)", "beta", "reference"):
         table.add_column(column)
     for row in rows:
-        table.add_row(row["name"], str(row["version"]), ",".join(row["aliases"]), row["objective"],
-                      f"{row['reward_after']:.4f}", f"{row['rise_in_se']:.1f}", f"{row['beta']:g}",
-                      str(row["reference_hash"])[:12])
+        table.add_row(
+            row["name"],
+            str(row["version"]),
+            ",".join(row["aliases"]),
+            row["objective"],
+            f"{row['reward_after']:.4f}",
+            f"{row['rise_in_se']:.1f}",
+            f"{row['beta']:g}",
+            str(row["reference_hash"])[:12],
+        )
     Console(width=None if sys.stdout.isatty() else 160).print(table)
 
 
@@ -250,8 +295,9 @@ def models(json_output: JsonOption = False) -> None:
 def run(
     config: ConfigOption = None,
     json_output: JsonOption = False,
-    runner: Annotated[str, typer.Option(help="sequential | dask (train the base models in parallel)")]
-    = "sequential",
+    runner: Annotated[
+        str, typer.Option(help="sequential | dask (train the base models in parallel)")
+    ] = "sequential",
 ) -> None:
     """The main job (Prefect flow `msdda-pipeline`): pretrain the reference, train and register a base model
     per objective, sweep every method over the weight grid, print the summary and the Pareto plot's path.
@@ -278,28 +324,39 @@ def run(
     result = pipeline(str(config) if config else None, str(home), runner)
     reference = result["reference"]
     accuracy = reference.get("alignment_accuracy")
-    lines = [f"reference model: {reference['path']}"
-             + (f" (alignment accuracy {accuracy:.3f})" if accuracy is not None else "")]
+    lines = [
+        f"reference model: {reference['path']}"
+        + (f" (alignment accuracy {accuracy:.3f})" if accuracy is not None else "")
+    ]
     for name, m in result["base_models"].items():
         registered = m.get("registered") or {}
-        lines.append(f"base model {name}: reward {m['reward_before']:.4f} -> {m['reward_after']:.4f} "
-                     f"({m['rise_in_se']:+.1f} SE), KL/step {m['kl']:.4f}; "
-                     f"registered {registered.get('name')} v{registered.get('version')}"
-                     + (" @champion" if registered.get("champion") else ""))
-    lines += [sweep_table(result["sweep"]), f"Pareto plot: {result['sweep']['plot']}",
-              f"done in {result['seconds']:.0f} s"]
+        lines.append(
+            f"base model {name}: reward {m['reward_before']:.4f} -> {m['reward_after']:.4f} "
+            f"({m['rise_in_se']:+.1f} SE), KL/step {m['kl']:.4f}; "
+            f"registered {registered.get('name')} v{registered.get('version')}"
+            + (" @champion" if registered.get("champion") else "")
+        )
+    lines += [
+        sweep_table(result["sweep"]),
+        f"Pareto plot: {result['sweep']['plot']}",
+        f"done in {result['seconds']:.0f} s",
+    ]
     _emit(result, json_output, "\n".join(lines))
 
 
 @app.command()
 def deploy(
-    cron: Annotated[str, typer.Option("--cron", help="Training schedule: a cron expression, in UTC.")]
-    = "0 3 * * *",
+    cron: Annotated[
+        str, typer.Option("--cron", help="Training schedule: a cron expression, in UTC.")
+    ] = "0 3 * * *",
     pool: Annotated[
         str | None,
-        typer.Option("--pool", help="Create the deployments on this process work pool (created if absent) "
-                                    "and exit; then run `prefect worker start --pool NAME`. Default: serve "
-                                    "them here."),
+        typer.Option(
+            "--pool",
+            help="Create the deployments on this process work pool (created if absent) "
+            "and exit; then run `prefect worker start --pool NAME`. Default: serve "
+            "them here.",
+        ),
     ] = None,
     config: ConfigOption = None,
     json_output: JsonOption = False,
@@ -315,10 +372,14 @@ def deploy(
     _load(config)  # a bad config fails now, not at the first scheduled run
     if pool is not None:
         rows = deploy_to_pool(pool, cron, config, home)
-        lines = [f"deployed {r['name']} ({r['id']})" + (f", cron '{cron}' UTC" if r["schedules"] else "")
-                 for r in rows]
-        lines += [f"work pool '{pool}': start a worker with `prefect worker start --pool {pool}`",
-                  "compose on demand: prefect deployment run compose/on-demand -p 'weights=[0.5, 0.5]'"]
+        lines = [
+            f"deployed {r['name']} ({r['id']})" + (f", cron '{cron}' UTC" if r["schedules"] else "")
+            for r in rows
+        ]
+        lines += [
+            f"work pool '{pool}': start a worker with `prefect worker start --pool {pool}`",
+            "compose on demand: prefect deployment run compose/on-demand -p 'weights=[0.5, 0.5]'",
+        ]
         _emit({"deployments": rows, "work_pool": pool, "serving": False}, json_output, "\n".join(lines))
         return
 
@@ -327,8 +388,11 @@ def deploy(
             typer.echo(json.dumps({"deployments": rows, "work_pool": None, "serving": True}))
             sys.stdout.flush()
         for row in rows:
-            typer.echo(f"deployment {row['name']} ({row['id']})"
-                       + (f", cron '{cron}' UTC" if row["schedules"] else ""), err=True)
+            typer.echo(
+                f"deployment {row['name']} ({row['id']})"
+                + (f", cron '{cron}' UTC" if row["schedules"] else ""),
+                err=True,
+            )
         typer.echo("serving; Ctrl-C to stop", err=True)
 
     serve_deployments(cron, config, home, on_ready=ready)

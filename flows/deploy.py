@@ -38,8 +38,10 @@ TRAINING_NAME = "scheduled-training"
 COMPOSE_NAME = "on-demand"
 TAGS = ["msdda"]
 SOURCE = Path(__file__).resolve().parents[1]  # the folder holding the ``flows`` package
-ENTRYPOINTS = {"train-base-models": "flows/pipeline.py:train_base_models",
-               "compose": "flows/pipeline.py:compose"}
+ENTRYPOINTS = {
+    "train-base-models": "flows/pipeline.py:train_base_models",
+    "compose": "flows/pipeline.py:compose",
+}
 
 
 class DeploymentError(MsddaError, ValueError):
@@ -56,9 +58,11 @@ def api_url() -> str:
 
     url = PREFECT_API_URL.value()
     if not url:
-        raise DeploymentError("deployments need a Prefect server: run `prefect server start` and set "
-                              "PREFECT_API_URL=http://127.0.0.1:4200/api "
-                              "(ephemeral mode cannot hold deployments)")
+        raise DeploymentError(
+            "deployments need a Prefect server: run `prefect server start` and set "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api "
+            "(ephemeral mode cannot hold deployments)"
+        )
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
@@ -86,8 +90,10 @@ def check_cron(cron: str) -> str:
 def _parameters(config_path: str | Path | None, home: str | Path | None) -> dict[str, Any]:
     from training.models import msdda_home
 
-    return {"config_path": str(Path(config_path).expanduser().resolve()) if config_path else None,
-            "home": str(Path(home or msdda_home()).expanduser().resolve())}
+    return {
+        "config_path": str(Path(config_path).expanduser().resolve()) if config_path else None,
+        "home": str(Path(home or msdda_home()).expanduser().resolve()),
+    }
 
 
 def _flow(name: str, from_source: bool):
@@ -101,40 +107,61 @@ def _flow(name: str, from_source: bool):
     return {"train-base-models": pipeline.train_base_models, "compose": pipeline.compose}[name]
 
 
-def training_deployment(cron: str = DEFAULT_CRON, config_path: str | Path | None = None,
-                        home: str | Path | None = None, from_source: bool = False) -> RunnerDeployment:
+def training_deployment(
+    cron: str = DEFAULT_CRON,
+    config_path: str | Path | None = None,
+    home: str | Path | None = None,
+    from_source: bool = False,
+) -> RunnerDeployment:
     """``train-base-models/scheduled-training``: every objective of the config, on ``cron`` (UTC)."""
     from prefect.deployments.runner import EntrypointType
     from prefect.schedules import Cron
 
     extra = {} if from_source else {"entrypoint_type": EntrypointType.MODULE_PATH}
     return _flow("train-base-models", from_source).to_deployment(
-        TRAINING_NAME, schedule=Cron(check_cron(cron), timezone="UTC"), paused=False,
-        parameters=_parameters(config_path, home), tags=TAGS,
+        TRAINING_NAME,
+        schedule=Cron(check_cron(cron), timezone="UTC"),
+        paused=False,
+        parameters=_parameters(config_path, home),
+        tags=TAGS,
         description="Retrain and register a base model per objective (the champion alias moves when the "
-                    "reward rose by more than 3 standard errors).", **extra)
+        "reward rose by more than 3 standard errors).",
+        **extra,
+    )
 
 
-def compose_deployment(config_path: str | Path | None = None, home: str | Path | None = None,
-                       from_source: bool = False) -> RunnerDeployment:
+def compose_deployment(
+    config_path: str | Path | None = None, home: str | Path | None = None, from_source: bool = False
+) -> RunnerDeployment:
     """``compose/on-demand``: no schedule; each run takes ``weights`` (and optionally models, method, ...)."""
     from prefect.deployments.runner import EntrypointType
 
     extra = {} if from_source else {"entrypoint_type": EntrypointType.MODULE_PATH}
     return _flow("compose", from_source).to_deployment(
-        COMPOSE_NAME, paused=False, parameters=_parameters(config_path, home), tags=TAGS,
-        description="Compose the registered champions (or the given models) for one weight vector.", **extra)
+        COMPOSE_NAME,
+        paused=False,
+        parameters=_parameters(config_path, home),
+        tags=TAGS,
+        description="Compose the registered champions (or the given models) for one weight vector.",
+        **extra,
+    )
 
 
 def _describe(deployment: RunnerDeployment, deployment_id) -> dict[str, Any]:
-    return {"name": f"{deployment.flow_name}/{deployment.name}", "id": str(deployment_id),
-            "schedules": [getattr(s.schedule, "cron", None) for s in deployment.schedules or []],
-            "parameters": deployment.parameters}
+    return {
+        "name": f"{deployment.flow_name}/{deployment.name}",
+        "id": str(deployment_id),
+        "schedules": [getattr(s.schedule, "cron", None) for s in deployment.schedules or []],
+        "parameters": deployment.parameters,
+    }
 
 
-def serve_deployments(cron: str = DEFAULT_CRON, config_path: str | Path | None = None,
-                      home: str | Path | None = None,
-                      on_ready: Callable[[list[dict[str, Any]]], None] | None = None) -> None:
+def serve_deployments(
+    cron: str = DEFAULT_CRON,
+    config_path: str | Path | None = None,
+    home: str | Path | None = None,
+    on_ready: Callable[[list[dict[str, Any]]], None] | None = None,
+) -> None:
     """Register both deployments and execute their runs until interrupted (blocking; ``prefect.serve`` with
     the deployment ids reported to ``on_ready`` once they are registered). Schedules are paused on
     shutdown."""
@@ -155,8 +182,9 @@ def serve_deployments(cron: str = DEFAULT_CRON, config_path: str | Path | None =
         pass
 
 
-def deploy_to_pool(pool: str, cron: str = DEFAULT_CRON, config_path: str | Path | None = None,
-                   home: str | Path | None = None) -> list[dict[str, Any]]:
+def deploy_to_pool(
+    pool: str, cron: str = DEFAULT_CRON, config_path: str | Path | None = None, home: str | Path | None = None
+) -> list[dict[str, Any]]:
     """Register both deployments on the process work pool ``pool`` (created if absent) and return at once;
     their code is pulled from :data:`SOURCE` by ``prefect worker start --pool POOL`` on this machine."""
     from prefect.client.orchestration import get_client
@@ -173,15 +201,23 @@ def deploy_to_pool(pool: str, cron: str = DEFAULT_CRON, config_path: str | Path 
             work_pool = client.read_work_pool(pool)
         except ObjectNotFound:
             try:
-                work_pool = client.create_work_pool(WorkPoolCreate(
-                    name=pool, type=ProcessWorker.type,
-                    base_job_template=ProcessWorker.get_default_base_job_template()))
+                work_pool = client.create_work_pool(
+                    WorkPoolCreate(
+                        name=pool,
+                        type=ProcessWorker.type,
+                        base_job_template=ProcessWorker.get_default_base_job_template(),
+                    )
+                )
             except ObjectAlreadyExists:  # created concurrently
                 work_pool = client.read_work_pool(pool)
     if work_pool.type != ProcessWorker.type:
-        raise DeploymentError(f"work pool '{pool}' is of type '{work_pool.type}'; use a process work pool "
-                              f"(`prefect work-pool create {pool} --type process`) "
-                              "or `msdda deploy` without --pool")
-    deployments = [training_deployment(cron, config_path, home, from_source=True),
-                   compose_deployment(config_path, home, from_source=True)]
+        raise DeploymentError(
+            f"work pool '{pool}' is of type '{work_pool.type}'; use a process work pool "
+            f"(`prefect work-pool create {pool} --type process`) "
+            "or `msdda deploy` without --pool"
+        )
+    deployments = [
+        training_deployment(cron, config_path, home, from_source=True),
+        compose_deployment(config_path, home, from_source=True),
+    ]
     return [{**_describe(d, d.apply(work_pool_name=pool)), "work_pool": pool} for d in deployments]

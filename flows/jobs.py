@@ -28,8 +28,14 @@ def _reachable(home: Path) -> None:
 # ------------------------------------------------------------------------------------------------- training
 
 
-def train_job(config: PipelineConfig, home: Path, objective: str, register: bool = True, mlflow: bool = True,
-              progress: bool = True) -> dict:
+def train_job(
+    config: PipelineConfig,
+    home: Path,
+    objective: str,
+    register: bool = True,
+    mlflow: bool = True,
+    progress: bool = True,
+) -> dict:
     """Train (or reuse) the base model for ``objective``, log the run to MLflow and register the model version
     (the ``champion`` alias moves to it when its reward rose by more than 3 standard errors)."""
     from contextlib import nullcontext
@@ -44,15 +50,21 @@ def train_job(config: PipelineConfig, home: Path, objective: str, register: bool
     load_reward(spec.name, config, home, spec.options)  # one-line error before any heavy work
     if mlflow or register:
         _reachable(home)
-    params = {"objective": objective, "beta": spec.beta or config.train.beta, "method": config.train.method,
-              "iterations": config.train.iterations}
+    params = {
+        "objective": objective,
+        "beta": spec.beta or config.train.beta,
+        "method": config.train.method,
+        "iterations": config.train.iterations,
+    }
     context = mlflow_run(home, f"train-{objective}", params=params) if mlflow else nullcontext((None, None))
     registered = None
     with context as (run, log_iteration):
         result = train_base_model(config, objective, home, progress=progress, log_metrics=log_iteration)
         run_id = run.info.run_id if run is not None else None
         if run is not None:
-            mlflow_lib.log_metrics({f"eval_{k}": v for k, v in result.as_dict().items() if isinstance(v, float)})
+            mlflow_lib.log_metrics(
+                {f"eval_{k}": v for k, v in result.as_dict().items() if isinstance(v, float)}
+            )
         if register:
             from flows.registry import register_base_model
 
@@ -101,9 +113,17 @@ def describe_models(models: list[ResolvedModel]) -> list[dict]:
 # ------------------------------------------------------------------------------------------------- compose
 
 
-def compose_job(config: PipelineConfig, home: Path, weights, specs: list[str] | None = None, method: str = "msdda",
-                num_images: int | None = None, seed: int | None = None, out_dir: Path | None = None,
-                mlflow: bool = True) -> dict:
+def compose_job(
+    config: PipelineConfig,
+    home: Path,
+    weights,
+    specs: list[str] | None = None,
+    method: str = "msdda",
+    num_images: int | None = None,
+    seed: int | None = None,
+    out_dir: Path | None = None,
+    mlflow: bool = True,
+) -> dict:
     """Sample images for one weight vector with ``method``; save them (PNG + manifest) and log an MLflow run
     with the weights, models and versions, the rewards, the NFE and an image grid."""
     from composition.engine import (
@@ -127,14 +147,26 @@ def compose_job(config: PipelineConfig, home: Path, weights, specs: list[str] | 
     resolved = resolve_models(config, home, specs)
     ensemble = load_ensemble(config, home, [m.path for m in resolved])
     generated = generate(ensemble, method, weight_list, options, num_images=num_images, seed=seed)
-    stats = {k: mean_and_se(v) for k, v in score_images(ensemble, generated.images, generated.prompts).items()}
+    stats = {
+        k: mean_and_se(v) for k, v in score_images(ensemble, generated.images, generated.prompts).items()
+    }
     models = describe_models(resolved)
     tag = "_".join(f"{w:g}" for w in weight_list)
-    out_dir = Path(out_dir) if out_dir else home / "compositions" / f"{method}-w{tag}-seed{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out_dir = (
+        Path(out_dir)
+        if out_dir
+        else home / "compositions" / f"{method}-w{tag}-seed{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
     payload = {
-        "method": method, "weights": weight_list, "objectives": ensemble.objectives, "models": models,
-        "rewards": {k: v[0] for k, v in stats.items()}, "reward_se": {k: v[1] for k, v in stats.items()},
-        "nfe": generated.nfe_per_image, "num_images": num_images, "seed": seed,
+        "method": method,
+        "weights": weight_list,
+        "objectives": ensemble.objectives,
+        "models": models,
+        "rewards": {k: v[0] for k, v in stats.items()},
+        "reward_se": {k: v[1] for k, v in stats.items()},
+        "nfe": generated.nfe_per_image,
+        "num_images": num_images,
+        "seed": seed,
         "seconds": round(generated.seconds, 3),
     }
     save_images(generated.images, generated.prompts, out_dir, payload)
@@ -150,11 +182,20 @@ def _log_compose(home: Path, payload: dict, out_dir: Path) -> str:
 
     from flows.tracking import mlflow_run
 
-    params = {"method": payload["method"], "weights": ",".join(f"{w:g}" for w in payload["weights"]),
-              "models": ",".join(f"{m.get('name', m['objective'])}" + (f"/{m['version']}" if "version" in m else "")
-                                 for m in payload["models"]),
-              "num_images": payload["num_images"], "seed": payload["seed"]}
-    with mlflow_run(home, f"compose-{payload['method']}", params=params, tags={"msdda.job": "compose"}) as (run, _):
+    params = {
+        "method": payload["method"],
+        "weights": ",".join(f"{w:g}" for w in payload["weights"]),
+        "models": ",".join(
+            f"{m.get('name', m['objective'])}" + (f"/{m['version']}" if "version" in m else "")
+            for m in payload["models"]
+        ),
+        "num_images": payload["num_images"],
+        "seed": payload["seed"],
+    }
+    with mlflow_run(home, f"compose-{payload['method']}", params=params, tags={"msdda.job": "compose"}) as (
+        run,
+        _,
+    ):
         metrics = {f"reward_{k}": v for k, v in payload["rewards"].items()}
         metrics.update({f"reward_se_{k}": v for k, v in payload["reward_se"].items()})
         mlflow.log_metrics({**metrics, "nfe": payload["nfe"], "seconds": payload["seconds"]})
@@ -165,19 +206,33 @@ def _log_compose(home: Path, payload: dict, out_dir: Path) -> str:
 # --------------------------------------------------------------------------------------------------- sweep
 
 
-def sweep_key(config: PipelineConfig, folders: list[Path], methods: list[str], grid: int, num_images: int) -> str:
+def sweep_key(
+    config: PipelineConfig, folders: list[Path], methods: list[str], grid: int, num_images: int
+) -> str:
     """Cache key of a sweep: the base models' content and every setting that changes its numbers."""
     from training.models import content_hash
 
-    payload = {"models": [content_hash(f) for f in folders], "methods": methods, "grid": grid,
-               "num_images": num_images, "composition": config.composition.model_dump(mode="json"),
-               "sampling": config.sampling.model_dump(mode="json")}
+    payload = {
+        "models": [content_hash(f) for f in folders],
+        "methods": methods,
+        "grid": grid,
+        "num_images": num_images,
+        "composition": config.composition.model_dump(mode="json"),
+        "sampling": config.sampling.model_dump(mode="json"),
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def sweep_job(config: PipelineConfig, home: Path, specs: list[str] | None = None, methods: list[str] | None = None,
-              grid: int | None = None, num_images: int | None = None, mlflow: bool = True,
-              progress: bool = True) -> dict:
+def sweep_job(
+    config: PipelineConfig,
+    home: Path,
+    specs: list[str] | None = None,
+    methods: list[str] | None = None,
+    grid: int | None = None,
+    num_images: int | None = None,
+    mlflow: bool = True,
+    progress: bool = True,
+) -> dict:
     """Every method over the weight grid (cached under ``$MSDDA_HOME/sweeps/<key>``): ``sweep.json``, the
     Pareto plot of all methods ``pareto.png``, one per method (``fronts/<method>.png``) and an image grid per
     method and weight (``grids/<method>/w<weights>.png``), all logged to one MLflow run."""
@@ -200,11 +255,14 @@ def sweep_job(config: PipelineConfig, home: Path, specs: list[str] | None = None
     if not cached:
         ensemble = load_ensemble(config, home, folders, progress=progress)
         with staged_directory(final, prefix=".sweep-") as tmp:
+
             def save_grid(method: str, weights: list[float], sampled: dict) -> None:
                 name = "w" + "_".join(f"{w:g}" for w in weights)
                 image_grid(sampled["images"], tmp / "grids" / method / f"{name}.png")
 
-            result = sweep(ensemble, options, methods, grid, num_images, on_point=save_grid, progress=progress)
+            result = sweep(
+                ensemble, options, methods, grid, num_images, on_point=save_grid, progress=progress
+            )
             result["models"] = describe_models(resolved)
             (tmp / "sweep.json").write_text(json.dumps(result, indent=1))
             plot_fronts(result, tmp / "pareto.png")
@@ -222,8 +280,11 @@ def _log_sweep(home: Path, result: dict, folder: Path) -> str:
 
     from flows.tracking import mlflow_run
 
-    params = {"methods": ",".join(result["methods"]), "objectives": ",".join(result["objectives"]),
-              **{k: v for k, v in result["settings"].items() if k != "seconds"}}
+    params = {
+        "methods": ",".join(result["methods"]),
+        "objectives": ",".join(result["objectives"]),
+        **{k: v for k, v in result["settings"].items() if k != "seconds"},
+    }
     with mlflow_run(home, "sweep", params=params, tags={"msdda.job": "sweep"}) as (run, _):
         mlflow.log_metrics({f"hypervolume_{m}": v["hypervolume"] for m, v in result["methods"].items()})
         mlflow.log_artifacts(str(folder))

@@ -51,8 +51,12 @@ def _publish(key: str, table: list[dict], description: str, link: str | None = N
         return
     create_table_artifact(table=table, key=key, description=description)
     if link:
-        create_link_artifact(link=Path(link).resolve().as_uri(), link_text=Path(link).name, key=f"{key}-plot",
-                             description=description)
+        create_link_artifact(
+            link=Path(link).resolve().as_uri(),
+            link_text=Path(link).name,
+            key=f"{key}-plot",
+            description=description,
+        )
 
 
 # ----------------------------------------------------------------------------------------------------- tasks
@@ -79,15 +83,20 @@ def _transient_one(exc: BaseException) -> bool:
         return True
     if isinstance(exc, urllib.error.URLError):  # no route, DNS failure...; an HTTP error only if server-side
         return not isinstance(exc, urllib.error.HTTPError) or exc.code == 429 or exc.code >= 500
-    locked = (sqlite3.OperationalError, *_loaded_classes("sqlalchemy.exc", "OperationalError"),
-              *_loaded_classes("mlflow.exceptions", "MlflowException"))
+    locked = (
+        sqlite3.OperationalError,
+        *_loaded_classes("sqlalchemy.exc", "OperationalError"),
+        *_loaded_classes("mlflow.exceptions", "MlflowException"),
+    )
     if isinstance(exc, locked):
         return any(text in str(exc) for text in SQLITE_LOCKED)
-    connection = (*_loaded_classes("requests.exceptions", "ConnectionError", "Timeout"),
-                  *_loaded_classes("httpx", "TransportError"),
-                  # a Dask worker died (KilledWorker) or its connection closed under a task (CommClosedError)
-                  *_loaded_classes("distributed", "KilledWorker"),
-                  *_loaded_classes("distributed.comm.core", "CommClosedError"))
+    connection = (
+        *_loaded_classes("requests.exceptions", "ConnectionError", "Timeout"),
+        *_loaded_classes("httpx", "TransportError"),
+        # a Dask worker died (KilledWorker) or its connection closed under a task (CommClosedError)
+        *_loaded_classes("distributed", "KilledWorker"),
+        *_loaded_classes("distributed.comm.core", "CommClosedError"),
+    )
     return isinstance(exc, connection)
 
 
@@ -134,8 +143,9 @@ def pretrain_task(config_path: str | None = None, home: str | None = None) -> di
 
 
 @task(retries=1, retry_delay_seconds=10, retry_condition_fn=_transient, name="train")
-def train_task(objective: str, config_path: str | None = None, home: str | None = None,
-               torch_threads: int = 0) -> dict:
+def train_task(
+    objective: str, config_path: str | None = None, home: str | None = None, torch_threads: int = 0
+) -> dict:
     from flows.jobs import train_job
 
     if torch_threads:
@@ -164,17 +174,26 @@ def train_base_model(objective: str, config_path: str | None = None, home: str |
 
 
 def _publish_training(results: list[dict]) -> None:
-    rows = [{"objective": r["objective"], "reward before": round(r["reward_before"], 4),
-             "reward after": round(r["reward_after"], 4), "rise (SE)": round(r["rise_in_se"], 1),
-             "KL/step": round(r["kl"], 4), "seconds": round(r["seconds"], 1),
-             "version": (r.get("registered") or {}).get("version"),
-             "champion": (r.get("registered") or {}).get("champion")} for r in results]
+    rows = [
+        {
+            "objective": r["objective"],
+            "reward before": round(r["reward_before"], 4),
+            "reward after": round(r["reward_after"], 4),
+            "rise (SE)": round(r["rise_in_se"], 1),
+            "KL/step": round(r["kl"], 4),
+            "seconds": round(r["seconds"], 1),
+            "version": (r.get("registered") or {}).get("version"),
+            "champion": (r.get("registered") or {}).get("champion"),
+        }
+        for r in results
+    ]
     _publish("base-models", rows, "Base models trained and registered")
 
 
 @flow(name="fan-out-training")
-def _fan_out(objectives: list[str], config_path: str | None, home: str | None,
-             torch_threads: int) -> list[dict]:
+def _fan_out(
+    objectives: list[str], config_path: str | None, home: str | None, torch_threads: int
+) -> list[dict]:
     futures = [train_task.submit(objective, config_path, home, torch_threads) for objective in objectives]
     return [future.result() for future in futures]
 
@@ -197,9 +216,18 @@ def train_base_models(
     else:
         from prefect_dask import DaskTaskRunner
 
-        task_runner = (DaskTaskRunner(address=dask_address) if dask_address else
-                       DaskTaskRunner(cluster_kwargs={"n_workers": dask_workers, "threads_per_worker": 1,
-                                                      "processes": True, "dashboard_address": None}))
+        task_runner = (
+            DaskTaskRunner(address=dask_address)
+            if dask_address
+            else DaskTaskRunner(
+                cluster_kwargs={
+                    "n_workers": dask_workers,
+                    "threads_per_worker": 1,
+                    "processes": True,
+                    "dashboard_address": None,
+                }
+            )
+        )
         results = _fan_out.with_options(task_runner=task_runner)(objectives, config_path, str(root), 1)
     _publish_training(results)
     return {r["objective"]: r for r in results}
@@ -221,10 +249,16 @@ def compose(
 
     config, root = _context(config_path, home)
     result = compose_job(config, root, weights, models, method, num_images, seed)
-    rows = [{"objective": k, "mean reward": round(v, 4), "SE": round(result["reward_se"][k], 4)}
-            for k, v in result["rewards"].items()]
-    _publish("composition", rows, f"{method} at w={weights}, {result['nfe']:g} NFE/image",
-             link=str(Path(result["image_dir"]) / "grid.png"))
+    rows = [
+        {"objective": k, "mean reward": round(v, 4), "SE": round(result["reward_se"][k], 4)}
+        for k, v in result["rewards"].items()
+    ]
+    _publish(
+        "composition",
+        rows,
+        f"{method} at w={weights}, {result['nfe']:g} NFE/image",
+        link=str(Path(result["image_dir"]) / "grid.png"),
+    )
     return result
 
 
@@ -242,9 +276,15 @@ def sweep(
 
     config, root = _context(config_path, home)
     result = sweep_job(config, root, models, methods, grid, num_images)
-    _publish("sweep", [{"method": m, "hypervolume": round(v["hypervolume"], 5), "max NFE/image": v["max_nfe"]}
-                       for m, v in result["methods"].items()],
-             "Hypervolume per method (reference point: the reference model)", link=result["plot"])
+    _publish(
+        "sweep",
+        [
+            {"method": m, "hypervolume": round(v["hypervolume"], 5), "max NFE/image": v["max_nfe"]}
+            for m, v in result["methods"].items()
+        ],
+        "Hypervolume per method (reference point: the reference model)",
+        link=result["plot"],
+    )
     return result
 
 
@@ -258,5 +298,9 @@ def pipeline(config_path: str | None = None, home: str | None = None, runner: Ru
     models = train_base_models(None, runner, config_path, home)
     registered = [f"{r['registered']['name']}/{r['registered']['version']}" for r in models.values()]
     result = sweep(None, None, None, registered, config_path, home)
-    return {"reference": reference, "base_models": models, "sweep": result,
-            "seconds": round(time.perf_counter() - start, 1)}
+    return {
+        "reference": reference,
+        "base_models": models,
+        "sweep": result,
+        "seconds": round(time.perf_counter() - start, 1),
+    }

@@ -144,7 +144,9 @@ def _client(home: Path) -> _Client:
     """A retrying client, with the store created (schema migrations run) under the writer lock."""
     check_reachable(home)
     with store_lock(home), _registry_errors("opening the MLflow store"):
-        client = _Client(home)  # MlflowClient creates the store, and migrates a new SQLite database, right here
+        client = _Client(
+            home
+        )  # MlflowClient creates the store, and migrates a new SQLite database, right here
         client.search_experiments(max_results=1)
         client.search_registered_models(max_results=1)
     return client
@@ -165,8 +167,12 @@ def _git_sha() -> str:
     """HEAD of the repository this code runs from, or ``"unknown"``."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[1],
-            capture_output=True, text=True, timeout=5, check=True,
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parents[1],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
         )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
@@ -219,7 +225,8 @@ def _ensure_registered_model(client: _Client, name: str, objective: str) -> None
             raise
     try:
         client.create_registered_model(
-            name, tags={"objective": objective},
+            name,
+            tags={"objective": objective},
             description=f"msdda base models (LoRA + variance safetensors) for the objective {objective!r}",
         )
     except MlflowException as exc:
@@ -228,7 +235,9 @@ def _ensure_registered_model(client: _Client, name: str, objective: str) -> None
 
 
 def _versions(client: _Client, name: str) -> list:
-    return sorted(_paged(client.search_model_versions, filter_string=f"name='{name}'"), key=lambda v: int(v.version))
+    return sorted(
+        _paged(client.search_model_versions, filter_string=f"name='{name}'"), key=lambda v: int(v.version)
+    )
 
 
 def _existing_version(client: _Client, name: str, content_hash: str):
@@ -239,14 +248,24 @@ def _existing_version(client: _Client, name: str, content_hash: str):
     return None
 
 
-def _log_files(client: _Client, home: Path, model_dir: Path, objective: str, run_id: str | None,
-               card: BaseModelCard, content_hash: str) -> tuple[str, str]:
+def _log_files(
+    client: _Client,
+    home: Path,
+    model_dir: Path,
+    objective: str,
+    run_id: str | None,
+    card: BaseModelCard,
+    content_hash: str,
+) -> tuple[str, str]:
     """Log the folder's files to ``run_id`` (a new run if ``None``); returns ``(run_id, artifact_uri)``."""
     artifact_path = ARTIFACT_PATH
     if run_id is None:
         experiment_id = ensure_experiment(client, home)
-        run = client.create_run(experiment_id, run_name=f"register-{objective}",
-                                tags={"msdda.kind": "register", "msdda.objective": objective})
+        run = client.create_run(
+            experiment_id,
+            run_name=f"register-{objective}",
+            tags={"msdda.kind": "register", "msdda.objective": objective},
+        )
         run_id = run.info.run_id
         client.log_batch(run_id, metrics=_run_metrics(card))
     else:
@@ -286,8 +305,13 @@ def _version_dict(version) -> dict:
     }
 
 
-def register_base_model(home: Path, model_dir: Path, run_id: str | None = None, champion: bool | None = None,
-                        min_rise_se: float = 3.0) -> dict:
+def register_base_model(
+    home: Path,
+    model_dir: Path,
+    run_id: str | None = None,
+    champion: bool | None = None,
+    min_rise_se: float = 3.0,
+) -> dict:
     """Register the base model in ``model_dir`` as a new version of ``msdda-<objective>``.
 
     Its files are logged as artifacts (under ``base_model``) of run ``run_id``, or of a new run in the ``msdda``
@@ -312,7 +336,9 @@ def register_base_model(home: Path, model_dir: Path, run_id: str | None = None, 
         if created:
             new_run = run_id is None
             run_id, source = _log_files(client, home, model_dir, objective, run_id, card, digest)
-            version = client.create_model_version(name, source, run_id=run_id, tags=lineage_tags(card, digest))
+            version = client.create_model_version(
+                name, source, run_id=run_id, tags=lineage_tags(card, digest)
+            )
             if new_run:
                 client.set_terminated(run_id)
             make_champion = _is_champion(card, champion, min_rise_se)
@@ -384,20 +410,27 @@ def _model_version(client: _Client, spec: str):
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
-        known = [m.name for m in _paged(client.search_registered_models,
-                                        filter_string=f"name LIKE '{MODEL_PREFIX}%'")]
-        raise RegistryError(f"unknown model {name!r}; registered: {', '.join(sorted(known)) or 'none'}") from None
+        known = [
+            m.name
+            for m in _paged(client.search_registered_models, filter_string=f"name LIKE '{MODEL_PREFIX}%'")
+        ]
+        raise RegistryError(
+            f"unknown model {name!r}; registered: {', '.join(sorted(known)) or 'none'}"
+        ) from None
     versions = [int(v.version) for v in _versions(client, name)]
     if alias is not None:
         aliases = getattr(model, "aliases", None) or {}
         if alias not in aliases:
             listed = ", ".join(f"{a} (v{v})" for a, v in sorted(aliases.items())) or "none"
-            raise RegistryError(f"model {name!r} has no alias {alias!r}; aliases: {listed}; "
-                                f"versions: {', '.join(map(str, versions)) or 'none'}")
+            raise RegistryError(
+                f"model {name!r} has no alias {alias!r}; aliases: {listed}; "
+                f"versions: {', '.join(map(str, versions)) or 'none'}"
+            )
         number = int(aliases[alias])
     if number not in versions:
-        raise RegistryError(f"model {name!r} has no version {number}; versions: "
-                            f"{', '.join(map(str, versions)) or 'none'}")
+        raise RegistryError(
+            f"model {name!r} has no version {number}; versions: {', '.join(map(str, versions)) or 'none'}"
+        )
     return client.get_model_version(name, str(number))
 
 
@@ -438,15 +471,22 @@ def _download(home: Path, version, target: Path) -> None:
         with _registry_errors(f"downloading {version.name} v{version.version}"):
             uri = tracking_uri(home)
             local = mlflow.artifacts.download_artifacts(
-                artifact_uri=version.source, dst_path=tmp, tracking_uri=uri, registry_uri=uri,
+                artifact_uri=version.source,
+                dst_path=tmp,
+                tracking_uri=uri,
+                registry_uri=uri,
             )
         folder = _base_model_folder(Path(local))
         if folder is None:
-            raise RegistryError(f"model {version.name} v{version.version} is corrupt: no {CARD_FILE} "
-                                f"in its artifacts at {version.source}")
+            raise RegistryError(
+                f"model {version.name} v{version.version} is corrupt: no {CARD_FILE} "
+                f"in its artifacts at {version.source}"
+            )
         if not _intact(folder, version.tags.get("content_hash", "")):
-            raise RegistryError(f"model {version.name} v{version.version} is corrupt: its artifacts at "
-                                f"{version.source} do not match the registered content hash")
+            raise RegistryError(
+                f"model {version.name} v{version.version} is corrupt: its artifacts at "
+                f"{version.source} do not match the registered content hash"
+            )
         _discard(target)  # a stale or corrupt copy
         try:
             os.rename(folder, target)

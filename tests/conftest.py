@@ -29,8 +29,14 @@ TINY_CONFIG = {
         "eval_samples": 20,
     },
     "sampling": {"num_inference_steps": 4},
-    "train": {"iterations": 2, "batch_size": 4, "states_per_trajectory": 2, "num_actions": 2,
-              "eval_samples": 8, "checkpoint_every": 1},
+    "train": {
+        "iterations": 2,
+        "batch_size": 4,
+        "states_per_trajectory": 2,
+        "num_actions": 2,
+        "eval_samples": 8,
+        "checkpoint_every": 1,
+    },
     "composition": {"num_images": 8, "grid": 3, "code_block": 2},
     "objectives": ["digit_alignment", {"name": "ink_economy"}],
 }
@@ -122,12 +128,22 @@ def tiny_base_models(tiny_config, tiny_home, tiny_reference):
         lora = {k: 0.2 * torch.randn(s, generator=g) for k, s in keys.items()}
         log_variance = torch.full((tiny_config.sampling.num_inference_steps, 1), 0.3 * (i - 0.5))
         card = BaseModelCard(
-            objective=objective, reward=RewardSpec(name=objective), beta=0.01, trainer="target_matching",
-            lora=LoraSpec(rank=4, targets=LORA_TARGETS), learn_variance="step",
-            reference_hash=content_hash(tiny_reference.path), scheduler=scheduler,
+            objective=objective,
+            reward=RewardSpec(name=objective),
+            beta=0.01,
+            trainer="target_matching",
+            lora=LoraSpec(rank=4, targets=LORA_TARGETS),
+            learn_variance="step",
+            reference_hash=content_hash(tiny_reference.path),
+            scheduler=scheduler,
             sampling=tiny_config.sampling.model_dump(mode="json"),
-            metrics={"reward_before": -1.0, "reward_after": -0.5 - i, "reward_se": 0.1, "rise_in_se": 5.0,
-                     "kl": 0.01},
+            metrics={
+                "reward_before": -1.0,
+                "reward_after": -0.5 - i,
+                "reward_se": 0.1,
+                "rise_in_se": 5.0,
+                "kl": 0.01,
+            },
         )
         folders.append(save_base_model(tiny_home / "fake_base_models" / objective, card, lora, log_variance))
     return folders

@@ -9,8 +9,15 @@ from training.base_model import evaluation_problem, train_base_model
 from training.card import CARD_FILE, LORA_FILE, LORA_TARGETS, VARIANCE_FILE, BaseModelCard, load_base_model
 from training.models import content_hash
 
-TINY_TRAIN = {"iterations": 2, "batch_size": 4, "states_per_trajectory": 2, "num_actions": 2,
-              "eval_samples": 8, "checkpoint_every": 1, "learning_rate": 0.01}
+TINY_TRAIN = {
+    "iterations": 2,
+    "batch_size": 4,
+    "states_per_trajectory": 2,
+    "num_actions": 2,
+    "eval_samples": 8,
+    "checkpoint_every": 1,
+    "learning_rate": 0.01,
+}
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,9 @@ def test_mixed_batch_equals_separate_forwards(unet_with_two_adapters):
 
     names = routing(["alpha", "beta", REFERENCE], 3)
     with mixed_adapter_batch(unet, names):
-        batched = unet(x.repeat(3, 1, 1, 1), t.repeat(3), encoder_hidden_states=context.repeat(3, 1, 1)).sample
+        batched = unet(
+            x.repeat(3, 1, 1, 1), t.repeat(3), encoder_hidden_states=context.repeat(3, 1, 1)
+        ).sample
     for i, expected in enumerate(separate):
         torch.testing.assert_close(batched[3 * i : 3 * (i + 1)], expected, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(separate[0], separate[1]), "the adapters really differ"
@@ -35,5 +37,8 @@ def test_mixed_batch_equals_separate_forwards(unet_with_two_adapters):
 def test_routing_must_divide_the_batch(unet_with_two_adapters):
     unet = unet_with_two_adapters
     with mixed_adapter_batch(unet, ["alpha", "beta"]), pytest.raises(ValueError, match="does not split"):
-        unet(torch.zeros(3, 4, 8, 8), torch.full((3,), 10),
-             encoder_hidden_states=torch.zeros(3, 16, unet.config.cross_attention_dim))
+        unet(
+            torch.zeros(3, 4, 8, 8),
+            torch.full((3,), 10),
+            encoder_hidden_states=torch.zeros(3, 16, unet.config.cross_attention_dim),
+        )

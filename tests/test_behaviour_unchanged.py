@@ -14,15 +14,25 @@ import torch
 from safetensors.torch import load_file
 
 DATA = Path(__file__).parent / "data"
-CASES = [("msdda", [0.3, 0.7]), ("msdda", [0.6, 0.6]), ("msdda", [1.2, -0.2]), ("db", [0.3, 0.7]),
-         ("db", [0.6, 0.6]), ("rs", [0.3, 0.7]), ("code", [0.3, 0.7]), ("rgg", [0.3, 0.7])]
+CASES = [
+    ("msdda", [0.3, 0.7]),
+    ("msdda", [0.6, 0.6]),
+    ("msdda", [1.2, -0.2]),
+    ("db", [0.3, 0.7]),
+    ("db", [0.6, 0.6]),
+    ("rs", [0.3, 0.7]),
+    ("code", [0.3, 0.7]),
+    ("rgg", [0.3, 0.7]),
+]
 # The restructured kernels sample with sqrt(sigma^2) where the old loops used sigma: equal up to rounding.
 TOLERANCE = {"atol": 1e-5, "rtol": 1e-5}
 
 
 @pytest.fixture(scope="module")
 def golden():
-    return load_file(DATA / "golden_behaviour.safetensors"), json.loads((DATA / "golden_behaviour.json").read_text())
+    return load_file(DATA / "golden_behaviour.safetensors"), json.loads(
+        (DATA / "golden_behaviour.json").read_text()
+    )
 
 
 @pytest.mark.parametrize(("method", "weights"), CASES, ids=[f"{m}-{w}" for m, w in CASES])
@@ -36,7 +46,9 @@ def test_composition_unchanged(golden, tiny_config, tiny_home, tiny_base_models,
     torch.testing.assert_close(generated.images, tensors[f"compose.{key}"], **TOLERANCE)
     assert generated.nfe_per_image == scalars[f"compose.{key}"]["nfe"]
     for name, values in score_images(ensemble, generated.images, generated.prompts).items():
-        torch.testing.assert_close(values, torch.tensor(scalars[f"compose.{key}"]["rewards"][name]), **TOLERANCE)
+        torch.testing.assert_close(
+            values, torch.tensor(scalars[f"compose.{key}"]["rewards"][name]), **TOLERANCE
+        )
 
 
 def test_base_model_training_unchanged(golden, tiny_config, tiny_home, tiny_reference):
@@ -62,8 +74,15 @@ def test_toy_training_unchanged(golden):
     tensors, scalars = golden
     torch.manual_seed(0)
     toy = ToyProblem(num_inference_steps=5)
-    config = TrainConfig(iterations=6, batch_size=16, states_per_trajectory=2, num_actions=8, learning_rate=1e-2,
-                         checkpoint_every=0, beta=1.0)
+    config = TrainConfig(
+        iterations=6,
+        batch_size=16,
+        states_per_trajectory=2,
+        num_actions=8,
+        learning_rate=1e-2,
+        checkpoint_every=0,
+        beta=1.0,
+    )
     history = train(toy, config, None, progress=False).history
     for key, value in toy.trainable_state().items():
         torch.testing.assert_close(value, tensors[f"toy.{key}"], **TOLERANCE)

@@ -31,21 +31,36 @@ from training.card import (
     scheduler_identity,
 )
 
-SCHEDULER = {"_class_name": "DDIMScheduler", "_diffusers_version": "0.42.1", "num_train_timesteps": 1000,
-             "beta_schedule": "scaled_linear", "prediction_type": "epsilon"}
-MODULES = ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
-           "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0"]
+SCHEDULER = {
+    "_class_name": "DDIMScheduler",
+    "_diffusers_version": "0.42.1",
+    "num_train_timesteps": 1000,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+}
+MODULES = [
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0",
+]
 
 
 def make_card(objective: str = "ink_economy", **changes) -> BaseModelCard:
     fields = {
         "objective": objective,
-        "reward": RewardSpec(name=objective, options={"weight": 1}, differentiable=True, model="tiny-classifier"),
-        "beta": 0.01, "trainer": "target_matching", "train": {"iterations": 2},
-        "lora": LoraSpec(rank=4, targets=LORA_TARGETS), "learn_variance": "step", "reference_hash": "a" * 64,
-        "reference": {"source": "embedded"}, "scheduler": SCHEDULER,
+        "reward": RewardSpec(
+            name=objective, options={"weight": 1}, differentiable=True, model="tiny-classifier"
+        ),
+        "beta": 0.01,
+        "trainer": "target_matching",
+        "train": {"iterations": 2},
+        "lora": LoraSpec(rank=4, targets=LORA_TARGETS),
+        "learn_variance": "step",
+        "reference_hash": "a" * 64,
+        "reference": {"source": "embedded"},
+        "scheduler": SCHEDULER,
         "sampling": {"num_inference_steps": 4, "eta": 1.0, "guidance_scale": 3.0},
-        "metrics": {"reward_after": 0.5, "rise_in_se": math.inf}, "history": [{"iteration": 1, "loss": 0.25}],
+        "metrics": {"reward_after": 0.5, "rise_in_se": math.inf},
+        "history": [{"iteration": 1, "loss": 0.25}],
     }
     return BaseModelCard(**{**fields, **changes})
 
@@ -84,10 +99,17 @@ def test_round_trip(tmp_path):
     loaded = load_base_model(folder)
     assert isinstance(loaded, LoadedBaseModel) and loaded.path == folder
     assert loaded.card == card and loaded.card.format_version == FORMAT_VERSION
-    assert loaded.card.metrics["rise_in_se"] == math.inf and loaded.card.reward.model_extra == {"model": "tiny-classifier"}
+    assert loaded.card.metrics["rise_in_se"] == math.inf and loaded.card.reward.model_extra == {
+        "model": "tiny-classifier"
+    }
     assert loaded.lora.keys() == lora.keys() and all(torch.equal(loaded.lora[k], lora[k]) for k in lora)
     assert torch.equal(loaded.log_variance, log_variance)
-    assert (loaded.objective, loaded.beta, loaded.rank, loaded.targets) == ("ink_economy", 0.01, 4, LORA_TARGETS)
+    assert (loaded.objective, loaded.beta, loaded.rank, loaded.targets) == (
+        "ink_economy",
+        0.01,
+        4,
+        LORA_TARGETS,
+    )
 
     raw = load_file(folder / LORA_FILE)  # the diffusers format: prefixed keys, LoraConfig kwargs as metadata
     assert sorted(raw) == sorted(f"unet.{k}" for k in lora)
@@ -112,17 +134,27 @@ def test_legacy_format_1_folder_loads(tmp_path):
     meta = {  # exactly what training.base_model.save_base_model wrote before the card
         "objective": "ink_economy",
         "reward": {"name": "ink_economy", "options": {}, "differentiable": True, "description": "less ink"},
-        "beta": 0.01, "trainer": "target_matching", "train": {"iterations": 2},
-        "lora": {"rank": 4, "targets": ["to_q", "to_k", "to_v", "to_out.0"]}, "learn_variance": "step",
-        "reference_hash": "b" * 64, "reference": {"source": "embedded"}, "scheduler": SCHEDULER,
-        "sampling": {"num_inference_steps": 4}, "metrics": {"reward_after": 0.1, "rise_in_se": 4.0},
+        "beta": 0.01,
+        "trainer": "target_matching",
+        "train": {"iterations": 2},
+        "lora": {"rank": 4, "targets": ["to_q", "to_k", "to_v", "to_out.0"]},
+        "learn_variance": "step",
+        "reference_hash": "b" * 64,
+        "reference": {"source": "embedded"},
+        "scheduler": SCHEDULER,
+        "sampling": {"num_inference_steps": 4},
+        "metrics": {"reward_after": 0.1, "rise_in_se": 4.0},
         "history": [{"iteration": 1, "loss": 0.5}],
     }
     (folder / CARD_FILE).write_text(json.dumps(meta, indent=2))
     loaded = load_base_model(folder)
-    assert loaded.card.format_version == 1 and loaded.card.lora.alpha is None and loaded.card.lora.scaling == 1.0
+    assert (
+        loaded.card.format_version == 1 and loaded.card.lora.alpha is None and loaded.card.lora.scaling == 1.0
+    )
     assert loaded.card.reward.model_extra == {"description": "less ink"}
-    assert all(torch.equal(loaded.lora[k], lora[k]) for k in lora) and torch.equal(loaded.log_variance, log_variance)
+    assert all(torch.equal(loaded.lora[k], lora[k]) for k in lora) and torch.equal(
+        loaded.log_variance, log_variance
+    )
 
     resaved = save_base_model(tmp_path / "new", loaded.card, loaded.lora, loaded.log_variance)  # upgrades it
     assert load_base_model(resaved).card.format_version == FORMAT_VERSION and (resaved / LORA_FILE).exists()
@@ -139,6 +171,7 @@ def _edit_card(**changes):
     def edit(folder: Path) -> None:
         data = json.loads((folder / CARD_FILE).read_text())
         (folder / CARD_FILE).write_text(json.dumps({**data, **changes}))
+
     return edit
 
 
@@ -150,21 +183,40 @@ BROKEN = {
     "unknown key": (_edit_card(surprise=1), "surprise: Extra inputs are not permitted"),
     "lora missing": (lambda folder: (folder / LORA_FILE).unlink(), f"{LORA_FILE} is missing"),
     "lora garbage": (_write(LORA_FILE, b"not a safetensors file"), "not a readable safetensors file"),
-    "lora truncated": (lambda folder: (folder / LORA_FILE).write_bytes((folder / LORA_FILE).read_bytes()[:60]),
-                       "not a readable safetensors file"),
+    "lora truncated": (
+        lambda folder: (folder / LORA_FILE).write_bytes((folder / LORA_FILE).read_bytes()[:60]),
+        "not a readable safetensors file",
+    ),
     "lora empty": (lambda folder: save_file({}, folder / LORA_FILE), "LoRA weights are empty"),
-    "lora not finite": (lambda folder: save_file({f"unet.{MODULES[0]}.lora_A.weight": torch.full((4, 8), math.nan)},
-                                                 folder / LORA_FILE), "is not finite"),
-    "lora without prefix": (lambda folder: save_file(random_lora(), folder / LORA_FILE), "non-UNet LoRA keys"),
-    "lora of another rank": (lambda folder: save_file({f"unet.{k}": v for k, v in random_lora(rank=2).items()},
-                                                      folder / LORA_FILE), "has rank 2, the card says 4"),
+    "lora not finite": (
+        lambda folder: save_file(
+            {f"unet.{MODULES[0]}.lora_A.weight": torch.full((4, 8), math.nan)}, folder / LORA_FILE
+        ),
+        "is not finite",
+    ),
+    "lora without prefix": (
+        lambda folder: save_file(random_lora(), folder / LORA_FILE),
+        "non-UNet LoRA keys",
+    ),
+    "lora of another rank": (
+        lambda folder: save_file(
+            {f"unet.{k}": v for k, v in random_lora(rank=2).items()}, folder / LORA_FILE
+        ),
+        "has rank 2, the card says 4",
+    ),
     "variance missing": (lambda folder: (folder / VARIANCE_FILE).unlink(), f"{VARIANCE_FILE} is missing"),
-    "variance without key": (lambda folder: save_file({"x": torch.zeros(4, 1)}, folder / VARIANCE_FILE),
-                             "has no 'log_variance'"),
-    "variance of wrong shape": (lambda folder: save_file({"log_variance": torch.zeros(4)}, folder / VARIANCE_FILE),
-                                "expected [steps, channels]"),
-    "variance not finite": (lambda folder: save_file({"log_variance": torch.full((4, 1), math.inf)},
-                                                     folder / VARIANCE_FILE), "log_variance is not finite"),
+    "variance without key": (
+        lambda folder: save_file({"x": torch.zeros(4, 1)}, folder / VARIANCE_FILE),
+        "has no 'log_variance'",
+    ),
+    "variance of wrong shape": (
+        lambda folder: save_file({"log_variance": torch.zeros(4)}, folder / VARIANCE_FILE),
+        "expected [steps, channels]",
+    ),
+    "variance not finite": (
+        lambda folder: save_file({"log_variance": torch.full((4, 1), math.inf)}, folder / VARIANCE_FILE),
+        "log_variance is not finite",
+    ),
 }
 
 
@@ -198,7 +250,8 @@ def test_save_refuses_bad_weights_and_writes_nothing(tmp_path):
     one_line_card_error(lambda: save_base_model(tmp_path / "m", make_card(), {}, None))
     outside = {"mid_block.conv.lora_A.weight": torch.zeros(4, 8)}
     assert "outside the card's targets" in one_line_card_error(
-        lambda: save_base_model(tmp_path / "m", make_card(), outside, None))
+        lambda: save_base_model(tmp_path / "m", make_card(), outside, None)
+    )
     assert not (tmp_path / "m").exists() and not list(tmp_path.iterdir())
 
 
@@ -206,7 +259,9 @@ def test_save_refuses_bad_weights_and_writes_nothing(tmp_path):
 
 
 def loaded(objective: str, path: str = "", **changes) -> LoadedBaseModel:
-    return LoadedBaseModel(Path(path or f"/models/{objective}"), make_card(objective, **changes), random_lora(), None)
+    return LoadedBaseModel(
+        Path(path or f"/models/{objective}"), make_card(objective, **changes), random_lora(), None
+    )
 
 
 def test_lineage_accepts_shared_reference_and_scheduler():
@@ -220,23 +275,31 @@ def test_lineage_mismatch_messages():
     ink, digit = loaded("ink_economy"), loaded("digit_alignment")
     other_ref = loaded("other_ref", reference_hash="b" * 64)
     message = one_line_card_error(lambda: check_lineage([ink, digit, other_ref]))
-    assert message == ("base models 'ink_economy' (/models/ink_economy) and 'other_ref' (/models/other_ref) were "
-                       "trained on different reference models (reference_hash aaaaaaaaaaaa vs bbbbbbbbbbbb): they "
-                       "cannot be composed")
+    assert message == (
+        "base models 'ink_economy' (/models/ink_economy) and 'other_ref' (/models/other_ref) were "
+        "trained on different reference models (reference_hash aaaaaaaaaaaa vs bbbbbbbbbbbb): they "
+        "cannot be composed"
+    )
 
-    other_sched = loaded("other_sched", scheduler={**SCHEDULER, "beta_schedule": "linear", "clip_sample": True})
+    other_sched = loaded(
+        "other_sched", scheduler={**SCHEDULER, "beta_schedule": "linear", "clip_sample": True}
+    )
     message = one_line_card_error(lambda: check_lineage([digit, other_sched]))
     assert "'digit_alignment' (/models/digit_alignment) and 'other_sched' (/models/other_sched)" in message
     assert "different scheduler configs (differing: beta_schedule, clip_sample)" in message
 
     message = one_line_card_error(lambda: check_lineage([ink, digit], reference_hash="c" * 64))
-    assert message == ("base model 'ink_economy' (/models/ink_economy) was trained on reference aaaaaaaaaaaa, but "
-                       "this config's reference is cccccccccccc")
+    assert message == (
+        "base model 'ink_economy' (/models/ink_economy) was trained on reference aaaaaaaaaaaa, but "
+        "this config's reference is cccccccccccc"
+    )
 
     twice = loaded("ink_economy", path="/elsewhere/ink")
     message = one_line_card_error(lambda: check_lineage([ink, digit, twice]))
-    assert message == ("the objective 'ink_economy' appears twice among the base models (/models/ink_economy and "
-                       "/elsewhere/ink)")
+    assert message == (
+        "the objective 'ink_economy' appears twice among the base models (/models/ink_economy and "
+        "/elsewhere/ink)"
+    )
     assert one_line_card_error(lambda: check_lineage([])) == "no base models to compose"
 
 
@@ -251,7 +314,9 @@ def test_scheduler_identity_drops_bookkeeping_keys():
 def test_reward_scale_and_lora_scaling():
     rewards = torch.tensor([1.0, 2.0, 4.0])
     assert torch.equal(RewardScale().standardise(rewards), rewards)
-    assert torch.allclose(RewardScale(offset=1.0, scale=2.0).standardise(rewards), torch.tensor([0.0, 0.5, 1.5]))
+    assert torch.allclose(
+        RewardScale(offset=1.0, scale=2.0).standardise(rewards), torch.tensor([0.0, 0.5, 1.5])
+    )
     with pytest.raises(ValueError):
         RewardScale(scale=0.0)
     assert LoraSpec(rank=4, targets=["to_q"]).scaling == 1.0
@@ -276,8 +341,10 @@ def test_diffusers_load_lora_weights_applies_the_saved_adapter(tiny_reference, t
     ours = load_embedded_pipeline(tiny_reference.path)
     ours.unet.add_adapter(LoraConfig(**spec.lora_config_kwargs()), adapter_name="ours")
     g = torch.Generator().manual_seed(0)
-    lora = {k: 0.2 * torch.randn(v.shape, generator=g)
-            for k, v in get_peft_model_state_dict(ours.unet, adapter_name="ours").items()}
+    lora = {
+        k: 0.2 * torch.randn(v.shape, generator=g)
+        for k, v in get_peft_model_state_dict(ours.unet, adapter_name="ours").items()
+    }
     set_peft_model_state_dict(ours.unet, lora, adapter_name="ours")
     folder = save_base_model(tmp_path / "m", make_card(lora=spec, learn_variance="none"), lora, None)
 
@@ -289,8 +356,10 @@ def test_diffusers_load_lora_weights_applies_the_saved_adapter(tiny_reference, t
     x = torch.randn(2, config.in_channels, config.sample_size, config.sample_size, generator=g)
     t = torch.tensor([10, 700])
     context = torch.randn(2, 5, config.cross_attention_dim, generator=g)
-    out = {name: pipe.unet(x, t, encoder_hidden_states=context).sample
-           for name, pipe in (("ours", ours), ("theirs", theirs), ("plain", plain))}
+    out = {
+        name: pipe.unet(x, t, encoder_hidden_states=context).sample
+        for name, pipe in (("ours", ours), ("theirs", theirs), ("plain", plain))
+    }
     assert (out["ours"] - out["plain"]).abs().max() > 1e-2, "the adapter changes the output"
     torch.testing.assert_close(out["theirs"], out["ours"], rtol=1e-5, atol=1e-5)
     assert load_base_model(folder).lora.keys() == lora.keys()

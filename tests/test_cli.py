@@ -13,11 +13,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_cli(args, cwd, home):
-    env = {**os.environ, "MSDDA_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO),
-           "PREFECT_HOME": str(Path(cwd) / "prefect")}
+    env = {
+        **os.environ,
+        "MSDDA_HOME": str(home),
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(REPO),
+        "PREFECT_HOME": str(Path(cwd) / "prefect"),
+    }
     env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run(MSDDA + args, check=False, cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(
+        MSDDA + args, check=False, cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_pretrain_json_then_cached(tmp_path, tiny_config_file):
@@ -101,4 +107,5 @@ def test_methods_lists_the_registry(tmp_path):
     assert {row["kind"] for row in rows} == {"kernel", "search"}
     bad = run_cli(["compose", "--method", "nope", "-w", "0.5,0.5"], tmp_path, tmp_path / "home")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
-        f"error: unknown method 'nope'; choose from {', '.join(METHODS)}"]
+        f"error: unknown method 'nope'; choose from {', '.join(METHODS)}"
+    ]

@@ -27,11 +27,24 @@ def registry(tmp_path, tiny_home, tiny_base_models, monkeypatch):
 
 
 def msdda(args, registry, tmp_path, config_file, **env):
-    environment = {**os.environ, "MSDDA_HOME": str(registry["home"]), "MLFLOW_TRACKING_URI": registry["uri"],
-                   "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), **env}
+    environment = {
+        **os.environ,
+        "MSDDA_HOME": str(registry["home"]),
+        "MLFLOW_TRACKING_URI": registry["uri"],
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(REPO),
+        **env,
+    }
     config = [] if args[0] == "models" else ["--config", str(config_file)]
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args, *config], check=False,
-                          cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args, *config],
+        check=False,
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def models_listing(registry):
@@ -45,11 +58,17 @@ def test_models_compose_and_sweep(registry, tmp_path, tiny_config_file):
     assert listed.returncode == 0, listed.stderr
     rows = json.loads(listed.stdout)["models"]
     assert [(r["name"], r["version"], r["aliases"]) for r in rows] == [
-        ("msdda-digit_alignment", 1, ["champion"]), ("msdda-ink_economy", 1, ["champion"])]
+        ("msdda-digit_alignment", 1, ["champion"]),
+        ("msdda-ink_economy", 1, ["champion"]),
+    ]
 
     out = tmp_path / "images"
-    composed = msdda(["compose", "--weights", "0.3,0.7", "--num-images", "4", "--seed", "3", "--out", str(out),
-                      "--json"], registry, tmp_path, tiny_config_file)
+    composed = msdda(
+        ["compose", "--weights", "0.3,0.7", "--num-images", "4", "--seed", "3", "--out", str(out), "--json"],
+        registry,
+        tmp_path,
+        tiny_config_file,
+    )
     assert composed.returncode == 0, composed.stderr
     payload = json.loads(composed.stdout)
     assert set(payload["rewards"]) == {"digit_alignment", "ink_economy"}
@@ -64,17 +83,29 @@ def test_models_compose_and_sweep(registry, tmp_path, tiny_config_file):
     assert run.data.params["models"] == "msdda-digit_alignment/1,msdda-ink_economy/1"
     assert run.data.metrics["nfe"] == 8 and "reward_ink_economy" in run.data.metrics
 
-    swept = msdda(["sweep", "--methods", "msdda,rs", "--grid", "3", "--num-images", "4", "--json"],
-                  registry, tmp_path, tiny_config_file)
+    swept = msdda(
+        ["sweep", "--methods", "msdda,rs", "--grid", "3", "--num-images", "4", "--json"],
+        registry,
+        tmp_path,
+        tiny_config_file,
+    )
     assert swept.returncode == 0, swept.stderr
     result = json.loads(swept.stdout)
     assert set(result["methods"]) == {"msdda", "rs"} and result["cached"] is False
-    assert [p["weights"] for p in result["methods"]["msdda"]["points"]] == [[0.0, 1.0], [0.5, 0.5], [1.0, 0.0]]
+    assert [p["weights"] for p in result["methods"]["msdda"]["points"]] == [
+        [0.0, 1.0],
+        [0.5, 0.5],
+        [1.0, 0.0],
+    ]
     assert Path(result["plot"]).read_bytes()[:4] == b"\x89PNG"
     assert (Path(result["out_dir"]) / "grids" / "rs" / "w0.5_0.5.png").exists()
     assert (Path(result["out_dir"]) / "fronts" / "msdda.png").exists()
-    again = msdda(["sweep", "--methods", "msdda,rs", "--grid", "3", "--num-images", "4", "--json"],
-                  registry, tmp_path, tiny_config_file)
+    again = msdda(
+        ["sweep", "--methods", "msdda,rs", "--grid", "3", "--num-images", "4", "--json"],
+        registry,
+        tmp_path,
+        tiny_config_file,
+    )
     assert json.loads(again.stdout)["cached"] is True
     assert json.loads(again.stdout)["methods"] == result["methods"]
 
@@ -92,8 +123,9 @@ def test_models_compose_and_sweep(registry, tmp_path, tiny_config_file):
         (["--weights", "0.5,0.5", "--models", "MISMATCHED"], "different reference models"),
     ],
 )
-def test_bad_compose_input_is_one_line_and_changes_nothing(registry, tmp_path, tiny_config_file, tiny_base_models,
-                                                           args, message, monkeypatch, capfd):
+def test_bad_compose_input_is_one_line_and_changes_nothing(
+    registry, tmp_path, tiny_config_file, tiny_base_models, args, message, monkeypatch, capfd
+):
     if "PATHS" in args or "MISMATCHED" in args:
         second = tiny_base_models[1]
         if "MISMATCHED" in args:
@@ -107,7 +139,9 @@ def test_bad_compose_input_is_one_line_and_changes_nothing(registry, tmp_path, t
     before = models_listing(registry)
     monkeypatch.setenv("MSDDA_HOME", str(registry["home"]))
     capfd.readouterr()
-    code = main(["compose", *args, "--num-images", "2", "--config", str(tiny_config_file)])  # in-process: fast
+    code = main(
+        ["compose", *args, "--num-images", "2", "--config", str(tiny_config_file)]
+    )  # in-process: fast
     out, err = capfd.readouterr()
     assert code == 2, err
     assert err.startswith("error: ") and err.strip().count("\n") == 0, err
@@ -129,6 +163,8 @@ def test_unreachable_tracking_server_is_one_line(registry, tmp_path, tiny_config
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     for args in (["models"], ["compose", "--weights", "0.5,0.5"]):
-        result = msdda(args, registry, tmp_path, tiny_config_file, MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}")
+        result = msdda(
+            args, registry, tmp_path, tiny_config_file, MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}"
+        )
         assert result.returncode == 2 and "unreachable" in result.stderr, result.stderr
         assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr

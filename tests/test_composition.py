@@ -52,8 +52,10 @@ def test_hypervolume_agrees_with_monte_carlo_in_three_dimensions():
 
 def test_rewarded_soup_merge_is_the_exact_weighted_sum_of_deltas():
     g = torch.Generator().manual_seed(0)
-    states = [{"m.lora_A.weight": torch.randn(4, 6, generator=g), "m.lora_B.weight": torch.randn(5, 4, generator=g)}
-              for _ in range(3)]
+    states = [
+        {"m.lora_A.weight": torch.randn(4, 6, generator=g), "m.lora_B.weight": torch.randn(5, 4, generator=g)}
+        for _ in range(3)
+    ]
     weights = [0.2, -0.5, 1.3]
     merged = merge_lora_states(states, weights)
     expected = sum(w * s["m.lora_B.weight"] @ s["m.lora_A.weight"] for w, s in zip(weights, states))
@@ -102,8 +104,13 @@ def test_sweep_returns_the_documented_shape(ensemble, tiny_config, tmp_path):
 
     options = tiny_config.composition.model_copy(update={"num_images": 4, "code_block": 2})
     seen = []
-    result = sweep(ensemble, options, methods=["msdda", "db"], grid=3,
-                   on_point=lambda method, weights, images: seen.append((method, tuple(weights))))
+    result = sweep(
+        ensemble,
+        options,
+        methods=["msdda", "db"],
+        grid=3,
+        on_point=lambda method, weights, images: seen.append((method, tuple(weights))),
+    )
     assert result["objectives"] == ["digit_alignment", "ink_economy"]
     assert set(result["methods"]) == {"msdda", "db"}
     assert seen[0] == ("reference", (0.0, 0.0)) and len(seen) == 1 + 2 * 3
@@ -120,7 +127,11 @@ def test_sweep_returns_the_documented_shape(ensemble, tiny_config, tmp_path):
 
 @pytest.mark.parametrize(
     ("weights", "message"),
-    [("0.3,abc", "not a comma-separated list"), ("nan,0.5", "finite"), ("0.2,0.3,0.5", "3 weights given for 2")],
+    [
+        ("0.3,abc", "not a comma-separated list"),
+        ("nan,0.5", "finite"),
+        ("0.2,0.3,0.5", "3 weights given for 2"),
+    ],
 )
 def test_bad_weights_are_one_line_errors(weights, message):
     from composition.engine import CompositionError, parse_weights

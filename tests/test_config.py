@@ -28,7 +28,7 @@ def test_default_config_commented_examples_are_valid():
     """The commented overrides at the end of configs/default.yaml, uncommented, validate."""
     lines = Path(DEFAULT_CONFIG).read_text().splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("# Common overrides"))
-    example = "\n".join(line[2:] for line in lines[start + 1:] if line.startswith("# "))
+    example = "\n".join(line[2:] for line in lines[start + 1 :] if line.startswith("# "))
     data = yaml.safe_load(example)
     assert {"model", "pretrain", "sampling", "train", "composition", "objectives"} <= set(data)
     config = parse_config(data, "configs/default.yaml (examples)")

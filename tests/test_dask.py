@@ -15,8 +15,10 @@ def prefect_harness(tmp_path_factory):
     from prefect.settings import PREFECT_HOME, temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 
-    with temporary_settings(updates={PREFECT_HOME: tmp_path_factory.mktemp("prefect_home")}), \
-            prefect_test_harness(server_startup_timeout=120):
+    with (
+        temporary_settings(updates={PREFECT_HOME: tmp_path_factory.mktemp("prefect_home")}),
+        prefect_test_harness(server_startup_timeout=120),
+    ):
         yield
 
 
@@ -30,7 +32,9 @@ def dask_home(tmp_path, tiny_home, tiny_reference):
     return home
 
 
-def test_train_base_models_on_dask_two_workers(prefect_harness, dask_home, tmp_path, tiny_config_file, monkeypatch):
+def test_train_base_models_on_dask_two_workers(
+    prefect_harness, dask_home, tmp_path, tiny_config_file, monkeypatch
+):
     from flows.pipeline import train_base_models
     from flows.registry import list_models
 
@@ -38,8 +42,9 @@ def test_train_base_models_on_dask_two_workers(prefect_harness, dask_home, tmp_p
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # before the cluster starts: its workers inherit it
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
-    results = train_base_models(objectives=None, runner="dask", config_path=str(tiny_config_file),
-                                home=str(dask_home))
+    results = train_base_models(
+        objectives=None, runner="dask", config_path=str(tiny_config_file), home=str(dask_home)
+    )
 
     assert set(results) == {"digit_alignment", "ink_economy"}
     pids = {r["pid"] for r in results.values()}
@@ -56,4 +61,6 @@ def test_train_base_models_on_dask_two_workers(prefect_harness, dask_home, tmp_p
     for result in results.values():  # every per-iteration metric of both concurrent writers landed
         run = client.get_run(result["mlflow_run_id"])
         assert run.info.status == "FINISHED"
-        assert len(client.get_metric_history(run.info.run_id, "reward_mean")) == 2  # tiny config: 2 iterations
+        assert (
+            len(client.get_metric_history(run.info.run_id, "reward_mean")) == 2
+        )  # tiny config: 2 iterations

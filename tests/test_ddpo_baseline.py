@@ -42,16 +42,26 @@ def _instrumented_run(monkeypatch, config, home, reference, out_dir, seed=0):
         return out
 
     reward = Reward(inner.name, inner.differentiable, fn)
-    history = run_ddpo(config, reference.path, reward, PROMPTS, epochs=2, out_dir=out_dir,
-                       sample_batch_size=4, train_batch_size=2, seed=seed)
+    history = run_ddpo(
+        config,
+        reference.path,
+        reward,
+        PROMPTS,
+        epochs=2,
+        out_dir=out_dir,
+        sample_batch_size=4,
+        train_batch_size=2,
+        seed=seed,
+    )
     (pipe,) = pipes
     final = {k: p.detach().clone() for k, p in pipe.sd_pipeline.unet.named_parameters() if p.requires_grad}
     return history, calls, pipe.initial, final
 
 
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
-def test_ddpo_runs_and_counts_unet_rows(tiny_config, tiny_home, tiny_reference, tmp_path, monkeypatch,
-                                        guidance):
+def test_ddpo_runs_and_counts_unet_rows(
+    tiny_config, tiny_home, tiny_reference, tmp_path, monkeypatch, guidance
+):
     config = tiny_config.model_copy(
         update={"sampling": tiny_config.sampling.model_copy(update={"guidance_scale": guidance})}
     )

@@ -32,16 +32,23 @@ def _free_port() -> int:
 
 def _base_env(prefect_home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-    env.update(PREFECT_HOME=str(prefect_home), PREFECT_SERVER_ANALYTICS_ENABLED="false", HF_HUB_OFFLINE="1",
-               PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **extra)
+    env.update(
+        PREFECT_HOME=str(prefect_home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=str(REPO),
+        OMP_NUM_THREADS="1",
+        **extra,
+    )
     return env
 
 
 def _start(args: list[str], env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen:
     """A background process in its own session, its output (both streams) in ``log``."""
     with open(log, "wb") as out:
-        return subprocess.Popen(args, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        return subprocess.Popen(
+            args, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 def _stop(process: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 20) -> int:
@@ -64,7 +71,9 @@ def _tail(path: Path, n: int = 4000) -> str:
     return path.read_text(errors="replace")[-n:] if path.exists() else ""
 
 
-def _wait_for(predicate, timeout: float, what: str, process: subprocess.Popen | None = None, log: Path | None = None):
+def _wait_for(
+    predicate, timeout: float, what: str, process: subprocess.Popen | None = None, log: Path | None = None
+):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -81,11 +90,16 @@ def prefect_server(tmp_path_factory):
     """A real Prefect server (SQLite in tmp, scheduler every second, no UI) on a free local port."""
     root = tmp_path_factory.mktemp("prefect_server")
     port = _free_port()
-    env = _base_env(root / "home", PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="1",
-                    PREFECT_SERVER_UI_ENABLED="false", PREFECT_SERVER_LOGGING_LEVEL="WARNING")
+    env = _base_env(
+        root / "home",
+        PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="1",
+        PREFECT_SERVER_UI_ENABLED="false",
+        PREFECT_SERVER_LOGGING_LEVEL="WARNING",
+    )
     log = root / "server.log"
-    server = _start([*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
-                    env, root, log)
+    server = _start(
+        [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"], env, root, log
+    )
     url = f"http://127.0.0.1:{port}/api"
 
     def healthy() -> bool:
@@ -123,7 +137,9 @@ def _deployment(client, name: str):
 def _flow_runs(client, deployment_id) -> list:
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
-    return client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
+    return client.read_flow_runs(
+        deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+    )
 
 
 def _run_compose(url: str, weights: list[float], timeout: float = 240):
@@ -131,8 +147,12 @@ def _run_compose(url: str, weights: list[float], timeout: float = 240):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings(updates={PREFECT_API_URL: url}):
-        return run_deployment("compose/on-demand", parameters={"weights": weights, "num_images": 4, "seed": 3},
-                              timeout=timeout, poll_interval=1)
+        return run_deployment(
+            "compose/on-demand",
+            parameters={"weights": weights, "num_images": 4, "seed": 3},
+            timeout=timeout,
+            poll_interval=1,
+        )
 
 
 def _compose_mlflow_runs(uri: str, weights: str) -> list:
@@ -142,8 +162,10 @@ def _compose_mlflow_runs(uri: str, weights: str) -> list:
     experiment = client.get_experiment_by_name("msdda")
     if experiment is None:
         return []
-    return client.search_runs([experiment.experiment_id],
-                              filter_string=f"params.weights = '{weights}' and tags.`msdda.job` = 'compose'")
+    return client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"params.weights = '{weights}' and tags.`msdda.job` = 'compose'",
+    )
 
 
 @pytest.fixture
@@ -159,20 +181,30 @@ def registry(tmp_path, tiny_home, tiny_base_models, tiny_config_file, monkeypatc
 
 
 def _env(prefect_server, registry, tmp_path: Path, **extra: str) -> dict[str, str]:
-    return _base_env(tmp_path / "prefect_client", PREFECT_API_URL=prefect_server["url"],
-                     MSDDA_HOME=str(registry["home"]), MLFLOW_TRACKING_URI=registry["uri"], **extra)
+    return _base_env(
+        tmp_path / "prefect_client",
+        PREFECT_API_URL=prefect_server["url"],
+        MSDDA_HOME=str(registry["home"]),
+        MLFLOW_TRACKING_URI=registry["uri"],
+        **extra,
+    )
 
 
 def _check_scheduled_training(client, config: Path, home: Path, cron: str = "0 3 * * *") -> None:
     training = client.read_deployment_by_name("train-base-models/scheduled-training")
     assert training.paused is False
-    assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in training.schedules] == [(cron, "UTC", True)]
+    assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in training.schedules] == [
+        (cron, "UTC", True)
+    ]
     assert training.parameters == {"config_path": str(config.resolve()), "home": str(home.resolve())}
 
     def upcoming():
         now = datetime.now(timezone.utc)
-        return [r for r in _flow_runs(client, training.id)
-                if r.state_type.value == "SCHEDULED" and r.expected_start_time > now]
+        return [
+            r
+            for r in _flow_runs(client, training.id)
+            if r.state_type.value == "SCHEDULED" and r.expected_start_time > now
+        ]
 
     runs = _wait_for(upcoming, 60, "the scheduler to create the training runs")
     assert all(r.expected_start_time.hour == 3 and r.expected_start_time.minute == 0 for r in runs)
@@ -183,11 +215,15 @@ def _check_composition(url: str, registry: dict, weights: list[float], log: Path
     assert not _compose_mlflow_runs(registry["uri"], text)
     flow_run = _run_compose(url, weights)
     assert flow_run.state is not None and flow_run.state.is_completed(), (
-        f"composition run ended {flow_run.state}\n{_tail(log)}")
+        f"composition run ended {flow_run.state}\n{_tail(log)}"
+    )
     (run,) = _compose_mlflow_runs(registry["uri"], text)
     assert run.data.params["method"] == "msdda" and run.data.params["num_images"] == "4"
     assert run.data.params["models"] == "msdda-digit_alignment/1,msdda-ink_economy/1"
-    assert run.data.metrics["nfe"] == 2 * 4 and {"reward_digit_alignment", "reward_ink_economy"} <= run.data.metrics.keys()
+    assert (
+        run.data.metrics["nfe"] == 2 * 4
+        and {"reward_digit_alignment", "reward_ink_economy"} <= run.data.metrics.keys()
+    )
 
 
 def test_serve_schedules_training_and_composes_on_demand(prefect_server, registry, tmp_path):
@@ -196,14 +232,22 @@ def test_serve_schedules_training_and_composes_on_demand(prefect_server, registr
     env = _env(prefect_server, registry, tmp_path, PREFECT_RUNNER_POLL_FREQUENCY="1")
     log, out = tmp_path / "serve.log", tmp_path / "serve.out"
     with open(out, "wb") as stdout, open(log, "wb") as stderr:
-        serve = subprocess.Popen([*MSDDA, "deploy", "--config", str(registry["config"]), "--json"], cwd=tmp_path,
-                                 env=env, stdout=stdout, stderr=stderr, start_new_session=True)
+        serve = subprocess.Popen(
+            [*MSDDA, "deploy", "--config", str(registry["config"]), "--json"],
+            cwd=tmp_path,
+            env=env,
+            stdout=stdout,
+            stderr=stderr,
+            start_new_session=True,
+        )
     try:
         ready = _wait_for(lambda: out.read_text().strip(), 120, "`msdda deploy` to report", serve, log)
         payload = json.loads(ready.splitlines()[0])
         assert payload["serving"] is True and payload["work_pool"] is None
-        assert [d["name"] for d in payload["deployments"]] == ["train-base-models/scheduled-training",
-                                                               "compose/on-demand"]
+        assert [d["name"] for d in payload["deployments"]] == [
+            "train-base-models/scheduled-training",
+            "compose/on-demand",
+        ]
         assert "serving; Ctrl-C to stop" in log.read_text()
         with _client(prefect_server["url"]) as client:
             ids = {d["name"]: d["id"] for d in payload["deployments"]}
@@ -229,26 +273,53 @@ def test_process_work_pool_round_trip(prefect_server, registry, tmp_path):
     pool runs a triggered composition from the source folder."""
     env = _env(prefect_server, registry, tmp_path)
     pool = "msdda-test-pool"
-    result = subprocess.run([*MSDDA, "deploy", "--pool", pool, "--cron", "0 3 * * *", "--config",
-                             str(registry["config"]), "--json"], check=False, cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            *MSDDA,
+            "deploy",
+            "--pool",
+            pool,
+            "--cron",
+            "0 3 * * *",
+            "--config",
+            str(registry["config"]),
+            "--json",
+        ],
+        check=False,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     payload = json.loads(result.stdout)
     assert payload["work_pool"] == pool and payload["serving"] is False
-    assert [d["name"] for d in payload["deployments"]] == ["train-base-models/scheduled-training", "compose/on-demand"]
+    assert [d["name"] for d in payload["deployments"]] == [
+        "train-base-models/scheduled-training",
+        "compose/on-demand",
+    ]
     with _client(prefect_server["url"]) as client:
         assert client.read_work_pool(pool).type == "process"
         for row in payload["deployments"]:
             deployment = client.read_deployment(row["id"])
             assert deployment.work_pool_name == pool
-            assert deployment.entrypoint in ("flows/pipeline.py:train_base_models", "flows/pipeline.py:compose")
+            assert deployment.entrypoint in (
+                "flows/pipeline.py:train_base_models",
+                "flows/pipeline.py:compose",
+            )
             assert deployment.pull_steps == [
-                {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
+                {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}
+            ]
         _check_scheduled_training(client, registry["config"], registry["home"])
 
     log = tmp_path / "worker.log"
-    worker = _start([*PREFECT, "worker", "start", "--pool", pool, "--type", "process", "--limit", "1"],
-                    {**env, "PREFECT_WORKER_QUERY_SECONDS": "1"}, tmp_path, log)
+    worker = _start(
+        [*PREFECT, "worker", "start", "--pool", pool, "--type", "process", "--limit", "1"],
+        {**env, "PREFECT_WORKER_QUERY_SECONDS": "1"},
+        tmp_path,
+        log,
+    )
     try:
         _check_composition(prefect_server["url"], registry, [0.6, 0.4], log)
     finally:
@@ -266,9 +337,15 @@ def test_process_work_pool_round_trip(prefect_server, registry, tmp_path):
 )
 def test_deploy_bad_setup_is_one_line_exit_2(tmp_path, tiny_config_file, args, env, message):
     env = {k: v.replace("PORT", str(_free_port())) for k, v in env.items()}
-    result = subprocess.run([*MSDDA, "deploy", "--config", str(tiny_config_file), *args], check=False, cwd=tmp_path,
-                            env=_base_env(tmp_path / "prefect", MSDDA_HOME=str(tmp_path / "home"), **env),
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [*MSDDA, "deploy", "--config", str(tiny_config_file), *args],
+        check=False,
+        cwd=tmp_path,
+        env=_base_env(tmp_path / "prefect", MSDDA_HOME=str(tmp_path / "home"), **env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("error: ") and result.stderr.strip().count("\n") == 0, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr and result.stdout == ""

@@ -19,8 +19,14 @@ def _run(args: list[str], out: Path) -> list[dict]:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HOME": str(out / "hf")}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
-    result = subprocess.run([sys.executable, *args, TOY, str(out)], env=env, capture_output=True, text=True,
-                            timeout=300, check=False)
+    result = subprocess.run(
+        [sys.executable, *args, TOY, str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return [json.loads(path.read_text()) for path in sorted(out.glob("rank*.json"))]
 
@@ -30,8 +36,9 @@ def _flat(weights: dict[str, list[float]]) -> torch.Tensor:
 
 
 def test_two_processes_stay_in_sync(tmp_path):
-    ranks = _run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"],
-                 tmp_path / "two")
+    ranks = _run(
+        ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"], tmp_path / "two"
+    )
     assert len(ranks) == 2 and all(r["world"] == 2 for r in ranks)
     start0, start1 = _flat(ranks[0]["initial"]), _flat(ranks[1]["initial"])
     end0, end1 = _flat(ranks[0]["weights"]), _flat(ranks[1]["weights"])

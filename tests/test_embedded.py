@@ -33,8 +33,13 @@ def test_saved_in_stable_diffusion_format(tiny_reference):
 
 def test_stock_pipeline_generates_images(pipe, tiny_config):
     size = tiny_config.model.embedded.image_size
-    out = pipe(["a handwritten digit seven", "handwritten two"], num_inference_steps=3, eta=1.0,
-               generator=torch.Generator().manual_seed(0), output_type="np")
+    out = pipe(
+        ["a handwritten digit seven", "handwritten two"],
+        num_inference_steps=3,
+        eta=1.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    )
     assert out.images.shape == (2, size, size, 3)
     assert np.isfinite(out.images).all() and out.images.min() >= 0 and out.images.max() <= 1
     pil = pipe("a handwritten digit one", num_inference_steps=2).images[0]
@@ -43,8 +48,13 @@ def test_stock_pipeline_generates_images(pipe, tiny_config):
 
 def test_same_seed_same_samples(pipe):
     def sample(seed):
-        return pipe("a handwritten digit four", num_inference_steps=3, eta=1.0, output_type="np",
-                    generator=torch.Generator().manual_seed(seed)).images
+        return pipe(
+            "a handwritten digit four",
+            num_inference_steps=3,
+            eta=1.0,
+            output_type="np",
+            generator=torch.Generator().manual_seed(seed),
+        ).images
 
     np.testing.assert_array_equal(sample(5), sample(5))
     assert not np.array_equal(sample(5), sample(6))
@@ -84,9 +94,7 @@ def test_same_seed_gives_the_same_model(tiny_config, tiny_reference, tmp_path):
 
 
 def test_cache_key_tracks_the_recipe(tiny_config):
-    changed = tiny_config.model_copy(
-        update={"pretrain": tiny_config.pretrain.model_copy(update={"seed": 1})}
-    )
+    changed = tiny_config.model_copy(update={"pretrain": tiny_config.pretrain.model_copy(update={"seed": 1})})
     threads = tiny_config.model_copy(
         update={"pretrain": tiny_config.pretrain.model_copy(update={"num_threads": 1})}
     )
@@ -155,10 +163,12 @@ def test_alignment_counts_samples_that_show_the_prompted_digit(tiny_config, tiny
     classifier, _ = digit_classifier(tiny_config, tiny_home, progress=False)
     _, test = _test_split(tiny_config)
     right, wrong = _DigitsPipe(test, 0), _DigitsPipe(test, 3)
-    aligned = alignment_accuracy(right, classifier, tiny_config.sampling, 100, seed=0, progress=False,
-                                 batch_size=30)
-    misaligned = alignment_accuracy(wrong, classifier, tiny_config.sampling, 100, seed=0, progress=False,
-                                    batch_size=30)
+    aligned = alignment_accuracy(
+        right, classifier, tiny_config.sampling, 100, seed=0, progress=False, batch_size=30
+    )
+    misaligned = alignment_accuracy(
+        wrong, classifier, tiny_config.sampling, 100, seed=0, progress=False, batch_size=30
+    )
     labels = torch.tensor([i % 10 for i in range(100)])
     with torch.no_grad():
         direct = (classifier(torch.stack(right.shown)).argmax(-1) == labels).float().mean().item()

@@ -40,7 +40,9 @@ def test_log_prob_and_kl_match_torch_distributions():
     )
     kernel_p, kernel_q = GaussianStep(mean_p, var_p), GaussianStep(mean_q, var_q)
     torch.testing.assert_close(kernel_p.log_prob(x), p.log_prob(x).flatten(1).sum(1))
-    torch.testing.assert_close(kernel_p.kl(kernel_q), torch.distributions.kl_divergence(p, q).flatten(1).sum(1))
+    torch.testing.assert_close(
+        kernel_p.kl(kernel_q), torch.distributions.kl_divergence(p, q).flatten(1).sum(1)
+    )
     assert torch.allclose(kernel_p.kl(kernel_p), torch.zeros(4), atol=1e-6)
 
 
@@ -59,7 +61,9 @@ def test_learned_log_variance_scales_sigma():
     policy = GaussianStepPolicy(lambda x, t, c: torch.zeros_like(x), schedule, per_channel)
     var = policy(x, 2, None).variance
     assert var.shape == (1, 4, 1, 1)
-    torch.testing.assert_close(var.flatten(), schedule.sigma[2] ** 2 * torch.tensor([0.0, 0.1, 0.2, 0.3]).exp())
+    torch.testing.assert_close(
+        var.flatten(), schedule.sigma[2] ** 2 * torch.tensor([0.0, 0.1, 0.2, 0.3]).exp()
+    )
 
 
 def test_eta_zero_is_rejected():
@@ -92,7 +96,9 @@ def test_samples_follow_the_kernel_and_draw_the_noise_in_one_place():
     kernel = GaussianStep(torch.full((2, 3), 1.5), torch.tensor([[4.0]]))
     draws = kernel.sample(g, num=20000)
     assert draws.shape == (20000, 2, 3)
-    assert draws.mean().item() == pytest.approx(1.5, abs=0.03) and draws.std().item() == pytest.approx(2.0, abs=0.03)
+    assert draws.mean().item() == pytest.approx(1.5, abs=0.03) and draws.std().item() == pytest.approx(
+        2.0, abs=0.03
+    )
     one = kernel.sample(torch.Generator().manual_seed(7))
     noise = torch.randn((2, 3), generator=torch.Generator().manual_seed(7))
     torch.testing.assert_close(one, 1.5 + 2.0 * noise)

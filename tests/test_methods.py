@@ -18,8 +18,10 @@ LOG_VARIANCE = {"alpha": torch.full((4, 1), -0.4), "beta": torch.full((4, 1), 0.
 
 
 def composer(unet, log_variance=LOG_VARIANCE, steps=4, **options) -> Composer:
-    models = [SimpleNamespace(objective=name, beta=0.01, log_variance=log_variance.get(name), rank=4)
-              for name in ("alpha", "beta")]
+    models = [
+        SimpleNamespace(objective=name, beta=0.01, log_variance=log_variance.get(name), rank=4)
+        for name in ("alpha", "beta")
+    ]
     schedule = DDIMSchedule.from_scheduler(make_scheduler(), steps, 1.0)
     return Composer(unet, schedule, 1.0, models, CompositionConfig(**options))
 
@@ -41,7 +43,9 @@ def by_hand(comp, x_T, batch, seed, step_fn):
     g, x, s = torch.Generator().manual_seed(seed), x_T, comp.schedule
     with torch.no_grad():
         for step in range(len(s)):
-            eps = dict(zip(["alpha", "beta", "ref"], comp.epsilons(x, step, batch, ["alpha", "beta", "__base__"])))
+            eps = dict(
+                zip(["alpha", "beta", "ref"], comp.epsilons(x, step, batch, ["alpha", "beta", "__base__"]))
+            )
             mean, std = step_fn(x, step, eps, s.sigma[step])
             x = mean + std * torch.randn(x.shape, generator=g)
     return x
@@ -52,14 +56,24 @@ def ddim(comp, x, step, eps):
     return ddim_mean(x, eps, s.alpha[step], s.alpha_prev[step], s.sigma[step])
 
 
-@pytest.mark.parametrize(("weights", "adapter"), [([1.0, 0.0], "alpha"), ([0.0, 1.0], "beta"), ([0.0, 0.0], "ref")])
+@pytest.mark.parametrize(
+    ("weights", "adapter"), [([1.0, 0.0], "alpha"), ([0.0, 1.0], "beta"), ([0.0, 0.0], "ref")]
+)
 def test_msdda_one_hot_and_zero_weights_reproduce_single_models(unet_with_two_adapters, weights, adapter):
     comp = composer(unet_with_two_adapters)
     x_T, batch = inputs(comp.unet)
     chain, nfe = sample("msdda", comp, weights, x_T, batch)
     offsets = {**LOG_VARIANCE, "ref": torch.zeros(4, 1)}
-    expected = by_hand(comp, x_T, batch, 3, lambda x, step, eps, sigma: (
-        ddim(comp, x, step, eps[adapter]), sigma * offsets[adapter][step].exp().sqrt()))
+    expected = by_hand(
+        comp,
+        x_T,
+        batch,
+        3,
+        lambda x, step, eps, sigma: (
+            ddim(comp, x, step, eps[adapter]),
+            sigma * offsets[adapter][step].exp().sqrt(),
+        ),
+    )
     torch.testing.assert_close(chain.latents, expected, rtol=1e-4, atol=1e-4)
     assert nfe == 4, "one UNet row per image and step"
 
@@ -73,8 +87,11 @@ def test_msdda_with_unequal_variances_is_the_product_of_gaussians(unet_with_two_
     w1, w2 = weights
 
     def product(x, step, eps, sigma):
-        var = {"alpha": sigma**2 * LOG_VARIANCE["alpha"][step].exp(), "beta": sigma**2 * LOG_VARIANCE["beta"][step].exp(),
-               "ref": sigma**2}
+        var = {
+            "alpha": sigma**2 * LOG_VARIANCE["alpha"][step].exp(),
+            "beta": sigma**2 * LOG_VARIANCE["beta"][step].exp(),
+            "ref": sigma**2,
+        }
         lam = {"alpha": w1, "beta": w2, "ref": 1 - w1 - w2}
         precision = sum(lam[k] / var[k] for k in lam)
         mean = sum(lam[k] / var[k] * ddim(comp, x, step, eps[k]) for k in lam) / precision
@@ -92,8 +109,16 @@ def test_epsilon_blend_is_its_formula(unet_with_two_adapters, weights):
     x_T, batch = inputs(comp.unet, seed=2)
     chain, nfe = sample("db", comp, weights, x_T, batch)
     w1, w2 = weights
-    expected = by_hand(comp, x_T, batch, 3, lambda x, step, eps, sigma: (
-        ddim(comp, x, step, w1 * eps["alpha"] + w2 * eps["beta"] + (1 - w1 - w2) * eps["ref"]), sigma))
+    expected = by_hand(
+        comp,
+        x_T,
+        batch,
+        3,
+        lambda x, step, eps, sigma: (
+            ddim(comp, x, step, w1 * eps["alpha"] + w2 * eps["beta"] + (1 - w1 - w2) * eps["ref"]),
+            sigma,
+        ),
+    )
     torch.testing.assert_close(chain.latents, expected, rtol=1e-4, atol=1e-4)
     assert nfe == (2 if w1 + w2 == 1 else 3) * 4
 
@@ -172,8 +197,9 @@ def test_rgg_at_scale_zero_is_plain_ddim_and_guidance_raises_the_score(unet_with
     chain, nfe = sample("rgg", plain, [0.5, 0.5], x_T, batch, score=brightness)
     torch.testing.assert_close(chain.latents, reference_chain(plain, x_T, batch, 3), rtol=1e-5, atol=1e-5)
     assert nfe == 3 * 4, "a forward and a backward (two forwards) per step"
-    guided, _ = sample("rgg", composer(unet_with_two_adapters, rgg_scale=0.5), [0.5, 0.5], x_T, batch,
-                       score=brightness)
+    guided, _ = sample(
+        "rgg", composer(unet_with_two_adapters, rgg_scale=0.5), [0.5, 0.5], x_T, batch, score=brightness
+    )
     gain = brightness(guided.latents) - brightness(chain.latents)  # same x_T and noise: paired
     assert (gain > 0).all(), gain
 

@@ -30,10 +30,10 @@ CASES = [
     # (weights, betas, beta)
     ([0.3, 0.7], None, None),
     ([0.5, 0.5], [0.1, 0.1], None),
-    ([1.4, -0.2], [0.2, 0.2], 0.2),          # outside the simplex, sum = 1.2
-    ([0.2, 0.1], [0.5, 0.05], 0.3),           # differing betas, sum lam != 1
+    ([1.4, -0.2], [0.2, 0.2], 0.2),  # outside the simplex, sum = 1.2
+    ([0.2, 0.1], [0.5, 0.05], 0.3),  # differing betas, sum lam != 1
     ([0.2, 0.3, 0.5], [0.1, 0.2, 0.4], 0.25),
-    ([0.6, 0.6, 0.6], None, None),            # sum 1.8 > 1
+    ([0.6, 0.6, 0.6], None, None),  # sum 1.8 > 1
     ([0.1, -0.1, 0.7, 0.4], [0.3, 0.1, 0.2, 0.5], 0.2),
     ([0.25, 0.25, 0.25, 0.25], None, None),
 ]
@@ -68,10 +68,15 @@ def test_float32_is_exact_to_float_precision():
     base = [tilted_gaussian(ref_mean, ref_var, linear[i], quadratic[i], 0.5) for i in range(3)]
     weights = [0.2, 0.5, 0.6]
     w = torch.tensor(weights, dtype=DTYPE).view(3, 1)
-    expected, expected_var = tilted_gaussian(ref_mean, ref_var, (w * linear).sum(0), (w * quadratic).sum(0), 0.5)
+    expected, expected_var = tilted_gaussian(
+        ref_mean, ref_var, (w * linear).sum(0), (w * quadratic).sum(0), 0.5
+    )
     mean, var = compose_gaussian(
-        torch.stack([m for m, _ in base]).float(), torch.stack([v for _, v in base]).float(), weights,
-        ref_mean.float(), ref_var.float(),
+        torch.stack([m for m, _ in base]).float(),
+        torch.stack([v for _, v in base]).float(),
+        weights,
+        ref_mean.float(),
+        ref_var.float(),
     )
     torch.testing.assert_close(mean.double(), expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(var.double(), expected_var, rtol=1e-5, atol=1e-6)
@@ -108,14 +113,26 @@ def test_reference_only_when_weights_are_zero():
         ({"weights": [float("nan"), 1.0]}, "weights must be finite"),
         ({"weights": [float("inf"), 0.0]}, "weights must be finite"),
         ({"weights": [0.3, 0.3]}, "reference kernel"),
-        ({"weights": [0.5, 0.5], "means": torch.tensor([[0.0], [float("nan")]])}, "means contains non-finite"),
-        ({"weights": [0.3, 0.3], "ref_mean": torch.tensor([0.0]), "ref_var": torch.tensor([float("inf")])},
-         "ref_var contains non-finite"),
+        (
+            {"weights": [0.5, 0.5], "means": torch.tensor([[0.0], [float("nan")]])},
+            "means contains non-finite",
+        ),
+        (
+            {"weights": [0.3, 0.3], "ref_mean": torch.tensor([0.0]), "ref_var": torch.tensor([float("inf")])},
+            "ref_var contains non-finite",
+        ),
         ({"weights": [0.5, 0.5], "betas": [0.1, 0.2]}, "pass the target `beta`"),
         ({"weights": [0.5, 0.5], "betas": [0.1]}, "betas has 1 entries"),
         ({"weights": [0.5, 0.5], "betas": [0.1, -0.1], "beta": 0.1}, "betas must be finite and positive"),
-        ({"weights": [2.0, 0.0], "variances": torch.tensor([[3.0], [1.0]]), "ref_mean": torch.tensor([0.0]),
-          "ref_var": torch.tensor([1.0])}, "precision is not positive"),
+        (
+            {
+                "weights": [2.0, 0.0],
+                "variances": torch.tensor([[3.0], [1.0]]),
+                "ref_mean": torch.tensor([0.0]),
+                "ref_var": torch.tensor([1.0]),
+            },
+            "precision is not positive",
+        ),
         ({"weights": [1.0, 0.0], "variances": torch.tensor([[0.0], [1.0]])}, "variances must be positive"),
     ],
 )

@@ -41,35 +41,65 @@ from training.card import (
 from training.models import msdda_home
 
 REPO = Path(__file__).resolve().parents[1]
-SCHEDULER = {"_class_name": "DDIMScheduler", "_diffusers_version": "0.35.0", "num_train_timesteps": 1000,
-             "beta_schedule": "scaled_linear", "prediction_type": "epsilon"}
+SCHEDULER = {
+    "_class_name": "DDIMScheduler",
+    "_diffusers_version": "0.35.0",
+    "num_train_timesteps": 1000,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+}
 
 
-def fake_card(objective: str, rise_in_se: float = 5.0, reference_hash: str = "ref-aaaa",
-              scheduler: dict | None = None) -> BaseModelCard:
+def fake_card(
+    objective: str, rise_in_se: float = 5.0, reference_hash: str = "ref-aaaa", scheduler: dict | None = None
+) -> BaseModelCard:
     return BaseModelCard(
-        objective=objective, reward=RewardSpec(name=objective), beta=0.1, trainer="step_level",
-        reference_hash=reference_hash, scheduler=scheduler or SCHEDULER,
+        objective=objective,
+        reward=RewardSpec(name=objective),
+        beta=0.1,
+        trainer="step_level",
+        reference_hash=reference_hash,
+        scheduler=scheduler or SCHEDULER,
         sampling={"num_inference_steps": 4, "eta": 1.0, "guidance_scale": 1.0},
-        lora=LoraSpec(rank=4, targets=["to_q"]), learn_variance="step",
-        metrics={"objective": objective, "reward_before": 0.2, "reward_after": 0.2 + 0.01 * rise_in_se,
-                 "reward_se_before": 0.01, "reward_se_after": 0.01, "reward_se": 0.01,
-                 "rise_in_se": rise_in_se, "rise_in_unpaired_se": rise_in_se / 2, "kl": 0.05,
-                 "seconds": 1.0, "unet_evaluations": 10},
+        lora=LoraSpec(rank=4, targets=["to_q"]),
+        learn_variance="step",
+        metrics={
+            "objective": objective,
+            "reward_before": 0.2,
+            "reward_after": 0.2 + 0.01 * rise_in_se,
+            "reward_se_before": 0.01,
+            "reward_se_after": 0.01,
+            "reward_se": 0.01,
+            "rise_in_se": rise_in_se,
+            "rise_in_unpaired_se": rise_in_se / 2,
+            "kl": 0.05,
+            "seconds": 1.0,
+            "unet_evaluations": 10,
+        },
     )
 
 
 def fake_weights(seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    lora = {"down_blocks.0.attn1.to_q.lora_A.weight": torch.randn(4, 8, generator=generator),
-            "down_blocks.0.attn1.to_q.lora_B.weight": torch.randn(8, 4, generator=generator)}
+    lora = {
+        "down_blocks.0.attn1.to_q.lora_A.weight": torch.randn(4, 8, generator=generator),
+        "down_blocks.0.attn1.to_q.lora_B.weight": torch.randn(8, 4, generator=generator),
+    }
     return lora, torch.randn(4, 1, generator=generator)
 
 
-def fake_base_model(folder: Path, objective: str, seed: int, rise_in_se: float = 5.0,
-                    reference_hash: str = "ref-aaaa", scheduler: dict | None = None) -> Path:
+def fake_base_model(
+    folder: Path,
+    objective: str,
+    seed: int,
+    rise_in_se: float = 5.0,
+    reference_hash: str = "ref-aaaa",
+    scheduler: dict | None = None,
+) -> Path:
     """A base-model folder written by the card's ``save_base_model``, with small random weights."""
-    return save_base_model(folder, fake_card(objective, rise_in_se, reference_hash, scheduler), *fake_weights(seed))
+    return save_base_model(
+        folder, fake_card(objective, rise_in_se, reference_hash, scheduler), *fake_weights(seed)
+    )
 
 
 def same_files(a: Path, b: Path) -> bool:
@@ -108,12 +138,18 @@ def test_register_list_and_resolve(home, tmp_path):
     digit = fake_base_model(tmp_path / "digit", "digit_alignment", seed=2, rise_in_se=4.0)
     first = register_base_model(home, ink)
     assert (first["name"], first["version"], first["aliases"], first["created"]) == (
-        "msdda-ink_economy", 1, ["champion"], True)
+        "msdda-ink_economy",
+        1,
+        ["champion"],
+        True,
+    )
     register_base_model(home, digit)
 
     rows = list_models(home)
     assert [(r["name"], r["version"], r["aliases"]) for r in rows] == [
-        ("msdda-digit_alignment", 1, ["champion"]), ("msdda-ink_economy", 1, ["champion"])]
+        ("msdda-digit_alignment", 1, ["champion"]),
+        ("msdda-ink_economy", 1, ["champion"]),
+    ]
     ink_row = rows[1]
     assert ink_row["objective"] == "ink_economy" and ink_row["reward_after"] == pytest.approx(0.26)
     assert ink_row["reward_se"] == pytest.approx(0.01) and ink_row["beta"] == 0.1
@@ -134,7 +170,9 @@ def test_register_list_and_resolve(home, tmp_path):
 
     for spec in ("ink_economy", "msdda-ink_economy@champion", "msdda-ink_economy/1", "ink_economy/1"):
         resolved = resolve(home, spec)
-        assert resolved == ResolvedModel(home / "registry_cache" / "msdda-ink_economy" / "1", "msdda-ink_economy", 1)
+        assert resolved == ResolvedModel(
+            home / "registry_cache" / "msdda-ink_economy" / "1", "msdda-ink_economy", 1
+        )
         assert same_files(resolved.path, ink), spec
     assert same_files(resolve(home, "digit_alignment").path, digit)
 
@@ -152,8 +190,9 @@ def test_weak_version_does_not_take_the_champion_alias(home, tmp_path):
     assert [(r["version"], r["aliases"]) for r in list_models(home)] == [(1, ["champion"]), (2, [])]
     assert same_files(resolve(home, "ink_economy/2").path, weak_dir)
     assert resolve(home, "ink_economy").version == 1
-    forced = register_base_model(home, fake_base_model(tmp_path / "c", "ink_economy", seed=3, rise_in_se=1.0),
-                                 champion=True)
+    forced = register_base_model(
+        home, fake_base_model(tmp_path / "c", "ink_economy", seed=3, rise_in_se=1.0), champion=True
+    )
     assert forced["version"] == 3 and forced["aliases"] == ["champion"]
     assert [(r["version"], r["aliases"]) for r in list_models(home)] == [(1, []), (2, []), (3, ["champion"])]
 
@@ -184,22 +223,36 @@ def test_resolved_models_with_mismatched_lineage_are_refused(home, tmp_path):
     register_base_model(home, fake_base_model(tmp_path / "b", "digit_alignment", seed=2))
     register_base_model(home, fake_base_model(tmp_path / "c", "other_ref", seed=3, reference_hash="ref-bbbb"))
     other_scheduler = {**SCHEDULER, "beta_schedule": "linear"}
-    register_base_model(home, fake_base_model(tmp_path / "d", "other_sched", seed=4, scheduler=other_scheduler))
+    register_base_model(
+        home, fake_base_model(tmp_path / "d", "other_sched", seed=4, scheduler=other_scheduler)
+    )
     newer_diffusers = {**SCHEDULER, "_diffusers_version": "0.99.0"}
-    register_base_model(home, fake_base_model(tmp_path / "e", "same_sched", seed=5, scheduler=newer_diffusers))
+    register_base_model(
+        home, fake_base_model(tmp_path / "e", "same_sched", seed=5, scheduler=newer_diffusers)
+    )
 
     def load(*specs: str) -> list:
         return [load_base_model(resolve(home, spec).path) for spec in specs]
 
     models = load("ink_economy", "digit_alignment", "same_sched")
     check_lineage(models)
-    assert [m.path.parent.name for m in models] == ["msdda-ink_economy", "msdda-digit_alignment", "msdda-same_sched"]
-    with pytest.raises(CardError, match=r"'ink_economy' \(.*\) and 'other_ref' \(.*\).*different reference models "
-                                        r"\(reference_hash ref-aaaa vs ref-bbbb\)") as info:
+    assert [m.path.parent.name for m in models] == [
+        "msdda-ink_economy",
+        "msdda-digit_alignment",
+        "msdda-same_sched",
+    ]
+    with pytest.raises(
+        CardError,
+        match=r"'ink_economy' \(.*\) and 'other_ref' \(.*\).*different reference models "
+        r"\(reference_hash ref-aaaa vs ref-bbbb\)",
+    ) as info:
         check_lineage(load("ink_economy", "other_ref"))
     assert "\n" not in str(info.value)
-    with pytest.raises(CardError, match=r"'digit_alignment' \(.*\) and 'other_sched' \(.*\).*scheduler configs "
-                                        r"\(differing: beta_schedule\)"):
+    with pytest.raises(
+        CardError,
+        match=r"'digit_alignment' \(.*\) and 'other_sched' \(.*\).*scheduler configs "
+        r"\(differing: beta_schedule\)",
+    ):
         check_lineage(load("digit_alignment", "other_sched"))
 
 
@@ -243,13 +296,20 @@ def test_concurrent_registration_loses_nothing(tmp_path, monkeypatch):
     """Two processes register into a store that does not exist yet: creating it races too."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     home = msdda_home()
-    folders = [fake_base_model(tmp_path / f"m{i}", ("conc_x", "conc_y")[i % 2], seed=10 + i, rise_in_se=float(i))
-               for i in range(6)]
+    folders = [
+        fake_base_model(tmp_path / f"m{i}", ("conc_x", "conc_y")[i % 2], seed=10 + i, rise_in_se=float(i))
+        for i in range(6)
+    ]
     go = tmp_path / "go"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     procs = [
-        subprocess.Popen([sys.executable, "-c", CONCURRENT_SCRIPT, str(home), str(go), *map(str, chunk)],
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", CONCURRENT_SCRIPT, str(home), str(go), *map(str, chunk)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for chunk in (folders[:3], folders[3:])
     ]
     time.sleep(0.5)
@@ -264,7 +324,8 @@ def test_concurrent_registration_loses_nothing(tmp_path, monkeypatch):
     by_hash = {r["content_hash"]: r for r in rows}
     assert len(rows) == 6 and len(by_hash) == 6
     assert sorted((r["name"], r["version"]) for r in rows) == [
-        (f"{MODEL_PREFIX}conc_{o}", v) for o in "xy" for v in (1, 2, 3)]
+        (f"{MODEL_PREFIX}conc_{o}", v) for o in "xy" for v in (1, 2, 3)
+    ]
     for i, folder in enumerate(folders):
         row = by_hash[content_hash(folder)]
         assert row["objective"] == ("conc_x", "conc_y")[i % 2] and row["rise_in_se"] == float(i)
@@ -278,9 +339,14 @@ def test_unreachable_tracking_server_fails_fast(home, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
     folder = fake_base_model(tmp_path / "a", "ink_economy", seed=1)
     start = time.perf_counter()
-    for call in (lambda: list_models(home), lambda: resolve(home, "ink_economy"),
-                 lambda: register_base_model(home, folder)):
-        with pytest.raises(RegistryError, match=f"MLflow tracking server at http://127.0.0.1:{port} is unreachable"):
+    for call in (
+        lambda: list_models(home),
+        lambda: resolve(home, "ink_economy"),
+        lambda: register_base_model(home, folder),
+    ):
+        with pytest.raises(
+            RegistryError, match=f"MLflow tracking server at http://127.0.0.1:{port} is unreachable"
+        ):
             call()
     assert time.perf_counter() - start < 15
 

@@ -31,14 +31,37 @@ def test_killed_training_process_resumes(tmp_path, tiny_home, pretrained_home):
     # The same torch thread count in every run (the CLI takes torch's, which follows OMP_NUM_THREADS): float
     # reductions split over other thread counts may round differently. One thread each also lets the
     # uninterrupted run share the machine with the killed one.
-    env = {**os.environ, "MSDDA_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO),
-           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "flows.cli", "train", "--objective", "ink_economy", "--config",
-               str(config_file), "--no-mlflow", "--json"]
-    straight = subprocess.Popen(command, cwd=tmp_path, env={**env, "MSDDA_HOME": str(straight_home)},
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    env = {
+        **os.environ,
+        "MSDDA_HOME": str(home),
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "train",
+        "--objective",
+        "ink_economy",
+        "--config",
+        str(config_file),
+        "--no-mlflow",
+        "--json",
+    ]
+    straight = subprocess.Popen(
+        command,
+        cwd=tmp_path,
+        env={**env, "MSDDA_HOME": str(straight_home)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    first = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 300
     checkpoints = []
     while time.monotonic() < deadline and first.poll() is None:
@@ -52,8 +75,9 @@ def test_killed_training_process_resumes(tmp_path, tiny_home, pretrained_home):
     killed_at = json.loads(checkpoints[0].read_text())["iteration"]
     assert not list(home.glob(f"base_models/*/{CARD_FILE}")), "nothing was saved by the killed run"
 
-    second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-                            check=False)
+    second = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False
+    )
     assert second.returncode == 0, second.stderr[-2000:]
     resumed_from = int(second.stderr.split("resuming from the checkpoint at iteration ")[1].split()[0])
     assert resumed_from >= killed_at >= 4

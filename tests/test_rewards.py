@@ -15,8 +15,9 @@ def test_registry_lists_offline_and_heavy_rewards():
     assert {"image_reward", "laion_aesthetic", "pickscore", "clip_score", "hpsv2"} <= REWARDS.keys()
 
 
-@pytest.mark.parametrize(("name", "differentiable"), [("ink_economy", True), ("symmetry", True),
-                                                      ("compressibility", False)])
+@pytest.mark.parametrize(
+    ("name", "differentiable"), [("ink_economy", True), ("symmetry", True), ("compressibility", False)]
+)
 def test_simple_rewards(tiny_config, tmp_path, name, differentiable):
     reward = load_reward(name, tiny_config, tmp_path)
     assert reward.differentiable is differentiable
@@ -38,8 +39,15 @@ def test_ink_and_compressibility_order_blank_above_noise(tiny_config, tmp_path):
 def test_digit_alignment_is_a_log_probability(tiny_config, tmp_path):
     reward = load_reward("digit_alignment", tiny_config, tmp_path)
     assert reward.differentiable and "classifier_test_accuracy" in reward.info
-    values = reward(images(), ["a handwritten digit seven", "handwritten two", "the digit nine written by hand",
-                               "a picture of the number zero"])
+    values = reward(
+        images(),
+        [
+            "a handwritten digit seven",
+            "handwritten two",
+            "the digit nine written by hand",
+            "a picture of the number zero",
+        ],
+    )
     assert (values <= 0).all()
     assert prompted_digit("a hand drawn number eight") == 8
     with pytest.raises(RewardError, match="names a digit"):
@@ -56,7 +64,9 @@ def test_digit_alignment_is_a_log_probability(tiny_config, tmp_path):
         ("clip_score", {"weights": "openai/clip-vit-base-patch32"}, "cannot load weights"),
     ],
 )
-def test_missing_rewards_and_weights_fail_in_one_line(tiny_config, tmp_path, monkeypatch, name, options, message):
+def test_missing_rewards_and_weights_fail_in_one_line(
+    tiny_config, tmp_path, monkeypatch, name, options, message
+):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(RewardError) as info:
         load_reward(name, tiny_config, tmp_path, options)
@@ -74,10 +84,12 @@ def test_plugin_without_its_package_names_it(tiny_config, tmp_path, monkeypatch)
 def test_weighted_sum_is_the_combined_reward(tiny_config, tmp_path):
     images = torch.rand(3, 3, 16, 16)
     prompts = ["a handwritten digit one"] * 3
-    combined = load_reward("weighted_sum", tiny_config, tmp_path,
-                           {"terms": {"ink_economy": 0.25, "symmetry": 0.75}})
+    combined = load_reward(
+        "weighted_sum", tiny_config, tmp_path, {"terms": {"ink_economy": 0.25, "symmetry": 0.75}}
+    )
     expected = 0.25 * load_reward("ink_economy", tiny_config, tmp_path)(images, prompts) + 0.75 * load_reward(
-        "symmetry", tiny_config, tmp_path)(images, prompts)
+        "symmetry", tiny_config, tmp_path
+    )(images, prompts)
     torch.testing.assert_close(combined(images, prompts), expected)
     assert combined.differentiable
     with pytest.raises(RewardError, match="options.terms"):

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from composition.batched import REFERENCE, load_adapter, mixed_adapter_batch, routing
-from training.policy import cfg_epsilon
 from training.card import LORA_TARGETS, LoraSpec
+from training.policy import cfg_epsilon
 
 GUIDANCE = 7.5
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
@@ -63,8 +63,9 @@ def _separate(unet, name, x, t, embeds, uncond, guidance):
     try:
         if guidance == 1.0:
             return unet(x, t, encoder_hidden_states=embeds).sample
-        eps_uncond, eps_cond = unet(torch.cat([x, x]), torch.cat([t, t]),
-                                    encoder_hidden_states=torch.cat([uncond, embeds])).sample.chunk(2)
+        eps_uncond, eps_cond = unet(
+            torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, embeds])
+        ).sample.chunk(2)
         return cfg_epsilon(eps_cond, eps_uncond, guidance)
     finally:
         unet.enable_adapters()
@@ -88,8 +89,9 @@ def _batched(unet, names, x, t, embeds, uncond, guidance):
 def _check(unet, names, guidance):
     x, t, embeds, uncond = _inputs(unet)
     batched = _batched(unet, names, x, t, embeds, uncond, guidance)
-    expected = [_separate(unet, None if name == REFERENCE else name, x, t, embeds, uncond, guidance)
-                for name in names]
+    expected = [
+        _separate(unet, None if name == REFERENCE else name, x, t, embeds, uncond, guidance) for name in names
+    ]
     for name, got, want in zip(names, batched, expected, strict=True):
         torch.testing.assert_close(got, want, **TOLERANCE, msg=lambda m, name=name: f"{name}: {m}")
     # the comparison has teeth: every adapter's output differs from the reference's and from the others'

@@ -1,6 +1,5 @@
 """The step-level trainer: reaches pi* on the analytic toy, resumes exactly, survives NaN rewards."""
 
-
 import pytest
 import torch
 
@@ -62,8 +61,14 @@ def test_nan_rewards_skip_the_batch_with_a_warning():
     config = TrainConfig(iterations=3, **{**FAST, "batch_size": 8, "states_per_trajectory": 1})
     snapshots = []
     with pytest.warns(RuntimeWarning, match="non-finite rewards"):
-        result = train(problem, config, progress=False, log_metrics=lambda m: snapshots.append(
-            {k: v.clone() for k, v in problem.trainable_state().items()}))
+        result = train(
+            problem,
+            config,
+            progress=False,
+            log_metrics=lambda m: snapshots.append(
+                {k: v.clone() for k, v in problem.trainable_state().items()}
+            ),
+        )
     assert [m.skipped for m in result.history] == [False, True, False]
     for key in snapshots[0]:
         torch.testing.assert_close(snapshots[1][key], snapshots[0][key], rtol=0, atol=0)
@@ -72,8 +77,9 @@ def test_nan_rewards_skip_the_batch_with_a_warning():
 
 def test_bf16_and_gradient_accumulation_run():
     problem = ToyProblem(num_inference_steps=5)
-    config = TrainConfig(iterations=4, mixed_precision="bf16", gradient_accumulation_steps=2,
-                         **{**FAST, "batch_size": 16})
+    config = TrainConfig(
+        iterations=4, mixed_precision="bf16", gradient_accumulation_steps=2, **{**FAST, "batch_size": 16}
+    )
     result = train(problem, config, progress=False)
     assert len(result.history) == 4 and not any(m.skipped for m in result.history)
     assert all(torch.isfinite(v).all() for v in problem.trainable_state().values())

@@ -64,7 +64,9 @@ def reference_identity(config: PipelineConfig, home: Path, progress: bool):
     if config.model.source == "pretrained":
         pipe = load_pretrained_pipeline(config.model.pretrained, config.model.revision)
         local = Path(config.model.pretrained).expanduser()
-        identity = content_hash(local) if local.exists() else f"{config.model.pretrained}@{config.model.revision}"
+        identity = (
+            content_hash(local) if local.exists() else f"{config.model.pretrained}@{config.model.revision}"
+        )
         return pipe, identity
     from training.embedded import load_embedded_pipeline, pretrain_reference
 
@@ -105,9 +107,16 @@ def train_base_model(
     beta = spec.beta or train_cfg.beta
     prompts = train_cfg.prompts or default_prompts()
     problem = DiffusionStepProblem(
-        pipe, reward, prompts, config.sampling.num_inference_steps, config.sampling.eta,
-        config.sampling.guidance_scale, lora_rank=train_cfg.lora_rank, learn_variance=train_cfg.learn_variance,
-        x0_estimate=train_cfg.x0_estimate, seed=train_cfg.seed,
+        pipe,
+        reward,
+        prompts,
+        config.sampling.num_inference_steps,
+        config.sampling.eta,
+        config.sampling.guidance_scale,
+        lora_rank=train_cfg.lora_rank,
+        learn_variance=train_cfg.learn_variance,
+        x0_estimate=train_cfg.x0_estimate,
+        seed=train_cfg.seed,
     )
     eval_index = torch.arange(train_cfg.eval_samples) % len(prompts)
 
@@ -120,7 +129,9 @@ def train_base_model(
     problem.unet_evaluations = 0  # evaluation calls are not training cost
     checkpoint_dir = home / "checkpoints" / f"{objective}-{key}"
     start = time.perf_counter()
-    result = train(problem, train_cfg.model_copy(update={"beta": beta}), checkpoint_dir, log_metrics, progress)
+    result = train(
+        problem, train_cfg.model_copy(update={"beta": beta}), checkpoint_dir, log_metrics, progress
+    )
     seconds = result.history[-1].seconds if result.history else time.perf_counter() - start
     train_evaluations = problem.unet_evaluations
     after, kl = evaluate(use_policy=True)
@@ -131,11 +142,19 @@ def train_base_model(
     rise, se = mean_and_se(after - before)
     unpaired_se = math.hypot(se_before, se_after)
     metrics = BaseModelResult(
-        objective=objective, path=final, reward_before=mean_before, reward_after=mean_after,
-        reward_se_before=se_before, reward_se_after=se_after, reward_se=se,
+        objective=objective,
+        path=final,
+        reward_before=mean_before,
+        reward_after=mean_after,
+        reward_se_before=se_before,
+        reward_se_after=se_after,
+        reward_se=se,
         rise_in_se=rise / se if se > 0 else math.inf,
         rise_in_unpaired_se=rise / unpaired_se if unpaired_se > 0 else math.inf,
-        kl=kl, seconds=seconds, unet_evaluations=train_evaluations, cached=False,
+        kl=kl,
+        seconds=seconds,
+        unet_evaluations=train_evaluations,
+        cached=False,
     )
     from accelerate import PartialState
 
@@ -150,8 +169,14 @@ def save_trained(final: Path, problem, config, spec, beta, reference_hash, metri
     state = problem.trainable_state()
     card = BaseModelCard(
         objective=spec.name,
-        reward=RewardSpec(**{"name": spec.name, "options": spec.options, "differentiable": problem.reward.differentiable,
-                             **problem.reward.info}),
+        reward=RewardSpec(
+            **{
+                "name": spec.name,
+                "options": spec.options,
+                "differentiable": problem.reward.differentiable,
+                **problem.reward.info,
+            }
+        ),
         beta=beta,
         trainer=config.train.method,
         train=config.train.model_dump(mode="json"),
@@ -176,9 +201,13 @@ def evaluation_problem(config: PipelineConfig, home: Path, base_model: Path | No
     loaded = load_base_model(base_model) if base_model is not None else None
     pipe, _ = reference_identity(config, home, progress)
     problem = DiffusionStepProblem(
-        pipe, Reward("none", False, lambda images, prompts: torch.zeros(len(images))),
-        config.train.prompts or default_prompts(), config.sampling.num_inference_steps, config.sampling.eta,
-        config.sampling.guidance_scale, lora_rank=loaded.rank if loaded else config.train.lora_rank,
+        pipe,
+        Reward("none", False, lambda images, prompts: torch.zeros(len(images))),
+        config.train.prompts or default_prompts(),
+        config.sampling.num_inference_steps,
+        config.sampling.eta,
+        config.sampling.guidance_scale,
+        lora_rank=loaded.rank if loaded else config.train.lora_rank,
         learn_variance=loaded.card.learn_variance if loaded else config.train.learn_variance,
     )
     if loaded is not None:

@@ -57,8 +57,11 @@ class LoraSpec(BaseModel):
 
     def lora_config_kwargs(self) -> dict[str, Any]:
         """The arguments of the equivalent ``peft.LoraConfig`` (also stored in the weights file's metadata)."""
-        return {"r": self.rank, "lora_alpha": self.rank if self.alpha is None else self.alpha,
-                "target_modules": list(self.targets)}
+        return {
+            "r": self.rank,
+            "lora_alpha": self.rank if self.alpha is None else self.alpha,
+            "target_modules": list(self.targets),
+        }
 
 
 class RewardSpec(BaseModel):
@@ -139,13 +142,16 @@ class BaseModelCard(BaseModel):
         data.setdefault("format_version", 1)  # format 1 had no version field
         version = data["format_version"]
         if isinstance(version, int) and version > FORMAT_VERSION:
-            raise CardError(f"base model at {folder} has card format {version}, newer than this code reads "
-                            f"({FORMAT_VERSION}); update msdda")
+            raise CardError(
+                f"base model at {folder} has card format {version}, newer than this code reads "
+                f"({FORMAT_VERSION}); update msdda"
+            )
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise _broken(folder, f"{CARD_FILE} is invalid ({_validation_message(exc)})",
-                          data.get("objective")) from None
+            raise _broken(
+                folder, f"{CARD_FILE} is invalid ({_validation_message(exc)})", data.get("objective")
+            ) from None
 
 
 def _one_line(exc: BaseException) -> str:
@@ -165,8 +171,10 @@ def _validation_message(exc: ValidationError) -> str:
 def _broken(folder: Path, what: str, objective: object = None) -> CardError:
     """A :class:`CardError` for an unreadable folder, saying how to rebuild it."""
     name = objective if isinstance(objective, str) and objective else "<objective>"
-    return CardError(f"base model at {folder} is corrupt or incomplete: {what}; "
-                     f"retrain it with `msdda train --objective {name}`")
+    return CardError(
+        f"base model at {folder} is corrupt or incomplete: {what}; "
+        f"retrain it with `msdda train --objective {name}`"
+    )
 
 
 # --------------------------------------------------------------------------------------------- loaded models
@@ -237,7 +245,9 @@ def _read_safetensors(folder: Path, name: str, objective: str) -> dict[str, torc
     try:
         return load_file(path)
     except (OSError, SafetensorError, ValueError, RuntimeError) as exc:
-        raise _broken(folder, f"{name} is not a readable safetensors file ({_one_line(exc)})", objective) from None
+        raise _broken(
+            folder, f"{name} is not a readable safetensors file ({_one_line(exc)})", objective
+        ) from None
 
 
 def load_base_model(folder: str | Path) -> LoadedBaseModel:
@@ -248,7 +258,9 @@ def load_base_model(folder: str | Path) -> LoadedBaseModel:
         stored = _read_safetensors(folder, LORA_FILE, card.objective)
         foreign = [k for k in stored if not k.startswith(UNET_PREFIX)]
         if foreign:
-            raise _broken(folder, f"{LORA_FILE} holds non-UNet LoRA keys such as {foreign[0]!r}", card.objective)
+            raise _broken(
+                folder, f"{LORA_FILE} holds non-UNet LoRA keys such as {foreign[0]!r}", card.objective
+            )
         lora = {k.removeprefix(UNET_PREFIX): v for k, v in stored.items()}
     else:
         lora = _read_safetensors(folder, LEGACY_LORA_FILE, card.objective)
@@ -264,8 +276,12 @@ def load_base_model(folder: str | Path) -> LoadedBaseModel:
     return LoadedBaseModel(folder, card, lora, log_variance)
 
 
-def save_base_model(folder: str | Path, card: BaseModelCard, lora_state: dict[str, torch.Tensor],
-                    log_variance: torch.Tensor | None) -> Path:
+def save_base_model(
+    folder: str | Path,
+    card: BaseModelCard,
+    lora_state: dict[str, torch.Tensor],
+    log_variance: torch.Tensor | None,
+) -> Path:
     """Write a format-2 base-model folder (through a temporary folder and a rename); returns ``folder``.
 
     ``lora_state`` has peft keys without prefix (``get_peft_model_state_dict``'s); they are written with diffusers'
@@ -286,7 +302,9 @@ def save_base_model(folder: str | Path, card: BaseModelCard, lora_state: dict[st
         raise CardError(f"refusing to save the base model '{card.objective}' to {folder}: {problem}")
     with staged_directory(folder) as tmp:
         StableDiffusionLoraLoaderMixin.save_lora_weights(
-            tmp, unet_lora_layers=lora, weight_name=LORA_FILE,
+            tmp,
+            unet_lora_layers=lora,
+            weight_name=LORA_FILE,
             unet_lora_adapter_metadata=card.lora.lora_config_kwargs(),
         )
         if log_variance is not None:
@@ -311,20 +329,28 @@ def check_lineage(models: list[LoadedBaseModel], reference_hash: str | None = No
     for other in models[1:]:
         pair = f"base models '{first.objective}' ({first.path}) and '{other.objective}' ({other.path})"
         if other.card.reference_hash != first.card.reference_hash:
-            raise CardError(f"{pair} were trained on different reference models (reference_hash "
-                            f"{_short(first.card.reference_hash)} vs {_short(other.card.reference_hash)}): "
-                            f"they cannot be composed")
+            raise CardError(
+                f"{pair} were trained on different reference models (reference_hash "
+                f"{_short(first.card.reference_hash)} vs {_short(other.card.reference_hash)}): "
+                f"they cannot be composed"
+            )
         mine, theirs = first.card.lineage()["scheduler"], other.card.lineage()["scheduler"]
         if mine != theirs:
             keys = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
-            raise CardError(f"{pair} have different scheduler configs (differing: {', '.join(keys)}): "
-                            f"they cannot be composed")
+            raise CardError(
+                f"{pair} have different scheduler configs (differing: {', '.join(keys)}): "
+                f"they cannot be composed"
+            )
     if reference_hash is not None and first.card.reference_hash != reference_hash:
-        raise CardError(f"base model '{first.objective}' ({first.path}) was trained on reference "
-                        f"{_short(first.card.reference_hash)}, but this config's reference is {_short(reference_hash)}")
+        raise CardError(
+            f"base model '{first.objective}' ({first.path}) was trained on reference "
+            f"{_short(first.card.reference_hash)}, but this config's reference is {_short(reference_hash)}"
+        )
     seen: dict[str, LoadedBaseModel] = {}
     for model in models:
         if model.objective in seen:
-            raise CardError(f"the objective '{model.objective}' appears twice among the base models "
-                            f"({seen[model.objective].path} and {model.path})")
+            raise CardError(
+                f"the objective '{model.objective}' appears twice among the base models "
+                f"({seen[model.objective].path} and {model.path})"
+            )
         seen[model.objective] = model

@@ -55,8 +55,15 @@ def run_chain(
         x = step_kernel.sample(generator)
         if diagnose:
             std = float(step_kernel.std.mean())
-            diagnostics.append({"step": step, "std": std, "std_over_sigma": std / float(schedule.sigma[step]),
-                                "step_seconds": time.perf_counter() - started, **step_kernel.info})
+            diagnostics.append(
+                {
+                    "step": step,
+                    "std": std,
+                    "std_over_sigma": std / float(schedule.sigma[step]),
+                    "step_seconds": time.perf_counter() - started,
+                    **step_kernel.info,
+                }
+            )
     if stop in keep:
         states[stop] = x
     return Chain(x, states, diagnostics)

@@ -40,13 +40,27 @@ def _pipeline_class():
             super().__init__(*args, **kwargs)
             sd = self.sd_pipeline
 
-            def encode(prompt, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt=None,
-                       prompt_embeds=None, negative_prompt_embeds=None, lora_scale=None, **kw):
+            def encode(
+                prompt,
+                device,
+                num_images_per_prompt,
+                do_classifier_free_guidance,
+                negative_prompt=None,
+                prompt_embeds=None,
+                negative_prompt_embeds=None,
+                lora_scale=None,
+                **kw,
+            ):
                 pos, neg = sd.encode_prompt(
-                    prompt, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt,
+                    prompt,
+                    device,
+                    num_images_per_prompt,
+                    do_classifier_free_guidance,
+                    negative_prompt,
                     prompt_embeds=prompt_embeds,
                     negative_prompt_embeds=negative_prompt_embeds if do_classifier_free_guidance else None,
-                    lora_scale=lora_scale, **kw,
+                    lora_scale=lora_scale,
+                    **kw,
                 )
                 return torch.cat([neg, pos]) if do_classifier_free_guidance else pos
 
@@ -56,8 +70,16 @@ def _pipeline_class():
 
 
 def run_ddpo(
-    config: PipelineConfig, reference_path: Path, reward: Reward, prompts: list[str], epochs: int, out_dir: Path,
-    sample_batch_size: int = 32, train_batch_size: int = 8, learning_rate: float = 3e-4, seed: int = 0,
+    config: PipelineConfig,
+    reference_path: Path,
+    reward: Reward,
+    prompts: list[str],
+    epochs: int,
+    out_dir: Path,
+    sample_batch_size: int = 32,
+    train_batch_size: int = 8,
+    learning_rate: float = 3e-4,
+    seed: int = 0,
 ) -> DDPOHistory:
     """Train DDPO (LoRA) for ``epochs``; returns its reward-versus-UNet-evaluations history."""
     from accelerate import PartialState
@@ -87,7 +109,9 @@ def run_ddpo(
     PartialState(cpu=not torch.cuda.is_available())
     pipe = pipeline_class(str(reference_path), use_lora=True)
     rows = {"n": 0}
-    pipe.unet.register_forward_hook(lambda module, args, output: rows.__setitem__("n", rows["n"] + args[0].shape[0]))
+    pipe.unet.register_forward_hook(
+        lambda module, args, output: rows.__setitem__("n", rows["n"] + args[0].shape[0])
+    )
     rng = random.Random(seed)
 
     def prompt_fn():

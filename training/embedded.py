@@ -115,8 +115,13 @@ def build_components(cfg: EmbeddedModelConfig) -> dict:
         steps_offset=1,
         prediction_type="epsilon",
     )
-    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
-            "scheduler": scheduler}
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "scheduler": scheduler,
+    }
 
 
 # ------------------------------------------------------------------------------------------------- caching
@@ -158,8 +163,9 @@ def digit_classifier(config: PipelineConfig, home: Path, progress: bool = True):
     final = home / "classifiers" / classifier_key(size, config.pretrain)
     if not (final / "DONE").exists():
         train, test = train_test_split(size, config.pretrain.test_fraction, seed=0)
-        model, report = train_classifier(train, test, config.pretrain.classifier_steps, config.pretrain.seed,
-                                         progress)
+        model, report = train_classifier(
+            train, test, config.pretrain.classifier_steps, config.pretrain.seed, progress
+        )
         # keep_existing: a concurrent build that won the race is kept
         with staged_directory(final, keep_existing=True) as tmp:
             save_classifier(model, report, tmp)
@@ -184,8 +190,9 @@ def _cosine_with_warmup(optimizer: torch.optim.Optimizer, steps: int, warmup: in
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def train_vae(vae, images: torch.Tensor, pretrain: PretrainConfig, generator: torch.Generator,
-              progress: bool):
+def train_vae(
+    vae, images: torch.Tensor, pretrain: PretrainConfig, generator: torch.Generator, progress: bool
+):
     """Reconstruction MSE plus ``vae_kl_weight`` * KL(q(z|x) || N(0, I)); returns the posterior-mean
     latents."""
     optimizer = torch.optim.AdamW(vae.parameters(), lr=pretrain.vae_lr, weight_decay=0.0)
@@ -215,8 +222,9 @@ def _prompt_bank(tokenizer, max_length: int) -> tuple[torch.Tensor, torch.Tensor
     """Token ids ``[10, T, L]`` for every (digit, template) pair, and ``[L]`` for the empty prompt."""
 
     def ids(text: str) -> torch.Tensor:
-        encoded = tokenizer(text, padding="max_length", max_length=max_length, truncation=True,
-                            return_tensors="pt")
+        encoded = tokenizer(
+            text, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+        )
         return encoded["input_ids"][0]
 
     bank = torch.stack(
@@ -296,7 +304,12 @@ def load_embedded_pipeline(path: Path):
 
 @torch.no_grad()
 def alignment_accuracy(
-    pipe, classifier, sampling: SamplingConfig, num_samples: int, seed: int, progress: bool,
+    pipe,
+    classifier,
+    sampling: SamplingConfig,
+    num_samples: int,
+    seed: int,
+    progress: bool,
     batch_size: int = 250,
 ) -> float:
     """Share of ``num_samples`` DDIM samples (prompts cycling over digits and paraphrases) that the classifier
@@ -362,7 +375,11 @@ def pretrain_reference(config: PipelineConfig, home: Path, progress: bool = True
     with staged_directory(final, keep_existing=True) as tmp:
         save_pipeline(components, tmp)
         accuracy = alignment_accuracy(
-            load_embedded_pipeline(tmp), classifier, config.sampling, pretrain.eval_samples, pretrain.seed,
+            load_embedded_pipeline(tmp),
+            classifier,
+            config.sampling,
+            pretrain.eval_samples,
+            pretrain.seed,
             progress,
         )
         seconds = time.perf_counter() - start
@@ -383,8 +400,12 @@ def _current_evaluation(config: PipelineConfig, home: Path, final: Path, progres
     if {k: meta["alignment_eval"].get(k) for k in settings} != settings:
         classifier, _ = digit_classifier(config, home, progress)
         meta["alignment_accuracy"] = alignment_accuracy(
-            load_embedded_pipeline(final), classifier, config.sampling, config.pretrain.eval_samples,
-            config.pretrain.seed, progress,
+            load_embedded_pipeline(final),
+            classifier,
+            config.sampling,
+            config.pretrain.eval_samples,
+            config.pretrain.seed,
+            progress,
         )
         meta["alignment_eval"].update(settings)
         with atomic_file(final / META_FILE) as tmp:
@@ -392,8 +413,9 @@ def _current_evaluation(config: PipelineConfig, home: Path, final: Path, progres
     return meta
 
 
-def _reference_meta(config: PipelineConfig, key: str, accuracy: float, report: ClassifierReport,
-                    seconds: float):
+def _reference_meta(
+    config: PipelineConfig, key: str, accuracy: float, report: ClassifierReport, seconds: float
+):
     return {
         "key": key,
         "format": FORMAT_VERSION,
@@ -405,8 +427,10 @@ def _reference_meta(config: PipelineConfig, key: str, accuracy: float, report: C
         "classifier_test_accuracy": report.test_accuracy,
         "pretrain_seconds": seconds,
         "torch_threads": torch.get_num_threads(),
-        "config": {"model": config.model.embedded.model_dump(mode="json"),
-                   "pretrain": config.pretrain.model_dump()},
+        "config": {
+            "model": config.model.embedded.model_dump(mode="json"),
+            "pretrain": config.pretrain.model_dump(),
+        },
         "data": data_fingerprint(),
     }
 

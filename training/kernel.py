@@ -157,13 +157,18 @@ class DDIMSchedule:
         offset = None if log_offset is None else log_offset[step]
         return offset_variance(self.sigma[step].to(like), offset, like.dim())
 
-    def kernel(self, x_t: torch.Tensor, eps: torch.Tensor, step: int, log_offset: torch.Tensor | None = None,
-               **info) -> GaussianStep:
+    def kernel(
+        self, x_t: torch.Tensor, eps: torch.Tensor, step: int, log_offset: torch.Tensor | None = None, **info
+    ) -> GaussianStep:
         """The DDIM kernel ``N(ddim_mean(x_t, eps), sigma_t^2 exp(v))`` of ``step`` for an epsilon ``eps``."""
         alpha, alpha_prev, sigma = self.coefficients(step, x_t)
-        return GaussianStep(ddim_mean(x_t, eps, alpha, alpha_prev, sigma), self.variance(step, x_t, log_offset), info)
+        return GaussianStep(
+            ddim_mean(x_t, eps, alpha, alpha_prev, sigma), self.variance(step, x_t, log_offset), info
+        )
 
-    def clean_estimate(self, x: torch.Tensor, eps: torch.Tensor, step: int, after: bool = False) -> torch.Tensor:
+    def clean_estimate(
+        self, x: torch.Tensor, eps: torch.Tensor, step: int, after: bool = False
+    ) -> torch.Tensor:
         """``x0_hat`` of ``x`` at ``step``'s time (``after``: at the time it steps to, ``t_prev``)."""
         alpha = (self.alpha_prev if after else self.alpha)[step].to(x)
         return ddim_x0(x, eps, alpha)

@@ -46,7 +46,9 @@ class GuidedEpsilon(nn.Module):
         self.rows += self.rows_per_image * x.shape[0]
         if self.guidance_scale == 1.0:
             return self.unet(x, t, encoder_hidden_states=embeds).sample
-        out = self.unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, embeds]))
+        out = self.unet(
+            torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, embeds])
+        )
         eps_uncond, eps_cond = out.sample.chunk(2)
         return cfg_epsilon(eps_cond, eps_uncond, self.guidance_scale)
 
@@ -54,7 +56,9 @@ class GuidedEpsilon(nn.Module):
 class GaussianStepPolicy(nn.Module):
     """``pi(x_prev | x_t, c) = N(ddim_mean(eps_model), sigma_t^2 * exp(v[t]))`` over a :class:`DDIMSchedule`."""
 
-    def __init__(self, eps_model: EpsilonModel, schedule: DDIMSchedule, log_variance: LogVarianceOffset | None):
+    def __init__(
+        self, eps_model: EpsilonModel, schedule: DDIMSchedule, log_variance: LogVarianceOffset | None
+    ):
         super().__init__()
         self.eps_model = eps_model
         self.schedule = schedule

@@ -97,11 +97,16 @@ def digit_alignment(config, home: Path, options: dict) -> Reward:
 
     def fn(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         labels = torch.tensor([prompted_digit(p) for p in prompts], device=images.device)
-        logits = classifier.to(images.device)(to_grayscale(images, size))  # the reward follows the images' device
+        logits = classifier.to(images.device)(
+            to_grayscale(images, size)
+        )  # the reward follows the images' device
         return logits.log_softmax(-1).gather(1, labels[:, None]).squeeze(1)
 
     return Reward(
-        "digit_alignment", True, fn, "log-probability of the prompted digit under a small CNN",
+        "digit_alignment",
+        True,
+        fn,
+        "log-probability of the prompted digit under a small CNN",
         {"classifier_test_accuracy": report.test_accuracy},
     )
 
@@ -142,14 +147,16 @@ def _clip_scorer(name: str, options: dict, head: Callable | None = None) -> Rewa
     source = _weights(name, options)
     transformers = _import(name, "transformers", "transformers")
     model = _load_or_fail(name, source, lambda s: transformers.CLIPModel.from_pretrained(s).eval())
-    processor = _load_or_fail(name, options.get("processor", source),
-                              transformers.CLIPProcessor.from_pretrained)
+    processor = _load_or_fail(
+        name, options.get("processor", source), transformers.CLIPProcessor.from_pretrained
+    )
     scale = float(options.get("scale", 100.0 if name == "pickscore" else 1.0))
 
     def fn(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         size = processor.image_processor.crop_size["height"]
-        pixels = torch.nn.functional.interpolate(images, size=(size, size), mode="bicubic",
-                                                 align_corners=False)
+        pixels = torch.nn.functional.interpolate(
+            images, size=(size, size), mode="bicubic", align_corners=False
+        )
         mean = torch.tensor(processor.image_processor.image_mean, device=images.device).view(1, 3, 1, 1)
         std = torch.tensor(processor.image_processor.image_std, device=images.device).view(1, 3, 1, 1)
         model.to(images.device)  # the reward follows the images' device
@@ -157,7 +164,9 @@ def _clip_scorer(name: str, options: dict, head: Callable | None = None) -> Rewa
         image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
         if head is not None:
             return head(image_embeds)
-        tokens = processor.tokenizer(prompts, padding=True, truncation=True, return_tensors="pt").to(images.device)
+        tokens = processor.tokenizer(prompts, padding=True, truncation=True, return_tensors="pt").to(
+            images.device
+        )
         text_embeds = model.get_text_features(**tokens)
         text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
         return scale * (image_embeds * text_embeds).sum(-1)
@@ -237,8 +246,10 @@ def weighted_sum(config, home, options) -> Reward:
     terms = options.get("terms")
     if not isinstance(terms, dict) or not terms:
         raise RewardError("weighted_sum needs options.terms, a mapping of reward names to weights")
-    parts = [(load_reward(name, config, home, config.objective(name).options), float(w))
-             for name, w in terms.items()]
+    parts = [
+        (load_reward(name, config, home, config.objective(name).options), float(w))
+        for name, w in terms.items()
+    ]
 
     def fn(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         return sum(w * reward(images, prompts) for reward, w in parts)

@@ -29,8 +29,10 @@ def add_lora(unet, rank: int, seed: int) -> None:
 
     torch.manual_seed(seed)
     unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True, target_modules=LORA_TARGETS),
-                     adapter_name=ADAPTER)
+    unet.add_adapter(
+        LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True, target_modules=LORA_TARGETS),
+        adapter_name=ADAPTER,
+    )
 
 
 def lora_state_dict(unet) -> dict[str, torch.Tensor]:
@@ -66,18 +68,34 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def encode_prompts(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Text-encoder states for ``prompts`` ``[P, L, D]`` and for the empty prompt ``[1, L, D]``."""
+
     def encode(texts):
-        ids = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
+        ids = pipe.tokenizer(
+            texts,
+            padding="max_length",
+            max_length=pipe.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
         return pipe.text_encoder(ids.to(pipe.text_encoder.device))[0]
 
     return encode(prompts), encode([""])
 
 
 class DiffusionStepProblem(nn.Module):
-    def __init__(self, pipe, reward: Reward, prompts: list[str], num_inference_steps: int, eta: float,
-                 guidance_scale: float, lora_rank: int = 4, learn_variance: str = "step",
-                 x0_estimate: str = "next_state", seed: int = 0):
+    def __init__(
+        self,
+        pipe,
+        reward: Reward,
+        prompts: list[str],
+        num_inference_steps: int,
+        eta: float,
+        guidance_scale: float,
+        lora_rank: int = 4,
+        learn_variance: str = "step",
+        x0_estimate: str = "next_state",
+        seed: int = 0,
+    ):
         super().__init__()
         self.pipe = pipe
         self.unet, self.vae = pipe.unet, pipe.vae
@@ -164,8 +182,13 @@ class DiffusionStepProblem(nn.Module):
 
     # -- sampling for evaluation ----------------------------------------------------------------------------
     @torch.no_grad()
-    def sample_images(self, prompt_index: torch.Tensor, generator: torch.Generator, use_policy: bool = True,
-                      batch_size: int = 128) -> tuple[torch.Tensor, list[str], float]:
+    def sample_images(
+        self,
+        prompt_index: torch.Tensor,
+        generator: torch.Generator,
+        use_policy: bool = True,
+        batch_size: int = 128,
+    ) -> tuple[torch.Tensor, list[str], float]:
         """Full DDIM chains; returns images, prompts and the mean per-step KL(policy || reference)."""
         images, prompts, kls = [], [], []
 
@@ -180,8 +203,16 @@ class DiffusionStepProblem(nn.Module):
         for start in range(0, len(prompt_index), batch_size):
             index = prompt_index[start : start + batch_size]
             cond = self.make_cond(index)
-            x_T = torch.randn((len(index), *self.latent_shape), generator=generator).to(self.prompt_embeds.device)
-            kernel = policy_kernel(cond) if use_policy else (lambda x, step, cond=cond: self.reference(x, step, cond))
-            images.append(self.decode(run_chain(self.schedule, x_T, kernel, generator, diagnose=False).latents))
+            x_T = torch.randn((len(index), *self.latent_shape), generator=generator).to(
+                self.prompt_embeds.device
+            )
+            kernel = (
+                policy_kernel(cond)
+                if use_policy
+                else (lambda x, step, cond=cond: self.reference(x, step, cond))
+            )
+            images.append(
+                self.decode(run_chain(self.schedule, x_T, kernel, generator, diagnose=False).latents)
+            )
             prompts.extend(cond["prompts"])
         return torch.cat(images), prompts, (sum(kls) / len(kls) if kls else 0.0)

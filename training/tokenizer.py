@@ -15,7 +15,11 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 def _byte_alphabet() -> list[str]:
     """CLIP/GPT-2's reversible byte -> printable-unicode map, in byte order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     codes, extra = [], 0
     for byte in range(256):
         if byte in printable:

@@ -25,8 +25,13 @@ MIXTURE_STD = 0.5
 def make_scheduler(num_train_timesteps: int = 1000):
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="linear", clip_sample=False,
-                         set_alpha_to_one=False, steps_offset=1)
+    return DDIMScheduler(
+        num_train_timesteps=num_train_timesteps,
+        beta_schedule="linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
 
 
 class MixtureEpsilon(nn.Module):
@@ -55,8 +60,9 @@ class ResidualEpsilon(nn.Module):
         super().__init__()
         self.reference = reference
         self.num_train_timesteps = num_train_timesteps
-        self.net = nn.Sequential(nn.Linear(2 + 8, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-                                 nn.Linear(hidden, 2))
+        self.net = nn.Sequential(
+            nn.Linear(2 + 8, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 2)
+        )
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
 
@@ -72,8 +78,14 @@ class ResidualEpsilon(nn.Module):
 class ToyProblem(nn.Module):
     """The :class:`training.trainer.StepProblem` for the toy."""
 
-    def __init__(self, num_inference_steps: int = 10, eta: float = 1.0, linear=(1.0, -0.5), quadratic: float = 1.0,
-                 learn_variance: bool = True):
+    def __init__(
+        self,
+        num_inference_steps: int = 10,
+        eta: float = 1.0,
+        linear=(1.0, -0.5),
+        quadratic: float = 1.0,
+        learn_variance: bool = True,
+    ):
         super().__init__()
         scheduler = make_scheduler()
         self.schedule = DDIMSchedule.from_scheduler(scheduler, num_inference_steps, eta)
@@ -116,7 +128,9 @@ class ToyProblem(nn.Module):
 
 
 @torch.no_grad()
-def evaluate_against_optimum(problem: ToyProblem, beta: float, num_states: int = 2000, seed: int = 1234) -> dict:
+def evaluate_against_optimum(
+    problem: ToyProblem, beta: float, num_states: int = 2000, seed: int = 1234
+) -> dict:
     """Held-out states from reference rollouts: mean error over ``sigma_t`` and relative variance error."""
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(num_states, 2, generator=generator)

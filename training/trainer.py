@@ -107,15 +107,24 @@ def policy_gradient_loss(policy: GaussianStep, actions, rewards, reference: Gaus
 def rollout_states(problem: StepProblem, batch_size: int, steps: list[int], generator: torch.Generator):
     """Run the current policy from ``x_T``; return ``{step: x_t}`` for the requested steps, and ``cond``."""
     x_T, cond = problem.initial_states(batch_size, generator)
-    chain = run_chain(problem.policy.schedule, x_T, lambda x, step: problem.policy(x, step, cond), generator,
-                      stop=max(steps), keep=steps, diagnose=False)
+    chain = run_chain(
+        problem.policy.schedule,
+        x_T,
+        lambda x, step: problem.policy(x, step, cond),
+        generator,
+        stop=max(steps),
+        keep=steps,
+        diagnose=False,
+    )
     return chain.states, cond
 
 
 # ------------------------------------------------------------------------------------------- checkpointing
 
 
-def save_checkpoint(directory: Path, problem: StepProblem, optimizer, generator, iteration: int, history) -> None:
+def save_checkpoint(
+    directory: Path, problem: StepProblem, optimizer, generator, iteration: int, history
+) -> None:
     """Atomically write trainable weights, optimizer moments and RNG state (safetensors + JSON, no pickle)."""
     tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in problem.trainable_state().items()}
     opt_state = optimizer.state_dict()
@@ -124,8 +133,10 @@ def save_checkpoint(directory: Path, problem: StepProblem, optimizer, generator,
             tensors[f"optim.{index}.{name}"] = torch.as_tensor(value).contiguous().cpu()
     tensors["rng.generator"] = generator.get_state()
     tensors["rng.torch"] = torch.get_rng_state()
-    groups = [{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]}
-              for g in opt_state["param_groups"]]
+    groups = [
+        {k: v for k, v in g.items() if k != "params"} | {"params": g["params"]}
+        for g in opt_state["param_groups"]
+    ]
     meta = {"iteration": iteration, "param_groups": groups, "history": [m.__dict__ for m in history]}
     with staged_directory(directory, prefix=".ckpt-") as tmp:
         save_file(tensors, tmp / "checkpoint.safetensors")
@@ -164,7 +175,9 @@ class TrainingRun:
 
 def make_optimizer(problem: StepProblem, config: TrainConfig) -> torch.optim.Optimizer:
     """AdamW; the log-variance offset gets ``variance_lr_scale`` times the learning rate."""
-    variance = list(problem.policy.log_variance.parameters()) if problem.policy.log_variance is not None else []
+    variance = (
+        list(problem.policy.log_variance.parameters()) if problem.policy.log_variance is not None else []
+    )
     ids = {id(p) for p in variance}
     others = [p for p in problem.parameters() if p.requires_grad and id(p) not in ids]
     groups = [{"params": others, "lr": config.learning_rate}]
@@ -177,8 +190,11 @@ def setup_run(problem: StepProblem, config: TrainConfig, checkpoint_dir: Path | 
     """Accelerator, seeds, optimizer and (if a checkpoint is there) the resumed state."""
     from accelerate import Accelerator
 
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available(),
-                              gradient_accumulation_steps=config.gradient_accumulation_steps)
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        cpu=not torch.cuda.is_available(),
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+    )
     # Each process draws its own states (seed + rank); gradients are averaged across processes.
     torch.manual_seed(config.seed + accelerator.process_index)
     generator = torch.Generator().manual_seed(config.seed + accelerator.process_index)
@@ -236,11 +252,14 @@ def apply_update(run: TrainingRun, total: torch.Tensor, config: TrainConfig) -> 
     run.optimizer.zero_grad(set_to_none=True)
 
 
-def train_iteration(problem: StepProblem, config: TrainConfig, run: TrainingRun, iteration: int,
-                    clock: float) -> IterationMetrics:
+def train_iteration(
+    problem: StepProblem, config: TrainConfig, run: TrainingRun, iteration: int, clock: float
+) -> IterationMetrics:
     """One iteration: roll out states, sum the step losses over the sampled steps, update."""
     num_steps = len(problem.policy.schedule)
-    steps = sorted(torch.randperm(num_steps, generator=run.generator)[: config.states_per_trajectory].tolist())
+    steps = sorted(
+        torch.randperm(num_steps, generator=run.generator)[: config.states_per_trajectory].tolist()
+    )
     states, cond = rollout_states(problem, config.batch_size, steps, run.generator)
     outcomes = []
     with run.accelerator.accumulate(problem):
