@@ -1,11 +1,12 @@
 """The one base class of every user-facing error.
 
-An :class:`MsddaError`'s message is one line that says what is wrong and, where it can, what to do. The CLI prints
-it and exits with code 2; the Prefect tasks never retry it (see ``flows.pipeline``).
+An :class:`MsddaError`'s message is one line that says what is wrong and, where it can, what to do. The CLI
+prints it and exits with code 2; the Prefect tasks never retry it (see ``flows.pipeline``).
 """
 
 from __future__ import annotations
 
 
 class MsddaError(Exception):
-    """Bad input or a broken artefact, reported as one line (config, reward, model, card, registry, composition)."""
+    """Bad input or a broken artefact, reported as one line (config, reward, model, card, registry,
+    composition)."""

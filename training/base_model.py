@@ -1,8 +1,8 @@
 """Training one single-objective LoRA base model end to end.
 
-The trained model is saved as a base-model folder (its card ``base_model.json``, the LoRA weights in diffusers'
-format and the learned log-variance offset, if any; see :mod:`training.card`), written to a temporary folder and
-renamed into place, so nothing half-written is ever visible.
+The trained model is saved as a base-model folder (its card ``base_model.json``, the LoRA weights in
+diffusers' format and the learned log-variance offset, if any; see :mod:`training.card`), written to a
+temporary folder and renamed into place, so nothing half-written is ever visible.
 """
 
 from __future__ import annotations
@@ -136,7 +136,8 @@ def train_base_model(
     train_evaluations = problem.unet_evaluations
     after, kl = evaluate(use_policy=True)
 
-    # Before and after share prompts and seeds, so the rise's standard error is that of the paired differences.
+    # Before and after share prompts and seeds, so the rise's standard error is that of the paired
+    # differences.
     mean_before, se_before = mean_and_se(before)
     mean_after, se_after = mean_and_se(after)
     rise, se = mean_and_se(after - before)
@@ -165,7 +166,8 @@ def train_base_model(
 
 
 def save_trained(final: Path, problem, config, spec, beta, reference_hash, metrics, history) -> None:
-    """Save ``problem``'s trained adapter and variance with its card (:func:`training.card.save_base_model`)."""
+    """Save ``problem``'s trained adapter and variance with its card
+    (:func:`training.card.save_base_model`)."""
     state = problem.trainable_state()
     card = BaseModelCard(
         objective=spec.name,

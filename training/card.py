@@ -1,16 +1,19 @@
-"""The base-model card: one typed description of a saved single-objective LoRA base model, and its folder format.
+"""The base-model card: one typed description of a saved single-objective LoRA base model, and its folder
+format.
 
 A base-model folder (format 2) holds
 
-* ``base_model.json`` (:data:`CARD_FILE`): the :class:`BaseModelCard` (objective, reward, beta, trainer settings,
-  LoRA rank/alpha/targets, the reference model's content hash, the scheduler and sampling config, metrics);
-* ``pytorch_lora_weights.safetensors`` (:data:`LORA_FILE`): the UNet LoRA in diffusers' format (peft keys prefixed
-  ``unet.``, the ``LoraConfig`` arguments in the file's ``lora_adapter_metadata``), so that
+* ``base_model.json`` (:data:`CARD_FILE`): the :class:`BaseModelCard` (objective, reward, beta, trainer
+  settings, LoRA rank/alpha/targets, the reference model's content hash, the scheduler and sampling config,
+  metrics);
+* ``pytorch_lora_weights.safetensors`` (:data:`LORA_FILE`): the UNet LoRA in diffusers' format (peft keys
+  prefixed ``unet.``, the ``LoraConfig`` arguments in the file's ``lora_adapter_metadata``), so that
   ``StableDiffusionPipeline.load_lora_weights(folder)`` loads it onto the reference pipeline as is;
 * ``variance.safetensors`` (:data:`VARIANCE_FILE`, when a variance was learned): ``{"log_variance": [S, C]}``.
 
-Format 1 folders (``adapter_model.safetensors`` with unprefixed peft keys, a card without ``format_version``) are
-still read. Everything is read with safetensors (never pickle); every problem is a one-line :class:`CardError`.
+Format 1 folders (``adapter_model.safetensors`` with unprefixed peft keys, a card without ``format_version``)
+are still read. Everything is read with safetensors (never pickle); every problem is a one-line
+:class:`CardError`.
 """
 
 from __future__ import annotations
@@ -38,11 +41,12 @@ class CardError(MsddaError, ValueError):
     """A base-model folder or card that is missing, corrupt, invalid or not composable, as one line."""
 
 
-# ------------------------------------------------------------------------------------------------------ the card
+# --------------------------------------------------------------------------------------------------- the card
 
 
 class LoraSpec(BaseModel):
-    """The LoRA adapter's shape: ``rank``, ``alpha`` (``None`` means ``alpha = rank``) and the target modules."""
+    """The LoRA adapter's shape: ``rank``, ``alpha`` (``None`` means ``alpha = rank``) and the target
+    modules."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -56,7 +60,8 @@ class LoraSpec(BaseModel):
         return 1.0 if self.alpha is None else self.alpha / self.rank
 
     def lora_config_kwargs(self) -> dict[str, Any]:
-        """The arguments of the equivalent ``peft.LoraConfig`` (also stored in the weights file's metadata)."""
+        """The arguments of the equivalent ``peft.LoraConfig`` (also stored in the weights file's
+        metadata)."""
         return {
             "r": self.rank,
             "lora_alpha": self.rank if self.alpha is None else self.alpha,
@@ -78,8 +83,8 @@ class RewardScale(BaseModel):
     """The scale a base model's reward is combined on: ``(R - offset) / scale``; the identity by default.
 
     Training writes the identity today. A trainer that standardises an objective against the reference model's
-    reward distribution records that offset and scale here, so that composition scores (CoDe's selection, RGG's
-    gradient) combine the objectives on the scale each model was trained on.
+    reward distribution records that offset and scale here, so that composition scores (CoDe's selection,
+    RGG's gradient) combine the objectives on the scale each model was trained on.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -93,12 +98,14 @@ class RewardScale(BaseModel):
 
 
 def scheduler_identity(scheduler: dict | None) -> dict:
-    """A scheduler config without bookkeeping keys (``_diffusers_version`` and the like; ``_class_name`` stays)."""
+    """A scheduler config without bookkeeping keys (``_diffusers_version`` and the like; ``_class_name``
+    stays)."""
     return {k: v for k, v in (scheduler or {}).items() if not k.startswith("_") or k == "_class_name"}
 
 
 class BaseModelCard(BaseModel):
-    """Everything known about a base model except its weights: what it optimises, how, and on what reference."""
+    """Everything known about a base model except its weights: what it optimises, how, and on what
+    reference."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="constants")
 
@@ -182,7 +189,8 @@ def _broken(folder: Path, what: str, objective: object = None) -> CardError:
 
 @dataclass(frozen=True)
 class LoadedBaseModel:
-    """A base model read from its folder: its card, LoRA weights (peft keys, no ``unet.`` prefix) and variance."""
+    """A base model read from its folder: its card, LoRA weights (peft keys, no ``unet.`` prefix) and
+    variance."""
 
     path: Path
     card: BaseModelCard
@@ -207,7 +215,8 @@ class LoadedBaseModel:
 
 
 def _lora_problem(lora: dict[str, torch.Tensor], spec: LoraSpec) -> str | None:
-    """What is wrong with LoRA weights for ``spec`` (empty, not finite, not peft keys, another rank), or ``None``."""
+    """What is wrong with LoRA weights for ``spec`` (empty, not finite, not peft keys, another rank), or
+    ``None``."""
     if not lora:
         return "its LoRA weights are empty"
     for key, value in lora.items():
@@ -284,8 +293,8 @@ def save_base_model(
 ) -> Path:
     """Write a format-2 base-model folder (through a temporary folder and a rename); returns ``folder``.
 
-    ``lora_state`` has peft keys without prefix (``get_peft_model_state_dict``'s); they are written with diffusers'
-    own LoRA writer, prefixed ``unet.`` and with the ``LoraConfig`` arguments as adapter metadata.
+    ``lora_state`` has peft keys without prefix (``get_peft_model_state_dict``'s); they are written with
+    diffusers' own LoRA writer, prefixed ``unet.`` and with the ``LoraConfig`` arguments as adapter metadata.
     """
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
     from safetensors.torch import save_file

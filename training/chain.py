@@ -1,8 +1,8 @@
 """The one reverse-chain runner: the trainer's rollouts, evaluation sampling and every composition method.
 
-A chain is ``x_T -> x_{T-1} -> ... -> x_0`` where each step draws from a Gaussian kernel that a *kernel function*
-``kernel(x_t, step) -> GaussianStep`` builds from the current state. What differs between a trained policy, the
-reference, MSDDA and the baselines is only that function (docs/architecture.md).
+A chain is ``x_T -> x_{T-1} -> ... -> x_0`` where each step draws from a Gaussian kernel that a *kernel
+function* ``kernel(x_t, step) -> GaussianStep`` builds from the current state. What differs between a trained
+policy, the reference, MSDDA and the baselines is only that function (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -16,14 +16,15 @@ import torch
 from training.kernel import DDIMSchedule, GaussianStep
 
 KernelFunction = Callable[[torch.Tensor, int], GaussianStep]
-"""``kernel(x_t, step) -> GaussianStep``: the kernel of reverse step ``step`` at states ``x_t`` ``[B, ...]``."""
+"""``kernel(x_t, step) -> GaussianStep``: the kernel of reverse step ``step`` at states ``x_t``
+``[B, ...]``."""
 
 
 @dataclass
 class Chain:
-    """A run of the chain: the last state, the states kept on the way (``{step: x_t}``, the state *before* that
-    step), and one diagnostics dict per step (``step``, ``std``, ``std_over_sigma``, ``step_seconds`` and the
-    kernel's own ``info``)."""
+    """A run of the chain: the last state, the states kept on the way (``{step: x_t}``, the state *before*
+    that step), and one diagnostics dict per step (``step``, ``std``, ``std_over_sigma``, ``step_seconds`` and
+    the kernel's own ``info``)."""
 
     latents: torch.Tensor
     states: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -40,7 +41,8 @@ def run_chain(
     keep: Collection[int] = (),
     diagnose: bool = True,
 ) -> Chain:
-    """Run steps ``start .. stop - 1`` (default: the whole schedule) from ``x_T``, sampling each step's kernel.
+    """Run steps ``start .. stop - 1`` (default: the whole schedule) from ``x_T``, sampling each step's
+    kernel.
 
     ``keep`` names the steps whose incoming state is returned (``stop`` itself may be named: the last state).
     With ``diagnose`` false no per-step statistics are computed (no device synchronisation).

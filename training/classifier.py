@@ -37,7 +37,8 @@ class DigitCNN(nn.Module):
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random shifts of up to one pixel (in 8x8 units) plus pixel noise, for robustness to generated digits."""
+    """Random shifts of up to one pixel (in 8x8 units) plus pixel noise, for robustness to generated
+    digits."""
     size = images.shape[-1]
     max_shift = max(1, size // 8)
     shifts = torch.randint(-max_shift, max_shift + 1, (2,), generator=generator).tolist()

@@ -1,9 +1,10 @@
-"""The DDPO baseline: trl 0.23.1's ``DDPOTrainer`` (the last trl release that has it) on our pipeline and reward.
+"""The DDPO baseline: trl 0.23.1's ``DDPOTrainer`` (the last trl release that has it) on our pipeline and
+reward.
 
 trl removed DDPO after 0.23.1, so the ``ddpo`` extra pins ``trl==0.23.1``. Two adaptations, both outside trl's
 maths: accelerate's state is initialised before trl's pipeline logs through it, and without classifier-free
-guidance (guidance <= 1) the prompt encoder returns only the positive embeddings (trl's ``pipeline_step`` calls
-diffusers' deprecated ``_encode_prompt``, which always concatenates negative and positive ones).
+guidance (guidance <= 1) the prompt encoder returns only the positive embeddings (trl's ``pipeline_step``
+calls diffusers' deprecated ``_encode_prompt``, which always concatenates negative and positive ones).
 """
 
 from __future__ import annotations

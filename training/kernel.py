@@ -7,8 +7,9 @@ DDIM step (Song et al., 2021, eq. 12), with ``a_t = alphas_cumprod[t]`` and ``a_
     mean    = sqrt(a_p) * x0_hat + sqrt(1 - a_p - sigma_t^2) * eps
     x_prev ~ N(mean, sigma_t^2 * exp(v[t]))          (v: optional learned log-variance offset, 0 at start)
 
-Everything here is pure maths on tensors, computed on the device and in the dtype of its inputs. Noise is drawn
-in one place, :func:`draw_noise`: from a CPU generator, then moved, so a seed gives the same chain on any device.
+Everything here is pure maths on tensors, computed on the device and in the dtype of its inputs. Noise is
+drawn in one place, :func:`draw_noise`: from a CPU generator, then moved, so a seed gives the same chain on
+any device.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def gaussian_kl(mean_p, var_p, mean_q, var_q) -> torch.Tensor:
 
 
 def draw_noise(shape, generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
-    """Standard normal noise of ``shape`` in ``like``'s dtype and on its device, drawn from a CPU ``generator``."""
+    """Standard normal noise of ``shape`` in ``like``'s dtype and on its device, drawn from a CPU
+    ``generator``."""
     return torch.randn(tuple(shape), generator=generator, dtype=like.dtype).to(like.device)
 
 
@@ -114,7 +116,8 @@ class GaussianStep:
 
 @dataclass(frozen=True)
 class DDIMSchedule:
-    """The discretised reverse chain: ``timesteps[i]`` -> ``prev_timesteps[i]``, with their alphas and sigmas."""
+    """The discretised reverse chain: ``timesteps[i]`` -> ``prev_timesteps[i]``, with their alphas and
+    sigmas."""
 
     timesteps: torch.Tensor  # [S] int64, descending
     alpha: torch.Tensor  # [S] a_t
@@ -124,7 +127,8 @@ class DDIMSchedule:
 
     @classmethod
     def from_scheduler(cls, scheduler, num_inference_steps: int, eta: float) -> DDIMSchedule:
-        """Match ``diffusers.DDIMScheduler.set_timesteps`` (incl. ``steps_offset`` and ``set_alpha_to_one``)."""
+        """Match ``diffusers.DDIMScheduler.set_timesteps`` (incl. ``steps_offset`` and
+        ``set_alpha_to_one``)."""
         if eta <= 0:
             raise ValueError(f"eta must be > 0 for a Gaussian step policy, got {eta}")
         config = scheduler.config

@@ -1,8 +1,9 @@
-"""The Gaussian step policy: an epsilon model over a :class:`~training.kernel.DDIMSchedule` (docs/design.md §1).
+"""The Gaussian step policy: an epsilon model over a :class:`~training.kernel.DDIMSchedule`
+(docs/design.md §1).
 
-Anything that maps ``(x_t, t, cond)`` to an epsilon-prediction is an :data:`EpsilonModel`: a diffusers UNet with
-classifier-free guidance (:class:`GuidedEpsilon`) or a small MLP on 2-D toy data alike. The policy turns it into
-the step kernel ``N(ddim_mean(eps), sigma_t^2 * exp(v[t]))``.
+Anything that maps ``(x_t, t, cond)`` to an epsilon-prediction is an :data:`EpsilonModel`: a diffusers UNet
+with classifier-free guidance (:class:`GuidedEpsilon`) or a small MLP on 2-D toy data alike. The policy turns
+it into the step kernel ``N(ddim_mean(eps), sigma_t^2 * exp(v[t]))``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ def cfg_epsilon(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, guidance_scale
 
 
 class GuidedEpsilon(nn.Module):
-    """``eps(x_t, t, cond)`` of a conditional UNet with classifier-free guidance; counts the UNet rows it runs.
+    """``eps(x_t, t, cond)`` of a conditional UNet with classifier-free guidance; counts the UNet rows it
+    runs.
 
     ``cond`` holds ``"embeds"`` ``[B, L, D]`` and ``"uncond"`` (the empty prompt's states, ``[B, L, D]``).
     With guidance, one UNet call runs ``[uncond; cond]`` stacked: ``2 B`` rows.
@@ -54,7 +56,8 @@ class GuidedEpsilon(nn.Module):
 
 
 class GaussianStepPolicy(nn.Module):
-    """``pi(x_prev | x_t, c) = N(ddim_mean(eps_model), sigma_t^2 * exp(v[t]))`` over a :class:`DDIMSchedule`."""
+    """``pi(x_prev | x_t, c) = N(ddim_mean(eps_model), sigma_t^2 * exp(v[t]))`` over a
+    :class:`DDIMSchedule`."""
 
     def __init__(
         self, eps_model: EpsilonModel, schedule: DDIMSchedule, log_variance: LogVarianceOffset | None

@@ -1,10 +1,12 @@
-"""The trainer's :class:`~training.trainer.StepProblem` for a Stable Diffusion pipeline with a LoRA base model.
+"""The trainer's :class:`~training.trainer.StepProblem` for a Stable Diffusion pipeline with a LoRA base
+model.
 
 * Policy: the reference UNet with a peft LoRA adapter on its attention projections, classifier-free guidance,
   and the optional learned log-variance offset.
-* Step reward: ``r(s, a) = R(decode(x0_hat(a, t_prev)), c)``, the reward of the reference model's clean estimate
-  at the next state (``x0_estimate="next_state"``, one reference UNet call per action), or of the cheaper
-  estimate that reuses the current state's epsilon (``"current_eps"``). At the last step ``x0_hat = a``.
+* Step reward: ``r(s, a) = R(decode(x0_hat(a, t_prev)), c)``, the reward of the reference model's clean
+  estimate at the next state (``x0_estimate="next_state"``, one reference UNet call per action), or of the
+  cheaper estimate that reuses the current state's epsilon (``"current_eps"``). At the last step
+  ``x0_hat = a``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ ADAPTER = "default"
 
 
 def add_lora(unet, rank: int, seed: int) -> None:
-    """A fresh LoRA adapter (``B = 0``, so the policy starts at the reference) on the attention projections."""
+    """A fresh LoRA adapter (``B = 0``, so the policy starts at the reference) on the attention
+    projections."""
     from peft import LoraConfig
 
     torch.manual_seed(seed)
@@ -60,7 +63,8 @@ def adapters_disabled(unet):
 
 
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """VAE latents -> images in [0, 1] (differentiable; wrap in ``torch.no_grad()`` where no gradient is needed)."""
+    """VAE latents -> images in [0, 1] (differentiable; wrap in ``torch.no_grad()`` where no gradient is
+    needed)."""
     images = vae.decode(latents / vae.config.scaling_factor).sample
     return ((images + 1) / 2).clamp(0, 1)
 

@@ -1,7 +1,7 @@
 """A CLIP BPE tokenizer whose vocabulary is built here from the prompt words.
 
-The base alphabet is CLIP's byte-level one (every byte, alone and word-final), so any text tokenizes; the prompt
-words get merges that build each of them into a single word-final token.
+The base alphabet is CLIP's byte-level one (every byte, alone and word-final), so any text tokenizes; the
+prompt words get merges that build each of them into a single word-final token.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """The step-level KL-regularised RL trainer (docs/design.md §1.5), shared by the UNet and the 2-D toy.
 
-Per visited state ``s = (c, t, x_t)`` the target is ``pi*(a|s) ∝ p_ref(a|s) exp(r(s, a) / beta)``. Two estimators:
+Per visited state ``s = (c, t, x_t)`` the target is ``pi*(a|s) ∝ p_ref(a|s) exp(r(s, a) / beta)``. Two
+estimators:
 
 * ``target_matching`` (default; the M-projection): draw ``N`` actions from ``p_ref``, self-normalise
-  ``w_j ∝ exp(r_j / beta)`` and minimise ``-sum_j w_j log pi_theta(a_j|s)``. Its minimiser over Gaussians matches
-  the weighted mean and variance, i.e. ``pi*``'s moments.
+  ``w_j ∝ exp(r_j / beta)`` and minimise ``-sum_j w_j log pi_theta(a_j|s)``. Its minimiser over Gaussians
+  matches the weighted mean and variance, i.e. ``pi*``'s moments.
 * ``policy_gradient``: draw ``G`` actions from ``pi_theta``, ``A_j = r_j - mean(r)`` and minimise
   ``-mean_j A_j log pi_theta(a_j|s) + beta * KL(pi_theta(.|s) || p_ref(.|s))`` with the analytic Gaussian KL.
 
@@ -51,7 +52,8 @@ class StepProblem(Protocol):
     def reference(self, x_t: torch.Tensor, step: int, cond: object) -> GaussianStep: ...
 
     def step_reward(self, x_t: torch.Tensor, actions: torch.Tensor, step: int, cond: object) -> torch.Tensor:
-        """``r(s, a)`` for ``actions`` of shape ``[N, B, ...]`` at states ``x_t`` ``[B, ...]``; returns ``[N, B]``."""
+        """``r(s, a)`` for ``actions`` of shape ``[N, B, ...]`` at states ``x_t`` ``[B, ...]``; returns
+        ``[N, B]``."""
         ...
 
     def trainable_state(self) -> dict[str, torch.Tensor]: ...
