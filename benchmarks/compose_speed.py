@@ -3,8 +3,8 @@
     python benchmarks/compose_speed.py [--batch-size 128] [--repeats 5] [--json]
 
 * floor: the same UNet work on a plain UNet (no adapters), done the faster of two ways -- one forward of K * B
-  rows per step, or K forwards of B rows (on a small CPU model the big batch is not always faster) -- the least
-  any K-model composition can cost;
+  rows per step, or K forwards of B rows (on a small CPU model the big batch is not always faster) -- the
+  least any K-model composition can cost;
 * MSDDA: the sampler (K adapters in one mixed-adapter batch, DDIM means, the closed form, the noise);
 * sequential: the same chain, switching the active adapter K times per step (K forwards of B rows).
 
@@ -147,8 +147,9 @@ def measure(config, home, base_dirs, batch_size: int, repeats: int) -> dict:
 def render(r: dict) -> str:
     return "\n".join(
         [
-            f"`python benchmarks/compose_speed.py --write-readme`: {r['models']} base models, batch {r['batch_size']}, "
-            f"{r['steps']} steps, median of {r['repeats']} chains, {r['torch_threads']} torch threads, same run:",
+            f"`python benchmarks/compose_speed.py --write-readme`: {r['models']} base models, "
+            f"batch {r['batch_size']}, {r['steps']} steps, median of {r['repeats']} chains, "
+            f"{r['torch_threads']} torch threads, same run:",
             "",
             "| | seconds per chain | over the floor | composition maths share of a step |",
             "|---|---|---|---|",
@@ -156,13 +157,13 @@ def render(r: dict) -> str:
             f"{r['floor_one_call_seconds'] / r['floor_seconds']:.3f} | |",
             f"| floor: plain UNet, K calls of B rows per step | {r['floor_per_model_seconds']:.3f} | "
             f"{r['floor_per_model_seconds'] / r['floor_seconds']:.3f} | |",
-            f"| **MSDDA** (one mixed-adapter call per step) | {r['msdda_seconds']:.3f} | **{r['msdda_over_floor']:.3f}** | "
-            f"**{r['compose_math_fraction']:.4f}** |",
-            f"| K sequential adapter switches | {r['sequential_seconds']:.3f} | {r['sequential_over_floor']:.3f} | "
-            f"{r['sequential_compose_math_fraction']:.4f} |",
+            f"| **MSDDA** (one mixed-adapter call per step) | {r['msdda_seconds']:.3f} | "
+            f"**{r['msdda_over_floor']:.3f}** | **{r['compose_math_fraction']:.4f}** |",
+            f"| K sequential adapter switches | {r['sequential_seconds']:.3f} | "
+            f"{r['sequential_over_floor']:.3f} | {r['sequential_compose_math_fraction']:.4f} |",
             "",
-            "Goals: MSDDA at most 1.10 times the floor (the faster of the two plain-UNet floors), composition maths under "
-            "2% of a step.",
+            "Goals: MSDDA at most 1.10 times the floor (the faster of the two plain-UNet floors), "
+            "composition maths under 2% of a step.",
         ]
     )
 

@@ -1,13 +1,14 @@
 """MSDDA against the baselines and the oracle on the embedded default (issue: composition results).
 
-    python benchmarks/composition_results.py [--num-images 256] [--oracle-images 1024] [--json] [--write-readme]
+    python benchmarks/composition_results.py [--num-images 256] [--oracle-images 1024]
+        [--json] [--write-readme]
 
 1. Trains (or reuses) the base models for the config's two objectives and, as the oracle, a model trained
    directly on ``w_1 R_1 + w_2 R_2`` for w_1 in {0.25, 0.5, 0.75} (same trainer, beta and budget).
 2. Sweeps every method over the 11-point weight grid (same prompts and seeds), hypervolume against the
    reference model's rewards, and compares methods at matched NFE.
-3. MSDDA against the oracle at the three weights: the difference of mean rewards in units of the paired standard
-   error (both samplers start from the same x_T and draw the same noise stream).
+3. MSDDA against the oracle at the three weights: the difference of mean rewards in units of the paired
+   standard error (both samplers start from the same x_T and draw the same noise stream).
 4. The learned variances, and where MSDDA and the epsilon blend part ways (same weights, paired).
 Writes ``benchmarks/results/composition.json``, ``pareto.png`` and ``variances.png`` there and, with
 --write-readme, the README section between the ``composition-results`` markers (``--from-json`` re-renders
@@ -132,9 +133,9 @@ def render(report: dict) -> str:
     reference = ", ".join(f"{s['reference']['rewards'][n]:.4f}" for n in names)
     lines = [
         (
-            f"Embedded default, objectives `{names[0]}` and `{names[1]}`; {s['settings']['num_images']} images per "
-            f"point, 11 weights, seed {s['settings']['seed']}; hypervolume against the reference model "
-            f"({reference}). CoDe: N = "
+            f"Embedded default, objectives `{names[0]}` and `{names[1]}`; "
+            f"{s['settings']['num_images']} images per point, 11 weights, seed {s['settings']['seed']}; "
+            f"hypervolume against the reference model ({reference}). CoDe: N = "
             f"{s['settings']['code_candidates']}, B = {s['settings']['code_block']}; RGG scale "
             f"{s['settings']['rgg_scale']}. NFE = UNet rows per image (a backward pass counts 2)."
         ),
@@ -156,8 +157,8 @@ def render(report: dict) -> str:
         ),
         "",
         (
-            f"| w | {names[0]}: MSDDA - oracle (SE) | {names[1]}: MSDDA - oracle (SE) | combined: MSDDA - oracle "
-            "(SE) | within 2 SE? |"
+            f"| w | {names[0]}: MSDDA - oracle (SE) | {names[1]}: MSDDA - oracle (SE) | "
+            "combined: MSDDA - oracle (SE) | within 2 SE? |"
         ),
         "|---|---|---|---|---|",
     ]

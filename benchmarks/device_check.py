@@ -2,11 +2,12 @@
 
     python benchmarks/device_check.py --device cuda [--json]
 
-Stages: pretraining (the embedded model, 20 steps), the step-level trainer (3 iterations per default objective,
-the problem moved to the device by the trainer itself), evaluation sampling on the device, and composition with
-every registered method (the reference pipeline moved to the device). A stage that fails prints the exception's
-type and first line and where it was raised; the script goes on to the next stage. It measures and prints; the
-device plumbing itself is tracked as a project issue, this is the check that says how far it got.
+Stages: pretraining (the embedded model, 20 steps), the step-level trainer (3 iterations per default
+objective, the problem moved to the device by the trainer itself), evaluation sampling on the device, and
+composition with every registered method (the reference pipeline moved to the device). A stage that fails
+prints the exception's type and first line and where it was raised; the script goes on to the next stage. It
+measures and prints; the device plumbing itself is tracked as a project issue, this is the check that says how
+far it got.
 """
 
 from __future__ import annotations

@@ -91,7 +91,8 @@ def main() -> None:
         ]
         print(f"| {label} | " + " | ".join(cells) + " |")
     print(
-        "\nmean ± SE over held-out samples; Δ: paired difference to the reference (same prompts and seeds) ± SE"
+        "\nmean ± SE over held-out samples; "
+        "Δ: paired difference to the reference (same prompts and seeds) ± SE"
     )
     print(
         f"\nconflict (each model worse than the reference on the other objective): {conflict}; "

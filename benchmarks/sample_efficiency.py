@@ -1,12 +1,13 @@
-"""Reward versus UNet evaluations: the step-level trainer against trl 0.23.1's DDPO, same reward, prompts, seeds.
+"""Reward versus UNet evaluations: the step-level trainer against trl 0.23.1's DDPO, same reward, prompts,
+seeds.
 
     python benchmarks/sample_efficiency.py [--objective ink_economy] [--json] [--write-readme]
 
-Both start from the embedded reference with a rank-4 LoRA. For the step-level trainer the reward is the mean of
---eval-samples held-out full-chain samples every --eval-every iterations (evaluation rows are not counted as
-training cost); for DDPO it is the mean reward of each epoch's on-policy samples, which are its training data.
-Reports the UNet rows each method needed and the ratio at which the step-level trainer first reaches DDPO's
-final reward (the mean of its last three epochs).
+Both start from the embedded reference with a rank-4 LoRA. For the step-level trainer the reward is the mean
+of --eval-samples held-out full-chain samples every --eval-every iterations (evaluation rows are not counted
+as training cost); for DDPO it is the mean reward of each epoch's on-policy samples, which are its training
+data. Reports the UNet rows each method needed and the ratio at which the step-level trainer first reaches
+DDPO's final reward (the mean of its last three epochs).
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def first_reaching(curve: dict, target: float) -> int | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--config", default=None)
     parser.add_argument("--objective", default="ink_economy")
     parser.add_argument("--iterations", type=int, default=40)
@@ -145,7 +146,10 @@ def render_table(report: dict) -> str:
         "",
         "| trainer | final reward | UNet rows used | UNet rows to reach DDPO's final reward |",
         "|---|---|---|---|",
-        f"| DDPO (trl 0.23.1) | {ddpo['final_reward']:.4f} | {ddpo['unet_evaluations']:,} | {ddpo['unet_evaluations']:,} |",
+        (
+            f"| DDPO (trl 0.23.1) | {ddpo['final_reward']:.4f} | {ddpo['unet_evaluations']:,} | "
+            f"{ddpo['unet_evaluations']:,} |"
+        ),
         f"| step-level (ours) | {ours['final_reward']:.4f} | {ours['unet_evaluations']:,} | "
         + (
             f"{ours['rows_to_reach_ddpo_final']:,} (ratio {ratio:.2f})"

@@ -1,4 +1,5 @@
-"""Does the step-level trainer reach the analytic optimum pi*? (2-D Gaussian mixture, exact reference epsilon.)
+"""Does the step-level trainer reach the analytic optimum pi*? (2-D Gaussian mixture, exact reference
+epsilon.)
 
     python benchmarks/toy_step_rl.py --json
 
@@ -38,7 +39,7 @@ def run(iterations: int, method: str, seed: int, progress: bool) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--iterations", type=int, default=400)
     parser.add_argument("--method", choices=["target_matching", "policy_gradient"], default="target_matching")
     parser.add_argument("--seed", type=int, default=0)

@@ -20,8 +20,8 @@ REFERENCE = "__base__"
 
 
 def load_adapter(unet, name: str, lora_state: dict[str, torch.Tensor], spec: LoraSpec) -> None:
-    """Add a LoRA adapter called ``name`` with ``spec``'s rank, alpha and targets to ``unet`` and load its weights
-    (a peft state dict without prefix)."""
+    """Add a LoRA adapter called ``name`` with ``spec``'s rank, alpha and targets to ``unet`` and load its
+    weights (a peft state dict without prefix)."""
     from peft import LoraConfig, set_peft_model_state_dict
 
     with warnings.catch_warnings():  # several adapters on one model is the point here
@@ -37,11 +37,11 @@ def load_adapter(unet, name: str, lora_state: dict[str, torch.Tensor], spec: Lor
 def mixed_adapter_batch(unet, adapter_names: Sequence[str]):
     """Within the block, every UNet forward routes row ``i`` through ``adapter_names[i]``.
 
-    The rows must come in contiguous slices, one per adapter (:func:`routing`); a batch that is a whole multiple
-    of ``len(adapter_names)`` (classifier-free guidance stacks the batch twice) repeats the routing per copy.
-    Each LoRA layer then adds its K deltas with two batched matmuls over the slices
-    (``delta_k = scaling_k * x_k A_k^T B_k^T``, the reference slice contributing 0): the cost of one LoRA forward,
-    where peft's mixed batches gather and scatter rows per adapter and layer.
+    The rows must come in contiguous slices, one per adapter (:func:`routing`); a batch that is a whole
+    multiple of ``len(adapter_names)`` (classifier-free guidance stacks the batch twice) repeats the routing
+    per copy. Each LoRA layer then adds its K deltas with two batched matmuls over the slices
+    (``delta_k = scaling_k * x_k A_k^T B_k^T``, the reference slice contributing 0): the cost of one LoRA
+    forward, where peft's mixed batches gather and scatter rows per adapter and layer.
     """
     from peft.tuners.lora import Linear as LoraLinear
     from peft.tuners.lora import LoraLayer
@@ -98,7 +98,8 @@ def _slices(names: list[str]) -> tuple[list[str], int]:
 
 
 def _stacked_weights(module, slices: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``A [n, r, in]`` and ``scaling * B [n, out, r]`` per slice (zeros for the reference), padded to max rank."""
+    """``A [n, r, in]`` and ``scaling * B [n, out, r]`` per slice (zeros for the reference), padded to max
+    rank."""
     known = set(module.lora_A.keys())
     for name in slices:
         if name != REFERENCE and name not in known:
@@ -128,8 +129,8 @@ def merge_lora_states(
     """Rewarded soup, exactly: one LoRA of rank ``sum r_i`` whose delta is ``sum_i w_i B_i A_i``.
 
     ``A = [A_1; ...; A_K]`` (stacked rows) and ``B = [w_1 B_1, ..., w_K B_K]`` (stacked columns), so
-    ``B A = sum_i w_i B_i A_i``. Load it with ``rank = sum r_i`` and ``lora_alpha = rank`` (scaling 1); fold each
-    model's own LoRA scaling ``alpha_i / r_i`` into its weight.
+    ``B A = sum_i w_i B_i A_i``. Load it with ``rank = sum r_i`` and ``lora_alpha = rank`` (scaling 1); fold
+    each model's own LoRA scaling ``alpha_i / r_i`` into its weight.
     """
     if len(states) != len(weights):
         raise ValueError(f"{len(states)} adapters but {len(weights)} weights")

@@ -3,7 +3,8 @@
 This is the plain-function layer under ``msdda compose``, ``msdda sweep`` and the Prefect flows:
 
 * :func:`load_ensemble` reads the base models' folders through their cards (``training.card``), refuses models
-  trained on different references or schedulers, and puts their LoRA adapters on one copy of the reference UNet;
+  trained on different references or schedulers, and puts their LoRA adapters on one copy of the reference
+  UNet;
 * :func:`generate` samples ``num_images`` images with a method (same prompts and seeds for every method);
 * :func:`score_images` returns mean reward and standard error per objective.
 """
@@ -54,7 +55,7 @@ def parse_weights(text: str | list[float], num_models: int) -> list[float]:
     return values
 
 
-# ------------------------------------------------------------------------------------------------ the ensemble
+# ----------------------------------------------------------------------------------------------- the ensemble
 
 
 @dataclass
@@ -89,8 +90,8 @@ class Ensemble:
         return decode_latents(self.pipe.vae, latents)
 
     def score_fn(self, weights: list[float], prompts: list[str], per_beta: bool, differentiable: bool):
-        """``x0 latents -> sum_i c_i R_i(decode(x0))`` with ``c_i = w_i`` (or ``w_i / beta_i``), each reward on its
-        card's scale; the latents' rows are candidate-major repeats of ``prompts``."""
+        """``x0 latents -> sum_i c_i R_i(decode(x0))`` with ``c_i = w_i`` (or ``w_i / beta_i``), each reward
+        on its card's scale; the latents' rows are candidate-major repeats of ``prompts``."""
         coefficients = [w / (m.beta if per_beta else 1.0) for w, m in zip(weights, self.models)]
         scales = [m.card.reward_scale for m in self.models]
 

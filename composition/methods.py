@@ -135,7 +135,8 @@ def msdda(composer: Composer, weights, batch: Batch, x: torch.Tensor, step: int)
 
 
 def epsilon_blend(composer: Composer, weights, batch: Batch, x: torch.Tensor, step: int) -> GaussianStep:
-    """DB-MPA: ``eps = sum_i w_i eps_i + (1 - sum_i w_i) eps_ref``, then a plain DDIM step with ``sigma_t``."""
+    """DB-MPA: ``eps = sum_i w_i eps_i + (1 - sum_i w_i) eps_ref``, then a plain DDIM step with
+    ``sigma_t``."""
     w = torch.as_tensor([float(v) for v in weights], dtype=torch.float64)
     active = [i for i, value in enumerate(w.tolist()) if value != 0.0]
     remainder = 1.0 - float(w.sum())
@@ -157,12 +158,13 @@ def rewarded_soup(composer: Composer, weights, batch: Batch, x: torch.Tensor, st
     return composer.schedule.kernel(x, eps, step, log_variance)
 
 
-# ------------------------------------------------------------------------------------ searches around the chain
+# ---------------------------------------------------------------------------------- searches around the chain
 
 
 def code(composer: Composer, weights, x_T, batch: Batch, generator, score: Score) -> Chain:
-    """CoDe (blockwise best-of-N on the reference): every ``code_block`` steps, run ``code_candidates`` reference
-    chains for the block from the current state and keep, per image, the one whose ``x0_hat`` scores best."""
+    """CoDe (blockwise best-of-N on the reference): every ``code_block`` steps, run ``code_candidates``
+    reference chains for the block from the current state and keep, per image, the one whose ``x0_hat`` scores
+    best."""
     n, block, schedule = composer.options.code_candidates, composer.options.code_block, composer.schedule
     b, steps, candidates, last = x_T.shape[0], len(schedule), batch.repeat(n), {}
 
@@ -207,7 +209,7 @@ def reward_gradient_guidance(
     return run_chain(schedule, x_T, kernel, generator)
 
 
-# ------------------------------------------------------------------------------------------------ the registry
+# ----------------------------------------------------------------------------------------------- the registry
 
 
 KernelFunction = Callable[[Composer, Sequence[float], Batch, torch.Tensor, int], GaussianStep]
@@ -231,7 +233,8 @@ class Method:
     label: str
     search: Search
     kind: str = "search"
-    """``"kernel"``: a kernel function run by the chain runner; ``"search"``: its own loop around the runner."""
+    """``"kernel"``: a kernel function run by the chain runner; ``"search"``: its own loop around the
+    runner."""
     score: ScoreNeed | None = None
     prepare: Callable[[Composer, Sequence[float]], None] | None = None
     """Called once per weight vector before sampling (the soup loads its merged adapter here)."""

@@ -102,7 +102,8 @@ def compose_gaussian(
     if abs(ref_weight) > SUM_TOLERANCE:
         if ref_mean is None or ref_var is None:
             raise ValueError(
-                f"sum of lam = {1 - ref_weight:.6g} != 1: the reference kernel (ref_mean, ref_var) is required"
+                f"sum of lam = {1 - ref_weight:.6g} != 1: "
+                "the reference kernel (ref_mean, ref_var) is required"
             )
         ref_mean = torch.as_tensor(ref_mean, dtype=means.dtype, device=means.device)
         ref_var = torch.as_tensor(ref_var, dtype=means.dtype, device=means.device)

@@ -1,8 +1,8 @@
 """The product's jobs as plain functions: train (and register), compose, sweep. The CLI and the Prefect flows
 are thin layers over these.
 
-Each job takes a validated :class:`~configs.schema.PipelineConfig` and ``$MSDDA_HOME``, logs an MLflow run, and
-returns a JSON-ready dict.
+Each job takes a validated :class:`~configs.schema.PipelineConfig` and ``$MSDDA_HOME``, logs an MLflow run,
+and returns a JSON-ready dict.
 """
 
 from __future__ import annotations
@@ -76,8 +76,9 @@ def train_job(
 
 
 def resolve_models(config: PipelineConfig, home: Path, specs: list[str] | None = None) -> list[ResolvedModel]:
-    """Base models for ``specs``: a folder path is used as is (no registry name or version), anything else is a
-    registry spec (``NAME``, ``NAME@ALIAS``, ``NAME/VERSION``). No specs: the config's objectives at ``@champion``."""
+    """Base models for ``specs``: a folder path is used as is (no registry name or version), anything else is
+    a registry spec (``NAME``, ``NAME@ALIAS``, ``NAME/VERSION``). No specs: the config's objectives at
+    ``@champion``."""
     from flows.registry import ResolvedModel, resolve
     from training.card import CARD_FILE
 

@@ -1,12 +1,13 @@
 """The MLflow model registry layer: base-model folders in, registered model versions with lineage tags out.
 
 Every base model (a folder written by :func:`training.card.save_base_model`) becomes a version of the
-registered model ``msdda-<objective>``. Its files are logged as artifacts (under ``base_model``) of an MLflow run;
-its version tags carry the lineage (objective, reward spec, beta, trainer, reference hash, scheduler and sampling
-config, metrics, git sha, and the content hash of the files). The alias ``champion`` marks the version to compose.
+registered model ``msdda-<objective>``. Its files are logged as artifacts (under ``base_model``) of an MLflow
+run; its version tags carry the lineage (objective, reward spec, beta, trainer, reference hash, scheduler and
+sampling config, metrics, git sha, and the content hash of the files). The alias ``champion`` marks the
+version to compose.
 
-Specs name a version: ``NAME`` (= ``NAME@champion``), ``NAME@ALIAS`` or ``NAME/VERSION``, where ``NAME`` is the
-registered name or just the objective. :func:`resolve` downloads a version once into
+Specs name a version: ``NAME`` (= ``NAME@champion``), ``NAME@ALIAS`` or ``NAME/VERSION``, where ``NAME`` is
+the registered name or just the objective. :func:`resolve` downloads a version once into
 ``$MSDDA_HOME/registry_cache/<name>/<version>`` and checks its content hash every time it is used.
 
 With the default SQLite store, writers on one machine are serialised by a file lock next to the database and
@@ -49,7 +50,8 @@ _TRANSIENT = ("database is locked", "database table is locked", "Giving up after
 
 
 class RegistryError(MsddaError, ValueError):
-    """One-line, user-facing registry problem (unknown model/alias/version, unreachable server, corrupt model)."""
+    """One-line, user-facing registry problem (unknown model/alias/version, unreachable server, corrupt
+    model)."""
 
 
 @dataclass(frozen=True)
@@ -314,11 +316,12 @@ def register_base_model(
 ) -> dict:
     """Register the base model in ``model_dir`` as a new version of ``msdda-<objective>``.
 
-    Its files are logged as artifacts (under ``base_model``) of run ``run_id``, or of a new run in the ``msdda``
-    experiment. The version's tags carry its lineage (see :func:`lineage_tags`). The alias ``champion`` moves to
-    it when ``champion`` is true, or when ``champion`` is ``None`` and its ``rise_in_se`` exceeds
-    ``min_rise_se``. A folder whose content hash is already registered is not registered again: that version is
-    returned (with ``created`` false), and it only takes the alias when ``champion`` is explicitly true.
+    Its files are logged as artifacts (under ``base_model``) of run ``run_id``, or of a new run in the
+    ``msdda`` experiment. The version's tags carry its lineage (see :func:`lineage_tags`). The alias
+    ``champion`` moves to it when ``champion`` is true, or when ``champion`` is ``None`` and its
+    ``rise_in_se`` exceeds ``min_rise_se``. A folder whose content hash is already registered is not
+    registered again: that version is returned (with ``created`` false), and it only takes the alias when
+    ``champion`` is explicitly true.
 
     Returns ``{"name", "version", "aliases", "run_id", "source", "content_hash", "objective", "champion",
     "created", ...}``.

@@ -1,5 +1,5 @@
-"""`msdda models`, `compose` and `sweep` as a user runs them (real subprocesses, real MLflow on SQLite), and the
-bad-input contract: one line on stderr, exit code 2, no traceback, the registry unchanged."""
+"""`msdda models`, `compose` and `sweep` as a user runs them (real subprocesses, real MLflow on SQLite), and
+the bad-input contract: one line on stderr, exit code 2, no traceback, the registry unchanged."""
 
 import json
 import os

@@ -1,5 +1,5 @@
-"""The composition engine and evaluation: grids, Pareto fronts, hypervolume, rewarded soup, every method on the
-tiny model, lineage checks and bad input."""
+"""The composition engine and evaluation: grids, Pareto fronts, hypervolume, rewarded soup, every method on
+the tiny model, lineage checks and bad input."""
 
 import json
 import math

@@ -1,5 +1,5 @@
-"""`train-base-models` fanned out with prefect-dask's `DaskTaskRunner` over a local cluster of 2 worker processes
-(Prefect in ephemeral test mode, MLflow on one SQLite store written by both workers)."""
+"""`train-base-models` fanned out with prefect-dask's `DaskTaskRunner` over a local cluster of 2 worker
+processes (Prefect in ephemeral test mode, MLflow on one SQLite store written by both workers)."""
 
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ def prefect_harness(tmp_path_factory):
 
 @pytest.fixture
 def dask_home(tmp_path, tiny_home, tiny_reference):
-    """A fresh MSDDA_HOME holding only the session's tiny reference model and evaluator (so training starts from
-    scratch, and nothing is written into the shared tiny home)."""
+    """A fresh MSDDA_HOME holding only the session's tiny reference model and evaluator (so training starts
+    from scratch, and nothing is written into the shared tiny home)."""
     home = tmp_path / "home"
     for part in ("reference", "classifiers"):
         shutil.copytree(tiny_home / part, home / part)

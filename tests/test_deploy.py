@@ -1,6 +1,6 @@
 """`msdda deploy` against real services: a `prefect server start` subprocess, the deployments served by
-`msdda deploy` (or put on a process work pool and run by `prefect worker start`), scheduled training runs on the
-server, an on-demand composition triggered with `run_deployment` and its MLflow run in a SQLite store.
+`msdda deploy` (or put on a process work pool and run by `prefect worker start`), scheduled training runs on
+the server, an on-demand composition triggered with `run_deployment` and its MLflow run in a SQLite store.
 Everything lives in tmp folders; every process started here is stopped here."""
 
 from __future__ import annotations
@@ -170,7 +170,8 @@ def _compose_mlflow_runs(uri: str, weights: str) -> list:
 
 @pytest.fixture
 def registry(tmp_path, tiny_home, tiny_base_models, tiny_config_file, monkeypatch):
-    """The tiny base models as champions in a fresh MLflow SQLite store (reference: the session's tiny home)."""
+    """The tiny base models as champions in a fresh MLflow SQLite store (reference: the session's tiny
+    home)."""
     from flows.registry import register_base_model
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -228,7 +229,8 @@ def _check_composition(url: str, registry: dict, weights: list[float], log: Path
 
 def test_serve_schedules_training_and_composes_on_demand(prefect_server, registry, tmp_path):
     """`msdda deploy` (serve mode) registers both deployments; the server schedules training at 03:00 UTC; a
-    triggered composition runs in the served process and logs its MLflow run; Ctrl-C (SIGINT) stops serving."""
+    triggered composition runs in the served process and logs its MLflow run; Ctrl-C (SIGINT) stops
+    serving."""
     env = _env(prefect_server, registry, tmp_path, PREFECT_RUNNER_POLL_FREQUENCY="1")
     log, out = tmp_path / "serve.log", tmp_path / "serve.out"
     with open(out, "wb") as stdout, open(log, "wb") as stderr:
@@ -269,8 +271,8 @@ def test_serve_schedules_training_and_composes_on_demand(prefect_server, registr
 
 @pytest.mark.slow
 def test_process_work_pool_round_trip(prefect_server, registry, tmp_path):
-    """`msdda deploy --pool` creates the process pool and both deployments and exits; a `prefect worker` on that
-    pool runs a triggered composition from the source folder."""
+    """`msdda deploy --pool` creates the process pool and both deployments and exits; a `prefect worker` on
+    that pool runs a triggered composition from the source folder."""
     env = _env(prefect_server, registry, tmp_path)
     pool = "msdda-test-pool"
     result = subprocess.run(

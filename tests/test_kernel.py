@@ -1,5 +1,5 @@
-"""The step kernel, the chain runner and the policy: DDIM maths, log-probs, KL, variance offsets, devices, UNet and
-MLP models alike."""
+"""The step kernel, the chain runner and the policy: DDIM maths, log-probs, KL, variance offsets, devices,
+UNet and MLP models alike."""
 
 import pytest
 import torch

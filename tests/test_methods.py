@@ -1,5 +1,5 @@
-"""Every composition method at the sampler level, on the tiny UNet with two random adapters, against its formula
-written out by hand (docs/design.md §2-3), with the same x_T and noise."""
+"""Every composition method at the sampler level, on the tiny UNet with two random adapters, against its
+formula written out by hand (docs/design.md §2-3), with the same x_T and noise."""
 
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ def sample(method, comp, weights, x_T, batch, seed=3, score=None):
 
 
 def by_hand(comp, x_T, batch, seed, step_fn):
-    """A chain whose step is ``step_fn(x, step, eps: dict, sigma) -> (mean, std)``, noise drawn as the runner does."""
+    """A chain whose step is ``step_fn(x, step, eps: dict, sigma) -> (mean, std)``, noise drawn as the runner
+    does."""
     g, x, s = torch.Generator().manual_seed(seed), x_T, comp.schedule
     with torch.no_grad():
         for step in range(len(s)):
