@@ -34,17 +34,7 @@ def step_level_curve(config, home, objective, iterations, eval_every, eval_sampl
     reward = load_reward(objective, config, home, spec.options)
     pipe, _ = reference_identity(config, home, progress)
     prompts = config.train.prompts or default_prompts()
-    problem = DiffusionStepProblem(
-        pipe,
-        reward,
-        prompts,
-        config.sampling.num_inference_steps,
-        config.sampling.eta,
-        config.sampling.guidance_scale,
-        lora_rank=config.train.lora_rank,
-        learn_variance=config.train.learn_variance,
-        x0_estimate=config.train.x0_estimate,
-    )
+    problem = DiffusionStepProblem.from_config(pipe, reward, config, seed=0)
     index = torch.arange(eval_samples) % len(prompts)
     curve = {"unet_evaluations": [], "reward_mean": [], "seconds": []}
 

@@ -7,39 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-TINY_CONFIG = {
-    "model": {
-        "embedded": {
-            "image_size": 16,
-            "vae_channels": [8, 16],
-            "unet_channels": [16, 32],
-            "text_hidden_size": 16,
-            "text_layers": 1,
-            "text_heads": 2,
-        }
-    },
-    "pretrain": {
-        "vae_steps": 20,
-        "unet_steps": 30,
-        "batch_size": 16,
-        "classifier_steps": 40,
-        "eval_samples": 20,
-    },
-    "sampling": {"num_inference_steps": 4},
-    "train": {
-        "iterations": 2,
-        "batch_size": 4,
-        "states_per_trajectory": 2,
-        "num_actions": 2,
-        "eval_samples": 8,
-        "checkpoint_every": 1,
-    },
-    "composition": {"num_images": 8, "grid": 3, "code_block": 2},
-    "objectives": ["digit_alignment", {"name": "ink_economy"}],
-}
+TINY_CONFIG = yaml.safe_load((Path(__file__).parents[1] / "configs" / "tiny.yaml").read_text())
+"""``configs/tiny.yaml``: a very small embedded model, pretrained in seconds."""
 
 
 @pytest.fixture(autouse=True)

@@ -28,7 +28,7 @@ from training.card import (
     load_base_model,
     save_base_model,
 )
-from training.digits import PROMPT_TEMPLATES, digit_prompt
+from training.digits import default_prompts
 from training.rewards import load_reward, mean_and_se
 from training.trainer import IterationMetrics, train
 
@@ -51,10 +51,6 @@ class BaseModelResult:
 
     def as_dict(self) -> dict:
         return {**asdict(self), "path": str(self.path)}
-
-
-def default_prompts() -> list[str]:
-    return [digit_prompt(d, t) for d in range(10) for t in range(len(PROMPT_TEMPLATES))]
 
 
 def reference_identity(config: PipelineConfig, home: Path, progress: bool):
@@ -106,18 +102,7 @@ def train_base_model(
     train_cfg = config.train
     beta = spec.beta or train_cfg.beta
     prompts = train_cfg.prompts or default_prompts()
-    problem = DiffusionStepProblem(
-        pipe,
-        reward,
-        prompts,
-        config.sampling.num_inference_steps,
-        config.sampling.eta,
-        config.sampling.guidance_scale,
-        lora_rank=train_cfg.lora_rank,
-        learn_variance=train_cfg.learn_variance,
-        x0_estimate=train_cfg.x0_estimate,
-        seed=train_cfg.seed,
-    )
+    problem = DiffusionStepProblem.from_config(pipe, reward, config)
     eval_index = torch.arange(train_cfg.eval_samples) % len(prompts)
 
     def evaluate(use_policy: bool):
@@ -202,16 +187,9 @@ def evaluation_problem(config: PipelineConfig, home: Path, base_model: Path | No
 
     loaded = load_base_model(base_model) if base_model is not None else None
     pipe, _ = reference_identity(config, home, progress)
-    problem = DiffusionStepProblem(
-        pipe,
-        Reward("none", False, lambda images, prompts: torch.zeros(len(images))),
-        config.train.prompts or default_prompts(),
-        config.sampling.num_inference_steps,
-        config.sampling.eta,
-        config.sampling.guidance_scale,
-        lora_rank=loaded.rank if loaded else config.train.lora_rank,
-        learn_variance=loaded.card.learn_variance if loaded else config.train.learn_variance,
-    )
+    no_reward = Reward("none", False, lambda images, prompts: torch.zeros(len(images)))
+    overrides = {"lora_rank": loaded.rank, "learn_variance": loaded.card.learn_variance} if loaded else {}
+    problem = DiffusionStepProblem.from_config(pipe, no_reward, config, **overrides)
     if loaded is not None:
         state = {f"lora.{k}": v for k, v in loaded.lora.items()}
         if loaded.log_variance is not None:

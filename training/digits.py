@@ -24,6 +24,11 @@ def digit_prompt(digit: int, template: int = 0) -> str:
     return PROMPT_TEMPLATES[template % len(PROMPT_TEMPLATES)].format(word=DIGIT_WORDS[digit])
 
 
+def default_prompts() -> list[str]:
+    """Every digit in every template: the training and evaluation prompts of the embedded default."""
+    return [digit_prompt(d, t) for d in range(10) for t in range(len(PROMPT_TEMPLATES))]
+
+
 def prompt_vocabulary() -> list[str]:
     """Every word the prompts use, in a fixed order."""
     words: list[str] = []

@@ -124,6 +124,31 @@ class DiffusionStepProblem(nn.Module):
         self.x0_estimate = x0_estimate
         self.latent_shape = (channels, self.unet.config.sample_size, self.unet.config.sample_size)
 
+    @classmethod
+    def from_config(cls, pipe, reward: Reward, config, **overrides) -> DiffusionStepProblem:
+        """The problem a :class:`~configs.schema.PipelineConfig` describes: its prompts (the digit prompts by
+        default), sampling settings and trainer settings; ``overrides`` replace any keyword argument."""
+        from training.digits import default_prompts
+
+        train = config.train
+        settings = {
+            "lora_rank": train.lora_rank,
+            "learn_variance": train.learn_variance,
+            "x0_estimate": train.x0_estimate,
+            "seed": train.seed,
+            **overrides,
+        }
+        sampling = config.sampling
+        return cls(
+            pipe,
+            reward,
+            train.prompts or default_prompts(),
+            sampling.num_inference_steps,
+            sampling.eta,
+            sampling.guidance_scale,
+            **settings,
+        )
+
     # -- StepProblem -------------------------------------------------------------------------------------
     @property
     def unet_evaluations(self) -> int:
