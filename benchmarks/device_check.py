@@ -2,11 +2,11 @@
 
     python benchmarks/device_check.py --device cuda [--json]
 
-Stages: pretraining (the tiny model of configs/tiny.yaml), the step-level trainer (3 iterations per default
-objective, the problem moved to the device by the trainer itself) with its evaluation sampling, and composition
-with every registered method (the reference pipeline moved to the device; skipped when a training stage
-failed). A stage that fails prints the exception's type and first line and where it was raised; the script goes
-on to the next stage. It measures and prints: it says how far the device plumbing gets.
+Stages: pretraining (the tiny model of configs/tiny.yaml), the step-level trainer (3 iterations per
+default objective, the problem moved to the device by the trainer itself) with its evaluation sampling, and
+composition with every registered method (the reference pipeline moved to the device; skipped when a training
+stage failed). A stage that fails prints the exception's type and first line and where it was raised; the
+script goes on to the next stage. It measures and prints: it says how far the device plumbing gets.
 """
 
 from __future__ import annotations
