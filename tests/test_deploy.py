@@ -51,7 +51,7 @@ def _start(args: list[str], env: dict[str, str], cwd: Path, log: Path) -> subpro
         )
 
 
-def _stop(process: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 20) -> int:
+def _stop(process: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 60) -> int:
     """Signal ``process``'s own process group (the flow-run subprocesses it spawned included) and reap it."""
     if process.poll() is None:
         os.killpg(process.pid, sig)
