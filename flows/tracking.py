@@ -92,6 +92,8 @@ def mlflow_run(home: Path, run_name: str, params: dict | None = None, tags: dict
                     "loss": metrics.loss,
                     "unet_evaluations": metrics.unet_evaluations,
                     "seconds": metrics.seconds,
+                    "ess_share": metrics.ess_share,
+                    "reward_spread": metrics.reward_spread,
                 },
                 step=metrics.iteration,
                 synchronous=False,  # a background thread writes; training does not wait on the store

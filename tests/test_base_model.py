@@ -37,6 +37,7 @@ def test_base_model_is_saved_with_its_lineage(trained, tiny_reference):
     assert card.scheduler["_class_name"] == "DDIMScheduler"
     assert card.reward.differentiable is True
     assert len(card.history) == 2 and card.history[-1]["unet_evaluations"] > 0
+    assert all(0.5 <= h["ess_share"] <= 1 and h["reward_spread"] >= 0 for h in card.history)
     assert card.metrics["reward_after"] == result.reward_after
     model = load_base_model(result.path)
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in model.lora.items()), "LoRA moved off zero"
@@ -96,8 +97,20 @@ def test_cli_train_logs_every_iteration_to_mlflow(tmp_path, tiny_config_file, pr
     payload = json.loads(out.stdout)
     assert {"reward_before", "reward_after", "reward_se", "kl", "seconds"} <= payload.keys()
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
-    for metric in ("reward_mean", "reward_std", "kl", "loss", "unet_evaluations", "seconds"):
+    metrics = (
+        "reward_mean",
+        "reward_std",
+        "kl",
+        "loss",
+        "unet_evaluations",
+        "seconds",
+        "ess_share",
+        "reward_spread",
+    )
+    for metric in metrics:
         history = client.get_metric_history(payload["mlflow_run_id"], metric)
         assert [m.step for m in history] == [1, 2], metric
     evaluations = [m.value for m in client.get_metric_history(payload["mlflow_run_id"], "unet_evaluations")]
     assert evaluations[1] > evaluations[0] > 0
+    ess = [m.value for m in client.get_metric_history(payload["mlflow_run_id"], "ess_share")]
+    assert all(1 / 2 <= value <= 1 for value in ess)  # N = 2 actions (tiny.yaml): one action .. both

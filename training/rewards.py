@@ -111,6 +111,40 @@ def digit_alignment(config, home: Path, options: dict) -> Reward:
     )
 
 
+def prototype_match(config, home: Path, options: dict) -> Reward:
+    """``-sharpness / 2 * |gray(image) - prototype_d|^2`` (summed over pixels): the log-density, up to a
+    constant, of a Gaussian image model with precision ``sharpness`` around the mean training image of the
+    prompted digit ``d`` (differentiable).
+
+    Unlike the near-linear ``ink_economy``, this reward bends on the scale of one denoising step: its step
+    optimum ``p_ref exp(r / beta)`` is narrower than the reference kernel, so a base model must learn a
+    variance, not only a mean (docs/design.md §2.8). ``options.sharpness`` (default 1.0) sets how much.
+    """
+    from training.digits import train_test_split
+
+    sharpness = float(options.get("sharpness", 1.0))
+    if not (sharpness > 0 and math.isfinite(sharpness)):
+        raise RewardError(f"prototype_match: options.sharpness must be a positive number, got {sharpness}")
+    size = config.model.embedded.image_size
+    train, _ = train_test_split(size, config.pretrain.test_fraction, seed=0)  # the pretraining split
+    prototypes = torch.stack([train.images[train.labels == d].mean(0) for d in range(10)])  # [10, 1, S, S]
+
+    def fn(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        from training.classifier import to_grayscale
+
+        labels = torch.tensor([prompted_digit(p) for p in prompts], device=images.device)
+        target = prototypes.to(images)[labels]
+        return -sharpness / 2 * ((to_grayscale(images, size) - target) ** 2).flatten(1).sum(1)
+
+    return Reward(
+        "prototype_match",
+        True,
+        fn,
+        "closeness to the prompted digit's mean training image (a curved reward)",
+        {"sharpness": sharpness},
+    )
+
+
 # ---------------------------------------------------------------------------------------- heavy (plugins)
 
 
@@ -262,6 +296,7 @@ REWARDS: dict[str, Callable] = {
     "digit_alignment": digit_alignment,
     "ink_economy": _simple("ink_economy", ink_economy, True, "negative mean ink"),
     "symmetry": _simple("symmetry", symmetry, True, "negative left-right asymmetry"),
+    "prototype_match": prototype_match,
     "compressibility": _simple("compressibility", jpeg_compressibility, False, "negative JPEG size (kB)"),
     "clip_score": clip_score,
     "pickscore": pickscore,

@@ -75,6 +75,11 @@ class IterationMetrics:
     unet_evaluations: int
     seconds: float
     skipped: bool = False
+    ess_share: float = math.nan
+    """Effective sample size share ``1 / (N sum_j w_j^2)`` of the target weights ``softmax(r / beta)``, mean
+    over states: near 1, the target is a mild tilt of the actions; near ``1/N``, one action carries it."""
+    reward_spread: float = math.nan
+    """Standard deviation of the step reward over the ``N`` actions of a state, mean over states."""
 
 
 @dataclass
@@ -277,12 +282,28 @@ def train_iteration(
         else:
             total = sum(loss / len(steps) for loss, _, _ in outcomes)
             apply_update(run, total, config)
-    return _metrics(problem, iteration, outcomes, None if skipped else total.detach().item(), clock)
+    return _metrics(
+        problem, iteration, outcomes, None if skipped else total.detach().item(), clock, config.beta
+    )
 
 
-def _metrics(problem: StepProblem, iteration: int, outcomes: list, loss: float | None, clock: float):
+def target_diagnostics(rewards: torch.Tensor, beta: float) -> tuple[float, float]:
+    """``(ESS share of softmax(r / beta), reward spread over actions)`` for rewards ``[N, B]``, means over
+    the ``B`` states."""
+    weights = torch.softmax(rewards / beta, dim=0)
+    ess = 1.0 / (len(rewards) * (weights**2).sum(0))
+    return float(ess.mean()), float(rewards.std(0).mean())
+
+
+def _metrics(
+    problem: StepProblem, iteration: int, outcomes: list, loss: float | None, clock: float, beta: float
+):
     skipped = loss is None
     seen = torch.cat([r.flatten() for _, r, _ in outcomes]) if not skipped else torch.tensor([math.nan])
+    diagnostics = [target_diagnostics(r, beta) for _, r, _ in outcomes] if not skipped else []
+    ess, spread = (
+        [sum(values) / len(values) for values in zip(*diagnostics)] if diagnostics else (math.nan, math.nan)
+    )
     return IterationMetrics(
         iteration=iteration + 1,
         loss=math.nan if skipped else loss,
@@ -292,6 +313,8 @@ def _metrics(problem: StepProblem, iteration: int, outcomes: list, loss: float |
         unet_evaluations=problem.unet_evaluations,
         seconds=time.perf_counter() - clock,
         skipped=skipped,
+        ess_share=ess,
+        reward_spread=spread,
     )
 
 

@@ -1,0 +1,416 @@
+"""Kernel-level check of MSDDA's exactness claim: is each step kernel at the step-level optimum?
+
+    python benchmarks/step_optimality.py [--states 16] [--actions 256] [--json] [--write-readme]
+    python benchmarks/step_optimality.py --profile digit_alignment,prototype_match:4 --betas 0.01,0.1
+
+1. Trains (or reuses) the config's base models and the oracles (the same trainer on ``w_1 R_1 + w_2 R_2``)
+   at w = (0.25, 0.75), (0.5, 0.5), (0.75, 0.25).
+2. Held-out states: ``--states`` chains of the reference and of each base model (fixed seeds, apart from
+   the training and evaluation seeds), every state of every DDIM step.
+3. At each state, ``--actions`` reference actions in antithetic pairs, each scored by every objective's
+   step reward exactly as the trainer scores it (``DiffusionStepProblem.clean_estimate``, decode, reward).
+4. The step-level optimum ``p_ref exp(r / beta)`` of each base model's reward, and of ``sum_i w_i r_i`` at
+   each weight, estimated from those actions (``training/step_optimum.py``: self-normalised,
+   noise-corrected with independent halves, bootstrap standard errors).
+5. The kernels compared with it: each base model; at each weight MSDDA's composed kernel, DB's kernel and
+   the oracle model. All of them are the product's own kernel functions (``composition.methods``).
+
+``--json`` prints ``{"base_models": {objective: err}, "composition": [{"weights": [w1, w2], "msdda": err,
+"db": err, "oracle": err}], ...}`` with ``err = {"relative_drift_error", "cosine", "drift_ratio",
+"variance_ratio", "mc_se", "per_step": [...]}`` averaged over steps (``mc_se``: the Monte-Carlo standard
+error of the relative drift error; ``mc_se_all`` has all four). ``--write-readme`` writes the README
+section and the plot ``benchmarks/results/step_optimality.png``. ``--profile`` measures only the optimum
+of the named rewards at reference states (no base models), to choose a reward's scale and beta.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from composition_results import ORACLE_WEIGHTS, oracle_config
+from readme_section import write_section  # benchmarks/ is on sys.path when run as a script
+from tqdm.auto import tqdm
+
+from composition.batched import REFERENCE, load_adapter
+from composition.engine import load_ensemble
+from composition.methods import Batch, epsilon_blend, msdda
+from configs import load_config
+from training.base_model import evaluation_problem, train_base_model
+from training.card import load_base_model
+from training.chain import run_chain
+from training.models import atomic_file, msdda_home
+from training.step_optimum import (
+    FIELDS,
+    antithetic_actions,
+    bootstrap_counts,
+    estimate_optimum,
+    kernel_errors,
+    optimum_summary,
+)
+
+RESULTS = Path(__file__).parent / "results"
+STATE_SEED = 20_261_126
+
+
+def single_kernel(composer, adapter: str, log_variance):
+    """The kernel function of one adapter on the composer's UNet (a base model or an oracle)."""
+
+    def kernel(batch: Batch, x: torch.Tensor, step: int):
+        eps = composer.epsilons(x, step, batch, [adapter])[0]
+        return composer.schedule.kernel(x, eps, step, log_variance)
+
+    return kernel
+
+
+def held_out_states(composer, sources: dict, embeds, uncond, num_chains: int, prompts: int):
+    """``{step: (x [n, ...], prompt index [n])}``: every state of ``num_chains`` chains of each source."""
+    unet = composer.unet
+    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    steps = range(len(composer.schedule))
+    per_step = {step: ([], []) for step in steps}
+    for offset, kernel in enumerate(sources.values()):
+        generator = torch.Generator().manual_seed(STATE_SEED + offset)
+        index = torch.randint(0, prompts, (num_chains,), generator=generator)
+        x_T = torch.randn((num_chains, *shape), generator=generator)
+        batch = Batch(embeds[index], uncond)
+        chain = run_chain(
+            composer.schedule,
+            x_T,
+            lambda x, step, kernel=kernel, batch=batch: kernel(batch, x, step),
+            generator,
+            keep=steps,
+            diagnose=False,
+        )
+        for step in steps:
+            per_step[step][0].append(chain.states[step])
+            per_step[step][1].append(index)
+    return {step: (torch.cat(xs), torch.cat(ids)) for step, (xs, ids) in per_step.items()}
+
+
+def step_rewards(problem, rewards: dict, x, index, actions, step, chunk: int) -> dict[str, torch.Tensor]:
+    """``{name: r [M, n]}``: each reward's step reward of every action, exactly as the trainer scores it;
+    ``rewards`` maps names to ``fn(images, prompts) -> [N]``."""
+    scores = {name: [] for name in rewards}
+    for first in range(0, x.shape[0], chunk):
+        part = slice(first, first + chunk)
+        cond = problem.make_cond(index[part])
+        m, b = actions.shape[0], x[part].shape[0]
+        images = problem.decode(problem.clean_estimate(x[part], actions[:, part], step, cond))
+        for name, reward in rewards.items():
+            scores[name].append(reward(images, cond["prompts"] * m).view(m, b).double())
+    return {name: torch.cat(parts, dim=1) for name, parts in scores.items()}
+
+
+def scaled_rewards(ensemble) -> dict:
+    """The ensemble's rewards, each on its base model's card scale."""
+    return {
+        name: (
+            lambda images, prompts, reward=reward, scale=model.card.reward_scale: scale.standardise(
+                reward(images, prompts)
+            )
+        )
+        for model, (name, reward) in zip(ensemble.models, ensemble.rewards.items())
+    }
+
+
+def aggregate(per_step: list[dict], replicates: list[list[dict]]) -> dict:
+    """Mean over steps of each figure, with its bootstrap standard error; NaN steps are left out."""
+
+    def mean_over_steps(rows: list[dict], name: str) -> float:
+        values = [r[name] for r in rows if math.isfinite(r[name])]
+        return sum(values) / len(values) if values else math.nan
+
+    result = {name: mean_over_steps(per_step, name) for name in FIELDS}
+    se = {}
+    for name in FIELDS:
+        draws = torch.tensor([mean_over_steps(rows, name) for rows in replicates], dtype=torch.float64)
+        draws = draws[torch.isfinite(draws)]
+        se[name] = float(draws.std()) if len(draws) > 1 else math.nan
+    return {**result, "mc_se": se["relative_drift_error"], "mc_se_all": se, "per_step": per_step}
+
+
+def measure(args) -> dict:
+    config, home = load_config(args.config), msdda_home()
+    if len(config.objective_names) != 2:
+        raise SystemExit("error: step_optimality compares two objectives; the config has a different number")
+    base_dirs = [train_base_model(config, name, home).path for name in config.objective_names]
+    oracle_dirs = {
+        w1: train_base_model(oracle_config(config, [w1, 1 - w1]), "weighted_sum", home).path
+        for w1 in ORACLE_WEIGHTS
+    }
+    torch.set_grad_enabled(False)
+    ensemble = load_ensemble(config, home, base_dirs)
+    composer = ensemble.composer(config.composition)
+    objectives, schedule = ensemble.objectives, composer.schedule
+    betas = {m.objective: m.beta for m in ensemble.models}
+    if len(set(betas.values())) != 1:
+        raise SystemExit(f"error: the base models' betas differ ({betas}); this check needs one target beta")
+    beta = next(iter(betas.values()))
+    oracles = {}
+    for w1, path in oracle_dirs.items():
+        loaded = load_base_model(path)
+        load_adapter(composer.unet, f"oracle_{w1}", loaded.lora, loaded.card.lora)
+        oracles[w1] = single_kernel(composer, f"oracle_{w1}", loaded.log_variance)
+    singles = {m.objective: single_kernel(composer, m.objective, m.log_variance) for m in ensemble.models}
+    embeds, uncond = ensemble.embeddings()
+    problem = evaluation_problem(config, home, None)
+    scaled = scaled_rewards(ensemble)
+
+    def reference(batch, x, step):
+        return schedule.kernel(x, composer.epsilons(x, step, batch, [REFERENCE])[0], step)
+
+    started = time.perf_counter()
+    states = held_out_states(
+        composer, {"reference": reference, **singles}, embeds, uncond, args.states, len(ensemble.prompts)
+    )
+    kernels = {f"base:{name}": kernel for name, kernel in singles.items()}
+    for w1 in ORACLE_WEIGHTS:
+        w = [w1, 1 - w1]
+        kernels[f"msdda:{w1}"] = lambda batch, x, step, w=w: msdda(composer, w, batch, x, step)
+        kernels[f"db:{w1}"] = lambda batch, x, step, w=w: epsilon_blend(composer, w, batch, x, step)
+        kernels[f"oracle:{w1}"] = oracles[w1]
+    targets = {name: {name: 1.0 / beta} for name in objectives}
+    for w1 in ORACLE_WEIGHTS:
+        targets[f"w:{w1}"] = {objectives[0]: w1 / beta, objectives[1]: (1 - w1) / beta}
+    generator = torch.Generator().manual_seed(STATE_SEED - 1)
+    rows = {name: [] for name in kernels}
+    replicate_rows = {name: [[] for _ in range(args.bootstrap)] for name in kernels}
+    optimum_rows = {name: [] for name in targets}
+    for step in tqdm(range(len(schedule)), desc="steps", disable=args.quiet):
+        x, index = states[step]
+        batch = Batch(embeds[index], uncond)
+        ref = reference(batch, x, step)
+        actions = antithetic_actions(ref.mean, ref.std, args.actions // 2, generator)
+        rewards = step_rewards(problem, scaled, x, index, actions, step, args.chunk)
+        flat_actions, ref_mean = actions.flatten(2), ref.mean.flatten(1)
+        sigma = float(schedule.sigma[step])
+        kernel_steps = {name: kernel(batch, x, step) for name, kernel in kernels.items()}
+        counts = [bootstrap_counts(args.actions, x.shape[0], generator) for _ in range(args.bootstrap)]
+        for target, coefficients in targets.items():
+            log_weights = sum(c * rewards[name] for name, c in coefficients.items())
+            optimum = estimate_optimum(flat_actions, ref_mean, log_weights)
+            optimum_rows[target].append({"step": step, **optimum_summary(optimum, sigma)})
+            replicas = [estimate_optimum(flat_actions, ref_mean, log_weights, c) for c in counts]
+            for name, kernel_step in kernel_steps.items():
+                if target_of(name) != target:
+                    continue
+                drift = (kernel_step.mean - ref.mean).flatten(1)
+                variance = kernel_step.variance.expand_as(kernel_step.mean).flatten(1).mean(1)
+                rows[name].append({"step": step, **kernel_errors(drift, variance, optimum)})
+                for r, replica in enumerate(replicas):
+                    replicate_rows[name][r].append(kernel_errors(drift, variance, replica))
+    report = {
+        "objectives": objectives,
+        "beta": beta,
+        "states_per_step": int(states[0][0].shape[0]),
+        "actions": args.actions,
+        "bootstrap": args.bootstrap,
+        "seconds": time.perf_counter() - started,
+        "optimum": optimum_rows,
+        "base_models": {
+            name: aggregate(rows[f"base:{name}"], replicate_rows[f"base:{name}"]) for name in objectives
+        },
+        "composition": [
+            {
+                "weights": [w1, 1 - w1],
+                **{
+                    method: aggregate(rows[f"{method}:{w1}"], replicate_rows[f"{method}:{w1}"])
+                    for method in ("msdda", "db", "oracle")
+                },
+            }
+            for w1 in ORACLE_WEIGHTS
+        ],
+    }
+    return report
+
+
+def profile(args) -> dict:
+    """The optimum alone, at reference states, for each ``--profile`` reward and ``--betas`` value: how far it
+    moves per step, how much narrower than the reference it is, and how concentrated the weights are. No base
+    model is needed; this is how a reward's scale and beta are chosen (docs/design.md §5.6)."""
+    from training.rewards import load_reward
+
+    config, home = load_config(args.config), msdda_home()
+    torch.set_grad_enabled(False)
+    problem = evaluation_problem(config, home, None)
+    rewards = {}
+    for spec in args.profile.split(","):
+        name, _, sharpness = spec.partition(":")
+        options = {"sharpness": float(sharpness)} if sharpness else {}
+        rewards[spec] = load_reward(name, config, home, options)
+    betas = [float(b) for b in args.betas.split(",")]
+    schedule, generator = problem.schedule, torch.Generator().manual_seed(STATE_SEED)
+    index = torch.randint(0, len(problem.prompts), (args.states,), generator=generator)
+    cond = problem.make_cond(index)
+    x_T = torch.randn((args.states, *problem.latent_shape), generator=generator)
+    steps = range(len(schedule))
+    chain = run_chain(schedule, x_T, lambda x, step: problem.reference(x, step, cond), generator, keep=steps)
+    rows = {f"{name} beta={beta:g}": [] for name in rewards for beta in betas}
+    for step in tqdm(steps, desc="steps", disable=args.quiet):
+        x = chain.states[step]
+        ref = problem.reference(x, step, cond)
+        actions = antithetic_actions(ref.mean, ref.std, args.actions // 2, generator)
+        scores = step_rewards(problem, rewards, x, index, actions, step, args.chunk)
+        sigma = float(schedule.sigma[step])
+        for name, r in scores.items():
+            for beta in betas:
+                optimum = estimate_optimum(actions.flatten(2), ref.mean.flatten(1), r / beta)
+                summary = optimum_summary(optimum, sigma)
+                rows[f"{name} beta={beta:g}"].append(
+                    {"step": step, **summary, "tilt": float((r / beta).std(0).mean())}
+                )
+    return rows
+
+
+def render_profile(rows: dict) -> str:
+    lines = [
+        "| target | drift / sigma | var* / sigma^2 (min over steps) | ESS share (min) "
+        "| tilt: std(r / beta) (max) |",
+        "|---|---|---|---|---|",
+    ]
+    for target, steps in rows.items():
+
+        def mean(key: str, steps=steps) -> float:
+            return sum(r[key] for r in steps) / len(steps)
+
+        lines.append(
+            f"| {target} | {mean('drift_over_sigma'):.3f} "
+            f"| {mean('variance_over_sigma2'):.3f} ({min(r['variance_over_sigma2'] for r in steps):.3f}) "
+            f"| {mean('ess_share'):.3f} ({min(r['ess_share'] for r in steps):.3f}) "
+            f"| {mean('tilt'):.3f} ({max(r['tilt'] for r in steps):.3f}) |"
+        )
+    return "\n".join(lines)
+
+
+def target_of(kernel_name: str) -> str:
+    """The optimum a kernel is measured against: its own objective's, or the combined one at its weight."""
+    kind, _, rest = kernel_name.partition(":")
+    return rest if kind == "base" else f"w:{rest}"
+
+
+# --------------------------------------------------------------------------------------------------- report
+
+
+def _cell(err: dict, name: str) -> str:
+    value, se = err[name], err["mc_se_all"][name]
+    return f"{value:.3f} ± {se:.3f}" if math.isfinite(se) else f"{value:.3f}"
+
+
+def render(report: dict) -> str:
+    header = (
+        "| kernel | relative drift error | cosine | drift ratio | variance ratio |\n|---|---|---|---|---|"
+    )
+    lines = [
+        f"Embedded default, objectives {', '.join(f'`{o}`' for o in report['objectives'])}, beta "
+        f"{report['beta']}; {report['states_per_step']} held-out states per DDIM step (chains of the "
+        f"reference and of each base model), {report['actions']} antithetic reference actions per state, "
+        f"figures averaged over the steps ± bootstrap Monte-Carlo SE ({report['bootstrap']} replicates); "
+        f"{report['seconds']:.0f} s.",
+        "",
+        header,
+    ]
+    for name, err in report["base_models"].items():
+        lines.append(f"| `{name}` base model | " + " | ".join(_cell(err, f) for f in FIELDS) + " |")
+    for row in report["composition"]:
+        w = ", ".join(f"{v:g}" for v in row["weights"])
+        for method in ("msdda", "db", "oracle"):
+            label = {"msdda": "MSDDA", "db": "DB", "oracle": "oracle"}[method]
+            lines.append(
+                f"| {label}, w = ({w}) | " + " | ".join(_cell(row[method], f) for f in FIELDS) + " |"
+            )
+    lines += [
+        "",
+        "The optimum itself (mean over steps): drift per dimension in units of sigma_t, var*/sigma_t^2, "
+        "effective sample size share of the M weights, noise share of the naive |d*|^2:",
+        "",
+        "| target | drift / sigma | var* / sigma^2 | ESS share | noise share |",
+        "|---|---|---|---|---|",
+    ]
+    for target, steps in report["optimum"].items():
+        mean = {k: sum(s[k] for s in steps) / len(steps) for k in steps[0] if k != "step"}
+        lines.append(
+            f"| {target} | {mean['drift_over_sigma']:.3f} | {mean['variance_over_sigma2']:.3f} | "
+            f"{mean['ess_share']:.3f} | {mean['noise_share']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4))
+    series = {f"{name} base": err for name, err in report["base_models"].items()}
+    middle = report["composition"][len(report["composition"]) // 2]
+    w = ", ".join(f"{v:g}" for v in middle["weights"])
+    series.update({f"{m} w=({w})": middle[m] for m in ("msdda", "db", "oracle")})
+    for axis, field in zip(axes, ("cosine", "relative_drift_error", "variance_ratio")):
+        for label, err in series.items():
+            steps = [r["step"] for r in err["per_step"]]
+            axis.plot(steps, [r[field] for r in err["per_step"]], marker="o", ms=3, label=label)
+        axis.set_xlabel("DDIM step")
+        axis.set_title(field.replace("_", " "))
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    figure.tight_layout()
+    with atomic_file(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110)
+    plt.close(figure)
+
+
+def finite_or_none(value):
+    """JSON has no NaN: non-finite numbers become ``null``."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=None)
+    parser.add_argument("--states", type=int, default=16, help="chains per source (reference, each model)")
+    parser.add_argument(
+        "--actions", type=int, default=256, help="reference actions per state (multiple of 4)"
+    )
+    parser.add_argument("--bootstrap", type=int, default=32, help="bootstrap replicates for the MC errors")
+    parser.add_argument("--chunk", type=int, default=16, help="states per UNet call when scoring actions")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--write-readme", action="store_true")
+    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument(
+        "--profile",
+        default=None,
+        help="only profile the optimum of these rewards (NAME or prototype_match:SHARPNESS, comma-separated) "
+        "at reference states; no base models",
+    )
+    parser.add_argument("--betas", default="0.01", help="with --profile: comma-separated betas")
+    args = parser.parse_args()
+    if args.profile:
+        rows = profile(args)
+        print(json.dumps(finite_or_none(rows)) if args.json else render_profile(rows))
+        return
+    if args.actions < 256 and not args.json:
+        print(f"note: {args.actions} actions per state (the check asks for at least 256)", file=sys.stderr)
+    report = measure(args)
+    if args.write_readme:
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "step_optimality.json").write_text(json.dumps(finite_or_none(report), indent=1))
+        plot(report, RESULTS / "step_optimality.png")
+        write_section("step-optimality", render(report))
+    print(json.dumps(finite_or_none(report)) if args.json else render(report))
+
+
+if __name__ == "__main__":
+    main()
