@@ -142,7 +142,7 @@ def measure(args) -> dict:
     base_dirs = [train_base_model(config, name, home).path for name in config.objective_names]
     oracle_dirs = {
         w1: train_base_model(oracle_config(config, [w1, 1 - w1]), "weighted_sum", home).path
-        for w1 in ORACLE_WEIGHTS
+        for w1 in (() if args.no_oracle else ORACLE_WEIGHTS)
     }
     torch.set_grad_enabled(False)
     ensemble = load_ensemble(config, home, base_dirs)
@@ -155,8 +155,8 @@ def measure(args) -> dict:
     oracles = {}
     for w1, path in oracle_dirs.items():
         loaded = load_base_model(path)
-        load_adapter(composer.unet, f"oracle_{w1}", loaded.lora, loaded.card.lora)
-        oracles[w1] = single_kernel(composer, f"oracle_{w1}", loaded.log_variance)
+        load_adapter(composer.unet, f"oracle_{int(w1 * 100)}", loaded.lora, loaded.card.lora)
+        oracles[w1] = single_kernel(composer, f"oracle_{int(w1 * 100)}", loaded.log_variance)
     singles = {m.objective: single_kernel(composer, m.objective, m.log_variance) for m in ensemble.models}
     embeds, uncond = ensemble.embeddings()
     problem = evaluation_problem(config, home, None)
@@ -174,7 +174,8 @@ def measure(args) -> dict:
         w = [w1, 1 - w1]
         kernels[f"msdda:{w1}"] = lambda batch, x, step, w=w: msdda(composer, w, batch, x, step)
         kernels[f"db:{w1}"] = lambda batch, x, step, w=w: epsilon_blend(composer, w, batch, x, step)
-        kernels[f"oracle:{w1}"] = oracles[w1]
+        if w1 in oracles:
+            kernels[f"oracle:{w1}"] = oracles[w1]
     targets = {name: {name: 1.0 / beta} for name in objectives}
     for w1 in ORACLE_WEIGHTS:
         targets[f"w:{w1}"] = {objectives[0]: w1 / beta, objectives[1]: (1 - w1) / beta}
@@ -222,6 +223,7 @@ def measure(args) -> dict:
                 **{
                     method: aggregate(rows[f"{method}:{w1}"], replicate_rows[f"{method}:{w1}"])
                     for method in ("msdda", "db", "oracle")
+                    if f"{method}:{w1}" in rows
                 },
             }
             for w1 in ORACLE_WEIGHTS
@@ -319,7 +321,7 @@ def render(report: dict) -> str:
         lines.append(f"| `{name}` base model | " + " | ".join(_cell(err, f) for f in FIELDS) + " |")
     for row in report["composition"]:
         w = ", ".join(f"{v:g}" for v in row["weights"])
-        for method in ("msdda", "db", "oracle"):
+        for method in [m for m in ("msdda", "db", "oracle") if m in row]:
             label = {"msdda": "MSDDA", "db": "DB", "oracle": "oracle"}[method]
             lines.append(
                 f"| {label}, w = ({w}) | " + " | ".join(_cell(row[method], f) for f in FIELDS) + " |"
@@ -351,7 +353,7 @@ def plot(report: dict, path: Path) -> None:
     series = {f"{name} base": err for name, err in report["base_models"].items()}
     middle = report["composition"][len(report["composition"]) // 2]
     w = ", ".join(f"{v:g}" for v in middle["weights"])
-    series.update({f"{m} w=({w})": middle[m] for m in ("msdda", "db", "oracle")})
+    series.update({f"{m} w=({w})": middle[m] for m in ("msdda", "db", "oracle") if m in middle})
     for axis, field in zip(axes, ("cosine", "relative_drift_error", "variance_ratio")):
         for label, err in series.items():
             steps = [r["step"] for r in err["per_step"]]
@@ -389,6 +391,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--write-readme", action="store_true")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--no-oracle", action="store_true", help="skip the oracles (no training of them)")
     parser.add_argument(
         "--profile",
         default=None,

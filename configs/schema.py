@@ -110,6 +110,9 @@ class TrainConfig(_Strict):
     batch_size: Annotated[int, Field(ge=1)] = 32
     states_per_trajectory: Annotated[int, Field(ge=1)] = 4
     num_actions: Annotated[int, Field(ge=2)] = 8
+    antithetic: bool = False
+    """Draw the ``num_actions`` actions in antithetic pairs ``mean ± std * z`` (``num_actions`` even): the
+    sample-mean noise of the target-matching target cancels exactly (docs/design.md §1.5)."""
     learning_rate: Annotated[float, Field(gt=0)] = 3e-3
     variance_lr_scale: Annotated[float, Field(gt=0)] = 10.0
     gradient_accumulation_steps: Annotated[int, Field(ge=1)] = 1
@@ -124,6 +127,12 @@ class TrainConfig(_Strict):
     eval_seed: int = 1234
     prompts: list[str] | None = None
     """Training and evaluation prompts; ``None`` uses the digit prompts of the embedded default."""
+
+    @model_validator(mode="after")
+    def _check_antithetic(self) -> TrainConfig:
+        if self.antithetic and self.num_actions % 2:
+            raise ValueError(f"antithetic pairs need an even num_actions, got {self.num_actions}")
+        return self
 
 
 class ObjectiveSpec(_Strict):

@@ -57,6 +57,7 @@ def test_sd15_example_validates():
         ("bogus: 1\n", "bogus"),
         ("model:\n  source: pretrained\n", "model"),
         ("objectives:\n  - {options: {}}\n", "objectives.0.name"),
+        ("train:\n  antithetic: true\n  num_actions: 7\n", "train"),
     ],
 )
 def test_bad_fields_are_named_with_the_file(tmp_path, yaml_text, field):

@@ -138,3 +138,13 @@ def test_chain_runner_keeps_states_and_records_diagnostics():
     torch.testing.assert_close(first.latents, full.states[3])
     torch.testing.assert_close(second.latents, full.latents)
     assert first.diagnostics == [] and len(second.diagnostics) == 3
+
+
+def test_antithetic_draws_come_in_mirrored_pairs():
+    step = GaussianStep(torch.randn(3, 4), torch.full((3, 4), 0.25))
+    draws = step.sample(torch.Generator().manual_seed(0), num=6, antithetic=True)
+    assert draws.shape == (6, 3, 4)
+    torch.testing.assert_close(draws.mean(0), step.mean)  # the noises cancel exactly
+    torch.testing.assert_close(draws[0] - step.mean, step.mean - draws[1])
+    with pytest.raises(ValueError, match="even"):
+        step.sample(None, num=5, antithetic=True)

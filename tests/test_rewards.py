@@ -81,6 +81,27 @@ def test_plugin_without_its_package_names_it(tiny_config, tmp_path, monkeypatch)
         load_reward("image_reward", tiny_config, tmp_path, {"weights": str(tmp_path)})
 
 
+def test_prototype_match_is_a_curved_reward_peaking_at_the_prototype(tiny_config, tmp_path):
+    reward = load_reward("prototype_match", tiny_config, tmp_path, {"sharpness": 2.0})
+    assert reward.differentiable and reward.info == {"sharpness": 2.0}
+    prompts = ["a handwritten digit one", "a handwritten digit seven"]
+    x = images(2).requires_grad_(True)
+    values = reward(x, prompts)
+    values.sum().backward()
+    assert (values < 0).all() and x.grad.abs().sum() > 0
+    # at the prompted digit's mean training image the reward is 0, its maximum
+    from training.digits import train_test_split
+
+    size = tiny_config.model.embedded.image_size
+    train, _ = train_test_split(size, tiny_config.pretrain.test_fraction, seed=0)
+    one = train.images[train.labels == 1].mean(0).expand(3, -1, -1).unsqueeze(0)
+    assert float(reward(one, prompts[:1])) == pytest.approx(0.0, abs=1e-4)
+    doubled = load_reward("prototype_match", tiny_config, tmp_path, {"sharpness": 4.0})(x.detach(), prompts)
+    torch.testing.assert_close(doubled, 2 * values.detach())  # sharpness scales the curvature
+    with pytest.raises(RewardError, match="sharpness"):
+        load_reward("prototype_match", tiny_config, tmp_path, {"sharpness": -1})
+
+
 def test_weighted_sum_is_the_combined_reward(tiny_config, tmp_path):
     images = torch.rand(3, 3, 16, 16)
     prompts = ["a handwritten digit one"] * 3

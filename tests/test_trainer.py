@@ -21,6 +21,14 @@ def test_toy_policy_reaches_the_analytic_optimum(method):
     assert after["variance_rel_error"] <= 0.1, after
 
 
+def test_antithetic_target_matching_reaches_the_analytic_optimum():
+    problem = ToyProblem(num_inference_steps=10)
+    train(problem, TrainConfig(iterations=150, antithetic=True, **FAST), progress=False)
+    after = evaluate_against_optimum(problem, beta=1.0, num_states=500)
+    assert after["mean_error_over_sigma"] <= 0.1, after
+    assert after["variance_rel_error"] <= 0.1, after
+
+
 def _toy(seed: int, **kwargs) -> ToyProblem:
     """A toy whose initial weights (the MLP's random layers) come from ``seed``, not from whatever state the
     global RNG was left in."""

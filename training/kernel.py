@@ -89,11 +89,21 @@ class GaussianStep:
     def std(self) -> torch.Tensor:
         return self.variance.sqrt()
 
-    def sample(self, generator: torch.Generator | None, num: int | None = None) -> torch.Tensor:
-        """``mean + std * z``; with ``num``, ``num`` independent draws stacked in a new first dimension."""
+    def sample(
+        self, generator: torch.Generator | None, num: int | None = None, antithetic: bool = False
+    ) -> torch.Tensor:
+        """``mean + std * z``; with ``num``, ``num`` draws stacked in a new first dimension: independent, or
+        with ``antithetic`` in pairs ``mean ± std * z`` (rows ``2p`` and ``2p + 1``; ``num`` even), whose
+        noises sum to exactly zero."""
         if num is None:
             return self.mean + self.std * draw_noise(self.mean.shape, generator, self.mean)
-        noise = draw_noise((num, *self.mean.shape), generator, self.mean)
+        if antithetic:
+            if num % 2:
+                raise ValueError(f"antithetic sampling needs an even number of draws, got {num}")
+            half = draw_noise((num // 2, *self.mean.shape), generator, self.mean)
+            noise = torch.stack([half, -half], dim=1).flatten(0, 1)
+        else:
+            noise = draw_noise((num, *self.mean.shape), generator, self.mean)
         return self.mean.unsqueeze(0) + self.std.unsqueeze(0) * noise
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:

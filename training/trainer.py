@@ -233,7 +233,7 @@ def step_loss(problem: StepProblem, config: TrainConfig, run: TrainingRun, x_t, 
         policy = problem.policy(x_t, step, cond)
     policy = policy.float()
     proposal = reference if config.method == "target_matching" else policy.detach()
-    actions = proposal.sample(run.generator, num=config.num_actions)
+    actions = proposal.sample(run.generator, num=config.num_actions, antithetic=config.antithetic)
     with torch.no_grad():
         rewards = problem.step_reward(x_t, actions, step, cond).float()
     if not torch.isfinite(rewards).all():

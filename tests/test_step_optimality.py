@@ -1,0 +1,58 @@
+"""benchmarks/step_optimality.py end to end on the tiny config: its --json contract and the --profile mode."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ERR_KEYS = {"relative_drift_error", "cosine", "drift_ratio", "variance_ratio", "mc_se"}
+
+
+def run_benchmark(args, home):
+    env = {**os.environ, "MSDDA_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "step_optimality.py"), *args, "--quiet"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=home,
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout)
+
+
+@pytest.mark.slow
+def test_json_contract_on_the_tiny_model(tiny_config_file, pretrained_home):
+    small = ["--states", "2", "--actions", "8", "--bootstrap", "3", "--json"]
+    report = run_benchmark(["--config", str(tiny_config_file), *small], pretrained_home)
+    assert set(report["base_models"]) == {"ink_economy", "digit_alignment"}
+    assert [row["weights"] for row in report["composition"]] == [[0.25, 0.75], [0.5, 0.5], [0.75, 0.25]]
+    entries = list(report["base_models"].values())
+    entries += [row[m] for row in report["composition"] for m in ("msdda", "db", "oracle")]
+    for err in entries:
+        assert ERR_KEYS <= err.keys()
+        assert len(err["per_step"]) == 4  # every DDIM step of the tiny config
+        assert err["variance_ratio"] is None or err["variance_ratio"] > 0
+        assert err["cosine"] is None or -1 <= err["cosine"] <= 1 or math.isclose(abs(err["cosine"]), 1)
+
+
+def test_profile_reports_the_optimum_at_reference_states(tiny_config_file, pretrained_home):
+    args = ["--config", str(tiny_config_file), "--profile", "ink_economy,prototype_match:4"]
+    rows = run_benchmark(
+        [*args, "--betas", "0.01,1", "--states", "2", "--actions", "16", "--json"], pretrained_home
+    )
+    assert set(rows) == {
+        f"{name} beta={b}" for name in ("ink_economy", "prototype_match:4") for b in ("0.01", "1")
+    }
+    for steps in rows.values():
+        assert [r["step"] for r in steps] == [0, 1, 2, 3]
+        assert all(0 < r["ess_share"] <= 1 and r["variance_over_sigma2"] > 0 for r in steps)
+    # a larger beta is a milder tilt: the weights spread over more actions
+    mild, sharp = rows["prototype_match:4 beta=1"], rows["prototype_match:4 beta=0.01"]
+    assert sum(r["ess_share"] for r in mild) > sum(r["ess_share"] for r in sharp)
