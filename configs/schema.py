@@ -139,6 +139,10 @@ class ObjectiveSpec(_Strict):
     name: str
     beta: Annotated[float, Field(gt=0)] | None = None
     """Overrides ``train.beta`` for this objective."""
+    scale: Annotated[float, Field(gt=0)] = 1.0
+    """The objective's reward is trained and combined as ``R / scale`` (recorded on the base-model card):
+    puts objectives on a common scale, so that one beta is a moderate tilt for each (docs/design.md §1.6;
+    ``benchmarks/step_optimality.py --profile`` measures the tilt)."""
     options: dict[str, object] = {}
 
 

@@ -115,3 +115,30 @@ def test_weighted_sum_is_the_combined_reward(tiny_config, tmp_path):
     assert combined.differentiable
     with pytest.raises(RewardError, match="options.terms"):
         load_reward("weighted_sum", tiny_config, tmp_path, {})
+
+
+def test_an_objectives_scale_divides_its_reward_everywhere_it_is_trained(tiny_config, tmp_path):
+    from configs import parse_config
+    from training.base_model import run_key
+    from training.rewards import objective_reward
+
+    scaled = parse_config(
+        {
+            "objectives": [{"name": "ink_economy", "scale": 0.5}, "symmetry"],
+            "model": tiny_config.model.model_dump(),
+        }
+    )
+    x, prompts = images(3), ["a handwritten digit one"] * 3
+    raw = load_reward("ink_economy", scaled, tmp_path)(x, prompts)
+    torch.testing.assert_close(objective_reward("ink_economy", scaled, tmp_path)(x, prompts), raw / 0.5)
+    combined = load_reward("weighted_sum", scaled, tmp_path, {"terms": {"ink_economy": 0.3, "symmetry": 0.7}})
+    symmetry = load_reward("symmetry", scaled, tmp_path)(x, prompts)
+    torch.testing.assert_close(combined(x, prompts), 0.3 * raw / 0.5 + 0.7 * symmetry)
+    # the default scale leaves cache keys as they were; another scale is another model
+    plain = parse_config({"objectives": ["ink_economy"]})
+    assert run_key(plain, "ink_economy", "ref") == run_key(
+        parse_config({"objectives": [{"name": "ink_economy", "scale": 1.0}]}), "ink_economy", "ref"
+    )
+    assert run_key(plain, "ink_economy", "ref") != run_key(scaled, "ink_economy", "ref")
+    paired = parse_config({"objectives": ["ink_economy"], "train": {"antithetic": True}})
+    assert run_key(plain, "ink_economy", "ref") != run_key(paired, "ink_economy", "ref")

@@ -24,12 +24,13 @@ from training.card import (
     LORA_TARGETS,
     BaseModelCard,
     LoraSpec,
+    RewardScale,
     RewardSpec,
     load_base_model,
     save_base_model,
 )
 from training.digits import default_prompts
-from training.rewards import load_reward, mean_and_se
+from training.rewards import load_reward, mean_and_se, rescaled
 from training.trainer import IterationMetrics, train
 
 
@@ -70,10 +71,20 @@ def reference_identity(config: PipelineConfig, home: Path, progress: bool):
     return load_embedded_pipeline(reference.path), content_hash(reference.path)
 
 
+# Settings added after models were first cached: at these values they are left out of the key, so models trained
+# before they existed keep their keys (and their caches).
+ADDED_SETTINGS = {"objective": {"scale": 1.0}, "train": {"antithetic": False}}
+
+
+def _key_part(section: str, model) -> dict:
+    data = model.model_dump(mode="json")
+    return {k: v for k, v in data.items() if ADDED_SETTINGS.get(section, {}).get(k, object()) != v}
+
+
 def run_key(config: PipelineConfig, objective: str, reference_hash: str) -> str:
     payload = {
-        "objective": config.objective(objective).model_dump(mode="json"),
-        "train": config.train.model_dump(mode="json"),
+        "objective": _key_part("objective", config.objective(objective)),
+        "train": _key_part("train", config.train),
         "sampling": config.sampling.model_dump(mode="json"),
         "reference": reference_hash,
     }
@@ -92,6 +103,7 @@ def train_base_model(
 
     spec = config.objective(objective)
     reward = load_reward(spec.name, config, home, spec.options)  # fails fast on unknown objectives
+    trained_on = rescaled(reward, spec.scale)  # evaluation reports the raw reward
     pipe, reference_hash = reference_identity(config, home, progress)
     key = run_key(config, objective, reference_hash)
     final = home / "base_models" / f"{objective}-{key}"
@@ -102,7 +114,7 @@ def train_base_model(
     train_cfg = config.train
     beta = spec.beta or train_cfg.beta
     prompts = train_cfg.prompts or default_prompts()
-    problem = DiffusionStepProblem.from_config(pipe, reward, config)
+    problem = DiffusionStepProblem.from_config(pipe, trained_on, config)
     eval_index = torch.arange(train_cfg.eval_samples) % len(prompts)
 
     def evaluate(use_policy: bool):
@@ -154,6 +166,7 @@ def save_trained(final: Path, problem, config, spec, beta, reference_hash, metri
     """Save ``problem``'s trained adapter and variance with its card
     (:func:`training.card.save_base_model`)."""
     state = problem.trainable_state()
+    info = {k: v for k, v in problem.reward.info.items() if k != "scale"}
     card = BaseModelCard(
         objective=spec.name,
         reward=RewardSpec(
@@ -161,9 +174,10 @@ def save_trained(final: Path, problem, config, spec, beta, reference_hash, metri
                 "name": spec.name,
                 "options": spec.options,
                 "differentiable": problem.reward.differentiable,
-                **problem.reward.info,
+                **info,
             }
         ),
+        reward_scale=RewardScale(scale=spec.scale),
         beta=beta,
         trainer=config.train.method,
         train=config.train.model_dump(mode="json"),

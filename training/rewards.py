@@ -273,17 +273,34 @@ def _simple(name: str, fn: Callable, differentiable: bool, description: str):
     return factory
 
 
+def rescaled(reward: Reward, scale: float) -> Reward:
+    """``R / scale`` (the identity for ``scale == 1``); same name and differentiability."""
+    if scale == 1.0:
+        return reward
+    return Reward(
+        reward.name,
+        reward.differentiable,
+        lambda images, prompts: reward.fn(images, prompts) / scale,
+        f"{reward.description} / {scale:g}",
+        {**reward.info, "scale": scale},
+    )
+
+
+def objective_reward(name: str, config, home: Path) -> Reward:
+    """The config's objective ``name`` as it is trained and combined: its reward with its options, divided by
+    its ``scale``."""
+    spec = config.objective(name)
+    return rescaled(load_reward(name, config, home, spec.options), spec.scale)
+
+
 def weighted_sum(config, home, options) -> Reward:
     """``sum_i w_i R_i``: the combined reward the oracle is trained on. ``options.terms`` maps reward names
-    to weights, e.g. ``{"digit_alignment": 0.25, "ink_economy": 0.75}``; each term uses its objective's
-    options."""
+    to weights, e.g. ``{"digit_alignment": 0.25, "ink_economy": 0.75}``; each term is its objective's reward
+    as trained (its options and scale, :func:`objective_reward`)."""
     terms = options.get("terms")
     if not isinstance(terms, dict) or not terms:
         raise RewardError("weighted_sum needs options.terms, a mapping of reward names to weights")
-    parts = [
-        (load_reward(name, config, home, config.objective(name).options), float(w))
-        for name, w in terms.items()
-    ]
+    parts = [(objective_reward(name, config, home), float(w)) for name, w in terms.items()]
 
     def fn(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         return sum(w * reward(images, prompts) for reward, w in parts)
