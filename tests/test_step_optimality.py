@@ -22,6 +22,7 @@ def run_benchmark(args, home):
         env=env,
         cwd=home,
         timeout=900,
+        check=False,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout)

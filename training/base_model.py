@@ -71,8 +71,8 @@ def reference_identity(config: PipelineConfig, home: Path, progress: bool):
     return load_embedded_pipeline(reference.path), content_hash(reference.path)
 
 
-# Settings added after models were first cached: at these values they are left out of the key, so models trained
-# before they existed keep their keys (and their caches).
+# Settings added after models were first cached: at these values they are left out of the key, so models
+# trained before they existed keep their keys (and their caches).
 ADDED_SETTINGS = {"objective": {"scale": 1.0}, "train": {"antithetic": False}}
 
 
