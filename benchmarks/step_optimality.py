@@ -135,29 +135,60 @@ def aggregate(per_step: list[dict], replicates: list[list[dict]]) -> dict:
     return {**result, "mc_se": se["relative_drift_error"], "mc_se_all": se, "per_step": per_step}
 
 
-def measure(args) -> dict:
-    config, home = load_config(args.config), msdda_home()
-    if len(config.objective_names) != 2:
-        raise SystemExit("error: step_optimality compares two objectives; the config has a different number")
+def load_models(config, home, no_oracle: bool):
+    """The ensemble of the config's base models, its composer, and the oracles' kernels (by ``w_1``) put on
+    the composer's UNet as extra adapters."""
     base_dirs = [train_base_model(config, name, home).path for name in config.objective_names]
     oracle_dirs = {
         w1: train_base_model(oracle_config(config, [w1, 1 - w1]), "weighted_sum", home).path
-        for w1 in (() if args.no_oracle else ORACLE_WEIGHTS)
+        for w1 in (() if no_oracle else ORACLE_WEIGHTS)
     }
-    torch.set_grad_enabled(False)
     ensemble = load_ensemble(config, home, base_dirs)
     composer = ensemble.composer(config.composition)
-    objectives, schedule = ensemble.objectives, composer.schedule
-    betas = {m.objective: m.beta for m in ensemble.models}
-    if len(set(betas.values())) != 1:
-        raise SystemExit(f"error: the base models' betas differ ({betas}); this check needs one target beta")
-    beta = next(iter(betas.values()))
     oracles = {}
     for w1, path in oracle_dirs.items():
         loaded = load_base_model(path)
         load_adapter(composer.unet, f"oracle_{int(w1 * 100)}", loaded.lora, loaded.card.lora)
         oracles[w1] = single_kernel(composer, f"oracle_{int(w1 * 100)}", loaded.log_variance)
-    singles = {m.objective: single_kernel(composer, m.objective, m.log_variance) for m in ensemble.models}
+    return ensemble, composer, oracles
+
+
+def kernels_and_targets(composer, objectives: list[str], beta: float, oracles: dict):
+    """``kernels``: name -> kernel function ``(batch, x, step)``; ``targets``: name -> the coefficients of
+    each objective's reward in ``log pi* - log p_ref``. A kernel named ``kind:key`` is measured against
+    the target :func:`target_of` names."""
+    kernels = {
+        f"base:{m.objective}": single_kernel(composer, m.objective, m.log_variance) for m in composer.models
+    }
+    targets = {name: {name: 1.0 / beta} for name in objectives}
+    for w1 in ORACLE_WEIGHTS:
+        w = [w1, 1 - w1]
+        kernels[f"msdda:{w1}"] = lambda batch, x, step, w=w: msdda(composer, w, batch, x, step)
+        kernels[f"db:{w1}"] = lambda batch, x, step, w=w: epsilon_blend(composer, w, batch, x, step)
+        if w1 in oracles:
+            kernels[f"oracle:{w1}"] = oracles[w1]
+        targets[f"w:{w1}"] = {objectives[0]: w1 / beta, objectives[1]: (1 - w1) / beta}
+    return kernels, targets
+
+
+def target_of(kernel_name: str) -> str:
+    """The optimum a kernel is measured against: its own objective's, or the combined one at its weight."""
+    kind, _, rest = kernel_name.partition(":")
+    return rest if kind == "base" else f"w:{rest}"
+
+
+def measure(args) -> dict:
+    config, home = load_config(args.config), msdda_home()
+    if len(config.objective_names) != 2:
+        raise SystemExit("error: step_optimality compares two objectives; the config has a different number")
+    ensemble, composer, oracles = load_models(config, home, args.no_oracle)
+    torch.set_grad_enabled(False)
+    objectives, schedule = ensemble.objectives, composer.schedule
+    betas = {m.objective: m.beta for m in ensemble.models}
+    if len(set(betas.values())) != 1:
+        raise SystemExit(f"error: the base models' betas differ ({betas}); this check needs one target beta")
+    beta = next(iter(betas.values()))
+    kernels, targets = kernels_and_targets(composer, objectives, beta, oracles)
     embeds, uncond = ensemble.embeddings()
     problem = evaluation_problem(config, home, None)
     scaled = scaled_rewards(ensemble)
@@ -166,19 +197,8 @@ def measure(args) -> dict:
         return schedule.kernel(x, composer.epsilons(x, step, batch, [REFERENCE])[0], step)
 
     started = time.perf_counter()
-    states = held_out_states(
-        composer, {"reference": reference, **singles}, embeds, uncond, args.states, len(ensemble.prompts)
-    )
-    kernels = {f"base:{name}": kernel for name, kernel in singles.items()}
-    for w1 in ORACLE_WEIGHTS:
-        w = [w1, 1 - w1]
-        kernels[f"msdda:{w1}"] = lambda batch, x, step, w=w: msdda(composer, w, batch, x, step)
-        kernels[f"db:{w1}"] = lambda batch, x, step, w=w: epsilon_blend(composer, w, batch, x, step)
-        if w1 in oracles:
-            kernels[f"oracle:{w1}"] = oracles[w1]
-    targets = {name: {name: 1.0 / beta} for name in objectives}
-    for w1 in ORACLE_WEIGHTS:
-        targets[f"w:{w1}"] = {objectives[0]: w1 / beta, objectives[1]: (1 - w1) / beta}
+    sources = {"reference": reference, **{k: v for k, v in kernels.items() if k.startswith("base:")}}
+    states = held_out_states(composer, sources, embeds, uncond, args.states, len(ensemble.prompts))
     generator = torch.Generator().manual_seed(STATE_SEED - 1)
     rows = {name: [] for name in kernels}
     replicate_rows = {name: [[] for _ in range(args.bootstrap)] for name in kernels}
@@ -190,23 +210,22 @@ def measure(args) -> dict:
         actions = antithetic_actions(ref.mean, ref.std, args.actions // 2, generator)
         rewards = step_rewards(problem, scaled, x, index, actions, step, args.chunk)
         flat_actions, ref_mean = actions.flatten(2), ref.mean.flatten(1)
-        sigma = float(schedule.sigma[step])
         kernel_steps = {name: kernel(batch, x, step) for name, kernel in kernels.items()}
         counts = [bootstrap_counts(args.actions, x.shape[0], generator) for _ in range(args.bootstrap)]
         for target, coefficients in targets.items():
             log_weights = sum(c * rewards[name] for name, c in coefficients.items())
             optimum = estimate_optimum(flat_actions, ref_mean, log_weights)
-            optimum_rows[target].append({"step": step, **optimum_summary(optimum, sigma)})
+            summary = optimum_summary(optimum, float(schedule.sigma[step]))
+            optimum_rows[target].append({"step": step, **summary})
             replicas = [estimate_optimum(flat_actions, ref_mean, log_weights, c) for c in counts]
-            for name, kernel_step in kernel_steps.items():
-                if target_of(name) != target:
-                    continue
-                drift = (kernel_step.mean - ref.mean).flatten(1)
-                variance = kernel_step.variance.expand_as(kernel_step.mean).flatten(1).mean(1)
+            for name in (n for n in kernel_steps if target_of(n) == target):
+                drift = (kernel_steps[name].mean - ref.mean).flatten(1)
+                variance = kernel_steps[name].variance.expand_as(ref.mean).flatten(1).mean(1)
                 rows[name].append({"step": step, **kernel_errors(drift, variance, optimum)})
                 for r, replica in enumerate(replicas):
                     replicate_rows[name][r].append(kernel_errors(drift, variance, replica))
-    report = {
+    results = {name: aggregate(rows[name], replicate_rows[name]) for name in kernels}
+    return {
         "objectives": objectives,
         "beta": beta,
         "states_per_step": int(states[0][0].shape[0]),
@@ -214,22 +233,15 @@ def measure(args) -> dict:
         "bootstrap": args.bootstrap,
         "seconds": time.perf_counter() - started,
         "optimum": optimum_rows,
-        "base_models": {
-            name: aggregate(rows[f"base:{name}"], replicate_rows[f"base:{name}"]) for name in objectives
-        },
+        "base_models": {name: results[f"base:{name}"] for name in objectives},
         "composition": [
             {
                 "weights": [w1, 1 - w1],
-                **{
-                    method: aggregate(rows[f"{method}:{w1}"], replicate_rows[f"{method}:{w1}"])
-                    for method in ("msdda", "db", "oracle")
-                    if f"{method}:{w1}" in rows
-                },
+                **{m: results[f"{m}:{w1}"] for m in ("msdda", "db", "oracle") if f"{m}:{w1}" in results},
             }
             for w1 in ORACLE_WEIGHTS
         ],
     }
-    return report
 
 
 def profile(args) -> dict:
@@ -288,12 +300,6 @@ def render_profile(rows: dict) -> str:
             f"| {mean('tilt'):.3f} ({max(r['tilt'] for r in steps):.3f}) |"
         )
     return "\n".join(lines)
-
-
-def target_of(kernel_name: str) -> str:
-    """The optimum a kernel is measured against: its own objective's, or the combined one at its weight."""
-    kind, _, rest = kernel_name.partition(":")
-    return rest if kind == "base" else f"w:{rest}"
 
 
 # --------------------------------------------------------------------------------------------------- report
@@ -379,6 +385,17 @@ def finite_or_none(value):
     return value
 
 
+def _nan_for_none(value):
+    """The inverse of :func:`finite_or_none` for a report read back from JSON."""
+    if value is None:
+        return math.nan
+    if isinstance(value, dict):
+        return {k: _nan_for_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nan_for_none(v) for v in value]
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None)
@@ -399,6 +416,7 @@ def main() -> None:
         "at reference states; no base models",
     )
     parser.add_argument("--betas", default="0.01", help="with --profile: comma-separated betas")
+    parser.add_argument("--from-json", default=None, help="re-render a report saved by --json (no measuring)")
     args = parser.parse_args()
     if args.profile:
         rows = profile(args)
@@ -406,7 +424,8 @@ def main() -> None:
         return
     if args.actions < 256 and not args.json:
         print(f"note: {args.actions} actions per state (the check asks for at least 256)", file=sys.stderr)
-    report = measure(args)
+    report = json.loads(Path(args.from_json).read_text()) if args.from_json else measure(args)
+    report = _nan_for_none(report)
     if args.write_readme:
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / "step_optimality.json").write_text(json.dumps(finite_or_none(report), indent=1))
