@@ -282,8 +282,12 @@ def profile(args) -> dict:
     return rows
 
 
-def render_profile(rows: dict) -> str:
+def render_profile(rows: dict, args) -> str:
     lines = [
+        f"`python benchmarks/step_optimality.py --profile {args.profile} --betas {args.betas} --states "
+        f"{args.states}`: the optimum `p_ref exp(r / beta)` at {args.states} reference states per DDIM step, "
+        f"{args.actions} antithetic actions each; means over the steps (extremes in brackets).",
+        "",
         "| target | drift / sigma | var* / sigma^2 (min over steps) | ESS share (min) "
         "| tilt: std(r / beta) (max) |",
         "|---|---|---|---|---|",
@@ -420,7 +424,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.profile:
         rows = profile(args)
-        print(json.dumps(finite_or_none(rows)) if args.json else render_profile(rows))
+        if args.write_readme:
+            write_section("step-profile", render_profile(rows, args))
+        print(json.dumps(finite_or_none(rows)) if args.json else render_profile(rows, args))
         return
     if args.actions < 256 and not args.json:
         print(f"note: {args.actions} actions per state (the check asks for at least 256)", file=sys.stderr)

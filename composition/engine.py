@@ -59,6 +59,14 @@ def parse_weights(text: str | list[float], num_models: int) -> list[float]:
 
 
 @dataclass
+class RewardCalls:
+    """Reward evaluations while sampling (the cost NFE does not count): one per scored image, a decode plus
+    every objective's reward; a reward gradient counts two (docs/design.md §3.8)."""
+
+    count: float = 0.0
+
+
+@dataclass
 class Ensemble:
     """The reference pipeline with K base-model adapters loaded, the rewards, prompts and the schedule."""
 
@@ -89,13 +97,23 @@ class Ensemble:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return decode_latents(self.pipe.vae, latents)
 
-    def score_fn(self, weights: list[float], prompts: list[str], per_beta: bool, differentiable: bool):
+    def score_fn(
+        self,
+        weights: list[float],
+        prompts: list[str],
+        per_beta: bool,
+        differentiable: bool,
+        calls: RewardCalls | None = None,
+    ):
         """``x0 latents -> sum_i c_i R_i(decode(x0))`` with ``c_i = w_i`` (or ``w_i / beta_i``), each reward
-        on its card's scale; the latents' rows are candidate-major repeats of ``prompts``."""
+        on its card's scale; the latents' rows are candidate-major repeats of ``prompts``. ``calls`` counts
+        the scored rows (a decode and the rewards each; twice with a gradient)."""
         coefficients = [w / (m.beta if per_beta else 1.0) for w, m in zip(weights, self.models)]
         scales = [m.card.reward_scale for m in self.models]
 
         def score(x0: torch.Tensor) -> torch.Tensor:
+            if calls is not None:
+                calls.count += len(x0) * (2 if differentiable else 1)
             images = decode_latents(self.pipe.vae, x0) if differentiable else self.decode(x0)
             repeated = prompts * (len(x0) // len(prompts))
             total = torch.zeros(len(x0), dtype=x0.dtype, device=x0.device)
@@ -166,6 +184,7 @@ class Generated:
     nfe_per_image: float
     seconds: float
     diagnostics: list[dict]
+    reward_calls_per_image: float = 0.0
 
 
 def batch_seeds(seed: int, batch_index: int) -> tuple[int, int]:
@@ -195,7 +214,7 @@ def generate(
         chosen.prepare(composer, weights)
     unet = ensemble.pipe.unet
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    images, prompts, diagnostics, nfe = [], [], [], 0.0
+    images, prompts, diagnostics, nfe, calls = [], [], [], 0.0, RewardCalls()
     start = time.perf_counter()
     for batch_index, first in enumerate(range(0, num_images, options.batch_size)):
         index = torch.arange(first, min(first + options.batch_size, num_images)) % len(ensemble.prompts)
@@ -207,7 +226,7 @@ def generate(
         score = None
         if chosen.score is not None:
             score = ensemble.score_fn(
-                weights, batch_prompts, chosen.score.per_beta, chosen.score.differentiable
+                weights, batch_prompts, chosen.score.per_beta, chosen.score.differentiable, calls
             )
         try:
             with torch.no_grad():
@@ -224,8 +243,9 @@ def generate(
         images.append(ensemble.decode(chain.latents))
         prompts.extend(batch_prompts)
         diagnostics.extend(chain.diagnostics if batch_index == 0 else [])
+    seconds = time.perf_counter() - start
     return Generated(
-        method, weights, torch.cat(images), prompts, nfe, time.perf_counter() - start, diagnostics
+        method, weights, torch.cat(images), prompts, nfe, seconds, diagnostics, calls.count / num_images
     )
 
 

@@ -80,9 +80,10 @@ def sweep(
 ) -> dict:
     """Every method at every weight on the simplex grid, same prompts and seeds.
 
-    Returns ``{"objectives", "reference": {"rewards", "reward_se"}, "methods": {name: {"hypervolume", "front",
-    "points": [{"weights", "rewards", "reward_se", "nfe", "seconds"}]}}, "settings"}``; the sampled images of
-    each point go to ``on_point(method or "reference", weights, {"images", "prompts"})`` if given.
+    Returns ``{"objectives", "reference": {"rewards", "reward_se"}, "methods": {name: {"hypervolume",
+    "front", "points": [{"weights", "rewards", "reward_se", "nfe", "reward_calls", "seconds"}]}},
+    "settings"}``; the sampled images of each point go to ``on_point(method or "reference", weights,
+    {"images", "prompts"})`` if given.
     """
     from tqdm.auto import tqdm
 
@@ -102,6 +103,7 @@ def sweep(
             "rewards": {k: v[0] for k, v in stats.items()},
             "reward_se": {k: v[1] for k, v in stats.items()},
             "nfe": generated.nfe_per_image,
+            "reward_calls": generated.reward_calls_per_image,
             "seconds": round(generated.seconds, 3),
         }
 

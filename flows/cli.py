@@ -172,7 +172,8 @@ def compose(
     lines = [
         (
             f"{result['method']} w={result['weights']}: {result['num_images']} images, "
-            f"{result['nfe']:g} UNet rows per image, {result['seconds']:.1f} s"
+            f"{result['nfe']:g} UNet rows and {result['reward_calls']:g} reward calls per image, "
+            f"{result['seconds']:.1f} s"
         )
     ]
     lines += [f"  {k}: {v:.4f} +- {result['reward_se'][k]:.4f}" for k, v in result["rewards"].items()]

@@ -166,6 +166,7 @@ def compose_job(
         "rewards": {k: v[0] for k, v in stats.items()},
         "reward_se": {k: v[1] for k, v in stats.items()},
         "nfe": generated.nfe_per_image,
+        "reward_calls": generated.reward_calls_per_image,
         "num_images": num_images,
         "seed": seed,
         "seconds": round(generated.seconds, 3),
@@ -199,7 +200,14 @@ def _log_compose(home: Path, payload: dict, out_dir: Path) -> str:
     ):
         metrics = {f"reward_{k}": v for k, v in payload["rewards"].items()}
         metrics.update({f"reward_se_{k}": v for k, v in payload["reward_se"].items()})
-        mlflow.log_metrics({**metrics, "nfe": payload["nfe"], "seconds": payload["seconds"]})
+        mlflow.log_metrics(
+            {
+                **metrics,
+                "nfe": payload["nfe"],
+                "reward_calls": payload["reward_calls"],
+                "seconds": payload["seconds"],
+            }
+        )
         mlflow.log_artifacts(str(out_dir), "images")  # the PNGs, their grid and the manifest
         return run.info.run_id
 

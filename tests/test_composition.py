@@ -87,6 +87,10 @@ def test_every_method_samples_seeded_images(ensemble, tiny_config, method):
     steps = tiny_config.sampling.num_inference_steps
     expected_nfe = {"msdda": 2, "db": 2, "rs": 1, "code": options.code_candidates, "rgg": 3}[method] * steps
     assert first.nfe_per_image == expected_nfe
+    # reward evaluations while sampling: CoDe scores N candidates per block, RGG one gradient (2) per step
+    blocks = -(-steps // options.code_block)
+    expected_calls = {"code": options.code_candidates * blocks, "rgg": 2 * steps}.get(method, 0)
+    assert first.reward_calls_per_image == expected_calls
 
 
 def test_methods_share_the_initial_noise(ensemble, tiny_config):
