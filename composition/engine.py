@@ -185,6 +185,9 @@ class Generated:
     seconds: float
     diagnostics: list[dict]
     reward_calls_per_image: float = 0.0
+    path_kl: torch.Tensor | None = None
+    """Per image, the path KL from the reference (``options.path_kl``); for CoDe its ``log N``-per-block
+    bound."""
 
 
 def batch_seeds(seed: int, batch_index: int) -> tuple[int, int]:
@@ -214,7 +217,7 @@ def generate(
         chosen.prepare(composer, weights)
     unet = ensemble.pipe.unet
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    images, prompts, diagnostics, nfe, calls = [], [], [], 0.0, RewardCalls()
+    images, prompts, diagnostics, nfe, calls, kls = [], [], [], 0.0, RewardCalls(), []
     start = time.perf_counter()
     for batch_index, first in enumerate(range(0, num_images, options.batch_size)):
         index = torch.arange(first, min(first + options.batch_size, num_images)) % len(ensemble.prompts)
@@ -241,11 +244,22 @@ def generate(
         except ValueError as exc:  # e.g. a non-positive composed precision
             raise CompositionError(f"{method} with weights {weights}: {exc}") from None
         images.append(ensemble.decode(chain.latents))
+        if chain.kl is not None:
+            kls.append(chain.kl.detach().cpu())
         prompts.extend(batch_prompts)
         diagnostics.extend(chain.diagnostics if batch_index == 0 else [])
     seconds = time.perf_counter() - start
+    path_kl = torch.cat(kls) if kls else None
     return Generated(
-        method, weights, torch.cat(images), prompts, nfe, seconds, diagnostics, calls.count / num_images
+        method,
+        weights,
+        torch.cat(images),
+        prompts,
+        nfe,
+        seconds,
+        diagnostics,
+        calls.count / num_images,
+        path_kl,
     )
 
 

@@ -69,6 +69,27 @@ def hypervolume(points: Sequence[Sequence[float]], reference: Sequence[float]) -
     return total
 
 
+def hypervolume_se(
+    per_image: Sequence[torch.Tensor], reference: Sequence[float], replicates: int = 200, seed: int = 0
+) -> float:
+    """Bootstrap standard error of :func:`hypervolume` over images: each replicate resamples the image
+    indices (the same for every point, as the points share prompts and seeds) and recomputes the front's
+    hypervolume from the resampled means. ``per_image``: one ``[N, K]`` reward tensor per point."""
+    generator = torch.Generator().manual_seed(seed)
+    n = per_image[0].shape[0]
+    values = []
+    for _ in range(replicates):
+        index = torch.randint(0, n, (n,), generator=generator)
+        values.append(hypervolume([p[index].mean(0).tolist() for p in per_image], reference))
+    return float(torch.tensor(values, dtype=torch.float64).std())
+
+
+def regularised_objective(combined: torch.Tensor, path_kl: torch.Tensor, beta: float) -> tuple[float, float]:
+    """``J_w = E[sum_i w_i r_i] - beta * E[KL(path || reference path)]`` (docs/design.md §4.5), with its
+    standard error over images; ``combined`` holds each image's ``sum_i w_i r_i``."""
+    return mean_and_se(combined.double() - beta * path_kl.double())
+
+
 def sweep(
     ensemble: Ensemble,
     options: CompositionConfig,
@@ -81,9 +102,9 @@ def sweep(
     """Every method at every weight on the simplex grid, same prompts and seeds.
 
     Returns ``{"objectives", "reference": {"rewards", "reward_se"}, "methods": {name: {"hypervolume",
-    "front", "points": [{"weights", "rewards", "reward_se", "nfe", "reward_calls", "seconds"}]}},
-    "settings"}``; the sampled images of each point go to ``on_point(method or "reference", weights,
-    {"images", "prompts"})`` if given.
+    "hypervolume_se", "front", "points": [{"weights", "rewards", "reward_se", "nfe", "reward_calls",
+    "seconds"} (+ "kl", "J", "J_se" with ``options.path_kl``)]}}, "settings"}``; the sampled images of
+    each point go to ``on_point(method or "reference", weights, {"images", "prompts"})`` if given.
     """
     from tqdm.auto import tqdm
 
@@ -92,13 +113,18 @@ def sweep(
     objectives = ensemble.objectives
     num_images = num_images or options.num_images
 
+    betas = {m.beta for m in ensemble.models}
+    scales = [m.card.reward_scale for m in ensemble.models]
+    per_image: dict[str, list[torch.Tensor]] = {}
+
     def evaluate(method: str, weights: list[float], label: str | None = None) -> dict:
         generated = generate(ensemble, method, weights, options, num_images=num_images)
         rewards = score_images(ensemble, generated.images, generated.prompts)
         stats = {name: mean_and_se(values) for name, values in rewards.items()}
+        per_image.setdefault(label or method, []).append(torch.stack([rewards[n] for n in objectives], 1))
         if on_point is not None:
             on_point(label or method, weights, {"images": generated.images, "prompts": generated.prompts})
-        return {
+        point = {
             "weights": weights,
             "rewards": {k: v[0] for k, v in stats.items()},
             "reward_se": {k: v[1] for k, v in stats.items()},
@@ -106,6 +132,11 @@ def sweep(
             "reward_calls": generated.reward_calls_per_image,
             "seconds": round(generated.seconds, 3),
         }
+        if generated.path_kl is not None and len(betas) == 1:
+            combined = sum(w * s.standardise(rewards[n]) for w, s, n in zip(weights, scales, objectives))
+            j, j_se = regularised_objective(combined, generated.path_kl, next(iter(betas)))
+            point.update(kl=float(generated.path_kl.mean()), J=j, J_se=j_se)
+        return point
 
     start = time.perf_counter()
     reference = evaluate("msdda", [0.0] * len(objectives), "reference")  # w = 0: the reference model
@@ -125,6 +156,7 @@ def sweep(
         vectors = [[p["rewards"][name] for name in objectives] for p in points]
         result["methods"][method] = {
             "hypervolume": hypervolume(vectors, reference_point),
+            "hypervolume_se": hypervolume_se(per_image[method], reference_point),
             "front": pareto_front(vectors),
             "max_nfe": max(p["nfe"] for p in points),
             "points": points,

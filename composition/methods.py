@@ -21,6 +21,7 @@ rows per image, a backward pass counting two.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -81,6 +82,21 @@ class Composer:
         with mixed_adapter_batch(self.unet, routing(adapters, b)):
             eps = self.eps(xs, self.schedule.timestep(step, xs), batch.cond(n))
         return eps.view(n, b, *x.shape[1:])
+
+    def reference_kernel(self, batch: Batch):
+        """The reference's kernel function for ``batch``, or ``None`` unless ``options.path_kl``: the
+        yardstick of each image's path KL. Its UNet rows are evaluation, not the method's cost: NFE does not
+        count them."""
+        if not getattr(self.options, "path_kl", False):
+            return None
+
+        def reference(x: torch.Tensor, step: int) -> GaussianStep:
+            rows = self.eps.rows
+            eps = self.epsilons(x, step, batch, [REFERENCE])[0]
+            self.eps.rows = rows
+            return self.schedule.kernel(x, eps, step)
+
+        return reference
 
     def count_backward(self, rows: int) -> None:
         """A backward pass through the UNet for ``rows`` rows costs two forwards."""
@@ -182,7 +198,9 @@ def code(composer: Composer, weights, x_T, batch: Batch, generator, score: Score
         best = score(x0).view(n, b).argmax(0)
         x = xs.view(n, b, *x.shape[1:])[best, torch.arange(b)]
         picks.append({"block_start": start, "mean_pick": best.float().mean().item()})
-    return Chain(x, {}, picks)
+    # Best-of-N from the reference moves each block's law at most log N from the reference's.
+    bound = len(picks) * math.log(n) if composer.reference_kernel(batch) is not None else None
+    return Chain(x, {}, picks, None if bound is None else torch.full((b,), bound, device=x.device))
 
 
 def reward_gradient_guidance(
@@ -190,7 +208,7 @@ def reward_gradient_guidance(
 ) -> Chain:
     """RGG on the reference: ``mean = DDIM mean + rgg_scale * sigma_t^2 * grad_x score(x0_hat(x))``, with the
     score's coefficients ``w_i / beta_i`` (differentiable rewards only)."""
-    schedule, scale = composer.schedule, composer.options.rgg_scale
+    schedule, scale, last = composer.schedule, composer.options.rgg_scale, {}
 
     def kernel(x, step):
         x_in = x.detach().requires_grad_(True)
@@ -198,7 +216,7 @@ def reward_gradient_guidance(
             eps = composer.epsilons(x_in, step, batch, [REFERENCE])[0]
             (grad,) = torch.autograd.grad(score(schedule.clean_estimate(x_in, eps, step)).sum(), x_in)
         composer.count_backward(x.shape[0])
-        plain = schedule.kernel(x, eps.detach(), step)
+        last["plain"] = plain = schedule.kernel(x, eps.detach(), step)
         sigma = schedule.sigma[step].to(x)
         return GaussianStep(
             plain.mean + scale * sigma**2 * grad,
@@ -206,7 +224,9 @@ def reward_gradient_guidance(
             {"guidance_norm": float((sigma**2 * grad).norm() / len(x))},
         )
 
-    return run_chain(schedule, x_T, kernel, generator)
+    # the unguided step is the reference's kernel: the path KL costs no extra UNet rows
+    reference = (lambda x, step: last["plain"]) if composer.reference_kernel(batch) is not None else None
+    return run_chain(schedule, x_T, kernel, generator, reference=reference)
 
 
 # ----------------------------------------------------------------------------------------------- the registry
@@ -245,7 +265,11 @@ class Method:
 
         def search(composer, weights, x_T, batch, generator, score=None) -> Chain:
             return run_chain(
-                composer.schedule, x_T, lambda x, step: kernel(composer, weights, batch, x, step), generator
+                composer.schedule,
+                x_T,
+                lambda x, step: kernel(composer, weights, batch, x, step),
+                generator,
+                reference=composer.reference_kernel(batch),
             )
 
         search.__doc__ = kernel.__doc__

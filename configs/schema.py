@@ -163,6 +163,9 @@ class CompositionConfig(_Strict):
     """CoDe's B: steps between selections."""
     rgg_scale: Annotated[float, Field(ge=0)] = 1.0
     """RGG's lambda_t (constant over steps)."""
+    path_kl: bool = False
+    """Measure each image's path KL from the reference and the regularised objective ``J_w`` (docs/design.md
+    §4.5): one extra, uncounted reference UNet row per step for MSDDA, the blend and the soup."""
 
 
 class PipelineConfig(_Strict):

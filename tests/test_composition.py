@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from composition.batched import merge_lora_states
-from composition.evaluation import dominates, hypervolume, pareto_front, simplex_grid
+from composition.evaluation import dominates, hypervolume, hypervolume_se, pareto_front, simplex_grid
 from training.card import CARD_FILE
 
 # ------------------------------------------------------------------------------------------- pure evaluation
@@ -48,6 +48,16 @@ def test_hypervolume_agrees_with_monte_carlo_in_three_dimensions():
     for p in points:
         covered |= (samples <= torch.tensor(p)).all(1)
     assert exact == pytest.approx(covered.float().mean().item(), abs=0.01)
+
+
+def test_hypervolume_bootstrap_se_reflects_the_spread_over_images():
+    g = torch.Generator().manual_seed(0)
+    constant = [torch.tensor([[1.0, 2.0]]).expand(50, 2), torch.tensor([[2.0, 1.0]]).expand(50, 2)]
+    assert hypervolume_se(constant, (0, 0), replicates=20) == 0.0
+    noisy = [c + 0.3 * torch.randn(50, 2, generator=g) for c in constant]
+    noisier = [c + 0.9 * torch.randn(50, 2, generator=g) for c in constant]
+    se, se_noisier = hypervolume_se(noisy, (0, 0)), hypervolume_se(noisier, (0, 0))
+    assert 0 < se < se_noisier
 
 
 def test_rewarded_soup_merge_is_the_exact_weighted_sum_of_deltas():
@@ -93,6 +103,26 @@ def test_every_method_samples_seeded_images(ensemble, tiny_config, method):
     assert first.reward_calls_per_image == expected_calls
 
 
+def test_path_kl_and_the_regularised_objective(ensemble, tiny_config):
+    from composition.engine import generate
+    from composition.evaluation import sweep
+
+    options = tiny_config.composition.model_copy(update={"batch_size": 4, "code_block": 2, "path_kl": True})
+    steps = tiny_config.sampling.num_inference_steps
+    reference = generate(ensemble, "msdda", [0.0, 0.0], options, num_images=4, seed=1)
+    assert reference.path_kl.abs().max() < 1e-5  # w = 0 is the reference itself
+    composed = generate(ensemble, "msdda", [0.5, 0.5], options, num_images=4, seed=1)
+    assert (composed.path_kl > 0).all() and composed.nfe_per_image == 2 * steps  # the KL's rows are free
+    guided = generate(ensemble, "rgg", [0.5, 0.5], options, num_images=4, seed=1)
+    assert (guided.path_kl > 0).all() and guided.nfe_per_image == 3 * steps
+    best_of = generate(ensemble, "code", [0.5, 0.5], options, num_images=4, seed=1)
+    blocks = -(-steps // options.code_block)
+    torch.testing.assert_close(best_of.path_kl, torch.full((4,), blocks * math.log(options.code_candidates)))
+    result = sweep(ensemble, options.model_copy(update={"num_images": 4}), methods=["msdda"], grid=2)
+    for point in result["methods"]["msdda"]["points"]:
+        assert {"kl", "J", "J_se"} <= point.keys() and point["kl"] >= 0
+
+
 def test_methods_share_the_initial_noise(ensemble, tiny_config):
     """With one-hot weights MSDDA and the epsilon blend differ only by the base model's learned variance."""
     from composition.engine import generate
@@ -124,6 +154,7 @@ def test_sweep_returns_the_documented_shape(ensemble, tiny_config, tmp_path):
         assert point["weights"] == [0.5, 0.5]
         assert set(point["rewards"]) == set(point["reward_se"]) == {"digit_alignment", "ink_economy"}
         assert point["nfe"] > 0 and point["seconds"] > 0
+        assert method["hypervolume_se"] >= 0 and "kl" not in point  # path KL is off by default
     json.dumps(result)
     png = plot_fronts(result, tmp_path / "pareto.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

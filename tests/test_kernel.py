@@ -148,3 +148,23 @@ def test_antithetic_draws_come_in_mirrored_pairs():
     torch.testing.assert_close(draws[0] - step.mean, step.mean - draws[1])
     with pytest.raises(ValueError, match="even"):
         step.sample(None, num=5, antithetic=True)
+
+
+def test_chain_sums_the_analytic_path_kl_from_a_reference():
+    schedule = DDIMSchedule.from_scheduler(make_scheduler(), 4, 1.0)
+    shift = torch.tensor([0.3, -0.1])
+
+    def reference(x, step):
+        return GaussianStep(x * 0.9, schedule.variance(step, x).expand_as(x))
+
+    def shifted(x, step):
+        ref = reference(x, step)
+        return GaussianStep(ref.mean + shift, ref.variance)
+
+    x_T = torch.randn(3, 2, generator=torch.Generator().manual_seed(0))
+    same = run_chain(schedule, x_T, reference, torch.Generator().manual_seed(1), reference=reference)
+    torch.testing.assert_close(same.kl, torch.zeros(3))
+    moved = run_chain(schedule, x_T, shifted, torch.Generator().manual_seed(1), reference=reference)
+    expected = sum(float((shift**2).sum() / (2 * schedule.variance(s, x_T))) for s in range(4))
+    torch.testing.assert_close(moved.kl, torch.full((3,), expected))
+    assert run_chain(schedule, x_T, reference, None).kl is None

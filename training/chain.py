@@ -29,6 +29,9 @@ class Chain:
     latents: torch.Tensor
     states: dict[int, torch.Tensor] = field(default_factory=dict)
     diagnostics: list[dict] = field(default_factory=list)
+    kl: torch.Tensor | None = None
+    """Per image, the path KL from the reference ``sum_t KL(kernel_t || reference_t)`` (analytic, Gaussian),
+    when a ``reference`` kernel function was given; a search may set a bound instead."""
 
 
 def run_chain(
@@ -40,20 +43,26 @@ def run_chain(
     stop: int | None = None,
     keep: Collection[int] = (),
     diagnose: bool = True,
+    reference: KernelFunction | None = None,
 ) -> Chain:
     """Run steps ``start .. stop - 1`` (default: the whole schedule) from ``x_T``, sampling each step's
     kernel.
 
     ``keep`` names the steps whose incoming state is returned (``stop`` itself may be named: the last state).
-    With ``diagnose`` false no per-step statistics are computed (no device synchronisation).
+    With ``diagnose`` false no per-step statistics are computed (no device synchronisation). With a
+    ``reference`` kernel function, each step's analytic ``KL(kernel || reference)`` at the current states is
+    summed per image into :attr:`Chain.kl`.
     """
     stop = len(schedule) if stop is None else stop
     x, states, diagnostics = x_T, {}, []
+    kl = None if reference is None else torch.zeros(x_T.shape[0], device=x_T.device)
     for step in range(start, stop):
         if step in keep:
             states[step] = x
         started = time.perf_counter()
         step_kernel = kernel(x, step)
+        if reference is not None:
+            kl = kl + step_kernel.kl(reference(x, step)).float()
         x = step_kernel.sample(generator)
         if diagnose:
             std = float(step_kernel.std.mean())
@@ -68,4 +77,4 @@ def run_chain(
             )
     if stop in keep:
         states[stop] = x
-    return Chain(x, states, diagnostics)
+    return Chain(x, states, diagnostics, kl)
