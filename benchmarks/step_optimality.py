@@ -423,7 +423,9 @@ def main() -> None:
     parser.add_argument("--from-json", default=None, help="re-render a report saved by --json (no measuring)")
     args = parser.parse_args()
     if args.profile:
-        rows = profile(args)
+        rows = (
+            _nan_for_none(json.loads(Path(args.from_json).read_text())) if args.from_json else profile(args)
+        )
         if args.write_readme:
             write_section("step-profile", render_profile(rows, args))
         print(json.dumps(finite_or_none(rows)) if args.json else render_profile(rows, args))
