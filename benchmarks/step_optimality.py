@@ -309,6 +309,11 @@ def render_profile(rows: dict, args) -> str:
 # --------------------------------------------------------------------------------------------------- report
 
 
+def _finite_mean(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
 def _cell(err: dict, name: str) -> str:
     value, se = err[name], err["mc_se_all"][name]
     return f"{value:.3f} ± {se:.3f}" if math.isfinite(se) else f"{value:.3f}"
@@ -339,13 +344,14 @@ def render(report: dict) -> str:
     lines += [
         "",
         "The optimum itself (mean over steps): drift per dimension in units of sigma_t, var*/sigma_t^2, "
-        "effective sample size share of the M weights, noise share of the naive |d*|^2:",
+        "effective sample size share of the M weights, noise share of the naive |d*|^2 (steps where the "
+        "optimum's drift is below the noise left out):",
         "",
         "| target | drift / sigma | var* / sigma^2 | ESS share | noise share |",
         "|---|---|---|---|---|",
     ]
     for target, steps in report["optimum"].items():
-        mean = {k: sum(s[k] for s in steps) / len(steps) for k in steps[0] if k != "step"}
+        mean = {k: _finite_mean([s[k] for s in steps]) for k in steps[0] if k != "step"}
         lines.append(
             f"| {target} | {mean['drift_over_sigma']:.3f} | {mean['variance_over_sigma2']:.3f} | "
             f"{mean['ess_share']:.3f} | {mean['noise_share']:.3f} |"
@@ -370,6 +376,8 @@ def plot(report: dict, path: Path) -> None:
             axis.plot(steps, [r[field] for r in err["per_step"]], marker="o", ms=3, label=label)
         axis.set_xlabel("DDIM step")
         axis.set_title(field.replace("_", " "))
+        if field == "relative_drift_error":
+            axis.set_yscale("log")
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     figure.tight_layout()
