@@ -24,7 +24,9 @@ set):
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -176,10 +178,24 @@ def serve_deployments(
     described = [_describe(d, runner.add_deployment(d)) for d in deployments]
     if on_ready is not None:
         on_ready(described)
+    previous = signal.signal(signal.SIGINT, partial(_stop_gracefully, runner))
     try:
         asyncio.run(runner.start())
     except (KeyboardInterrupt, TerminationSignal):
         pass
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _stop_gracefully(runner, signum, frame) -> None:
+    """Ctrl-C: stop the runner the way Prefect stops it on SIGTERM, from inside its event loop, so that its
+    shutdown (pausing the schedules, reaping flow-run processes) runs to the end. A KeyboardInterrupt raised
+    into asyncio's loop instead can be swallowed by a cancelled task group and leave the process hanging. A
+    second Ctrl-C, or one before the runner has started, interrupts at once."""
+    if not runner.started or runner.stopping or runner._loop is None:
+        raise KeyboardInterrupt
+    runner.stopping = True
+    runner.execute_in_background(runner.astop)
 
 
 def deploy_to_pool(
