@@ -47,7 +47,6 @@ from training.chain import run_chain
 from training.models import atomic_file, msdda_home
 from training.step_optimum import (
     FIELDS,
-    antithetic_actions,
     bootstrap_counts,
     estimate_optimum,
     kernel_errors,
@@ -207,7 +206,7 @@ def measure(args) -> dict:
         x, index = states[step]
         batch = Batch(embeds[index], uncond)
         ref = reference(batch, x, step)
-        actions = antithetic_actions(ref.mean, ref.std, args.actions // 2, generator)
+        actions = ref.sample(generator, num=args.actions, antithetic=True)
         rewards = step_rewards(problem, scaled, x, index, actions, step, args.chunk)
         flat_actions, ref_mean = actions.flatten(2), ref.mean.flatten(1)
         kernel_steps = {name: kernel(batch, x, step) for name, kernel in kernels.items()}
@@ -269,7 +268,7 @@ def profile(args) -> dict:
     for step in tqdm(steps, desc="steps", disable=args.quiet):
         x = chain.states[step]
         ref = problem.reference(x, step, cond)
-        actions = antithetic_actions(ref.mean, ref.std, args.actions // 2, generator)
+        actions = ref.sample(generator, num=args.actions, antithetic=True)
         scores = step_rewards(problem, rewards, x, index, actions, step, args.chunk)
         sigma = float(schedule.sigma[step])
         for name, r in scores.items():

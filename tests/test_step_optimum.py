@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
+from training.kernel import GaussianStep
 from training.step_optimum import (
-    antithetic_actions,
     bootstrap_counts,
     estimate_optimum,
     halves,
@@ -18,6 +18,10 @@ from training.step_optimum import (
 )
 
 STATES, DIM, BETA = 64, 4, 0.5
+
+
+def antithetic_actions(mean, std, pairs, generator):
+    return GaussianStep(mean, (std**2).expand_as(mean)).sample(generator, num=2 * pairs, antithetic=True)
 
 
 def quadratic_problem(curvature: float, actions: int, seed: int = 0, slope: float = 0.5):

@@ -4,7 +4,7 @@
 At a state ``s`` with reference kernel ``p_ref(a|s) = N(mu_ref, sigma^2)`` the step-level optimum for a
 reward ``r`` and KL coefficient ``beta`` is ``pi*(a|s) ∝ p_ref(a|s) exp(r(s, a) / beta)``. Its moments are
 estimated by self-normalised importance sampling over ``M`` reference actions drawn in antithetic pairs
-``a = mu_ref ± sigma z``:
+``a = mu_ref ± sigma z`` (``GaussianStep.sample(..., antithetic=True)``):
 
     w_j   = softmax_j(r(s, a_j) / beta)
     mu*   ≈ sum_j w_j a_j
@@ -36,13 +36,6 @@ from dataclasses import dataclass
 import torch
 
 FIELDS = ("relative_drift_error", "cosine", "drift_ratio", "variance_ratio")
-
-
-def antithetic_actions(mean: torch.Tensor, std: torch.Tensor, pairs: int, generator) -> torch.Tensor:
-    """``2 * pairs`` reference actions ``[2P, B, ...]``: ``mean + std z_p`` for rows ``2p`` and
-    ``mean - std z_p`` for rows ``2p + 1``."""
-    z = torch.randn((pairs, *mean.shape), generator=generator, dtype=mean.dtype).to(mean.device)
-    return torch.stack([mean + std * z, mean - std * z], dim=1).flatten(0, 1)
 
 
 def halves(num_actions: int) -> tuple[slice, slice]:
