@@ -104,11 +104,13 @@ class Ensemble:
         per_beta: bool,
         differentiable: bool,
         calls: RewardCalls | None = None,
+        beta: float | None = None,
     ):
-        """``x0 latents -> sum_i c_i R_i(decode(x0))`` with ``c_i = w_i`` (or ``w_i / beta_i``), each reward
-        on its card's scale; the latents' rows are candidate-major repeats of ``prompts``. ``calls`` counts
-        the scored rows (a decode and the rewards each; twice with a gradient)."""
-        coefficients = [w / (m.beta if per_beta else 1.0) for w, m in zip(weights, self.models)]
+        """``x0 latents -> sum_i c_i R_i(decode(x0))`` with ``c_i = w_i`` (or ``w_i / beta``, the target
+        ``beta`` or else each model's ``beta_i``), each reward on its card's scale; the latents' rows are
+        candidate-major repeats of ``prompts``. ``calls`` counts the scored rows (a decode and the rewards
+        each; twice with a gradient)."""
+        coefficients = [w / ((beta or m.beta) if per_beta else 1.0) for w, m in zip(weights, self.models)]
         scales = [m.card.reward_scale for m in self.models]
 
         def score(x0: torch.Tensor) -> torch.Tensor:
@@ -213,6 +215,10 @@ def generate(
     ensemble.check_scores(chosen)
     embeds, uncond = ensemble.embeddings()
     composer = ensemble.composer(options)
+    try:
+        composer.coefficients(weights)  # differing betas need a target beta
+    except ValueError as exc:
+        raise CompositionError(f"{method} with weights {weights}: {exc}") from None
     if chosen.prepare is not None:
         chosen.prepare(composer, weights)
     unet = ensemble.pipe.unet
@@ -229,7 +235,12 @@ def generate(
         score = None
         if chosen.score is not None:
             score = ensemble.score_fn(
-                weights, batch_prompts, chosen.score.per_beta, chosen.score.differentiable, calls
+                weights,
+                batch_prompts,
+                chosen.score.per_beta,
+                chosen.score.differentiable,
+                calls,
+                options.beta,
             )
         try:
             with torch.no_grad():

@@ -114,6 +114,7 @@ def sweep(
     num_images = num_images or options.num_images
 
     betas = {m.beta for m in ensemble.models}
+    target_beta = options.beta if options.beta is not None else (betas.pop() if len(betas) == 1 else None)
     scales = [m.card.reward_scale for m in ensemble.models]
     per_image: dict[str, list[torch.Tensor]] = {}
 
@@ -132,9 +133,9 @@ def sweep(
             "reward_calls": generated.reward_calls_per_image,
             "seconds": round(generated.seconds, 3),
         }
-        if generated.path_kl is not None and len(betas) == 1:
+        if generated.path_kl is not None and target_beta is not None:
             combined = sum(w * s.standardise(rewards[n]) for w, s, n in zip(weights, scales, objectives))
-            j, j_se = regularised_objective(combined, generated.path_kl, next(iter(betas)))
+            j, j_se = regularised_objective(combined, generated.path_kl, target_beta)
             point.update(kl=float(generated.path_kl.mean()), J=j, J_se=j_se)
         return point
 

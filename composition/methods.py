@@ -103,16 +103,21 @@ class Composer:
         self.eps.rows += 2 * self.eps.rows_per_image * rows
 
     def coefficients(self, weights: Sequence[float]) -> tuple[torch.Tensor, list[int], bool]:
-        """``(lam, active model indices, whether the reference is needed)`` for objective weights ``w``."""
-        lam = composition_coefficients(weights, len(self.models), [m.beta for m in self.models])
+        """``(lam, active model indices, whether the reference is needed)`` for objective weights ``w``, with
+        ``lam_i = w_i beta_i / beta`` for the target ``beta = options.beta`` (``lam = w`` when unset)."""
+        lam = composition_coefficients(
+            weights, len(self.models), [m.beta for m in self.models], getattr(self.options, "beta", None)
+        )
         active = [i for i, value in enumerate(lam.tolist()) if value != 0.0]
         return lam, active, abs(1.0 - float(lam.sum())) > SUM_TOLERANCE
 
     def load_soup(self, weights: Sequence[float]) -> None:
-        """Put the exact rewarded soup of ``weights`` on the UNet as adapter :data:`SOUP_ADAPTER`."""
+        """Put the exact rewarded soup of ``weights`` (coefficients ``lam``) on the UNet as adapter
+        :data:`SOUP_ADAPTER`."""
         from peft import set_peft_model_state_dict
 
-        scaled = [float(w) * m.card.lora.scaling for w, m in zip(weights, self.models)]
+        lam = self.coefficients(weights)[0].tolist()
+        scaled = [c * m.card.lora.scaling for c, m in zip(lam, self.models)]
         merged = merge_lora_states([m.lora for m in self.models], scaled)
         if SOUP_ADAPTER in getattr(self.unet, "peft_config", {}):
             set_peft_model_state_dict(self.unet, merged, adapter_name=SOUP_ADAPTER)
@@ -151,24 +156,20 @@ def msdda(composer: Composer, weights, batch: Batch, x: torch.Tensor, step: int)
 
 
 def epsilon_blend(composer: Composer, weights, batch: Batch, x: torch.Tensor, step: int) -> GaussianStep:
-    """DB-MPA: ``eps = sum_i w_i eps_i + (1 - sum_i w_i) eps_ref``, then a plain DDIM step with
-    ``sigma_t``."""
-    w = torch.as_tensor([float(v) for v in weights], dtype=torch.float64)
-    active = [i for i, value in enumerate(w.tolist()) if value != 0.0]
-    remainder = 1.0 - float(w.sum())
-    use_reference = abs(remainder) > SUM_TOLERANCE
+    """DB-MPA: ``eps = sum_i lam_i eps_i + (1 - sum_i lam_i) eps_ref``, then a plain DDIM step with
+    ``sigma_t`` (``lam = w`` unless a target beta is set)."""
+    lam, active, use_reference = composer.coefficients(weights)
     adapters = [composer.names[i] for i in active] + ([REFERENCE] if use_reference else [])
-    coefficients = [float(w[i]) for i in active] + ([remainder] if use_reference else [])
+    coefficients = [float(lam[i]) for i in active] + ([1.0 - float(lam.sum())] if use_reference else [])
     eps = composer.epsilons(x, step, batch, adapters)
     return composer.schedule.kernel(x, sum(c * e for c, e in zip(coefficients, eps)), step)
 
 
 def rewarded_soup(composer: Composer, weights, batch: Batch, x: torch.Tensor, step: int) -> GaussianStep:
-    """RS: one adapter ``sum_i w_i B_i A_i`` (loaded by :meth:`Composer.load_soup`), variance offset
-    ``v = sum_i w_i v_i``."""
-    offsets = [
-        (float(w), m.log_variance) for w, m in zip(weights, composer.models) if m.log_variance is not None
-    ]
+    """RS: one adapter ``sum_i lam_i B_i A_i`` (loaded by :meth:`Composer.load_soup`), variance offset
+    ``v = sum_i lam_i v_i``."""
+    lam = composer.coefficients(weights)[0].tolist()
+    offsets = [(c, m.log_variance) for c, m in zip(lam, composer.models) if m.log_variance is not None]
     log_variance = sum(w * v for w, v in offsets) if offsets else None
     eps = composer.epsilons(x, step, batch, [SOUP_ADAPTER])[0]
     return composer.schedule.kernel(x, eps, step, log_variance)
@@ -207,7 +208,7 @@ def reward_gradient_guidance(
     composer: Composer, weights, x_T, batch: Batch, generator, score: Score
 ) -> Chain:
     """RGG on the reference: ``mean = DDIM mean + rgg_scale * sigma_t^2 * grad_x score(x0_hat(x))``, with the
-    score's coefficients ``w_i / beta_i`` (differentiable rewards only)."""
+    score's coefficients ``w_i / beta`` (differentiable rewards only)."""
     schedule, scale, last = composer.schedule, composer.options.rgg_scale, {}
 
     def kernel(x, step):
@@ -238,8 +239,9 @@ Search = Callable[[Composer, Sequence[float], torch.Tensor, Batch, torch.Generat
 
 @dataclass(frozen=True)
 class ScoreNeed:
-    """A method that calls the rewards while sampling: with coefficients ``w_i / beta_i`` (``per_beta``) or
-    ``w_i``, and through a differentiable decode (``differentiable``)."""
+    """A method that calls the rewards while sampling: with coefficients ``w_i / beta`` (``per_beta``: the
+    target beta, else each model's ``beta_i``) or ``w_i``, and through a differentiable decode
+    (``differentiable``)."""
 
     per_beta: bool = False
     differentiable: bool = False

@@ -48,7 +48,9 @@ def composition_coefficients(
         raise ValueError(f"betas must be finite and positive, got {b.tolist()}")
     if beta is None:
         if not torch.allclose(b, b[0].expand_as(b)):
-            raise ValueError("betas differ between base models: pass the target `beta` explicitly")
+            raise ValueError(
+                f"betas differ between base models ({b.tolist()}): set the target beta (composition.beta)"
+            )
         beta = float(b[0])
     if not (beta > 0 and beta < float("inf")):
         raise ValueError(f"beta must be finite and positive, got {beta}")

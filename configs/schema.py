@@ -163,6 +163,11 @@ class CompositionConfig(_Strict):
     """CoDe's B: steps between selections."""
     rgg_scale: Annotated[float, Field(ge=0)] = 1.0
     """RGG's lambda_t (constant over steps)."""
+    beta: Annotated[float, Field(gt=0)] | None = None
+    """The target's KL coefficient: ``lam_i = w_i beta_i / beta`` for MSDDA, the epsilon blend and the soup,
+    and RGG's score ``sum_i w_i r_i / beta`` (docs/design.md §2.3). ``None``: the base models' common beta
+    (``lam = w``). A smaller target extrapolates the drifts, a larger one shrinks them: a curve per method
+    with no retraining. Required when the base models' betas differ."""
     path_kl: bool = False
     """Measure each image's path KL from the reference and the regularised objective ``J_w`` (docs/design.md
     §4.5): one extra, uncounted reference UNet row per step for MSDDA, the blend and the soup."""

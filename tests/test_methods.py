@@ -226,6 +226,46 @@ def test_rewarded_soup_with_one_hot_weights_is_the_single_model(unet_with_two_ad
     assert nfe == 4
 
 
+@pytest.mark.parametrize("method", ["msdda", "db", "rs"])
+def test_a_target_beta_scales_the_coefficients(unet_with_two_adapters, method):
+    """``lam_i = w_i beta_i / beta``: halving the target beta is doubling the weights, with no retraining."""
+    import copy
+
+    from peft import get_peft_model_state_dict
+
+    from training.card import LORA_TARGETS, LoraSpec
+
+    unet = copy.deepcopy(unet_with_two_adapters)
+    plain, halved = composer(unet), composer(unet, beta=0.005)
+    for comp in (plain, halved):
+        for m in comp.models:
+            m.lora = get_peft_model_state_dict(unet, adapter_name=m.objective)
+            m.targets = LORA_TARGETS
+            m.card = SimpleNamespace(lora=LoraSpec(rank=4, targets=LORA_TARGETS))
+    x_T, batch = inputs(unet, seed=5)
+    results = []
+    for comp, weights in ((plain, [0.6, 0.3]), (halved, [0.3, 0.15])):
+        if METHODS[method].prepare is not None:
+            METHODS[method].prepare(comp, weights)
+        results.append(sample(method, comp, weights, x_T, batch)[0].latents)
+    torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        halved.coefficients([0.3, 0.15])[0], torch.tensor([0.6, 0.3], dtype=torch.float64)
+    )
+
+
+def test_differing_betas_need_a_target_beta(unet_with_two_adapters):
+    comp = composer(unet_with_two_adapters)
+    comp.models[1].beta = 0.02
+    with pytest.raises(ValueError, match="composition.beta"):
+        comp.coefficients([0.5, 0.5])
+    targeted = composer(unet_with_two_adapters, beta=0.02)
+    targeted.models[1].beta = 0.02
+    torch.testing.assert_close(
+        targeted.coefficients([0.5, 0.5])[0], torch.tensor([0.25, 0.5], dtype=torch.float64)
+    )
+
+
 def test_registry_lists_every_method_once_and_the_docs_table_is_current():
     from pathlib import Path
 
