@@ -1,18 +1,21 @@
 """MSDDA against the baselines and the oracle on the embedded default (issue: composition results).
 
     python benchmarks/composition_results.py [--num-images 256] [--oracle-images 1024]
-        [--json] [--write-readme]
+        [--curve-images 128] [--no-curves] [--json] [--write-readme]
 
 1. Trains (or reuses) the base models for the config's two objectives and, as the oracle, a model trained
    directly on ``w_1 R_1 + w_2 R_2`` for w_1 in {0.25, 0.5, 0.75} (same trainer, beta and budget).
 2. Sweeps every method over the 11-point weight grid (same prompts and seeds), hypervolume against the
-   reference model's rewards, and compares methods at matched NFE.
+   reference model's rewards with its bootstrap SE, and compares methods at matched NFE. Every point also
+   carries its mean path KL from the reference and ``J_w = E[sum w_i r_i] - beta KL`` (docs/design.md §4.5).
+   Curves, not points: MSDDA, the blend and the soup again at target betas beta/2 and beta/4, CoDe at N = 4,
+   RGG at scales 0.25 and 0.5 (``--curve-images`` each), so fronts can be read at matched KL and cost.
 3. MSDDA against the oracle at the three weights: the difference of mean rewards in units of the paired
    standard error (both samplers start from the same x_T and draw the same noise stream).
 4. The learned variances, and where MSDDA and the epsilon blend part ways (same weights, paired).
-Writes ``benchmarks/results/composition.json``, ``pareto.png`` and ``variances.png`` there and, with
---write-readme, the README section between the ``composition-results`` markers (``--from-json`` re-renders
-them from the saved JSON without sampling).
+Writes ``benchmarks/results/composition.json``, ``pareto.png``, ``reward_kl.png`` and ``variances.png``
+there and, with --write-readme, the README section between the ``composition-results`` markers
+(``--from-json`` re-renders them from the saved JSON without sampling).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import argparse
 import json
 import math
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -76,6 +80,7 @@ def oracle_comparison(config, home, base_dirs, oracle_dirs, num_images) -> list[
                 "difference_in_se": diff / se if se else 0.0,
             }
         diff, se = paired(combined["msdda"], combined["oracle"])
+        row["combined_diff"], row["se"] = diff, se
         row["combined"] = {
             "msdda": float(combined["msdda"].mean()),
             "oracle": float(combined["oracle"].mean()),
@@ -127,6 +132,95 @@ def matched_nfe(sweep: dict) -> list[dict]:
     ]
 
 
+def base_beta(config) -> float:
+    """The objectives' common KL coefficient (the one the base models were trained with)."""
+    betas = {config.objective(name).beta or config.train.beta for name in config.objective_names}
+    if len(betas) != 1:
+        raise SystemExit(f"the objectives' betas differ ({sorted(betas)}): this benchmark needs one beta")
+    return betas.pop()
+
+
+def curve_variants(beta: float) -> list[tuple[str, str, dict]]:
+    """``(label, method, composition settings)`` of the extra points on each method's curve."""
+    variants = [
+        (f"{m}@beta={beta * f:g}", m, {"beta": beta * f}) for f in (0.5, 0.25) for m in ("msdda", "db", "rs")
+    ]
+    variants.append(("code@N=4", "code", {"code_candidates": 4}))
+    variants += [(f"rgg@{scale:g}", "rgg", {"rgg_scale": scale}) for scale in (0.25, 0.5)]
+    return variants
+
+
+def with_composition(config, **settings):
+    return config.model_copy(update={"composition": config.composition.model_copy(update=settings)})
+
+
+def summarise(result: dict, beta: float) -> tuple[dict, dict]:
+    """``(hypervolume, objective_J)`` entries per method of a sweep: J at the base models' ``beta`` (so
+    every curve point is compared on the same objective), NFE and reward calls per image (max over the
+    grid), mean path KL and seconds per image."""
+    hv, objective = {}, {}
+    num_images = result["settings"]["num_images"]
+    for method, v in result["methods"].items():
+        points = v["points"]
+        kls = [p["kl"] for p in points if "kl" in p]
+        hv[method] = {
+            "value": v["hypervolume"],
+            "se": v["hypervolume_se"],
+            "nfe": v["max_nfe"],
+            "reward_calls": max(p["reward_calls"] for p in points),
+            "kl": sum(kls) / len(kls) if kls else None,
+            "seconds_per_image": sum(p["seconds"] for p in points) / (len(points) * num_images),
+        }
+        objective[method] = [
+            {
+                "weights": p["weights"],
+                "J": p["combined"] - beta * p["kl"],
+                "kl": p["kl"],
+                "combined": p["combined"],
+                "J_se": p["J_se"] if result["settings"].get("beta") == beta else None,
+            }
+            for p in points
+            if "combined" in p
+        ]
+    return hv, objective
+
+
+def render_costs_and_J(report: dict) -> list[str]:
+    """Every method and curve point: hypervolume ± bootstrap SE, cost (NFE, reward calls, seconds per image),
+    mean path KL, and ``J_w`` at the base beta for the three oracle weights."""
+    if "hypervolume" not in report:
+        return []
+    beta = report["beta"]
+    curve_images = next((c["num_images"] for c in report["curves"].values()), "-")
+    lines = [
+        "",
+        (
+            "Hypervolume with its bootstrap SE over images, the cost per image, the mean path KL "
+            f"over the grid and `J_w = E[sum w_i r_i] - beta KL` at beta = {beta:g} (higher is better; "
+            "CoDe's KL is its `log N`-per-block bound). `name@beta=b`: the target beta b; "
+            "`code@N=n`: n candidates; `rgg@s`: guidance scale s. Curve points use "
+            f"{curve_images} images."
+        ),
+        "",
+        "| method | hypervolume (SE) | NFE | reward calls | s/image | KL | "
+        + " | ".join(f"J at w1={w:g}" for w in ORACLE_WEIGHTS)
+        + " |",
+        "|---|---|---|---|---|---|" + "---|" * len(ORACLE_WEIGHTS),
+    ]
+    for label, h in report["hypervolume"].items():
+        rows = {round(r["weights"][0], 6): r for r in report["objective_J"].get(label, [])}
+        js = []
+        for w in ORACLE_WEIGHTS:
+            row = rows.get(round(w, 6))
+            js.append("-" if row is None else f"{row['J']:+.4f}")
+        kl = "-" if h["kl"] is None else f"{h['kl']:.3f}"
+        lines.append(
+            f"| {label} | {h['value']:.5f} ({h['se']:.5f}) | {h['nfe']:g} | {h['reward_calls']:g} | "
+            f"{h['seconds_per_image']:.3f} | {kl} | " + " | ".join(js) + " |"
+        )
+    return lines
+
+
 def render(report: dict) -> str:
     s = report["sweep"]
     names = s["objectives"]
@@ -149,6 +243,7 @@ def render(report: dict) -> str:
             f"| {row['method']} | {row['hypervolume']:.5f} | {row['nfe']:g} | "
             f"{'yes' if row['msdda_at_least'] else '**no**'} |"
         )
+    lines += render_costs_and_J(report)
     lines += [
         "",
         (
@@ -187,6 +282,7 @@ def render(report: dict) -> str:
         + f"; mean image L2 distance {v['image_l2_distance']:.3f}.",
         "",
         "![Pareto fronts](benchmarks/results/pareto.png)",
+        "![Reward against KL](benchmarks/results/reward_kl.png)",
         "![Learned variances](benchmarks/results/variances.png)",
     ]
     return "\n".join(lines)
@@ -220,50 +316,126 @@ def plot_variances(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_reward_kl(report: dict, path: Path) -> None:
+    """Fronts against KL: per weight, ``E[sum w_i r_i]`` against the mean path KL for every method and curve
+    point, each method's points joined in order of KL, with lines of constant ``J_w`` at the base beta."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = report.get("objective_J", {})
+    if not entries:
+        return
+    fig, axes = plt.subplots(1, len(ORACLE_WEIGHTS), figsize=(13, 4.2), sharey=False)
+    colors = dict(
+        zip(("msdda", "db", "rs", "code", "rgg"), plt.rcParams["axes.prop_cycle"].by_key()["color"])
+    )
+    for ax, w1 in zip(axes, ORACLE_WEIGHTS):
+        for family, color in colors.items():
+            points = []
+            for label, rows in entries.items():
+                if label.split("@")[0] != family:
+                    continue
+                for row in rows:
+                    if abs(row["weights"][0] - w1) < 1e-9:
+                        points.append((row["kl"], row["combined"], label))
+            if not points:
+                continue
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], "-o", ms=4, color=color, label=family)
+            for kl, value, label in points:
+                ax.annotate(
+                    label.partition("@")[2],
+                    (kl, value),
+                    fontsize=6,
+                    xytext=(3, 2),
+                    textcoords="offset points",
+                )
+        lo, hi = ax.get_xlim()
+        for row in entries.get("msdda", []):
+            if abs(row["weights"][0] - w1) < 1e-9:  # the J_w level line through MSDDA's point
+                ax.plot(
+                    [lo, hi], [row["J"] + report["beta"] * lo, row["J"] + report["beta"] * hi], "k:", lw=0.8
+                )
+        ax.set_xlim(lo, hi)
+        ax.set_title(f"w = ({w1:g}, {1 - w1:g})", fontsize=9)
+        ax.set_xlabel("mean path KL from the reference (nats)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("E[sum w_i r_i] (rewards on their card's scale)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"Reward against KL; dotted: MSDDA's J_w level at beta = {report['beta']:g}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None)
     parser.add_argument("--num-images", type=int, default=256)
     parser.add_argument("--oracle-images", type=int, default=1024)
     parser.add_argument("--methods", default="msdda,db,rs,code,rgg")
+    parser.add_argument(
+        "--curve-images", type=int, default=128, help="images per point of the extra curve points"
+    )
+    parser.add_argument(
+        "--no-curves", action="store_true", help="only the main sweep (no target betas, N, scales)"
+    )
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--write-readme", action="store_true")
     parser.add_argument("--from-json", action="store_true", help="re-render from results/composition.json")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the JSON and the figures")
     args = parser.parse_args()
+    results = args.results
     if args.from_json:
-        report = json.loads((RESULTS / "composition.json").read_text())
-        plot_variances(report, RESULTS / "variances.png")
+        report = json.loads((results / "composition.json").read_text())
+        plot_variances(report, results / "variances.png")
+        plot_reward_kl(report, results / "reward_kl.png")
         if args.write_readme:
             write_section("composition-results", render(report))
         print(render(report))
         return
 
     config, home = load_config(args.config), msdda_home()
+    config = with_composition(config, path_kl=True)
+    beta = base_beta(config)
     base_dirs = [train_base_model(config, name, home).path for name in config.objective_names]
     oracle_dirs = []
     for w1 in ORACLE_WEIGHTS:
         cfg = oracle_config(config, [w1, 1 - w1])
         oracle_dirs.append(train_base_model(cfg, "weighted_sum", home).path)
-    sweep = sweep_job(
-        config,
-        home,
-        [str(p) for p in base_dirs],
-        args.methods.split(","),
-        None,
-        args.num_images,
-        mlflow=False,
-    )
+    specs = [str(p) for p in base_dirs]
+    sweep = sweep_job(config, home, specs, args.methods.split(","), None, args.num_images, mlflow=False)
+    hypervolumes, objective_J = summarise(sweep, beta)
+    curves = {}
+    for label, method, settings in [] if args.no_curves else curve_variants(beta):
+        if method not in args.methods.split(","):
+            continue
+        print(f"curve point {label}", file=sys.stderr)
+        result = sweep_job(
+            with_composition(config, **settings), home, specs, [method], None, args.curve_images, mlflow=False
+        )
+        hv, objective = summarise(result, beta)
+        curves[label] = {"method": method, "settings": settings, "num_images": args.curve_images}
+        curves[label]["points"] = result["methods"][method]["points"]
+        hypervolumes[label], objective_J[label] = hv[method], objective[method]
     report = {
         "sweep": sweep,
+        "beta": beta,
+        "hypervolume": hypervolumes,
+        "objective_J": objective_J,
+        "curves": curves,
         "matched_nfe": matched_nfe(sweep),
         "oracle_images": args.oracle_images,
         "oracle": oracle_comparison(config, home, base_dirs, oracle_dirs, args.oracle_images),
         "variance": variance_report(config, home, base_dirs, args.oracle_images),
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "composition.json").write_text(json.dumps(report, indent=1))
-    shutil.copyfile(sweep["plot"], RESULTS / "pareto.png")
-    plot_variances(report, RESULTS / "variances.png")
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "composition.json").write_text(json.dumps(report, indent=1))
+    shutil.copyfile(sweep["plot"], results / "pareto.png")
+    plot_variances(report, results / "variances.png")
+    plot_reward_kl(report, results / "reward_kl.png")
     table = render(report)
     if args.write_readme:
         write_section("composition-results", table)

@@ -103,7 +103,7 @@ def sweep(
 
     Returns ``{"objectives", "reference": {"rewards", "reward_se"}, "methods": {name: {"hypervolume",
     "hypervolume_se", "front", "points": [{"weights", "rewards", "reward_se", "nfe", "reward_calls",
-    "seconds"} (+ "kl", "J", "J_se" with ``options.path_kl``)]}}, "settings"}``; the sampled images of
+    "seconds"} (+ "kl", "J", "J_se", "combined" with ``options.path_kl``)]}}, "settings"}``; the sampled images of
     each point go to ``on_point(method or "reference", weights, {"images", "prompts"})`` if given.
     """
     from tqdm.auto import tqdm
@@ -136,7 +136,7 @@ def sweep(
         if generated.path_kl is not None and target_beta is not None:
             combined = sum(w * s.standardise(rewards[n]) for w, s, n in zip(weights, scales, objectives))
             j, j_se = regularised_objective(combined, generated.path_kl, target_beta)
-            point.update(kl=float(generated.path_kl.mean()), J=j, J_se=j_se)
+            point.update(kl=float(generated.path_kl.mean()), J=j, J_se=j_se, combined=float(combined.mean()))
         return point
 
     start = time.perf_counter()
@@ -170,6 +170,7 @@ def sweep(
         "code_candidates": options.code_candidates,
         "code_block": options.code_block,
         "rgg_scale": options.rgg_scale,
+        "beta": target_beta,
         "seconds": round(time.perf_counter() - start, 1),
     }
     return result

@@ -221,12 +221,15 @@ def sweep_key(
     """Cache key of a sweep: the base models' content and every setting that changes its numbers."""
     from training.models import content_hash
 
+    composition = config.composition.model_dump(mode="json")
+    if composition["beta"] is None:  # unset target beta: the keys of sweeps made before the setting existed
+        del composition["beta"]
     payload = {
         "models": [content_hash(f) for f in folders],
         "methods": methods,
         "grid": grid,
         "num_images": num_images,
-        "composition": config.composition.model_dump(mode="json"),
+        "composition": composition,
         "sampling": config.sampling.model_dump(mode="json"),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
