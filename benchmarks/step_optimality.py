@@ -47,10 +47,13 @@ from training.chain import run_chain
 from training.models import atomic_file, msdda_home
 from training.step_optimum import (
     FIELDS,
+    PATH_FIELDS,
     bootstrap_counts,
+    drift_energies,
     estimate_optimum,
     kernel_errors,
     optimum_summary,
+    path_errors,
 )
 
 RESULTS = Path(__file__).parent / "results"
@@ -119,18 +122,28 @@ def scaled_rewards(ensemble) -> dict:
 
 
 def aggregate(per_step: list[dict], replicates: list[list[dict]]) -> dict:
-    """Mean over steps of each figure, with its bootstrap standard error; NaN steps are left out."""
+    """Mean over steps of each figure (NaN steps left out) and the path-pooled figures, with their bootstrap
+    standard errors."""
 
     def mean_over_steps(rows: list[dict], name: str) -> float:
         values = [r[name] for r in rows if math.isfinite(r[name])]
         return sum(values) / len(values) if values else math.nan
 
+    def path(rows: list[dict]) -> dict:
+        return path_errors([r["energy"] for r in rows])
+
     result = {name: mean_over_steps(per_step, name) for name in FIELDS}
+    result.update(path(per_step))
     se = {}
-    for name in FIELDS:
-        draws = torch.tensor([mean_over_steps(rows, name) for rows in replicates], dtype=torch.float64)
+    for name in (*FIELDS, *PATH_FIELDS):
+        values = [
+            (path(rows) if name in PATH_FIELDS else {name: mean_over_steps(rows, name)})[name]
+            for rows in replicates
+        ]
+        draws = torch.tensor(values, dtype=torch.float64)
         draws = draws[torch.isfinite(draws)]
         se[name] = float(draws.std()) if len(draws) > 1 else math.nan
+    per_step = [{k: v for k, v in row.items() if k != "energy"} for row in per_step]
     return {**result, "mc_se": se["relative_drift_error"], "mc_se_all": se, "per_step": per_step}
 
 
@@ -214,15 +227,22 @@ def measure(args) -> dict:
         for target, coefficients in targets.items():
             log_weights = sum(c * rewards[name] for name, c in coefficients.items())
             optimum = estimate_optimum(flat_actions, ref_mean, log_weights)
-            summary = optimum_summary(optimum, float(schedule.sigma[step]))
+            sigma = float(schedule.sigma[step])
+            summary = optimum_summary(optimum, sigma)
             optimum_rows[target].append({"step": step, **summary})
             replicas = [estimate_optimum(flat_actions, ref_mean, log_weights, c) for c in counts]
             for name in (n for n in kernel_steps if target_of(n) == target):
                 drift = (kernel_steps[name].mean - ref.mean).flatten(1)
                 variance = kernel_steps[name].variance.expand_as(ref.mean).flatten(1).mean(1)
-                rows[name].append({"step": step, **kernel_errors(drift, variance, optimum)})
+                energy = drift_energies(drift, optimum, sigma)
+                rows[name].append({"step": step, **kernel_errors(drift, variance, optimum), "energy": energy})
                 for r, replica in enumerate(replicas):
-                    replicate_rows[name][r].append(kernel_errors(drift, variance, replica))
+                    replicate_rows[name][r].append(
+                        {
+                            **kernel_errors(drift, variance, replica),
+                            "energy": drift_energies(drift, replica, sigma),
+                        }
+                    )
     results = {name: aggregate(rows[name], replicate_rows[name]) for name in kernels}
     return {
         "objectives": objectives,
@@ -314,31 +334,36 @@ def _finite_mean(values: list[float]) -> float:
 
 
 def _cell(err: dict, name: str) -> str:
-    value, se = err[name], err["mc_se_all"][name]
+    if name not in err:  # a report saved before the figure existed
+        return "-"
+    value, se = _nan_for_none(err[name]), _nan_for_none(err["mc_se_all"].get(name))
     return f"{value:.3f} ± {se:.3f}" if math.isfinite(se) else f"{value:.3f}"
 
 
 def render(report: dict) -> str:
+    columns = (*FIELDS, "path_relative_error", "path_cosine")
     header = (
-        "| kernel | relative drift error | cosine | drift ratio | variance ratio |\n|---|---|---|---|---|"
+        "| kernel | relative drift error | cosine | drift ratio | variance ratio | path-pooled error "
+        "| path-pooled cosine |\n|---|---|---|---|---|---|---|"
     )
     lines = [
         f"Embedded default, objectives {', '.join(f'`{o}`' for o in report['objectives'])}, beta "
         f"{report['beta']}; {report['states_per_step']} held-out states per DDIM step (chains of the "
         f"reference and of each base model), {report['actions']} antithetic reference actions per state, "
         f"figures averaged over the steps ± bootstrap Monte-Carlo SE ({report['bootstrap']} replicates); "
-        f"{report['seconds']:.0f} s.",
+        f"{report['seconds']:.0f} s. Path-pooled: summed over the steps in units of sigma_t before the "
+        "ratio, so each step counts by how far its optimum moves (docs/design.md §5.3).",
         "",
         header,
     ]
     for name, err in report["base_models"].items():
-        lines.append(f"| `{name}` base model | " + " | ".join(_cell(err, f) for f in FIELDS) + " |")
+        lines.append(f"| `{name}` base model | " + " | ".join(_cell(err, f) for f in columns) + " |")
     for row in report["composition"]:
         w = ", ".join(f"{v:g}" for v in row["weights"])
         for method in [m for m in ("msdda", "db", "oracle") if m in row]:
             label = {"msdda": "MSDDA", "db": "DB", "oracle": "oracle"}[method]
             lines.append(
-                f"| {label}, w = ({w}) | " + " | ".join(_cell(row[method], f) for f in FIELDS) + " |"
+                f"| {label}, w = ({w}) | " + " | ".join(_cell(row[method], f) for f in columns) + " |"
             )
     lines += [
         "",

@@ -10,10 +10,12 @@ import torch
 from training.kernel import GaussianStep
 from training.step_optimum import (
     bootstrap_counts,
+    drift_energies,
     estimate_optimum,
     halves,
     kernel_errors,
     optimum_summary,
+    path_errors,
     tilted_moments,
 )
 
@@ -79,6 +81,25 @@ def test_noise_correction_removes_the_estimators_inflation():
         naive.append(1 + optimum_summary(optimum, 0.3)["noise_share"])
     assert abs(sum(ratios) / len(ratios) - 1) < 0.05
     assert sum(naive) / len(naive) > 1.4  # what the correction removes
+
+
+def test_path_pooling_weighs_steps_by_the_optimums_drift():
+    """Two steps: one where the kernel is exact and the optimum moves, one where the optimum moves a tenth as
+    far and the kernel overshoots it threefold. The per-step mean is dominated by the second, the path figure
+    is not."""
+    mu, a, log_w, exact_mean, exact_var = quadratic_problem(0.0, 1024)
+    moving = estimate_optimum(a, mu, log_w)
+    still_mu, still_a, still_log_w, still_mean, _ = quadratic_problem(0.0, 1024, seed=1, slope=0.05)
+    still = estimate_optimum(still_a, still_mu, still_log_w)
+    drifts = [(exact_mean - mu, moving), (3 * (still_mean - still_mu), still)]
+    per_step = [kernel_errors(d, exact_var, o)["relative_drift_error"] for d, o in drifts]
+    assert per_step[0] < 0.1 and 1.7 < per_step[1] < 2.3
+    pooled = path_errors([drift_energies(d, o, sigma=0.3) for d, o in drifts])
+    assert pooled["path_relative_error"] < 0.35 < 0.8 < sum(per_step) / 2
+    assert pooled["path_cosine"] > 0.95
+    # sigma only rescales every step alike
+    same = path_errors([drift_energies(d, o, sigma=3.0) for d, o in drifts])
+    assert same["path_relative_error"] == pytest.approx(pooled["path_relative_error"])
 
 
 def test_no_measurable_drift_gives_nan_not_a_number():

@@ -25,6 +25,16 @@ and report
     drift_ratio = |d_theta| / |d*|,                  variance_ratio = mean var_theta / mean var*.
 
 Their Monte-Carlo standard errors come from a bootstrap over the action pairs (resampled within each half).
+
+Averaged over steps, a step whose optimum hardly moves (``|d*|`` near 0) can dominate any relative figure.
+The path-pooled figures weigh each step by its optimum's drift in units of ``sigma_t``: with the same
+three sums in units of ``sigma_t^2``, summed over the steps ``t``,
+
+    path_relative_error = sqrt( sum_t |d_theta - d*|^2 / sigma_t^2  /  sum_t |d*|^2 / sigma_t^2 ),
+
+which for kernels with the reference's variance is ``sqrt(KL(theta path || pi* path) / KL(ref path || pi*
+path))`` (each step's KL is ``|mean difference|^2 / (2 sigma_t^2)``): the share of the reference's distance to
+the optimal path that is left. ``path_cosine`` and ``path_drift_ratio`` pool the same way.
 Everything here is pure maths on tensors.
 """
 
@@ -110,6 +120,32 @@ def kernel_errors(drift: torch.Tensor, variance: torch.Tensor, optimum: StepOpti
         "cosine": cross / math.sqrt(own_sq * optimum_sq) if own_sq > 0 else math.nan,
         "drift_ratio": math.sqrt(own_sq / optimum_sq),
         "variance_ratio": variance_ratio,
+    }
+
+
+def drift_energies(drift: torch.Tensor, optimum: StepOptimum, sigma: float) -> dict[str, float]:
+    """``{"own", "cross", "optimum"}``: ``|d_theta|^2``, ``<d_theta, d*>`` and the noise-corrected
+    ``|d*|^2`` of :func:`kernel_errors`, in units of ``sigma^2``: summed over steps by :func:`path_errors`."""
+    drift = drift.double()
+    return {
+        "own": float((drift**2).sum()) / sigma**2,
+        "cross": float((drift * (optimum.drift_a + optimum.drift_b) / 2).sum()) / sigma**2,
+        "optimum": float((optimum.drift_a * optimum.drift_b).sum()) / sigma**2,
+    }
+
+
+PATH_FIELDS = ("path_relative_error", "path_cosine", "path_drift_ratio")
+
+
+def path_errors(energies: list[dict[str, float]]) -> dict[str, float]:
+    """The module docstring's path-pooled figures from the per-step :func:`drift_energies`."""
+    own, cross, optimum = (sum(e[k] for e in energies) for k in ("own", "cross", "optimum"))
+    if optimum <= 0:
+        return dict.fromkeys(PATH_FIELDS, math.nan)
+    return {
+        "path_relative_error": math.sqrt(max(own - 2 * cross + optimum, 0.0) / optimum),
+        "path_cosine": cross / math.sqrt(own * optimum) if own > 0 else math.nan,
+        "path_drift_ratio": math.sqrt(own / optimum),
     }
 
 
