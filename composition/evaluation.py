@@ -103,8 +103,8 @@ def sweep(
 
     Returns ``{"objectives", "reference": {"rewards", "reward_se"}, "methods": {name: {"hypervolume",
     "hypervolume_se", "front", "points": [{"weights", "rewards", "reward_se", "nfe", "reward_calls",
-    "seconds"} (+ "kl", "J", "J_se", "combined" with ``options.path_kl``)]}}, "settings"}``; the sampled images of
-    each point go to ``on_point(method or "reference", weights, {"images", "prompts"})`` if given.
+    "seconds"} (+ "kl", "J", "J_se", "combined" with ``options.path_kl``)]}}, "settings"}``; the sampled
+    images of each point go to ``on_point(method or "reference", weights, {"images", "prompts"})`` if given.
     """
     from tqdm.auto import tqdm
 

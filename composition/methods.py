@@ -204,30 +204,41 @@ def code(composer: Composer, weights, x_T, batch: Batch, generator, score: Score
     return Chain(x, {}, picks, None if bound is None else torch.full((b,), bound, device=x.device))
 
 
+def guided_step(
+    composer: Composer, score: Score, batch: Batch, x: torch.Tensor, step: int, scale: float
+) -> tuple[GaussianStep, GaussianStep]:
+    """``(guided, plain)``: RGG's kernel ``mean = DDIM mean + scale * sigma_t^2 * grad_x score(x0_hat(x))``
+    and the reference's unguided one, from one forward and one backward through the reference UNet."""
+    schedule = composer.schedule
+    x_in = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        eps = composer.epsilons(x_in, step, batch, [REFERENCE])[0]
+        (grad,) = torch.autograd.grad(score(schedule.clean_estimate(x_in, eps, step)).sum(), x_in)
+    composer.count_backward(x.shape[0])
+    plain = schedule.kernel(x, eps.detach(), step)
+    sigma = schedule.sigma[step].to(x)
+    guided = GaussianStep(
+        plain.mean + scale * sigma**2 * grad,
+        plain.variance,
+        {"guidance_norm": float((sigma**2 * grad).norm() / len(x))},
+    )
+    return guided, plain
+
+
 def reward_gradient_guidance(
     composer: Composer, weights, x_T, batch: Batch, generator, score: Score
 ) -> Chain:
     """RGG on the reference: ``mean = DDIM mean + rgg_scale * sigma_t^2 * grad_x score(x0_hat(x))``, with the
     score's coefficients ``w_i / beta`` (differentiable rewards only)."""
-    schedule, scale, last = composer.schedule, composer.options.rgg_scale, {}
+    last = {}
 
     def kernel(x, step):
-        x_in = x.detach().requires_grad_(True)
-        with torch.enable_grad():
-            eps = composer.epsilons(x_in, step, batch, [REFERENCE])[0]
-            (grad,) = torch.autograd.grad(score(schedule.clean_estimate(x_in, eps, step)).sum(), x_in)
-        composer.count_backward(x.shape[0])
-        last["plain"] = plain = schedule.kernel(x, eps.detach(), step)
-        sigma = schedule.sigma[step].to(x)
-        return GaussianStep(
-            plain.mean + scale * sigma**2 * grad,
-            plain.variance,
-            {"guidance_norm": float((sigma**2 * grad).norm() / len(x))},
-        )
+        guided, last["plain"] = guided_step(composer, score, batch, x, step, composer.options.rgg_scale)
+        return guided
 
     # the unguided step is the reference's kernel: the path KL costs no extra UNet rows
     reference = (lambda x, step: last["plain"]) if composer.reference_kernel(batch) is not None else None
-    return run_chain(schedule, x_T, kernel, generator, reference=reference)
+    return run_chain(composer.schedule, x_T, kernel, generator, reference=reference)
 
 
 # ----------------------------------------------------------------------------------------------- the registry
