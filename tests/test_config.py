@@ -14,15 +14,13 @@ def test_default_config_is_the_embedded_default():
 
 
 def test_default_config_only_states_what_differs_from_the_schema():
-    """configs/default.yaml holds the objectives and the one training switch it opts into (antithetic pairs,
-    off in the schema so existing configs keep their models): the effective default config is the schema's
-    defaults plus those (so the two cannot drift apart)."""
+    """configs/default.yaml holds the objectives and nothing else: the effective default config is the
+    schema's defaults plus those objectives (so the two cannot drift apart)."""
     from configs.schema import PipelineConfig
 
     raw = yaml.safe_load(Path(DEFAULT_CONFIG).read_text())
-    assert set(raw) == {"objectives", "train"}, "every other default lives in configs/schema.py"
-    assert raw["train"] == {"antithetic": True}
-    assert load_config() == PipelineConfig(objectives=raw["objectives"], train=raw["train"])
+    assert set(raw) == {"objectives"}, "every other default lives in configs/schema.py"
+    assert load_config() == PipelineConfig(objectives=raw["objectives"])
     assert load_config() != PipelineConfig(), "the objectives do differ from the schema's (empty) default"
 
 
