@@ -12,15 +12,18 @@
 4. The step-level optimum ``p_ref exp(r / beta)`` of each base model's reward, and of ``sum_i w_i r_i`` at
    each weight, estimated from those actions (``training/step_optimum.py``: self-normalised,
    noise-corrected with independent halves, bootstrap standard errors).
-5. The kernels compared with it: each base model; at each weight MSDDA's composed kernel, DB's kernel and
-   the oracle model. All of them are the product's own kernel functions (``composition.methods``).
+5. The kernels compared with it: each base model; at each weight MSDDA's composed kernel, DB's kernel, the
+   oracle model and RGG's guided step (also at each one-hot weight, against that objective's optimum). All of
+   them are the product's own kernel functions (``composition.methods``).
 
-``--json`` prints ``{"base_models": {objective: err}, "composition": [{"weights": [w1, w2], "msdda": err,
-"db": err, "oracle": err}], ...}`` with ``err = {"relative_drift_error", "cosine", "drift_ratio",
-"variance_ratio", "mc_se", "per_step": [...]}`` averaged over steps (``mc_se``: the Monte-Carlo standard
-error of the relative drift error; ``mc_se_all`` has all four). ``--write-readme`` writes the README
-section and the plot ``benchmarks/results/step_optimality.png``. ``--profile`` measures only the optimum
-of the named rewards at reference states (no base models), to choose a reward's scale and beta.
+``--json`` prints ``{"base_models": {objective: err}, "rgg": {"scale", "single": {objective: err}},
+"composition": [{"weights": [w1, w2], "msdda": err, "db": err, "oracle": err, "rgg": err}], ...}`` with
+``err = {"relative_drift_error", "cosine", "drift_ratio", "variance_ratio", "path_relative_error",
+"path_cosine", "path_drift_ratio", "mc_se", "per_step": [...]}``: means over steps and path-pooled figures
+(``mc_se``: the Monte-Carlo standard error of the relative drift error; ``mc_se_all`` has all of them).
+``--write-readme`` writes the README section and the plot ``benchmarks/results/step_optimality.png``.
+``--profile`` measures only the optimum of the named rewards at reference states (no base models), to
+choose a reward's scale and beta.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from tqdm.auto import tqdm
 
 from composition.batched import REFERENCE, load_adapter
 from composition.engine import load_ensemble
-from composition.methods import Batch, epsilon_blend, msdda
+from composition.methods import Batch, epsilon_blend, guided_step, msdda
 from configs import load_config
 from training.base_model import evaluation_problem, train_base_model
 from training.card import load_base_model
@@ -179,14 +182,31 @@ def kernels_and_targets(composer, objectives: list[str], beta: float, oracles: d
         kernels[f"db:{w1}"] = lambda batch, x, step, w=w: epsilon_blend(composer, w, batch, x, step)
         if w1 in oracles:
             kernels[f"oracle:{w1}"] = oracles[w1]
-        targets[f"w:{w1}"] = {objectives[0]: w1 / beta, objectives[1]: (1 - w1) / beta}
+        targets[f"w:{w1:g}"] = {objectives[0]: w1 / beta, objectives[1]: (1 - w1) / beta}
     return kernels, targets
 
 
 def target_of(kernel_name: str) -> str:
-    """The optimum a kernel is measured against: its own objective's, or the combined one at its weight."""
-    kind, _, rest = kernel_name.partition(":")
-    return rest if kind == "base" else f"w:{rest}"
+    """The optimum a kernel ``kind:key`` is measured against: the combined one when ``key`` is a weight
+    ``w_1``, else the objective ``key``'s."""
+    rest = kernel_name.partition(":")[2]
+    try:
+        return f"w:{float(rest):g}"
+    except ValueError:
+        return rest
+
+
+def rgg_weights(ensemble) -> dict[str, list[float]]:
+    """RGG's kernels to measure: ``rgg:<objective>`` at the one-hot weights (against that objective's optimum)
+    and ``rgg:<w1>`` at each oracle weight; none when a reward has no gradient."""
+    if not all(reward.differentiable for reward in ensemble.rewards.values()):
+        return {}
+    objectives = ensemble.objectives
+    weights = {
+        f"rgg:{name}": [float(i == j) for j in range(len(objectives))] for i, name in enumerate(objectives)
+    }
+    weights.update({f"rgg:{w1}": [w1, 1 - w1] for w1 in ORACLE_WEIGHTS})
+    return weights
 
 
 def measure(args) -> dict:
@@ -212,8 +232,10 @@ def measure(args) -> dict:
     sources = {"reference": reference, **{k: v for k, v in kernels.items() if k.startswith("base:")}}
     states = held_out_states(composer, sources, embeds, uncond, args.states, len(ensemble.prompts))
     generator = torch.Generator().manual_seed(STATE_SEED - 1)
-    rows = {name: [] for name in kernels}
-    replicate_rows = {name: [[] for _ in range(args.bootstrap)] for name in kernels}
+    rgg = rgg_weights(ensemble)
+    names = [*kernels, *rgg]
+    rows = {name: [] for name in names}
+    replicate_rows = {name: [[] for _ in range(args.bootstrap)] for name in names}
     optimum_rows = {name: [] for name in targets}
     for step in tqdm(range(len(schedule)), desc="steps", disable=args.quiet):
         x, index = states[step]
@@ -223,6 +245,11 @@ def measure(args) -> dict:
         rewards = step_rewards(problem, scaled, x, index, actions, step, args.chunk)
         flat_actions, ref_mean = actions.flatten(2), ref.mean.flatten(1)
         kernel_steps = {name: kernel(batch, x, step) for name, kernel in kernels.items()}
+        prompts = [ensemble.prompts[i] for i in index.tolist()]
+        for name, weights in rgg.items():  # RGG's step at the state: the gradient of the weighted score
+            score = ensemble.score_fn(weights, prompts, per_beta=True, differentiable=True)
+            scale = config.composition.rgg_scale
+            kernel_steps[name] = guided_step(composer, score, batch, x, step, scale)[0]
         counts = [bootstrap_counts(args.actions, x.shape[0], generator) for _ in range(args.bootstrap)]
         for target, coefficients in targets.items():
             log_weights = sum(c * rewards[name] for name, c in coefficients.items())
@@ -243,7 +270,7 @@ def measure(args) -> dict:
                             "energy": drift_energies(drift, replica, sigma),
                         }
                     )
-    results = {name: aggregate(rows[name], replicate_rows[name]) for name in kernels}
+    results = {name: aggregate(rows[name], replicate_rows[name]) for name in names}
     return {
         "objectives": objectives,
         "beta": beta,
@@ -253,10 +280,18 @@ def measure(args) -> dict:
         "seconds": time.perf_counter() - started,
         "optimum": optimum_rows,
         "base_models": {name: results[f"base:{name}"] for name in objectives},
+        "rgg": {
+            "scale": config.composition.rgg_scale,
+            "single": {name: results[f"rgg:{name}"] for name in objectives if f"rgg:{name}" in results},
+        },
         "composition": [
             {
                 "weights": [w1, 1 - w1],
-                **{m: results[f"{m}:{w1}"] for m in ("msdda", "db", "oracle") if f"{m}:{w1}" in results},
+                **{
+                    m: results[f"{m}:{w1}"]
+                    for m in ("msdda", "db", "oracle", "rgg")
+                    if f"{m}:{w1}" in results
+                },
             }
             for w1 in ORACLE_WEIGHTS
         ],
@@ -358,10 +393,17 @@ def render(report: dict) -> str:
     ]
     for name, err in report["base_models"].items():
         lines.append(f"| `{name}` base model | " + " | ".join(_cell(err, f) for f in columns) + " |")
+    rgg = report.get("rgg", {})
+    for name, err in rgg.get("single", {}).items():
+        lines.append(
+            f"| RGG (scale {rgg['scale']:g}) on `{name}` alone | "
+            + " | ".join(_cell(err, f) for f in columns)
+            + " |"
+        )
     for row in report["composition"]:
         w = ", ".join(f"{v:g}" for v in row["weights"])
-        for method in [m for m in ("msdda", "db", "oracle") if m in row]:
-            label = {"msdda": "MSDDA", "db": "DB", "oracle": "oracle"}[method]
+        for method in [m for m in ("msdda", "db", "oracle", "rgg") if m in row]:
+            label = {"msdda": "MSDDA", "db": "DB", "oracle": "oracle", "rgg": "RGG"}[method]
             lines.append(
                 f"| {label}, w = ({w}) | " + " | ".join(_cell(row[method], f) for f in columns) + " |"
             )

@@ -34,13 +34,15 @@ def test_json_contract_on_the_tiny_model(tiny_config_file, pretrained_home):
     report = run_benchmark(["--config", str(tiny_config_file), *small], pretrained_home)
     assert set(report["base_models"]) == {"ink_economy", "digit_alignment"}
     assert [row["weights"] for row in report["composition"]] == [[0.25, 0.75], [0.5, 0.5], [0.75, 0.25]]
-    entries = list(report["base_models"].values())
-    entries += [row[m] for row in report["composition"] for m in ("msdda", "db", "oracle")]
+    assert set(report["rgg"]["single"]) == {"ink_economy", "digit_alignment"}  # both rewards have gradients
+    entries = list(report["base_models"].values()) + list(report["rgg"]["single"].values())
+    entries += [row[m] for row in report["composition"] for m in ("msdda", "db", "oracle", "rgg")]
     for err in entries:
         assert ERR_KEYS <= err.keys()
         assert len(err["per_step"]) == 4  # every DDIM step of the tiny config
         assert err["variance_ratio"] is None or err["variance_ratio"] > 0
         assert err["cosine"] is None or -1 <= err["cosine"] <= 1 or math.isclose(abs(err["cosine"]), 1)
+        assert {"path_relative_error", "path_cosine", "path_drift_ratio"} <= err.keys()
 
 
 def test_profile_reports_the_optimum_at_reference_states(tiny_config_file, pretrained_home):
