@@ -41,7 +41,8 @@ def test_json_contract_on_the_tiny_model(tiny_config_file, pretrained_home):
         assert ERR_KEYS <= err.keys()
         assert len(err["per_step"]) == 4  # every DDIM step of the tiny config
         assert err["variance_ratio"] is None or err["variance_ratio"] > 0
-        assert err["cosine"] is None or -1 <= err["cosine"] <= 1 or math.isclose(abs(err["cosine"]), 1)
+        # noise-corrected, the cosine may leave [-1, 1] at 8 actions per state (training/step_optimum.py)
+        assert err["cosine"] is None or math.isfinite(err["cosine"])
         assert {"path_relative_error", "path_cosine", "path_drift_ratio"} <= err.keys()
 
 
