@@ -338,7 +338,9 @@ def plot_reward_kl(report: dict, path: Path) -> None:
     colors = dict(
         zip(("msdda", "db", "rs", "code", "rgg"), plt.rcParams["axes.prop_cycle"].by_key()["color"])
     )
+    legend_done = False
     for ax, w1 in zip(axes, J_WEIGHTS):
+        drawn = False
         for family, color in colors.items():
             points = []
             for label, rows in entries.items():
@@ -349,6 +351,7 @@ def plot_reward_kl(report: dict, path: Path) -> None:
                         points.append((row["kl"], row["combined"], label))
             if not points:
                 continue
+            drawn = True
             points.sort()
             ax.plot([p[0] for p in points], [p[1] for p in points], "-o", ms=4, color=color, label=family)
             for kl, value, label in points:
@@ -359,6 +362,13 @@ def plot_reward_kl(report: dict, path: Path) -> None:
                     xytext=(3, 2),
                     textcoords="offset points",
                 )
+        ax.set_title(f"w = ({w1:g}, {1 - w1:g})", fontsize=9)
+        if not drawn:  # the grid has no point at this weight
+            ax.text(0.5, 0.5, "no grid point at this weight", ha="center", transform=ax.transAxes)
+            continue
+        if not legend_done:
+            ax.legend(fontsize=7)
+            legend_done = True
         ax.set_xscale("log")
         lo, hi = ax.get_xlim()
         y_lo, y_hi = ax.get_ylim()
@@ -368,11 +378,9 @@ def plot_reward_kl(report: dict, path: Path) -> None:
                 ax.plot(xs, [row["J"] + report["beta"] * x for x in xs], "k:", lw=0.8)
         ax.set_xlim(lo, hi)
         ax.set_ylim(y_lo, y_hi)
-        ax.set_title(f"w = ({w1:g}, {1 - w1:g})", fontsize=9)
         ax.set_xlabel("mean path KL from the reference (nats, log scale)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("E[sum w_i r_i] (rewards on their card's scale)")
-    axes[0].legend(fontsize=7)
     fig.suptitle(f"Reward against KL; dotted: MSDDA's J_w level at beta = {report['beta']:g}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
