@@ -121,7 +121,7 @@ def test_reference_only_when_weights_are_zero():
             {"weights": [0.3, 0.3], "ref_mean": torch.tensor([0.0]), "ref_var": torch.tensor([float("inf")])},
             "ref_var contains non-finite",
         ),
-        ({"weights": [0.5, 0.5], "betas": [0.1, 0.2]}, "pass the target `beta`"),
+        ({"weights": [0.5, 0.5], "betas": [0.1, 0.2]}, r"set the target beta \(composition.beta\)"),
         ({"weights": [0.5, 0.5], "betas": [0.1]}, "betas has 1 entries"),
         ({"weights": [0.5, 0.5], "betas": [0.1, -0.1], "beta": 0.1}, "betas must be finite and positive"),
         (
