@@ -1,21 +1,14 @@
 """benchmarks/composition_results.py end to end on the tiny config: its --json contract (hypervolume with SE
 and costs, the oracle's combined difference, J_w per method and curve point) and its figures."""
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests._benchmark_runner import run_benchmark
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # five models and ten small sweeps: about 5 minutes on 2 idle cores
 def test_json_contract_on_the_tiny_model(tiny_config_file, pretrained_home, tmp_path):
-    env = {**os.environ, "MSDDA_HOME": str(pretrained_home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     results = tmp_path / "results"
     small = [
         "--num-images",
@@ -25,25 +18,10 @@ def test_json_contract_on_the_tiny_model(tiny_config_file, pretrained_home, tmp_
         "--curve-images",
         "4",
         "--methods",
-        "msdda,db,code,rgg",
+        "msdda,code,rgg",
     ]
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "composition_results.py"),
-            "--config",
-            str(tiny_config_file),
-        ]
-        + [*small, "--json", "--results", str(results)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=pretrained_home,
-        timeout=1200,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    report = json.loads(out.stdout)
+    args = ["--config", str(tiny_config_file), *small, "--json", "--results", str(results)]
+    report = run_benchmark("composition_results.py", args, pretrained_home, timeout=1500)
     labels = {"msdda", "code", "rgg", "msdda@beta=0.005", "msdda@beta=0.0025", "code@N=4", "rgg@0.25"}
     assert labels <= set(report["hypervolume"]), sorted(report["hypervolume"])
     assert not {"db@beta=0.005", "rs@beta=0.005"} & set(report["hypervolume"]), (

@@ -1,38 +1,25 @@
 """benchmarks/step_optimality.py end to end on the tiny config: its --json contract and the --profile mode."""
 
-import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests._benchmark_runner import run_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 ERR_KEYS = {"relative_drift_error", "cosine", "drift_ratio", "variance_ratio", "mc_se"}
 
 
-def run_benchmark(args, home):
-    env = {**os.environ, "MSDDA_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "step_optimality.py"), *args, "--quiet"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=home,
-        timeout=1500,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout)
+def run_step_optimality(args, home):
+    return run_benchmark("step_optimality.py", [*args, "--quiet"], home, timeout=1500)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # base models, three oracles and the measurement: minutes on 2 idle cores
 def test_json_contract_on_the_tiny_model(tiny_config_file, pretrained_home):
     small = ["--states", "2", "--actions", "8", "--bootstrap", "3", "--json"]
-    report = run_benchmark(["--config", str(tiny_config_file), *small], pretrained_home)
+    report = run_step_optimality(["--config", str(tiny_config_file), *small], pretrained_home)
     assert set(report["base_models"]) == {"ink_economy", "digit_alignment"}
     assert [row["weights"] for row in report["composition"]] == [[0.25, 0.75], [0.5, 0.5], [0.75, 0.25]]
     assert set(report["rgg"]["single"]) == {"ink_economy", "digit_alignment"}  # both rewards have gradients
@@ -49,7 +36,7 @@ def test_json_contract_on_the_tiny_model(tiny_config_file, pretrained_home):
 
 def test_profile_reports_the_optimum_at_reference_states(tiny_config_file, pretrained_home):
     args = ["--config", str(tiny_config_file), "--profile", "ink_economy,prototype_match:4"]
-    rows = run_benchmark(
+    rows = run_step_optimality(
         [*args, "--betas", "0.01,1", "--states", "2", "--actions", "16", "--json"], pretrained_home
     )
     assert set(rows) == {
