@@ -1,13 +1,11 @@
 """benchmarks/step_optimality.py end to end on the tiny config: its --json contract and the --profile mode."""
 
 import math
-from pathlib import Path
 
 import pytest
 
 from tests._benchmark_runner import run_benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
 ERR_KEYS = {"relative_drift_error", "cosine", "drift_ratio", "variance_ratio", "mc_se"}
 
 
