@@ -9,7 +9,10 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from tests.conftest import TINY_CONFIG, copy_pretrained
 from training.card import CARD_FILE, LORA_FILE, VARIANCE_FILE
@@ -17,10 +20,20 @@ from training.card import CARD_FILE, LORA_FILE, VARIANCE_FILE
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _saved_model(stdout: str) -> tuple[dict[str, bytes], dict]:
+def _saved_model(stdout: str) -> tuple[dict[str, tuple[dict, dict]], dict]:
+    """``{file name: (tensors as bytes, metadata)}`` and the card. Compared by content, not file bytes:
+    safetensors writes its metadata map in a per-process order."""
     path = Path(json.loads(stdout)["path"])
-    files = {p.name: p.read_bytes() for p in sorted(path.glob("*.safetensors"))}
+    files = {}
+    for file in sorted(path.glob("*.safetensors")):
+        tensors = {key: _bytes(value) for key, value in load_file(file).items()}
+        with safe_open(file, framework="pt") as handle:
+            files[file.name] = (tensors, handle.metadata())
     return files, json.loads((path / CARD_FILE).read_text())
+
+
+def _bytes(tensor: torch.Tensor) -> bytes:
+    return tensor.contiguous().view(torch.uint8).numpy().tobytes()
 
 
 def test_killed_training_process_resumes(tmp_path, tiny_home, pretrained_home):
@@ -89,7 +102,7 @@ def test_killed_training_process_resumes(tmp_path, tiny_home, pretrained_home):
     assert straight.returncode == 0, err[-2000:]
     assert "resuming" not in err
     straight_files, straight_meta = _saved_model(out)
-    # bit-exact: the adapter and the variance offset, byte for byte, and so everything measured with them
+    # bit-exact: the adapter and the variance offset, every tensor byte for byte, and so everything measured
     assert set(resumed_files) == {LORA_FILE, VARIANCE_FILE}
     assert resumed_files == straight_files, "the resumed run's model differs from the uninterrupted run's"
 
