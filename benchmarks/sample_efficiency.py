@@ -13,6 +13,7 @@ DDPO's final reward (the mean of its last three epochs).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import tempfile
 from pathlib import Path
@@ -28,6 +29,23 @@ from training.rewards import load_reward
 from training.sd_problem import DiffusionStepProblem
 from training.trainer import train
 
+DDPO_LORA_RANK = 4  # trl's DefaultDDPOStableDiffusionPipeline adapter
+
+
+def evaluate_policy(problem, reward, index: torch.Tensor) -> dict:
+    """Held-out reward (mean, SE) and path KL from the reference (nats, summed over the steps) of the
+    problem's current policy; fixed noise, and its UNet rows are not counted as training cost."""
+    rows = problem.unet_evaluations
+    noise = torch.Generator().manual_seed(777)
+    images, prompts, step_kl = problem.sample_images(index, noise, use_policy=True)
+    problem.unet_evaluations = rows
+    rewards = reward(images, prompts).double()
+    return {
+        "reward": float(rewards.mean()),
+        "reward_se": float(rewards.std() / len(rewards) ** 0.5),
+        "kl": step_kl * len(problem.schedule),
+    }
+
 
 def step_level_curve(config, home, objective, iterations, eval_every, eval_samples, progress, beta=None):
     spec = config.objective(objective)
@@ -36,18 +54,16 @@ def step_level_curve(config, home, objective, iterations, eval_every, eval_sampl
     prompts = config.train.prompts or default_prompts()
     problem = DiffusionStepProblem.from_config(pipe, reward, config, seed=0)
     index = torch.arange(eval_samples) % len(prompts)
-    curve = {"unet_evaluations": [], "reward_mean": [], "seconds": []}
+    curve = {"unet_evaluations": [], "reward_mean": [], "reward_se": [], "kl": [], "seconds": []}
 
     def evaluate(metrics=None):
         if metrics is not None and metrics.iteration % eval_every:
             return
-        rows = problem.unet_evaluations
-        images, eval_prompts, _ = problem.sample_images(
-            index, torch.Generator().manual_seed(777), use_policy=True
-        )
-        problem.unet_evaluations = rows
-        curve["unet_evaluations"].append(rows)
-        curve["reward_mean"].append(float(reward(images, eval_prompts).mean()))
+        point = evaluate_policy(problem, reward, index)
+        curve["unet_evaluations"].append(problem.unet_evaluations)
+        curve["reward_mean"].append(point["reward"])
+        curve["reward_se"].append(point["reward_se"])
+        curve["kl"].append(point["kl"])
         curve["seconds"].append(metrics.seconds if metrics else 0.0)
 
     evaluate()
@@ -59,7 +75,39 @@ def step_level_curve(config, home, objective, iterations, eval_every, eval_sampl
         }
     )
     train(problem, cfg, log_metrics=evaluate, progress=progress)
-    return curve, reward, prompts
+    return curve, reward, prompts, problem
+
+
+def ddpo_points(problem, reward, snapshots: list[dict], index: torch.Tensor) -> list[dict]:
+    """Each DDPO snapshot's adapter evaluated in ``problem`` exactly as the step-level policy is (same
+    held-out noise and prompts; reference variance, as DDPO's DDIM sampler has); the problem's own trained
+    state is restored afterwards."""
+    own = {k: v.clone() for k, v in problem.trainable_state().items()}
+    points = []
+    try:
+        for snap in snapshots:
+            state = {f"lora.{k}": v for k, v in snap["adapter"].items()}
+            if "log_variance" in own:
+                state["log_variance"] = torch.zeros_like(own["log_variance"])
+            problem.load_trainable_state(state)
+            points.append(
+                {"epoch": snap["epoch"], "unet_evaluations": snap["unet_evaluations"]}
+                | evaluate_policy(problem, reward, index)
+            )
+    finally:
+        problem.load_trainable_state(own)
+    return points
+
+
+def reward_at_kl(points: list[dict], kl: float) -> float | None:
+    """DDPO's held-out reward at path KL ``kl``, linear between the two snapshots that bracket it (in
+    training order); ``None`` when its snapshots never reach ``kl``."""
+    for before, after in itertools.pairwise(points):
+        low, high = sorted((before["kl"], after["kl"]))
+        if low <= kl <= high and high > low:
+            share = (kl - before["kl"]) / (after["kl"] - before["kl"])
+            return before["reward"] + share * (after["reward"] - before["reward"])
+    return None
 
 
 def first_reaching(curve: dict, target: float) -> int | None:
@@ -77,12 +125,20 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=4)
     parser.add_argument("--eval-samples", type=int, default=64)
     parser.add_argument("--ddpo-epochs", type=int, default=60)
+    parser.add_argument(
+        "--ddpo-snapshot-every",
+        type=int,
+        default=10,
+        help="epochs between the DDPO adapters evaluated for held-out reward and path KL (and its last)",
+    )
     parser.add_argument("--beta", type=float, default=None, help="KL coefficient of the step-level trainer")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--write-readme", action="store_true")
     args = parser.parse_args()
     config, home = load_config(args.config), msdda_home()
-    ours, reward, prompts = step_level_curve(
+    if config.train.lora_rank != DDPO_LORA_RANK:
+        parser.error(f"train.lora_rank must be {DDPO_LORA_RANK}, the rank of trl's DDPO adapter")
+    ours, reward, prompts, problem = step_level_curve(
         config,
         home,
         args.objective,
@@ -92,22 +148,45 @@ def main() -> None:
         progress=not args.json,
         beta=args.beta,
     )
+    beta = args.beta or config.objective(args.objective).beta or config.train.beta
     reference_path = reference_identity(config, home, False)[0].name_or_path
     with tempfile.TemporaryDirectory() as out:
-        ddpo = run_ddpo(config, Path(reference_path), reward, prompts, args.ddpo_epochs, Path(out))
+        ddpo = run_ddpo(
+            config,
+            Path(reference_path),
+            reward,
+            prompts,
+            args.ddpo_epochs,
+            Path(out),
+            snapshot_every=args.ddpo_snapshot_every,
+        )
+    index = torch.arange(args.eval_samples) % len(prompts)
+    snapshots = ddpo_points(problem, reward, ddpo.snapshots, index)
+    for point in snapshots:
+        point["J"] = point["reward"] - beta * point["kl"]
     ddpo_final = sum(ddpo.reward_mean[-3:]) / len(ddpo.reward_mean[-3:])
     ddpo_rows = ddpo.unet_evaluations[-1]
     reached = first_reaching(ours, ddpo_final)
     ours_final = ours["reward_mean"][-1]
     ddpo_reached_ours = first_reaching(ddpo.__dict__, ours_final)
     ours_reached_own = first_reaching(ours, ours_final)
+    curve = {k: v for k, v in ddpo.__dict__.items() if k != "snapshots"}
     report = {
         "objective": args.objective,
-        "beta": args.beta or config.objective(args.objective).beta or config.train.beta,
+        "beta": beta,
         "reward_reference": ours["reward_mean"][0],
-        "ddpo": {"final_reward": ddpo_final, "unet_evaluations": ddpo_rows, "curve": ddpo.__dict__},
+        "ddpo": {
+            "final_reward": ddpo_final,
+            "unet_evaluations": ddpo_rows,
+            "curve": curve,
+            "snapshots": snapshots,
+            "reward_at_step_level_kl": reward_at_kl(snapshots, ours["kl"][-1]),
+        },
         "step_level": {
-            "final_reward": ours["reward_mean"][-1],
+            "final_reward": ours_final,
+            "final_reward_se": ours["reward_se"][-1],
+            "kl": ours["kl"][-1],
+            "J": ours_final - beta * ours["kl"][-1],
             "unet_evaluations": ours["unet_evaluations"][-1],
             "rows_to_reach_ddpo_final": reached,
             "curve": ours,
@@ -128,9 +207,10 @@ def render_table(report: dict) -> str:
     ratio = report["ratio_rows_to_reach_ddpo_final"]
     ours, ddpo = report["step_level"], report["ddpo"]
     other = report["ratio_rows_to_reach_step_level_final"]
+    beta = report["beta"]
     lines = [
         (
-            f"Objective `{report['objective']}`, step-level beta {report['beta']}; reference reward "
+            f"Objective `{report['objective']}`, step-level beta {beta}; reference reward "
             f"{report['reward_reference']:.4f}."
         ),
         "",
@@ -155,6 +235,32 @@ def render_table(report: dict) -> str:
             else "not reached."
         ),
     ]
+    if ddpo.get("snapshots"):
+        lines += [
+            "",
+            f"Held-out reward against path KL from the reference (nats, summed over the steps) and "
+            f"`J = reward - {beta} * KL`, both trainers' policies sampled with the same noise and prompts:",
+            "",
+            "| policy | UNet rows | held-out reward | path KL | J |",
+            "|---|---|---|---|---|",
+            f"| step-level (ours), final | {ours['unet_evaluations']:,} | {ours['final_reward']:.4f} "
+            f"± {ours['final_reward_se']:.4f} | {ours['kl']:.3f} | {ours['J']:.4f} |",
+        ]
+        lines += [
+            f"| DDPO, epoch {p['epoch']} | {p['unet_evaluations']:,} | {p['reward']:.4f} ± "
+            f"{p['reward_se']:.4f} | {p['kl']:.3f} | {p['J']:.4f} |"
+            for p in ddpo["snapshots"]
+        ]
+        matched = ddpo["reward_at_step_level_kl"]
+        lines += [
+            "",
+            "At the step-level trainer's KL, DDPO's held-out reward (linear between its snapshots): "
+            + (
+                f"{matched:.4f}, against the step-level trainer's {ours['final_reward']:.4f}."
+                if matched is not None
+                else "its snapshots do not reach that KL."
+            ),
+        ]
     return "\n".join(lines)
 
 

@@ -34,6 +34,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from composition_results import ORACLE_WEIGHTS, oracle_config
@@ -58,6 +59,7 @@ from training.step_optimum import (
     optimum_summary,
     path_errors,
 )
+from training.trainer import linearised_proposal, step_reward_gradient, target_weights
 
 RESULTS = Path(__file__).parent / "results"
 STATE_SEED = 20_261_126
@@ -313,7 +315,9 @@ def profile(args) -> dict:
         options = {"sharpness": float(sharpness)} if sharpness else {}
         rewards[spec] = load_reward(name, config, home, options)
     betas = [float(b) for b in args.betas.split(",")]
+    kappas = [float(k) for k in args.proposal_kappas.split(",")] if args.proposal_kappas else []
     schedule, generator = problem.schedule, torch.Generator().manual_seed(STATE_SEED)
+    proposals = torch.Generator().manual_seed(STATE_SEED + 1)  # leaves the profile's own draws as they are
     index = torch.randint(0, len(problem.prompts), (args.states,), generator=generator)
     cond = problem.make_cond(index)
     x_T = torch.randn((args.states, *problem.latent_shape), generator=generator)
@@ -330,10 +334,62 @@ def profile(args) -> dict:
             for beta in betas:
                 optimum = estimate_optimum(actions.flatten(2), ref.mean.flatten(1), r / beta)
                 summary = optimum_summary(optimum, sigma)
-                rows[f"{name} beta={beta:g}"].append(
-                    {"step": step, **summary, "tilt": float((r / beta).std(0).mean())}
-                )
+                row = {"step": step, **summary, "tilt": float((r / beta).std(0).mean())}
+                if kappas:
+                    drift = (optimum.drift_a + optimum.drift_b) / 2
+                    gap = ((optimum.drift_a - optimum.drift_b) ** 2).sum() / 4
+                    row["optimum_noise"] = float((gap / (drift**2).sum()).sqrt())
+                    row["proposal"] = proposal_check(
+                        problem, rewards[name], (x, index, ref, step), drift, beta, kappas, args, proposals
+                    )
+                rows[f"{name} beta={beta:g}"].append(row)
     return rows
+
+
+def proposal_check(problem, reward, state, optimum_drift, beta, kappas, args, generator) -> dict:
+    """The trainer's target with ``--proposal-actions`` antithetic actions from the reference shifted by
+    ``kappa`` times the linearised optimum's drift (``train.gradient_proposal``), against the optimum's drift
+    from all ``--actions``: ``{kappa: {ess_share, relative_error, cosine}}``, each the mean of
+    ``--proposal-draws`` draws. The relative error is pooled over the states, ``sqrt(sum |d - d*|^2 / sum
+    |d*|^2)``; it includes the ``--actions`` estimate's own noise."""
+    x, index, ref, step = state
+
+    def step_reward(x_part, actions, step, cond):
+        images = problem.decode(problem.clean_estimate(x_part, actions, step, cond))
+        return reward(images, cond["prompts"] * len(actions)).view(len(actions), -1)
+
+    gradient = torch.cat(
+        [
+            step_reward_gradient(
+                SimpleNamespace(step_reward=step_reward),
+                x[part],
+                ref.mean[part],
+                step,
+                problem.make_cond(index[part]),
+            )
+            for part in (slice(i, i + args.chunk) for i in range(0, len(x), args.chunk))
+        ]
+    )
+    target = optimum_drift.double()
+    out = {}
+    for kappa in kappas:
+        proposal = linearised_proposal(ref, gradient, beta, kappa)
+        figures = []
+        for _ in range(args.proposal_draws):
+            actions = proposal.sample(generator, num=args.proposal_actions, antithetic=True)
+            r = step_rewards(problem, {"r": reward}, x, index, actions, step, args.chunk)["r"]
+            log_ratio = torch.stack([ref.log_prob(a) - proposal.log_prob(a) for a in actions]).double()
+            weights = target_weights(r, beta, log_ratio)
+            drift = torch.einsum("mb,mbd->bd", weights, actions.flatten(2).double()) - ref.mean.flatten(1)
+            figures.append(
+                {
+                    "ess_share": float((1 / (len(actions) * (weights**2).sum(0))).mean()),
+                    "relative_error": float(((drift - target) ** 2).sum().sqrt() / (target**2).sum().sqrt()),
+                    "cosine": float(torch.nn.functional.cosine_similarity(drift, target, dim=1).mean()),
+                }
+            )
+        out[f"{kappa:g}"] = {k: sum(f[k] for f in figures) / len(figures) for k in figures[0]}
+    return out
 
 
 def render_profile(rows: dict, args) -> str:
@@ -357,6 +413,35 @@ def render_profile(rows: dict, args) -> str:
             f"| {mean('ess_share'):.3f} ({min(r['ess_share'] for r in steps):.3f}) "
             f"| {mean('tilt'):.3f} ({max(r['tilt'] for r in steps):.3f}) |"
         )
+    with_proposal = {target: steps for target, steps in rows.items() if steps and "proposal" in steps[0]}
+    if with_proposal:
+        lines += [
+            "",
+            f"The trainer's target from {args.proposal_actions} antithetic actions, drawn from the reference "
+            "shifted by kappa times the linearised optimum's drift (`train.gradient_proposal`), against the "
+            f"optimum from all {args.actions} actions; means over the steps and {args.proposal_draws} draws:",
+            "",
+            "| target | kappa | ESS share | relative error of the drift (pooled) | cosine |",
+            "|---|---|---|---|---|",
+        ]
+        floors = []
+        for target, steps in with_proposal.items():
+            for kappa in steps[0]["proposal"]:
+
+                def mean(key: str, steps=steps, kappa=kappa) -> float:
+                    return sum(r["proposal"][kappa][key] for r in steps) / len(steps)
+
+                lines.append(
+                    f"| {target} | {kappa} | {mean('ess_share'):.3f} | {mean('relative_error'):.3f} "
+                    f"| {mean('cosine'):.3f} |"
+                )
+            floors.append(f"{target}: {sum(r['optimum_noise'] for r in steps) / len(steps):.3f}")
+        lines += [
+            "",
+            f"The {args.actions}-action optimum's own relative noise (split halves), the error's floor: "
+            + "; ".join(floors)
+            + ".",
+        ]
     return "\n".join(lines)
 
 
@@ -494,6 +579,14 @@ def main() -> None:
         "at reference states; no base models",
     )
     parser.add_argument("--betas", default="0.01", help="with --profile: comma-separated betas")
+    parser.add_argument(
+        "--proposal-kappas",
+        default=None,
+        help="with --profile: also score the trainer's target under train.gradient_proposal = each of these "
+        "(comma-separated; 0 is the plain reference), against the optimum from all --actions",
+    )
+    parser.add_argument("--proposal-actions", type=int, default=8, help="the trainer's actions per state")
+    parser.add_argument("--proposal-draws", type=int, default=4, help="draws averaged per kappa")
     parser.add_argument("--from-json", default=None, help="re-render a report saved by --json (no measuring)")
     args = parser.parse_args()
     if args.profile:

@@ -5,7 +5,7 @@ import torch
 
 from configs import TrainConfig
 from training.toy import ToyProblem, evaluate_against_optimum
-from training.trainer import train
+from training.trainer import linearised_proposal, step_reward_gradient, target_weights, train
 
 FAST = {"beta": 1.0, "batch_size": 128, "states_per_trajectory": 10, "num_actions": 32, "learning_rate": 3e-3}
 
@@ -27,6 +27,61 @@ def test_antithetic_target_matching_reaches_the_analytic_optimum():
     after = evaluate_against_optimum(problem, beta=1.0, num_states=500)
     assert after["mean_error_over_sigma"] <= 0.1, after
     assert after["variance_rel_error"] <= 0.1, after
+
+
+def _target_mean(problem, x, step, beta, kappa, num, generator, antithetic=False):
+    """The target-matching target's mean at states ``x``, with actions from the (shifted) reference."""
+    reference = problem.reference(x, step, None)
+    gradient = step_reward_gradient(problem, x, reference.mean, step, None)
+    proposal = linearised_proposal(reference, gradient, beta, kappa)
+    actions = proposal.sample(generator, num=num, antithetic=antithetic)
+    log_ratio = torch.stack([reference.log_prob(a) - proposal.log_prob(a) for a in actions])
+    weights = target_weights(problem.step_reward(x, actions, step, None), beta, log_ratio)
+    return (weights.unsqueeze(-1) * actions).sum(0), weights
+
+
+def test_linearised_proposal_makes_a_linear_rewards_target_exact():
+    problem, beta, step = ToyProblem(quadratic=0.0), 0.5, 3
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    reference = problem.reference(x, step, None)
+    gradient = step_reward_gradient(problem, x, reference.mean, step, None)
+    torch.testing.assert_close(gradient, problem.linear.expand_as(x))
+    mean, weights = _target_mean(problem, x, step, beta, 1.0, 2, torch.Generator().manual_seed(1), True)
+    torch.testing.assert_close(weights, torch.full_like(weights, 0.5))  # nothing left to tilt
+    torch.testing.assert_close(mean, problem.optimum(x, step, beta)[0])  # two actions, no noise
+
+
+def test_gradient_proposal_keeps_the_target_and_shrinks_its_noise():
+    """A curved reward: the shifted proposal still targets pi* (many actions), and with a few antithetic
+    actions its target is closer to pi*'s mean than the plain reference's."""
+    problem, beta, step = ToyProblem(quadratic=0.3), 1.0, 5
+    x = torch.randn(256, 2, generator=torch.Generator().manual_seed(0))
+    optimum = problem.optimum(x, step, beta)[0]
+    sigma = problem.schedule.sigma[step]
+    many, _ = _target_mean(problem, x, step, beta, 0.5, 20000, torch.Generator().manual_seed(1))
+    assert ((many - optimum).norm(dim=-1) / sigma).mean() < 0.03
+
+    def error(kappa):
+        generator = torch.Generator().manual_seed(2)
+        mean, _ = _target_mean(problem, x, step, beta, kappa, 8, generator, antithetic=True)
+        return ((mean - optimum).norm(dim=-1) / sigma).pow(2).mean().item()
+
+    plain, shifted = error(0.0), error(1.0)
+    assert shifted < 0.25 * plain, (plain, shifted)
+
+
+def test_gradient_proposal_target_matching_reaches_the_analytic_optimum():
+    problem = ToyProblem(num_inference_steps=10)
+    config = TrainConfig(iterations=150, gradient_proposal=1.0, **FAST)
+    train(problem, config, progress=False)
+    after = evaluate_against_optimum(problem, beta=1.0, num_states=500)
+    assert after["mean_error_over_sigma"] <= 0.1, after
+    assert after["variance_rel_error"] <= 0.1, after
+
+
+def test_gradient_proposal_is_a_target_matching_option():
+    with pytest.raises(ValueError, match="gradient_proposal"):
+        TrainConfig(method="policy_gradient", gradient_proposal=0.5)
 
 
 def _toy(seed: int, **kwargs) -> ToyProblem:

@@ -23,11 +23,16 @@ from training.rewards import Reward
 
 @dataclass
 class DDPOHistory:
-    """Per epoch: UNet rows evaluated so far (sampling + training) and the on-policy mean reward."""
+    """Per epoch: UNet rows evaluated so far (sampling + training) and the on-policy mean reward.
+
+    ``snapshots`` (with ``snapshot_every``): the LoRA weights of the policy that sampled every
+    ``snapshot_every``-th epoch, and of the final one, as ``{"epoch", "unet_evaluations", "adapter"}``; the
+    adapter's keys are peft's (those of :func:`training.sd_problem.lora_state_dict`)."""
 
     unet_evaluations: list[int] = field(default_factory=list)
     reward_mean: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
+    snapshots: list[dict] = field(default_factory=list)
 
 
 def _pipeline_class():
@@ -81,9 +86,13 @@ def run_ddpo(
     train_batch_size: int = 8,
     learning_rate: float = 3e-4,
     seed: int = 0,
+    snapshot_every: int = 0,
 ) -> DDPOHistory:
-    """Train DDPO (LoRA) for ``epochs``; returns its reward-versus-UNet-evaluations history."""
+    """Train DDPO (LoRA) for ``epochs``; returns its reward-versus-UNet-evaluations history (and, with
+    ``snapshot_every``, the adapter every that many epochs and at the end)."""
     from accelerate import PartialState
+
+    from training.sd_problem import lora_state_dict
 
     pipeline_class = _pipeline_class()
     from trl import DDPOConfig, DDPOTrainer
@@ -135,11 +144,20 @@ def run_ddpo(
             history.reward_mean.append(float(values["reward_mean"]))
             history.unet_evaluations.append(rows["n"])
             history.seconds.append(time.perf_counter() - start)
+            epoch = len(history.reward_mean) - 1
+            if snapshot_every and epoch % snapshot_every == 0:
+                snapshot(epoch)
         return original_log(values, step=step, log_kwargs=log_kwargs or {})
+
+    def snapshot(epoch):
+        adapter = lora_state_dict(pipe.sd_pipeline.unet)
+        history.snapshots.append({"epoch": epoch, "unet_evaluations": rows["n"], "adapter": adapter})
 
     trainer.accelerator.log = log
     trainer.step = original_step
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.train()
+    if snapshot_every:
+        snapshot(epochs)
     return history

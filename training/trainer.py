@@ -23,7 +23,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -92,9 +92,45 @@ class TrainResult:
 # ----------------------------------------------------------------------------------------------- the losses
 
 
-def target_matching_loss(policy: GaussianStep, actions, rewards, beta: float) -> torch.Tensor:
-    """``-sum_j softmax(r / beta)_j log pi_theta(a_j|s)``, averaged over states, per action dimension."""
-    weights = torch.softmax(rewards / beta, dim=0)  # [N, B]
+def target_weights(rewards: torch.Tensor, beta: float, log_ratio: torch.Tensor | None = None) -> torch.Tensor:
+    """Self-normalised weights of ``pi* ∝ p_ref exp(r / beta)`` over actions ``a_j ~ q``, ``[N, B]``:
+
+        w_j = softmax_j(r_j / beta + log p_ref(a_j) - log q(a_j))
+
+    ``log_ratio`` is ``log p_ref - log q``, ``None`` when ``q = p_ref``."""
+    logits = rewards / beta
+    return torch.softmax(logits if log_ratio is None else logits + log_ratio, dim=0)
+
+
+def linearised_proposal(reference: GaussianStep, reward_gradient: torch.Tensor, beta: float, kappa: float):
+    """``q = N(mu_ref + kappa * var_ref * grad r / beta, var_ref)``: the reference moved by the share
+    ``kappa`` of the linearised optimum's drift (for ``r(a) = r(mu_ref) + g·(a - mu_ref)``, ``pi*`` is
+    exactly ``N(mu_ref + var_ref g / beta, var_ref)``). Then, up to a constant,
+
+        log p_ref(a) - log q(a) = -kappa g·(a - mu_ref) / beta
+
+    so the weights tilt only by what the linear part does not explain."""
+    shift = kappa * reference.variance * reward_gradient / beta
+    return GaussianStep(reference.mean + shift, reference.variance)
+
+
+def step_reward_gradient(problem: StepProblem, x_t, action: torch.Tensor, step: int, cond) -> torch.Tensor:
+    """``grad_a r(s, a)`` at ``action`` (``[B, ...]``), through whatever the step reward computes."""
+    with torch.enable_grad():
+        point = action.detach().unsqueeze(0).requires_grad_(True)
+        rewards = problem.step_reward(x_t, point, step, cond)
+        if not rewards.requires_grad:
+            raise ValueError("train.gradient_proposal needs a differentiable reward")
+        (gradient,) = torch.autograd.grad(rewards.sum(), point)
+    return gradient[0]
+
+
+def target_matching_loss(
+    policy: GaussianStep, actions, rewards, beta: float, log_ratio: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``-sum_j w_j log pi_theta(a_j|s)`` with :func:`target_weights`, averaged over states, per action
+    dimension."""
+    weights = target_weights(rewards, beta, log_ratio)  # [N, B]
     log_probs = torch.stack([policy.log_prob(action) for action in actions])
     return -(weights.detach() * log_probs).sum(0).mean() / policy.mean[0].numel()
 
@@ -224,25 +260,42 @@ def setup_run(problem: StepProblem, config: TrainConfig, checkpoint_dir: Path | 
     return TrainingRun(accelerator, optimizer, generator, trainable, start, history)
 
 
+class StepOutcome(NamedTuple):
+    loss: torch.Tensor
+    rewards: torch.Tensor
+    """``[N, B]``"""
+    kl: float
+    """``KL(policy || reference)``, mean over the states"""
+    weights: torch.Tensor
+    """the target's weights over the actions, ``[N, B]``"""
+
+
 def step_loss(problem: StepProblem, config: TrainConfig, run: TrainingRun, x_t, step: int, cond):
-    """``(loss, rewards [N, B], KL(policy || reference))`` at the states ``x_t`` of ``step``; ``None`` when a
-    reward is not finite."""
+    """The :class:`StepOutcome` at the states ``x_t`` of ``step``; ``None`` when a reward is not finite."""
     with torch.no_grad():
         reference = problem.reference(x_t, step, cond)
     with run.accelerator.autocast():
         policy = problem.policy(x_t, step, cond)
     policy = policy.float()
     proposal = reference if config.method == "target_matching" else policy.detach()
+    log_ratio = None
+    if config.gradient_proposal:
+        gradient = step_reward_gradient(problem, x_t, reference.mean, step, cond).float()
+        problem.unet_evaluations += len(x_t)  # the backward pass, counted as one more row per state
+        proposal = linearised_proposal(reference, gradient, config.beta, config.gradient_proposal)
     actions = proposal.sample(run.generator, num=config.num_actions, antithetic=config.antithetic)
     with torch.no_grad():
         rewards = problem.step_reward(x_t, actions, step, cond).float()
+        if config.gradient_proposal:
+            log_ratio = torch.stack([reference.log_prob(a) - proposal.log_prob(a) for a in actions])
     if not torch.isfinite(rewards).all():
         return None
     if config.method == "target_matching":
-        loss = target_matching_loss(policy, actions, rewards, config.beta)
+        loss = target_matching_loss(policy, actions, rewards, config.beta, log_ratio)
     else:
         loss = policy_gradient_loss(policy, actions, rewards, reference, config.beta)
-    return loss, rewards, policy.detach().kl(reference).mean().item()
+    weights = target_weights(rewards, config.beta, log_ratio)
+    return StepOutcome(loss, rewards, policy.detach().kl(reference).mean().item(), weights)
 
 
 def apply_update(run: TrainingRun, total: torch.Tensor, config: TrainConfig) -> None:
@@ -280,27 +333,24 @@ def train_iteration(
             warnings.warn(f"iteration {iteration}: non-finite rewards, batch skipped", RuntimeWarning)
             run.optimizer.zero_grad(set_to_none=True)
         else:
-            total = sum(loss / len(steps) for loss, _, _ in outcomes)
+            total = sum(outcome.loss / len(steps) for outcome in outcomes)
             apply_update(run, total, config)
-    return _metrics(
-        problem, iteration, outcomes, None if skipped else total.detach().item(), clock, config.beta
-    )
+    return _metrics(problem, iteration, outcomes, None if skipped else total.detach().item(), clock)
 
 
-def target_diagnostics(rewards: torch.Tensor, beta: float) -> tuple[float, float]:
-    """``(ESS share of softmax(r / beta), reward spread over actions)`` for rewards ``[N, B]``, means over
-    the ``B`` states."""
-    weights = torch.softmax(rewards / beta, dim=0)
+def target_diagnostics(rewards: torch.Tensor, weights: torch.Tensor) -> tuple[float, float]:
+    """``(ESS share of the target weights, reward spread over actions)`` for rewards and weights ``[N, B]``,
+    means over the ``B`` states."""
     ess = 1.0 / (len(rewards) * (weights**2).sum(0))
     return float(ess.mean()), float(rewards.std(0).mean())
 
 
 def _metrics(
-    problem: StepProblem, iteration: int, outcomes: list, loss: float | None, clock: float, beta: float
+    problem: StepProblem, iteration: int, outcomes: list[StepOutcome], loss: float | None, clock: float
 ):
     skipped = loss is None
-    seen = torch.cat([r.flatten() for _, r, _ in outcomes]) if not skipped else torch.tensor([math.nan])
-    diagnostics = [target_diagnostics(r, beta) for _, r, _ in outcomes] if not skipped else []
+    seen = torch.cat([o.rewards.flatten() for o in outcomes]) if not skipped else torch.tensor([math.nan])
+    diagnostics = [target_diagnostics(o.rewards, o.weights) for o in outcomes] if not skipped else []
     ess, spread = (
         [sum(values) / len(values) for values in zip(*diagnostics)] if diagnostics else (math.nan, math.nan)
     )
@@ -309,7 +359,7 @@ def _metrics(
         loss=math.nan if skipped else loss,
         reward_mean=float(seen.mean()),
         reward_std=float(seen.std()) if seen.numel() > 1 else 0.0,
-        kl=sum(kl for _, _, kl in outcomes) / len(outcomes) if not skipped else math.nan,
+        kl=sum(o.kl for o in outcomes) / len(outcomes) if not skipped else math.nan,
         unet_evaluations=problem.unet_evaluations,
         seconds=time.perf_counter() - clock,
         skipped=skipped,
