@@ -8,6 +8,11 @@ of --eval-samples held-out full-chain samples every --eval-every iterations (eva
 as training cost); for DDPO it is the mean reward of each epoch's on-policy samples, which are its training
 data. Reports the UNet rows each method needed and the ratio at which the step-level trainer first reaches
 DDPO's final reward (the mean of its last three epochs).
+
+DDPO maximises the reward with no KL term, so reaching its reward mixes two objectives. DDPO's adapter is
+therefore also saved every --ddpo-snapshot-every epochs and evaluated like the step-level policy (same
+held-out noise and prompts): held-out reward, path KL from the reference and ``J = reward - beta * KL`` at the
+step-level beta, and DDPO's reward at the step-level trainer's KL.
 """
 
 from __future__ import annotations
