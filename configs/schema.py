@@ -152,6 +152,17 @@ class ObjectiveSpec(_Strict):
     puts objectives on a common scale, so that one beta is a moderate tilt for each (docs/design.md §1.6;
     ``benchmarks/step_optimality.py --profile`` measures the tilt)."""
     options: dict[str, object] = {}
+    train: dict[str, object] = {}
+    """Overrides of ``train`` settings for this objective's base model only (for example
+    ``{gradient_proposal: 1.0}`` for a near-linear reward), checked as the ``train`` section is."""
+
+    @field_validator("train")
+    @classmethod
+    def _known_train_fields(cls, value: dict) -> dict:
+        unknown = sorted(set(value) - set(TrainConfig.model_fields))
+        if unknown:
+            raise ValueError(f"unknown train field {unknown[0]}")
+        return value
 
 
 class CompositionConfig(_Strict):
@@ -203,6 +214,31 @@ class PipelineConfig(_Strict):
     def objective(self, name: str) -> ObjectiveSpec:
         """The spec for ``name`` (a bare spec if the config does not list it)."""
         return next((spec for spec in self.objectives if spec.name == name), ObjectiveSpec(name=name))
+
+    def train_for(self, name: str) -> TrainConfig:
+        """The ``train`` section with objective ``name``'s own overrides applied."""
+        overrides = self.objective(name).train
+        if not overrides:
+            return self.train
+        try:
+            return TrainConfig.model_validate({**self.train.model_dump(), **overrides})
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            field = ".".join(["train", *(str(part) for part in error["loc"])])
+            message = "unknown field" if error["type"] == "extra_forbidden" else error["msg"]
+            raise ValueError(f"objective {name}: {field}: {message}") from None
+
+    def for_objective(self, name: str) -> PipelineConfig:
+        """This config with :meth:`train_for` as its ``train`` section: what ``name``'s base model is
+        trained (and keyed) with."""
+        train = self.train_for(name)
+        return self if train is self.train else self.model_copy(update={"train": train})
+
+    @model_validator(mode="after")
+    def _check_objective_train(self) -> PipelineConfig:
+        for spec in self.objectives:
+            self.train_for(spec.name)
+        return self
 
 
 def _format_error(error: dict, source: str) -> str:

@@ -50,11 +50,12 @@ def train_job(
     load_reward(spec.name, config, home, spec.options)  # one-line error before any heavy work
     if mlflow or register:
         _reachable(home)
+    train = config.train_for(objective)
     params = {
         "objective": objective,
-        "beta": spec.beta or config.train.beta,
-        "method": config.train.method,
-        "iterations": config.train.iterations,
+        "beta": spec.beta or train.beta,
+        "method": train.method,
+        "iterations": train.iterations,
     }
     context = mlflow_run(home, f"train-{objective}", params=params) if mlflow else nullcontext((None, None))
     registered = None

@@ -42,6 +42,37 @@ def test_objectives_accept_names_and_mappings():
     assert config.objectives[1].options == {"k": 1}
 
 
+def test_objective_train_overrides_apply_to_their_objective_only():
+    from training.base_model import run_key
+
+    ink = {"name": "ink_economy", "train": {"gradient_proposal": 1.0, "antithetic": True}}
+    config = parse_config({"train": {"iterations": 7}, "objectives": ["digit_alignment", ink]})
+    assert config.train_for("ink_economy").gradient_proposal == 1.0
+    assert config.train_for("ink_economy").iterations == 7, "the rest comes from the train section"
+    assert config.train_for("digit_alignment") == config.train
+    assert config.for_objective("ink_economy").train.antithetic
+    plain = parse_config({"train": {"iterations": 7}, "objectives": ["digit_alignment", "ink_economy"]})
+    assert run_key(config, "digit_alignment", "ref") == run_key(plain, "digit_alignment", "ref")
+    assert run_key(config, "ink_economy", "ref") != run_key(plain, "ink_economy", "ref")
+
+
+@pytest.mark.parametrize(
+    ("train", "start", "phrase"),
+    [
+        ("{gradient_proposl: 1}", "objectives.1.train:", "unknown train field gradient_proposl"),
+        ("{antithetic: true, num_actions: 3}", "<root>:", "objective ink_economy: train: "),
+        ("{gradient_proposal: -1}", "<root>:", "objective ink_economy: train.gradient_proposal: "),
+    ],
+)
+def test_objective_train_override_errors_are_one_line(tmp_path, train, start, phrase):
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"objectives:\n  - digit_alignment\n  - {{name: ink_economy, train: {train}}}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: {start}") and phrase in message and "\n" not in message, message
+
+
 def test_sd15_example_validates():
     config = load_config(Path(DEFAULT_CONFIG).with_name("sd15.yaml"))
     assert config.model.source == "pretrained"

@@ -73,7 +73,10 @@ def reference_identity(config: PipelineConfig, home: Path, progress: bool):
 
 # Settings added after models were first cached: at these values they are left out of the key, so models
 # trained before they existed keep their keys (and their caches).
-ADDED_SETTINGS = {"objective": {"scale": 1.0}, "train": {"antithetic": False}}
+ADDED_SETTINGS = {
+    "objective": {"scale": 1.0, "train": {}},
+    "train": {"antithetic": False, "gradient_proposal": 0.0},
+}
 
 
 def _key_part(section: str, model) -> dict:
@@ -84,7 +87,7 @@ def _key_part(section: str, model) -> dict:
 def run_key(config: PipelineConfig, objective: str, reference_hash: str) -> str:
     payload = {
         "objective": _key_part("objective", config.objective(objective)),
-        "train": _key_part("train", config.train),
+        "train": _key_part("train", config.train_for(objective)),
         "sampling": config.sampling.model_dump(mode="json"),
         "reference": reference_hash,
     }
@@ -101,6 +104,7 @@ def train_base_model(
     """Train (or reuse) the base model for ``objective``; see the module docstring for what is saved."""
     from training.sd_problem import DiffusionStepProblem
 
+    config = config.for_objective(objective)  # its own train overrides, for everything below
     spec = config.objective(objective)
     reward = load_reward(spec.name, config, home, spec.options)  # fails fast on unknown objectives
     trained_on = rescaled(reward, spec.scale)  # evaluation reports the raw reward
