@@ -413,35 +413,41 @@ def render_profile(rows: dict, args) -> str:
             f"| {mean('ess_share'):.3f} ({min(r['ess_share'] for r in steps):.3f}) "
             f"| {mean('tilt'):.3f} ({max(r['tilt'] for r in steps):.3f}) |"
         )
+    return "\n".join(lines)
+
+
+def render_proposals(rows: dict, args) -> str:
+    """The ``--proposal-kappas`` table: the trainer's target per kappa against the optimum."""
     with_proposal = {target: steps for target, steps in rows.items() if steps and "proposal" in steps[0]}
-    if with_proposal:
-        lines += [
-            "",
-            f"The trainer's target from {args.proposal_actions} antithetic actions, drawn from the reference "
-            "shifted by kappa times the linearised optimum's drift (`train.gradient_proposal`), against the "
-            f"optimum from all {args.actions} actions; means over the steps and {args.proposal_draws} draws:",
-            "",
-            "| target | kappa | ESS share | relative error of the drift (pooled) | cosine |",
-            "|---|---|---|---|---|",
-        ]
-        floors = []
-        for target, steps in with_proposal.items():
-            for kappa in steps[0]["proposal"]:
+    lines = [
+        f"`python benchmarks/step_optimality.py --profile {args.profile} --betas {args.betas} --states "
+        f"{args.states} --proposal-kappas {args.proposal_kappas}`: the trainer's target from "
+        f"{args.proposal_actions} antithetic actions, drawn from the reference shifted by kappa times the "
+        "linearised optimum's drift (`train.gradient_proposal`), against the optimum from all "
+        f"{args.actions} actions, at {args.states} reference states per DDIM step; means over the steps and "
+        f"{args.proposal_draws} draws.",
+        "",
+        "| target | kappa | ESS share | relative error of the drift (pooled) | cosine |",
+        "|---|---|---|---|---|",
+    ]
+    floors = []
+    for target, steps in with_proposal.items():
+        for kappa in steps[0]["proposal"]:
 
-                def mean(key: str, steps=steps, kappa=kappa) -> float:
-                    return sum(r["proposal"][kappa][key] for r in steps) / len(steps)
+            def mean(key: str, steps=steps, kappa=kappa) -> float:
+                return sum(r["proposal"][kappa][key] for r in steps) / len(steps)
 
-                lines.append(
-                    f"| {target} | {kappa} | {mean('ess_share'):.3f} | {mean('relative_error'):.3f} "
-                    f"| {mean('cosine'):.3f} |"
-                )
-            floors.append(f"{target}: {sum(r['optimum_noise'] for r in steps) / len(steps):.3f}")
-        lines += [
-            "",
-            f"The {args.actions}-action optimum's own relative noise (split halves), the error's floor: "
-            + "; ".join(floors)
-            + ".",
-        ]
+            lines.append(
+                f"| {target} | {kappa} | {mean('ess_share'):.3f} | {mean('relative_error'):.3f} "
+                f"| {mean('cosine'):.3f} |"
+            )
+        floors.append(f"{target}: {sum(r['optimum_noise'] for r in steps) / len(steps):.3f}")
+    lines += [
+        "",
+        f"The {args.actions}-action optimum's own relative noise (split halves), the error's floor: "
+        + "; ".join(floors)
+        + ".",
+    ]
     return "\n".join(lines)
 
 
@@ -593,9 +599,11 @@ def main() -> None:
         rows = (
             _nan_for_none(json.loads(Path(args.from_json).read_text())) if args.from_json else profile(args)
         )
+        text = render_proposals(rows, args) if args.proposal_kappas else render_profile(rows, args)
         if args.write_readme:
-            write_section("step-profile", render_profile(rows, args))
-        print(json.dumps(finite_or_none(rows)) if args.json else render_profile(rows, args))
+            write_section("step-proposal" if args.proposal_kappas else "step-profile", text)
+        both = render_profile(rows, args) + ("\n\n" + text if args.proposal_kappas else "")
+        print(json.dumps(finite_or_none(rows)) if args.json else both)
         return
     if args.actions < 256 and not args.json:
         print(f"note: {args.actions} actions per state (the check asks for at least 256)", file=sys.stderr)
