@@ -79,6 +79,15 @@ def test_sd15_example_validates():
     assert "stable-diffusion-v1-5" in config.model.pretrained
 
 
+@pytest.mark.parametrize("name", sorted(p.name for p in Path(DEFAULT_CONFIG).parent.glob("*.yaml")))
+def test_shipped_configs_name_registered_rewards(name):
+    from training.rewards import REWARDS
+
+    config = load_config(Path(DEFAULT_CONFIG).with_name(name))
+    unknown = [n for n in config.objective_names if n not in REWARDS]
+    assert not unknown, f"{name} names objectives no reward is registered for: {unknown}"
+
+
 @pytest.mark.parametrize(
     ("yaml_text", "field"),
     [
