@@ -31,6 +31,24 @@ ConfigOption = Annotated[
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"msdda {version('msdda')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    """Multi-objective alignment of diffusion models: step-level RL base models composed with MSDDA."""
+
+
 class UsageError(MsddaError):
     """Bad user input: reported as one line on stderr with exit code 2."""
 
@@ -118,7 +136,7 @@ def train(
     human = (
         f"base model '{objective}': {result['path']}\n"
         f"reward {result['reward_before']:.4f} -> {result['reward_after']:.4f} "
-        f"(+{result['rise_in_se']:.1f} SE, SE {result['reward_se']:.4f}); KL/step {result['kl']:.4f}; "
+        f"({result['rise_in_se']:+.1f} SE, SE {result['reward_se']:.4f}); KL/step {result['kl']:.4f}; "
         f"{result['unet_evaluations']} UNet evaluations; {result['seconds']:.0f} s"
         + (" (cached)" if result["cached"] else "")
         + (
@@ -137,7 +155,7 @@ ModelsOption = Annotated[
     typer.Option(
         "--models",
         "-m",
-        help="Comma-separated NAME[@ALIAS] or NAME/VERSION registry specs, or "
+        help="Comma-separated NAME\\[@ALIAS] or NAME/VERSION registry specs, or "
         "base-model folders (default: the config's objectives @champion).",
     ),
 ]
@@ -154,8 +172,13 @@ def _split(text: str | None) -> list[str] | None:
 def compose(
     weights: WeightsOption,
     models: ModelsOption = None,
-    num_images: Annotated[int | None, typer.Option("--num-images", "-n", min=1)] = None,
-    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    num_images: Annotated[
+        int | None,
+        typer.Option("--num-images", "-n", min=1, help="Images (default: composition.num_images)."),
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="Seed of the initial noise (default: composition.seed).")
+    ] = None,
     method: MethodOption = "msdda",
     out: Annotated[
         Path | None, typer.Option("--out", help="Image folder (default: under $MSDDA_HOME).")
@@ -189,7 +212,15 @@ def sweep(
     grid: Annotated[
         int | None, typer.Option("--grid", min=2, help="Points per simplex edge (11: w=0,0.1..1).")
     ] = None,
-    num_images: Annotated[int | None, typer.Option("--num-images", "-n", min=2)] = None,
+    num_images: Annotated[
+        int | None,
+        typer.Option(
+            "--num-images",
+            "-n",
+            min=2,
+            help="Images per method and weight (default: composition.num_images).",
+        ),
+    ] = None,
     models: ModelsOption = None,
     config: ConfigOption = None,
     json_output: JsonOption = False,

@@ -109,3 +109,20 @@ def test_methods_lists_the_registry(tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         f"error: unknown method 'nope'; choose from {', '.join(METHODS)}"
     ]
+
+
+def test_version_and_every_option_has_help(tmp_path):
+    import typer
+
+    from flows.cli import app
+
+    result = run_cli(["--version"], tmp_path, tmp_path / "home")
+    assert result.returncode == 0 and result.stdout.strip() == "msdda 0.1.0", result.stderr
+    group = typer.main.get_command(app)
+    undocumented = [
+        f"{name} {param.opts[0]}"
+        for name, command in group.commands.items()
+        for param in command.params
+        if param.param_type_name == "option" and not (param.help or "").strip()
+    ]
+    assert group.commands and not undocumented, undocumented
