@@ -53,6 +53,21 @@ class UsageError(MsddaError):
     """Bad user input: reported as one line on stderr with exit code 2."""
 
 
+PRIVATE_DEFAULTS = {
+    "DO_NOT_TRACK": "true",  # Prefect's SDK telemetry (and MLflow's)
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # the Prefect server's telemetry heartbeat
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+}
+"""Telemetry of Prefect and MLflow is off unless the user's environment sets these otherwise (README)."""
+
+
+def _private_by_default() -> None:
+    import os
+
+    for name, value in PRIVATE_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+
+
 def _quiet_libraries() -> None:
     """Keep third-party chatter (deprecations, load bars) off the terminal; our own bars stay."""
     import os
@@ -433,6 +448,7 @@ def deploy(
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: maps user-facing errors (:class:`MsddaError`) to one line on stderr and exit
     code 2."""
+    _private_by_default()
     _quiet_libraries()
     try:
         app(args=argv, prog_name="msdda")
