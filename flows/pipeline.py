@@ -142,7 +142,13 @@ def pretrain_task(config_path: str | None = None, home: str | None = None) -> di
     return result_dict(pretrain_reference(config, root, progress=True))
 
 
-@task(retries=1, retry_delay_seconds=10, retry_condition_fn=_transient, name="train")
+@task(
+    retries=1,
+    retry_delay_seconds=10,
+    retry_condition_fn=_transient,
+    name="train",
+    task_run_name="train {objective}",
+)
 def train_task(
     objective: str, config_path: str | None = None, home: str | None = None, torch_threads: int = 0
 ) -> dict:
@@ -159,13 +165,32 @@ def train_task(
 # ----------------------------------------------------------------------------------------------------- flows
 
 
-@flow(name="pretrain-reference", log_prints=True)
+def _run_name(template: str):
+    """A flow-run name from the run's parameters (``None`` ones read "default"), instead of Prefect's random
+    one: ``_run_name("compose w={weights} {method}")``."""
+
+    def name() -> str:
+        from prefect.runtime import flow_run
+
+        values = {}
+        for key, value in flow_run.parameters.items():
+            if value is None:
+                value = "default"
+            elif isinstance(value, list | tuple):
+                value = ",".join(str(v) for v in value)
+            values[key] = value
+        return template.format(**values)
+
+    return name
+
+
+@flow(name="pretrain-reference", log_prints=True, flow_run_name="pretrain reference")
 def pretrain_reference(config_path: str | None = None, home: str | None = None) -> dict:
     """Build (or reuse) the reference model."""
     return pretrain_task(config_path, home)
 
 
-@flow(name="train-base-model", log_prints=True)
+@flow(name="train-base-model", log_prints=True, flow_run_name=_run_name("train {objective}"))
 def train_base_model(objective: str, config_path: str | None = None, home: str | None = None) -> dict:
     """Train, log and register the base model for one objective."""
     result = train_task(objective, config_path, home)
@@ -190,7 +215,7 @@ def _publish_training(results: list[dict]) -> None:
     _publish("base-models", rows, "Base models trained and registered")
 
 
-@flow(name="fan-out-training")
+@flow(name="fan-out-training", flow_run_name=_run_name("train {objectives} in parallel"))
 def _fan_out(
     objectives: list[str], config_path: str | None, home: str | None, torch_threads: int
 ) -> list[dict]:
@@ -198,7 +223,11 @@ def _fan_out(
     return [future.result() for future in futures]
 
 
-@flow(name="train-base-models", log_prints=True)
+@flow(
+    name="train-base-models",
+    log_prints=True,
+    flow_run_name=_run_name("train base models: {objectives} ({runner})"),
+)
 def train_base_models(
     objectives: list[str] | None = None,
     runner: Runner = "sequential",
@@ -233,7 +262,7 @@ def train_base_models(
     return {r["objective"]: r for r in results}
 
 
-@flow(name="compose", log_prints=True)
+@flow(name="compose", log_prints=True, flow_run_name=_run_name("compose w={weights} {method}"))
 def compose(
     weights: list[float],
     models: list[str] | None = None,
@@ -262,7 +291,7 @@ def compose(
     return result
 
 
-@flow(name="sweep", log_prints=True)
+@flow(name="sweep", log_prints=True, flow_run_name=_run_name("sweep methods={methods} grid={grid}"))
 def sweep(
     methods: list[Method] | None = None,
     grid: Annotated[int, Field(ge=2)] | None = None,
@@ -288,7 +317,7 @@ def sweep(
     return result
 
 
-@flow(name="msdda-pipeline", log_prints=True)
+@flow(name="msdda-pipeline", log_prints=True, flow_run_name=_run_name("msdda run ({runner})"))
 def pipeline(config_path: str | None = None, home: str | None = None, runner: Runner = "sequential") -> dict:
     """Pretrain (cached), train and register the base models (cached), then sweep (cached)."""
     import time

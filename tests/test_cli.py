@@ -53,9 +53,19 @@ def test_run_is_the_whole_pipeline_and_is_cached(tmp_path, tiny_config_file, pre
     first = run_cli(["run", "--config", str(tiny_config_file), "--json"], tmp_path, home, scrub)
     assert first.returncode == 0, first.stderr[-3000:]
     # a clean, private first run: Prefect's temporary server sends no telemetry (whose heartbeat also raised
-    # `database is locked` tracebacks), and nothing else prints a traceback or an ERROR line
+    # `database is locked` tracebacks), and nothing else prints a traceback or an ERROR line; runs have names
+    # that say what they do
     for noise in ("Traceback", "telemetry", "| ERROR"):
         assert noise not in first.stderr, first.stderr[-3000:]
+    names = _run_names(tmp_path / "prefect")
+    assert names >= {
+        "msdda run (sequential)",
+        "pretrain reference",
+        "train base models: default (sequential)",
+        "train digit_alignment",
+        "train ink_economy",
+        "sweep methods=default grid=default",
+    }, names
     payload = json.loads(first.stdout)
     assert payload["reference"]["cached"] is True and Path(payload["reference"]["path"]).is_relative_to(home)
     assert set(payload["base_models"]) == {"digit_alignment", "ink_economy"}
@@ -74,6 +84,27 @@ def test_run_is_the_whole_pipeline_and_is_cached(tmp_path, tiny_config_file, pre
     assert all(m["cached"] for m in again["base_models"].values())
     assert all(not m["registered"]["created"] for m in again["base_models"].values()), "no duplicate versions"
     assert not (tmp_path / ".msdda").exists()
+
+
+def _run_names(prefect_home: Path) -> set[str]:
+    """The names of the flow and task runs recorded in ``prefect_home``'s database, read back through
+    Prefect's own client."""
+    script = (
+        "import asyncio, json\n"
+        "from prefect import get_client\n"
+        "async def names():\n"
+        "    async with get_client() as client:\n"
+        "        runs = [*await client.read_flow_runs(), *await client.read_task_runs()]\n"
+        "        return [run.name for run in runs]\n"
+        "print(json.dumps(asyncio.run(names())))\n"
+    )
+    env = {**os.environ, "PREFECT_HOME": str(prefect_home), "DO_NOT_TRACK": "true"}
+    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return set(json.loads(result.stdout.strip().splitlines()[-1]))
 
 
 @pytest.mark.parametrize(
