@@ -59,7 +59,12 @@ from training.step_optimum import (
     optimum_summary,
     path_errors,
 )
-from training.trainer import linearised_proposal, step_reward_gradient, target_weights
+from training.trainer import (
+    linearised_proposal,
+    step_reward_gradient,
+    target_diagnostics,
+    target_weights,
+)
 
 RESULTS = Path(__file__).parent / "results"
 STATE_SEED = 20_261_126
@@ -383,7 +388,7 @@ def proposal_check(problem, reward, state, optimum_drift, beta, kappas, args, ge
             drift = torch.einsum("mb,mbd->bd", weights, actions.flatten(2).double()) - ref.mean.flatten(1)
             figures.append(
                 {
-                    "ess_share": float((1 / (len(actions) * (weights**2).sum(0))).mean()),
+                    "ess_share": target_diagnostics(r, weights)[0],
                     "relative_error": float(((drift - target) ** 2).sum().sqrt() / (target**2).sum().sqrt()),
                     "cosine": float(torch.nn.functional.cosine_similarity(drift, target, dim=1).mean()),
                 }

@@ -224,9 +224,8 @@ class PipelineConfig(_Strict):
             return TrainConfig.model_validate({**self.train.model_dump(), **overrides})
         except ValidationError as exc:
             error = exc.errors()[0]
-            field = ".".join(["train", *(str(part) for part in error["loc"])])
-            message = "unknown field" if error["type"] == "extra_forbidden" else error["msg"]
-            raise ValueError(f"objective {name}: {field}: {message}") from None
+            located = {**error, "loc": ("train", *error["loc"])}
+            raise ValueError(_format_error(located, f"objective {name}")) from None
 
     def for_objective(self, name: str) -> PipelineConfig:
         """This config with :meth:`train_for` as its ``train`` section: what ``name``'s base model is

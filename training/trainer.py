@@ -125,12 +125,9 @@ def step_reward_gradient(problem: StepProblem, x_t, action: torch.Tensor, step: 
     return gradient[0]
 
 
-def target_matching_loss(
-    policy: GaussianStep, actions, rewards, beta: float, log_ratio: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``-sum_j w_j log pi_theta(a_j|s)`` with :func:`target_weights`, averaged over states, per action
-    dimension."""
-    weights = target_weights(rewards, beta, log_ratio)  # [N, B]
+def target_matching_loss(policy: GaussianStep, actions, weights: torch.Tensor) -> torch.Tensor:
+    """``-sum_j w_j log pi_theta(a_j|s)`` with the :func:`target_weights` ``w`` ``[N, B]``, averaged over
+    states, per action dimension."""
     log_probs = torch.stack([policy.log_prob(action) for action in actions])
     return -(weights.detach() * log_probs).sum(0).mean() / policy.mean[0].numel()
 
@@ -290,11 +287,11 @@ def step_loss(problem: StepProblem, config: TrainConfig, run: TrainingRun, x_t, 
             log_ratio = torch.stack([reference.log_prob(a) - proposal.log_prob(a) for a in actions])
     if not torch.isfinite(rewards).all():
         return None
+    weights = target_weights(rewards, config.beta, log_ratio)
     if config.method == "target_matching":
-        loss = target_matching_loss(policy, actions, rewards, config.beta, log_ratio)
+        loss = target_matching_loss(policy, actions, weights)
     else:
         loss = policy_gradient_loss(policy, actions, rewards, reference, config.beta)
-    weights = target_weights(rewards, config.beta, log_ratio)
     return StepOutcome(loss, rewards, policy.detach().kl(reference).mean().item(), weights)
 
 
