@@ -1,0 +1,27 @@
+"""The device and dtype a :class:`~configs.schema.RuntimeConfig` names, resolved once per command."""
+
+from __future__ import annotations
+
+import torch
+
+from configs.errors import MsddaError
+
+
+class DeviceError(MsddaError):
+    """A device that this machine does not have (one line, exit 2 from the CLI)."""
+
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else the CPU; ``cuda`` without CUDA raises :class:`DeviceError`."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("device 'cuda' was asked for, but torch sees no CUDA device on this machine")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str = "fp32") -> torch.dtype:
+    return DTYPES[name]
