@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from readme_section import write_section  # benchmarks/ is on sys.path when run as a script
 
-from composition.engine import generate, load_ensemble, score_images
+from composition.engine import generate, load_ensemble, score_generated
 from configs import load_config
 from configs.schema import ObjectiveSpec
 from flows.jobs import sweep_job
@@ -62,10 +62,10 @@ def oracle_comparison(config, home, base_dirs, oracle_dirs, num_images) -> list[
     for w1, oracle_dir in zip(ORACLE_WEIGHTS, oracle_dirs):
         weights = [w1, 1 - w1]
         msdda = generate(ensemble, "msdda", weights, config.composition, num_images=num_images)
-        msdda_scores = score_images(ensemble, msdda.images, msdda.prompts)
+        msdda_scores = score_generated(ensemble, msdda)
         oracle_ensemble = load_ensemble(oracle_config(config, weights), home, [oracle_dir])
         oracle = generate(oracle_ensemble, "msdda", [1.0], config.composition, num_images=num_images)
-        oracle_scores = score_images(ensemble, oracle.images, oracle.prompts)
+        oracle_scores = score_generated(ensemble, oracle)
         first, second = ensemble.objectives
         combined = {
             "msdda": w1 * msdda_scores[first] + (1 - w1) * msdda_scores[second],
@@ -104,7 +104,7 @@ def variance_report(config, home, base_dirs, num_images) -> dict:
     weights = [0.5, 0.5]
     a = generate(ensemble, "msdda", weights, config.composition, num_images=num_images)
     b = generate(ensemble, "db", weights, config.composition, num_images=num_images)
-    sa, sb = score_images(ensemble, a.images, a.prompts), score_images(ensemble, b.images, b.prompts)
+    sa, sb = score_generated(ensemble, a), score_generated(ensemble, b)
     gaps = {}
     for name in ensemble.objectives:
         diff, se = paired(sa[name], sb[name])

@@ -33,6 +33,7 @@ import json
 import math
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -49,12 +50,14 @@ from training.base_model import evaluation_problem, train_base_model
 from training.card import load_base_model
 from training.chain import run_chain
 from training.models import atomic_file, msdda_home
+from training.rewards import combine_quadratics
 from training.step_optimum import (
     FIELDS,
     PATH_FIELDS,
     bootstrap_counts,
     drift_energies,
     estimate_optimum,
+    exact_optimum,
     kernel_errors,
     optimum_summary,
     path_errors,
@@ -106,34 +109,58 @@ def held_out_states(composer, sources: dict, embeds, uncond, num_chains: int, pr
 
 
 def step_rewards(problem, rewards: dict, x, index, actions, step, chunk: int) -> dict[str, torch.Tensor]:
-    """``{name: r [M, n]}``: each reward's step reward of every action, exactly as the trainer scores it;
-    ``rewards`` maps names to ``fn(images, prompts) -> [N]``."""
+    """``{name: r [M, n]}``: each :class:`~training.rewards.Reward`'s step reward of every action, exactly as
+    the trainer scores it (one decode shared by the image rewards)."""
     scores = {name: [] for name in rewards}
     for first in range(0, x.shape[0], chunk):
         part = slice(first, first + chunk)
         cond = problem.make_cond(index[part])
         m, b = actions.shape[0], x[part].shape[0]
-        images = problem.decode(problem.clean_estimate(x[part], actions[:, part], step, cond))
+        clean = problem.clean_estimate(x[part], actions[:, part], step, cond)
+        images = problem.decode(clean) if any(not r.on_latents for r in rewards.values()) else None
         for name, reward in rewards.items():
-            scores[name].append(reward(images, cond["prompts"] * m).view(m, b).double())
+            value = reward.score(clean, cond["prompts"] * m, lambda _, images=images: images)
+            scores[name].append(value.view(m, b).double())
     return {name: torch.cat(parts, dim=1) for name, parts in scores.items()}
 
 
 def scaled_rewards(ensemble) -> dict:
-    """The ensemble's rewards, each on its base model's card scale."""
-    return {
-        name: (
-            lambda images, prompts, reward=reward, scale=model.card.reward_scale: scale.standardise(
-                reward(images, prompts)
-            )
+    """The ensemble's rewards, each on its base model's card scale (``(R - offset) / scale``)."""
+    scaled = {}
+    for model, (name, reward) in zip(ensemble.models, ensemble.rewards.items()):
+        scale = model.card.reward_scale
+        quadratic = reward.quadratic.scaled(1 / scale.scale) if reward.quadratic else None
+        scaled[name] = replace(
+            reward,
+            fn=lambda inputs, prompts, reward=reward, scale=scale: scale.standardise(reward(inputs, prompts)),
+            quadratic=quadratic,
         )
-        for model, (name, reward) in zip(ensemble.models, ensemble.rewards.items())
-    }
+    return scaled
+
+
+def exact_targets(problem, rewards: dict, targets: dict, x, index, step, chunk: int) -> dict:
+    """``{target: StepOptimum}`` in closed form, for latent quadratic rewards (``--exact``): each target's
+    ``sum_i c_i r_i`` is one quadratic (:func:`~training.rewards.combine_quadratics`), whose optimum
+    :meth:`~training.sd_problem.DiffusionStepProblem.quadratic_optimum` gives exactly (beta folded into the
+    coefficients)."""
+    out = {}
+    for target, coefficients in targets.items():
+        quadratic = combine_quadratics([(rewards[name].quadratic, c) for name, c in coefficients.items()])
+        means, variances, references = [], [], []
+        for first in range(0, x.shape[0], chunk):
+            part = slice(first, first + chunk)
+            cond = problem.make_cond(index[part])
+            optimum = problem.quadratic_optimum(x[part], step, cond, 1.0, quadratic)
+            means.append(optimum.mean.flatten(1))
+            variances.append(optimum.variance.expand_as(optimum.mean).flatten(1))
+            references.append(problem.reference(x[part], step, cond).mean.flatten(1))
+        out[target] = exact_optimum(torch.cat(means), torch.cat(variances), torch.cat(references))
+    return out
 
 
 def aggregate(per_step: list[dict], replicates: list[list[dict]]) -> dict:
     """Mean over steps of each figure (NaN steps left out) and the path-pooled figures, with their bootstrap
-    standard errors."""
+    standard errors (0 without replicates: an exact optimum)."""
 
     def mean_over_steps(rows: list[dict], name: str) -> float:
         values = [r[name] for r in rows if math.isfinite(r[name])]
@@ -152,7 +179,7 @@ def aggregate(per_step: list[dict], replicates: list[list[dict]]) -> dict:
         ]
         draws = torch.tensor(values, dtype=torch.float64)
         draws = draws[torch.isfinite(draws)]
-        se[name] = float(draws.std()) if len(draws) > 1 else math.nan
+        se[name] = float(draws.std()) if len(draws) > 1 else (0.0 if not replicates else math.nan)
     per_step = [{k: v for k, v in row.items() if k != "energy"} for row in per_step]
     return {**result, "mc_se": se["relative_drift_error"], "mc_se_all": se, "per_step": per_step}
 
@@ -248,23 +275,30 @@ def measure(args) -> dict:
         x, index = states[step]
         batch = Batch(embeds[index], uncond)
         ref = reference(batch, x, step)
-        actions = ref.sample(generator, num=args.actions, antithetic=True)
-        rewards = step_rewards(problem, scaled, x, index, actions, step, args.chunk)
-        flat_actions, ref_mean = actions.flatten(2), ref.mean.flatten(1)
+        if args.exact:
+            exact = exact_targets(problem, scaled, targets, x, index, step, args.chunk)
+        else:
+            actions = ref.sample(generator, num=args.actions, antithetic=True)
+            rewards = step_rewards(problem, scaled, x, index, actions, step, args.chunk)
+            flat_actions, ref_mean = actions.flatten(2), ref.mean.flatten(1)
         kernel_steps = {name: kernel(batch, x, step) for name, kernel in kernels.items()}
         prompts = [ensemble.prompts[i] for i in index.tolist()]
         for name, weights in rgg.items():  # RGG's step at the state: the gradient of the weighted score
             score = ensemble.score_fn(weights, prompts, per_beta=True, differentiable=True)
             scale = config.composition.rgg_scale
             kernel_steps[name] = guided_step(composer, score, batch, x, step, scale)[0]
-        counts = [bootstrap_counts(args.actions, x.shape[0], generator) for _ in range(args.bootstrap)]
+        bootstrap = 0 if args.exact else args.bootstrap
+        counts = [bootstrap_counts(args.actions, x.shape[0], generator) for _ in range(bootstrap)]
         for target, coefficients in targets.items():
-            log_weights = sum(c * rewards[name] for name, c in coefficients.items())
-            optimum = estimate_optimum(flat_actions, ref_mean, log_weights)
+            if args.exact:
+                optimum, replicas = exact[target], []
+            else:
+                log_weights = sum(c * rewards[name] for name, c in coefficients.items())
+                optimum = estimate_optimum(flat_actions, ref_mean, log_weights)
+                replicas = [estimate_optimum(flat_actions, ref_mean, log_weights, c) for c in counts]
             sigma = float(schedule.sigma[step])
             summary = optimum_summary(optimum, sigma)
             optimum_rows[target].append({"step": step, **summary})
-            replicas = [estimate_optimum(flat_actions, ref_mean, log_weights, c) for c in counts]
             for name in (n for n in kernel_steps if target_of(n) == target):
                 drift = (kernel_steps[name].mean - ref.mean).flatten(1)
                 variance = kernel_steps[name].variance.expand_as(ref.mean).flatten(1).mean(1)
@@ -277,13 +311,16 @@ def measure(args) -> dict:
                             "energy": drift_energies(drift, replica, sigma),
                         }
                     )
-    results = {name: aggregate(rows[name], replicate_rows[name]) for name in names}
+    results = {
+        name: aggregate(rows[name], [] if args.exact else replicate_rows[name]) for name in names
+    }
     return {
         "objectives": objectives,
         "beta": beta,
+        "exact": bool(args.exact),
         "states_per_step": int(states[0][0].shape[0]),
-        "actions": args.actions,
-        "bootstrap": args.bootstrap,
+        "actions": 0 if args.exact else args.actions,
+        "bootstrap": 0 if args.exact else args.bootstrap,
         "seconds": time.perf_counter() - started,
         "optimum": optimum_rows,
         "base_models": {name: results[f"base:{name}"] for name in objectives},
@@ -584,6 +621,13 @@ def main() -> None:
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--no-oracle", action="store_true", help="skip the oracles (no training of them)")
     parser.add_argument(
+        "--exact",
+        action="store_true",
+        help="the optimum in closed form instead of Monte Carlo: latent quadratic rewards with "
+        "train.x0_estimate current_eps only (configs/quadratic.yaml); results go to the "
+        "step-optimality-exact README section",
+    )
+    parser.add_argument(
         "--profile",
         default=None,
         help="only profile the optimum of these rewards (NAME or prototype_match:SHARPNESS, comma-separated) "
@@ -616,9 +660,10 @@ def main() -> None:
     report = _nan_for_none(report)
     if args.write_readme:
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "step_optimality.json").write_text(json.dumps(finite_or_none(report), indent=1))
-        plot(report, RESULTS / "step_optimality.png")
-        write_section("step-optimality", render(report))
+        stem = "step_optimality_exact" if report.get("exact") else "step_optimality"
+        (RESULTS / f"{stem}.json").write_text(json.dumps(finite_or_none(report), indent=1))
+        plot(report, RESULTS / f"{stem}.png")
+        write_section(stem.replace("_", "-"), render(report))
     print(json.dumps(finite_or_none(report)) if args.json else render(report))
 
 

@@ -6,7 +6,7 @@ This is the plain-function layer under ``msdda compose``, ``msdda sweep`` and th
   trained on different references or schedulers, and puts their LoRA adapters on one copy of the reference
   UNet;
 * :func:`generate` samples ``num_images`` images with a method (same prompts and seeds for every method);
-* :func:`score_images` returns mean reward and standard error per objective.
+* :func:`score_generated` returns mean reward and standard error per objective.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -116,12 +117,20 @@ class Ensemble:
         def score(x0: torch.Tensor) -> torch.Tensor:
             if calls is not None:
                 calls.count += len(x0) * (2 if differentiable else 1)
-            images = decode_latents(self.pipe.vae, x0) if differentiable else self.decode(x0)
+            decode = partial(decode_latents, self.pipe.vae) if differentiable else self.decode
+            decoded = {}  # one decode for every image reward
+
+            def decode_once(latents: torch.Tensor) -> torch.Tensor:
+                if "images" not in decoded:
+                    decoded["images"] = decode(latents)
+                return decoded["images"]
+
             repeated = prompts * (len(x0) // len(prompts))
             total = torch.zeros(len(x0), dtype=x0.dtype, device=x0.device)
             for c, scale, reward in zip(coefficients, scales, self.rewards.values()):
                 if c != 0.0:
-                    total = total + c * scale.standardise(reward(images, repeated)).to(total)
+                    value = reward.score(x0, repeated, decode_once)
+                    total = total + c * scale.standardise(value).to(total)
             return total
 
         return score
@@ -190,6 +199,8 @@ class Generated:
     path_kl: torch.Tensor | None = None
     """Per image, the path KL from the reference (``options.path_kl``); for CoDe its ``log N``-per-block
     bound."""
+    latents: torch.Tensor | None = None
+    """The final latents the images decode from (what latent rewards score)."""
 
 
 def batch_seeds(seed: int, batch_index: int) -> tuple[int, int]:
@@ -223,7 +234,7 @@ def generate(
         chosen.prepare(composer, weights)
     unet = ensemble.pipe.unet
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    images, prompts, diagnostics, nfe, calls, kls = [], [], [], 0.0, RewardCalls(), []
+    images, latents, prompts, diagnostics, nfe, calls, kls = [], [], [], [], 0.0, RewardCalls(), []
     start = time.perf_counter()
     for batch_index, first in enumerate(range(0, num_images, options.batch_size)):
         index = torch.arange(first, min(first + options.batch_size, num_images)) % len(ensemble.prompts)
@@ -255,6 +266,7 @@ def generate(
         except ValueError as exc:  # e.g. a non-positive composed precision
             raise CompositionError(f"{method} with weights {weights}: {exc}") from None
         images.append(ensemble.decode(chain.latents))
+        latents.append(chain.latents)
         if chain.kl is not None:
             kls.append(chain.kl.detach().cpu())
         prompts.extend(batch_prompts)
@@ -271,13 +283,17 @@ def generate(
         diagnostics,
         calls.count / num_images,
         path_kl,
+        torch.cat(latents),
     )
 
 
 @torch.no_grad()
-def score_images(ensemble: Ensemble, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
-    """Per-image rewards ``{objective: [N]}``."""
-    return {name: reward(images, prompts).detach().float() for name, reward in ensemble.rewards.items()}
+def score_generated(ensemble: Ensemble, generated: Generated) -> dict[str, torch.Tensor]:
+    """Per-image rewards ``{objective: [N]}`` of generated images (latent rewards score their latents)."""
+    return {
+        name: reward.score(generated.latents, generated.prompts, lambda _: generated.images).float()
+        for name, reward in ensemble.rewards.items()
+    }
 
 
 def save_images(images: torch.Tensor, prompts: list[str], out_dir: Path, manifest: dict) -> Path:

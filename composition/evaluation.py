@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from composition.engine import Ensemble, generate, score_images
+from composition.engine import Ensemble, generate, score_generated
 from composition.methods import METHODS
 from configs.schema import CompositionConfig
 from training.models import atomic_file
@@ -120,7 +120,7 @@ def sweep(
 
     def evaluate(method: str, weights: list[float], label: str | None = None) -> dict:
         generated = generate(ensemble, method, weights, options, num_images=num_images)
-        rewards = score_images(ensemble, generated.images, generated.prompts)
+        rewards = score_generated(ensemble, generated)
         stats = {name: mean_and_se(values) for name, values in rewards.items()}
         per_image.setdefault(label or method, []).append(torch.stack([rewards[n] for n in objectives], 1))
         if on_point is not None:

@@ -119,6 +119,12 @@ class TrainConfig(_Strict):
     ``exp(r / beta) p_ref / q``. The target is unchanged; where the reward is near-linear on the scale of a
     step its noise shrinks (exact for a linear reward with antithetic pairs at ``kappa = 1``). Costs one
     reward gradient per state. 0: off (docs/design.md §1.5)."""
+    curvature_proposal: bool = False
+    """With ``gradient_proposal``: also measure the reward's curvature ``h`` along one random direction per
+    state (a second difference, three more step rewards) and narrow the proposal to the Laplace step
+    ``N(mu_ref + kappa v g / beta, v)``, ``v = 1 / (1 / sigma_t^2 + h / beta)``. For a reward quadratic in
+    the action (a latent quadratic with ``x0_estimate: current_eps``) that is ``pi*`` itself at
+    ``kappa = 1``: uniform weights, an exact target (docs/design.md §1.5)."""
     learning_rate: Annotated[float, Field(gt=0)] = 3e-3
     variance_lr_scale: Annotated[float, Field(gt=0)] = 10.0
     gradient_accumulation_steps: Annotated[int, Field(ge=1)] = 1
@@ -140,6 +146,8 @@ class TrainConfig(_Strict):
             raise ValueError(f"antithetic pairs need an even num_actions, got {self.num_actions}")
         if self.gradient_proposal and self.method != "target_matching":
             raise ValueError("gradient_proposal is an option of method target_matching")
+        if self.curvature_proposal and not self.gradient_proposal:
+            raise ValueError("curvature_proposal refines gradient_proposal; set gradient_proposal > 0")
         return self
 
 

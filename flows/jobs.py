@@ -134,7 +134,7 @@ def compose_job(
         load_ensemble,
         parse_weights,
         save_images,
-        score_images,
+        score_generated,
     )
     from composition.evaluation import image_grid
     from training.rewards import mean_and_se
@@ -149,9 +149,7 @@ def compose_job(
     resolved = resolve_models(config, home, specs)
     ensemble = load_ensemble(config, home, [m.path for m in resolved])
     generated = generate(ensemble, method, weight_list, options, num_images=num_images, seed=seed)
-    stats = {
-        k: mean_and_se(v) for k, v in score_images(ensemble, generated.images, generated.prompts).items()
-    }
+    stats = {k: mean_and_se(v) for k, v in score_generated(ensemble, generated).items()}
     models = describe_models(resolved)
     tag = "_".join(f"{w:g}" for w in weight_list)
     out_dir = (

@@ -37,7 +37,7 @@ def golden():
 
 @pytest.mark.parametrize(("method", "weights"), CASES, ids=[f"{m}-{w}" for m, w in CASES])
 def test_composition_unchanged(golden, tiny_config, tiny_home, tiny_base_models, method, weights):
-    from composition.engine import generate, load_ensemble, score_images
+    from composition.engine import generate, load_ensemble, score_generated
 
     tensors, scalars = golden
     key = f"{method}_{'_'.join(f'{w:g}' for w in weights)}"
@@ -45,7 +45,7 @@ def test_composition_unchanged(golden, tiny_config, tiny_home, tiny_base_models,
     generated = generate(ensemble, method, weights, tiny_config.composition, num_images=8, seed=0)
     torch.testing.assert_close(generated.images, tensors[f"compose.{key}"], **TOLERANCE)
     assert generated.nfe_per_image == scalars[f"compose.{key}"]["nfe"]
-    for name, values in score_images(ensemble, generated.images, generated.prompts).items():
+    for name, values in score_generated(ensemble, generated).items():
         torch.testing.assert_close(
             values, torch.tensor(scalars[f"compose.{key}"]["rewards"][name]), **TOLERANCE
         )

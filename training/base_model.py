@@ -75,7 +75,7 @@ def reference_identity(config: PipelineConfig, home: Path, progress: bool):
 # trained before they existed keep their keys (and their caches).
 ADDED_SETTINGS = {
     "objective": {"scale": 1.0, "train": {}},
-    "train": {"antithetic": False, "gradient_proposal": 0.0},
+    "train": {"antithetic": False, "gradient_proposal": 0.0, "curvature_proposal": False},
 }
 
 
@@ -123,8 +123,8 @@ def train_base_model(
 
     def evaluate(use_policy: bool):
         generator = torch.Generator().manual_seed(train_cfg.eval_seed)
-        images, eval_prompts, kl = problem.sample_images(eval_index, generator, use_policy=use_policy)
-        return reward(images, eval_prompts).detach().cpu(), kl
+        latents, eval_prompts, kl = problem.sample_latents(eval_index, generator, use_policy=use_policy)
+        return reward.score(latents, eval_prompts, problem.decode).detach().cpu(), kl
 
     before, _ = evaluate(use_policy=False)
     problem.unet_evaluations = 0  # evaluation calls are not training cost

@@ -121,6 +121,16 @@ class GaussianStep:
         return GaussianStep(self.mean.float(), self.variance.float(), self.info)
 
 
+def tilted_gaussian(reference: GaussianStep, target: torch.Tensor, precision) -> GaussianStep:
+    """``N(mu, var) * exp(-k/2 |a - a_c|^2)`` normalised: the Gaussian with precision ``1/var + k`` and mean
+    ``(mu / var + k a_c) / (1 / var + k)`` (``k = precision``, a scalar or per-row tensor broadcastable to
+    the mean). A deterministic step (``var = 0``, DDIM's last) stays as it is."""
+    if not bool((reference.variance > 0).all()):
+        return reference
+    variance = 1 / (1 / reference.variance + precision)
+    return GaussianStep(variance * (reference.mean / reference.variance + precision * target), variance)
+
+
 # --------------------------------------------------------------------------------------- the step schedule
 
 

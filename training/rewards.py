@@ -25,21 +25,63 @@ class RewardError(MsddaError, ValueError):
     """An unknown objective, or a reward whose weights or package are missing (one-line message)."""
 
 
+@dataclass(frozen=True)
+class LatentQuadratic:
+    """``r(z) = -curvature / 2 * |z - center(prompts)|^2`` (summed over the latent's elements): a reward that
+    is exactly quadratic in the clean latent ``z``. With the ``current_eps`` clean estimate, which is affine
+    in the action, its step-level optimum is exactly Gaussian (:meth:`DiffusionStepProblem.quadratic_optimum`,
+    docs/design.md §2.8)."""
+
+    curvature: float
+    center: Callable[[list[str]], torch.Tensor]
+    """prompts -> ``[N, C, H, W]`` centres"""
+
+    def __call__(self, latents: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        target = self.center(prompts).to(latents)
+        return -self.curvature / 2 * ((latents - target) ** 2).flatten(1).sum(1)
+
+    def scaled(self, factor: float) -> LatentQuadratic:
+        return LatentQuadratic(self.curvature * factor, self.center)
+
+
+def combine_quadratics(parts: list[tuple[LatentQuadratic, float]]) -> LatentQuadratic:
+    """``sum_i w_i r_i`` of quadratics is one quadratic (up to a constant): curvature ``C = sum_i w_i c_i``
+    and centre ``sum_i w_i c_i z_i / C``."""
+    total = sum(w * q.curvature for q, w in parts)
+    if total <= 0:
+        raise RewardError("a weighted sum of latent quadratic rewards needs a positive total curvature")
+
+    def center(prompts: list[str]) -> torch.Tensor:
+        return sum(w * q.curvature * q.center(prompts) for q, w in parts) / total
+
+    return LatentQuadratic(total, center)
+
+
 @dataclass
 class Reward:
-    """A named image reward. ``fn(images, prompts) -> [N]`` (higher is better)."""
+    """A named reward. ``fn(images, prompts) -> [N]`` (higher is better); a latent reward
+    (``on_latents``) takes the clean latents instead of the decoded images (use :meth:`score`)."""
 
     name: str
     differentiable: bool
     fn: Callable[[torch.Tensor, list[str]], torch.Tensor]
     description: str = ""
     info: dict = field(default_factory=dict)
+    on_latents: bool = False
+    quadratic: LatentQuadratic | None = None
+    """Set when the reward is exactly a :class:`LatentQuadratic` (then ``on_latents``)."""
 
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def __call__(self, inputs: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         if self.differentiable:
-            return self.fn(images, prompts)
+            return self.fn(inputs, prompts)
         with torch.no_grad():
-            return self.fn(images, prompts)
+            return self.fn(inputs, prompts)
+
+    def score(
+        self, latents: torch.Tensor, prompts: list[str], decode: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        """The reward of clean ``latents``: on the latents themselves, or on ``decode(latents)``."""
+        return self(latents if self.on_latents else decode(latents), prompts)
 
 
 def mean_and_se(values: torch.Tensor) -> tuple[float, float]:
@@ -142,6 +184,73 @@ def prototype_match(config, home: Path, options: dict) -> Reward:
         fn,
         "closeness to the prompted digit's mean training image (a curved reward)",
         {"sharpness": sharpness},
+    )
+
+
+def _clean_latents(config, home: Path):
+    """The reference VAE's posterior-mean latents (times its scaling factor) of the pretraining split's
+    images, with their labels, and the latent of the blank (ink-free) image."""
+    from training.digits import train_test_split
+    from training.embedded import _to_vae_input
+    from training.models import load_reference_pipeline
+
+    if config.model.source != "embedded":
+        raise RewardError("the latent digit rewards need the embedded model (they use its digit images)")
+    vae = load_reference_pipeline(config, home, progress=False).vae
+    size = config.model.embedded.image_size
+    train, _ = train_test_split(size, config.pretrain.test_fraction, seed=0)
+
+    @torch.no_grad()
+    def encode(images: torch.Tensor) -> torch.Tensor:
+        return vae.encode(_to_vae_input(images)).latent_dist.mean * vae.config.scaling_factor
+
+    latents = torch.cat([encode(chunk) for chunk in train.images.split(256)])
+    return latents, train.labels, encode(torch.zeros_like(train.images[:1]))[0]
+
+
+def _sharpness(name: str, options: dict, default: float) -> float:
+    sharpness = float(options.get("sharpness", default))
+    if not (sharpness > 0 and math.isfinite(sharpness)):
+        raise RewardError(f"{name}: options.sharpness must be a positive number, got {sharpness}")
+    return sharpness
+
+
+def _latent_reward(name: str, quadratic: LatentQuadratic, description: str) -> Reward:
+    return Reward(name, True, quadratic, description, {"sharpness": quadratic.curvature}, True, quadratic)
+
+
+def latent_prototype(config, home: Path, options: dict) -> Reward:
+    """``-sharpness / 2 * |z - z_d|^2``: closeness of the clean latent ``z`` to the prompted digit ``d``'s
+    mean training latent ``z_d`` (a latent reward, exactly quadratic: its step optimum is an exact Gaussian
+    narrower than the reference kernel, docs/design.md §2.8). ``options.sharpness`` (default 0.003)."""
+    sharpness = _sharpness("latent_prototype", options, 0.003)
+    latents, labels, _ = _clean_latents(config, home)
+    prototypes = torch.stack([latents[labels == d].mean(0) for d in range(10)])
+
+    def center(prompts: list[str]) -> torch.Tensor:
+        return prototypes[torch.tensor([prompted_digit(p) for p in prompts])]
+
+    return _latent_reward(
+        "latent_prototype",
+        LatentQuadratic(sharpness, center),
+        "closeness of the clean latent to the prompted digit's mean latent (exactly quadratic)",
+    )
+
+
+def latent_blank(config, home: Path, options: dict) -> Reward:
+    """``-sharpness / 2 * |z - z_blank|^2``: closeness of the clean latent to the blank image's latent, a
+    quadratic ink economy in latent space (exactly quadratic, docs/design.md §2.8). ``options.sharpness``
+    (default 0.03)."""
+    sharpness = _sharpness("latent_blank", options, 0.03)
+    _, _, blank = _clean_latents(config, home)
+
+    def center(prompts: list[str]) -> torch.Tensor:
+        return blank.expand(len(prompts), *blank.shape)
+
+    return _latent_reward(
+        "latent_blank",
+        LatentQuadratic(sharpness, center),
+        "closeness of the clean latent to the blank image's latent (exactly quadratic)",
     )
 
 
@@ -280,9 +389,11 @@ def rescaled(reward: Reward, scale: float) -> Reward:
     return Reward(
         reward.name,
         reward.differentiable,
-        lambda images, prompts: reward.fn(images, prompts) / scale,
+        lambda inputs, prompts: reward.fn(inputs, prompts) / scale,
         f"{reward.description} / {scale:g}",
         {**reward.info, "scale": scale},
+        reward.on_latents,
+        reward.quadratic.scaled(1 / scale) if reward.quadratic else None,
     )
 
 
@@ -301,12 +412,20 @@ def weighted_sum(config, home, options) -> Reward:
     if not isinstance(terms, dict) or not terms:
         raise RewardError("weighted_sum needs options.terms, a mapping of reward names to weights")
     parts = [(objective_reward(name, config, home), float(w)) for name, w in terms.items()]
+    on_latents = {reward.on_latents for reward, _ in parts}
+    if len(on_latents) > 1:
+        raise RewardError("weighted_sum cannot mix latent rewards with image rewards")
 
-    def fn(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        return sum(w * reward(images, prompts) for reward, w in parts)
+    def fn(inputs: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return sum(w * reward(inputs, prompts) for reward, w in parts)
 
     label = " + ".join(f"{w:g} * {reward.name}" for reward, w in parts)
-    return Reward("weighted_sum", all(r.differentiable for r, _ in parts), fn, label, {"terms": dict(terms)})
+    quadratic = None
+    if all(reward.quadratic for reward, _ in parts):
+        quadratic = combine_quadratics([(reward.quadratic, w) for reward, w in parts])
+    differentiable = all(r.differentiable for r, _ in parts)
+    info = {"terms": dict(terms)}
+    return Reward("weighted_sum", differentiable, fn, label, info, on_latents.pop(), quadratic)
 
 
 REWARDS: dict[str, Callable] = {
@@ -314,6 +433,8 @@ REWARDS: dict[str, Callable] = {
     "ink_economy": _simple("ink_economy", ink_economy, True, "negative mean ink"),
     "symmetry": _simple("symmetry", symmetry, True, "negative left-right asymmetry"),
     "prototype_match": prototype_match,
+    "latent_prototype": latent_prototype,
+    "latent_blank": latent_blank,
     "compressibility": _simple("compressibility", jpeg_compressibility, False, "negative JPEG size (kB)"),
     "clip_score": clip_score,
     "pickscore": pickscore,

@@ -18,7 +18,7 @@ from torch import nn
 
 from training.card import LORA_TARGETS
 from training.chain import run_chain
-from training.kernel import DDIMSchedule, GaussianStep, LogVarianceOffset
+from training.kernel import DDIMSchedule, GaussianStep, LogVarianceOffset, tilted_gaussian
 from training.policy import GaussianStepPolicy, GuidedEpsilon
 from training.rewards import Reward
 
@@ -194,8 +194,34 @@ class DiffusionStepProblem(nn.Module):
 
     def step_reward(self, x_t, actions, step, cond):
         n, b = actions.shape[:2]
-        images = self.decode(self.clean_estimate(x_t, actions, step, cond))
-        return self.reward(images, cond["prompts"] * n).view(n, b)
+        clean = self.clean_estimate(x_t, actions, step, cond)
+        return self.reward.score(clean, cond["prompts"] * n, self.decode).view(n, b)
+
+    @torch.no_grad()
+    def quadratic_optimum(self, x_t, step: int, cond, beta: float, quadratic=None) -> GaussianStep:
+        """The exact step-level optimum ``pi* ∝ p_ref exp(r / beta)`` for a :class:`LatentQuadratic` reward
+        ``r(z) = -c/2 |z - z_c|^2`` under the ``current_eps`` clean estimate (docs/design.md §2.8).
+
+        There ``x0_hat(a) = (a - sqrt(1 - a_p) eps) / sqrt(a_p)`` is affine in the action (``x0_hat = a`` at
+        the last step), so ``r(a) = -(c / a_p) / 2 |a - a_c|^2`` with ``a_c = sqrt(a_p) z_c + sqrt(1 - a_p)
+        eps``, and with ``k = c / (a_p beta)``
+
+            var* = 1 / (1 / sigma_t^2 + k),    mu* = var* (mu_ref / sigma_t^2 + k a_c).
+
+        ``quadratic``: another :class:`~training.rewards.LatentQuadratic` than the problem's reward's."""
+        quadratic = quadratic or self.reward.quadratic
+        if quadratic is None or self.x0_estimate != "current_eps":
+            raise ValueError("the exact optimum needs a latent quadratic reward and x0_estimate current_eps")
+        reference = self.reference(x_t, step, cond)
+        center = quadratic.center(cond["prompts"]).to(x_t)
+        if step == len(self.schedule) - 1:
+            alpha_prev, target = torch.ones((), dtype=x_t.dtype), center
+        else:
+            with adapters_disabled(self.unet):
+                eps = self.eps(x_t, self.schedule.timestep(step, x_t), cond)
+            alpha_prev = self.schedule.alpha_prev[step].to(x_t)
+            target = alpha_prev.sqrt() * center + (1 - alpha_prev).sqrt() * eps
+        return tilted_gaussian(reference, target, quadratic.curvature / (alpha_prev * beta))
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         state = {f"lora.{k}": v for k, v in lora_state_dict(self.unet).items()}
@@ -219,6 +245,18 @@ class DiffusionStepProblem(nn.Module):
         batch_size: int = 128,
     ) -> tuple[torch.Tensor, list[str], float]:
         """Full DDIM chains; returns images, prompts and the mean per-step KL(policy || reference)."""
+        latents, prompts, kl = self.sample_latents(prompt_index, generator, use_policy, batch_size)
+        return self.decode(latents), prompts, kl
+
+    @torch.no_grad()
+    def sample_latents(
+        self,
+        prompt_index: torch.Tensor,
+        generator: torch.Generator,
+        use_policy: bool = True,
+        batch_size: int = 128,
+    ) -> tuple[torch.Tensor, list[str], float]:
+        """:meth:`sample_images` before the decode: the final latents."""
         images, prompts, kls = [], [], []
 
         def policy_kernel(cond):
@@ -240,8 +278,6 @@ class DiffusionStepProblem(nn.Module):
                 if use_policy
                 else (lambda x, step, cond=cond: self.reference(x, step, cond))
             )
-            images.append(
-                self.decode(run_chain(self.schedule, x_T, kernel, generator, diagnose=False).latents)
-            )
+            images.append(run_chain(self.schedule, x_T, kernel, generator, diagnose=False).latents)
             prompts.extend(cond["prompts"])
         return torch.cat(images), prompts, (sum(kls) / len(kls) if kls else 0.0)

@@ -106,6 +106,14 @@ def estimate_optimum(
     return StepOptimum(parts[0], parts[1], variance, ess)
 
 
+def exact_optimum(mean: torch.Tensor, variance: torch.Tensor, reference_mean: torch.Tensor) -> StepOptimum:
+    """:class:`StepOptimum` of an optimum known in closed form (a latent quadratic reward's, mean ``[S, ...]``
+    and variance broadcastable to it): both "halves" are the exact drift, so every figure is exact."""
+    drift = (mean - reference_mean).double().flatten(1)
+    variance = variance.double().expand_as(mean).flatten(1).mean(1)
+    return StepOptimum(drift, drift, variance, torch.ones(len(drift), dtype=torch.float64))
+
+
 def kernel_errors(drift: torch.Tensor, variance: torch.Tensor, optimum: StepOptimum) -> dict[str, float]:
     """The module docstring's noise-corrected figures for a kernel with drift ``mu_theta - mu_ref`` ``[S, D]``
     and variance ``[S]`` (mean over dimensions) against ``optimum``; ``nan`` where the optimum's drift is not

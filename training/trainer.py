@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from configs.schema import TrainConfig
 from training.chain import run_chain
-from training.kernel import GaussianStep
+from training.kernel import GaussianStep, draw_noise
 from training.models import staged_directory
 from training.policy import GaussianStepPolicy
 
@@ -102,16 +102,46 @@ def target_weights(rewards: torch.Tensor, beta: float, log_ratio: torch.Tensor |
     return torch.softmax(logits if log_ratio is None else logits + log_ratio, dim=0)
 
 
-def linearised_proposal(reference: GaussianStep, reward_gradient: torch.Tensor, beta: float, kappa: float):
+def linearised_proposal(
+    reference: GaussianStep,
+    reward_gradient: torch.Tensor,
+    beta: float,
+    kappa: float,
+    curvature: torch.Tensor | None = None,
+) -> GaussianStep:
     """``q = N(mu_ref + kappa * var_ref * grad r / beta, var_ref)``: the reference moved by the share
     ``kappa`` of the linearised optimum's drift (for ``r(a) = r(mu_ref) + g·(a - mu_ref)``, ``pi*`` is
     exactly ``N(mu_ref + var_ref g / beta, var_ref)``). Then, up to a constant,
 
         log p_ref(a) - log q(a) = -kappa g·(a - mu_ref) / beta
 
-    so the weights tilt only by what the linear part does not explain."""
-    shift = kappa * reference.variance * reward_gradient / beta
-    return GaussianStep(reference.mean + shift, reference.variance)
+    so the weights tilt only by what the linear part does not explain.
+
+    With a ``curvature`` ``h >= 0`` per state (``[B]``, of ``-r`` along the action), the Laplace step
+    ``q = N(mu_ref + kappa v g / beta, v)`` with ``v = 1 / (1 / var_ref + h / beta)``: for
+    ``r(a) = r(mu_ref) + g·(a - mu_ref) - h/2 |a - mu_ref|^2`` that is ``pi*`` exactly at ``kappa = 1``."""
+    variance = reference.variance
+    if curvature is not None:
+        h = curvature.clamp(min=0).view(-1, *([1] * (reference.mean.dim() - 1))).to(reference.mean)
+        variance = 1 / (1 / reference.variance + h / beta)
+    shift = kappa * variance * reward_gradient / beta
+    return GaussianStep(reference.mean + shift, variance)
+
+
+def step_reward_curvature(
+    problem: StepProblem, x_t, reference: GaussianStep, step: int, cond, generator: torch.Generator
+) -> torch.Tensor:
+    """The reward's curvature along one random direction per state, ``[B]``:
+
+        h = -(r(mu + d) + r(mu - d) - 2 r(mu)) / |d|^2,   d = sigma_t z,  z ~ N(0, I)
+
+    exact for any direction when ``r`` is an isotropic quadratic in the action."""
+    direction = reference.std * draw_noise(reference.mean.shape, generator, reference.mean)
+    points = torch.stack([reference.mean, reference.mean + direction, reference.mean - direction])
+    with torch.no_grad():
+        r = problem.step_reward(x_t, points, step, cond).double()
+    squared = (direction.double() ** 2).flatten(1).sum(1)
+    return (-(r[1] + r[2] - 2 * r[0]) / squared).float()
 
 
 def step_reward_gradient(problem: StepProblem, x_t, action: torch.Tensor, step: int, cond) -> torch.Tensor:
@@ -279,7 +309,10 @@ def step_loss(problem: StepProblem, config: TrainConfig, run: TrainingRun, x_t, 
     if config.gradient_proposal:
         gradient = step_reward_gradient(problem, x_t, reference.mean, step, cond).float()
         problem.unet_evaluations += len(x_t)  # the backward pass, counted as one more row per state
-        proposal = linearised_proposal(reference, gradient, config.beta, config.gradient_proposal)
+        curvature = None
+        if config.curvature_proposal:
+            curvature = step_reward_curvature(problem, x_t, reference, step, cond, run.generator)
+        proposal = linearised_proposal(reference, gradient, config.beta, config.gradient_proposal, curvature)
     actions = proposal.sample(run.generator, num=config.num_actions, antithetic=config.antithetic)
     with torch.no_grad():
         rewards = problem.step_reward(x_t, actions, step, cond).float()
