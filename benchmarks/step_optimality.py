@@ -311,9 +311,7 @@ def measure(args) -> dict:
                             "energy": drift_energies(drift, replica, sigma),
                         }
                     )
-    results = {
-        name: aggregate(rows[name], [] if args.exact else replicate_rows[name]) for name in names
-    }
+    results = {name: aggregate(rows[name], [] if args.exact else replicate_rows[name]) for name in names}
     return {
         "objectives": objectives,
         "beta": beta,
