@@ -27,7 +27,8 @@ class RewardError(MsddaError, ValueError):
 
 @dataclass
 class Reward:
-    """A named image reward. ``fn(images, prompts) -> [N]`` (higher is better)."""
+    """A named image reward. ``fn(images, prompts) -> [N]`` (higher is better), on the images' device: a
+    reward's models, tokens and buffers follow the images (``runtime.device``)."""
 
     name: str
     differentiable: bool
@@ -37,9 +38,9 @@ class Reward:
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         if self.differentiable:
-            return self.fn(images, prompts)
+            return self.fn(images, prompts).to(images.device)
         with torch.no_grad():
-            return self.fn(images, prompts)
+            return self.fn(images, prompts).to(images.device)
 
 
 def mean_and_se(values: torch.Tensor) -> tuple[float, float]:
@@ -228,8 +229,8 @@ def laion_aesthetic(config, home, options) -> Reward:
 
     def head(embeds: torch.Tensor) -> torch.Tensor:
         x = embeds
-        for i, layer in enumerate(layers):
-            x = x @ state[f"{layer}.weight"].T + state[f"{layer}.bias"]
+        for layer in layers:  # the head's weights follow the embeddings' device and dtype
+            x = x @ state[f"{layer}.weight"].to(x).T + state[f"{layer}.bias"].to(x)
         return x.squeeze(-1)
 
     return _clip_scorer("laion_aesthetic", {"weights": "openai/clip-vit-large-patch14", **options}, head)
@@ -245,7 +246,8 @@ def image_reward(config, home, options) -> Reward:
         from PIL import Image
 
         arrays = (images.clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        return torch.tensor([float(model.score(p, Image.fromarray(a))) for p, a in zip(prompts, arrays)])
+        scores = [float(model.score(p, Image.fromarray(a))) for p, a in zip(prompts, arrays)]
+        return torch.tensor(scores, device=images.device)
 
     return Reward("image_reward", False, fn, f"ImageReward from {source}")
 
@@ -259,7 +261,8 @@ def hpsv2(config, home, options) -> Reward:
 
         arrays = (images.clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         return torch.tensor(
-            [float(module.score(Image.fromarray(a), p, cp=source)[0]) for p, a in zip(prompts, arrays)]
+            [float(module.score(Image.fromarray(a), p, cp=source)[0]) for p, a in zip(prompts, arrays)],
+            device=images.device,
         )
 
     return Reward("hpsv2", False, fn, f"HPSv2 from {source}")
