@@ -174,14 +174,17 @@ def _stacked_weights(module, slices: list[str]) -> tuple[torch.Tensor, torch.Ten
     return a, bw
 
 
-def compile_unet(unet):
+def compile_unet(unet, backend: str = "inductor"):
     """``torch.compile`` of ``unet``'s forward for routed steps (``composition.compile``): mode
-    ``reduce-overhead`` (CUDA graphs) on CUDA, the default mode elsewhere. The routing hooks are put on every
-    LoRA layer first, so the compiled code always holds them (they do nothing outside
-    :func:`mixed_adapter_batch`). Call it once per UNet and reuse the result: each call compiles anew."""
+    ``reduce-overhead`` (CUDA graphs) on CUDA, the default mode elsewhere (inductor needs a C++ compiler on
+    the CPU). The routing hooks are put on every LoRA layer first, so the compiled code always holds them
+    (they do nothing outside :func:`mixed_adapter_batch`). Call it once per UNet and reuse the result.
+    ``backend`` is torch.compile's (tests use ``"eager"``: dynamo's tracing and guards without codegen)."""
     for module in lora_layers(unet):
         if _routed_deltas not in module._forward_hooks.values():
             module.register_forward_hook(_routed_deltas)
+    if backend != "inductor":
+        return torch.compile(unet, backend=backend)
     mode = "reduce-overhead" if unet.device.type == "cuda" else "default"
     return torch.compile(unet, mode=mode)
 
