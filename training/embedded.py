@@ -324,13 +324,12 @@ def alignment_accuracy(
     batch_size: int = 250,
 ) -> float:
     """Share of ``num_samples`` DDIM samples (prompts cycling over digits and paraphrases) that the classifier
-    labels as the prompted digit; runs on the pipeline's device (the classifier follows it)."""
+    labels as the prompted digit; runs on the pipeline's device (the classifier follows the images)."""
     digits = [i % 10 for i in range(num_samples)]
     prompts = [digit_prompt(d, i // 10) for i, d in enumerate(digits)]
     generator = torch.Generator().manual_seed(seed)
     pipe.set_progress_bar_config(disable=True)
     size = classifier_input_size(pipe)
-    classifier = classifier.to(pipe.device)
     correct = 0
     bar = tqdm(total=num_samples, desc="pretrain: evaluate", disable=not progress)
     for start in range(0, num_samples, batch_size):
@@ -343,7 +342,7 @@ def alignment_accuracy(
             generator=generator,
             output_type="pt",
         ).images
-        predicted = classifier(to_grayscale(images, size)).argmax(-1).cpu()
+        predicted = classifier.to(images.device)(to_grayscale(images, size)).argmax(-1).cpu()
         correct += (predicted == torch.tensor(digits[start : start + len(chunk)])).sum().item()
         bar.update(len(chunk))
     bar.close()
