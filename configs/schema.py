@@ -198,6 +198,10 @@ class CompositionConfig(_Strict):
     path_kl: bool = False
     """Measure each image's path KL from the reference and the regularised objective ``J_w`` (docs/design.md
     §4.5): one extra, uncounted reference UNet row per step for MSDDA, the blend and the soup."""
+    compile: bool = False
+    """``torch.compile`` the UNet forward of the composed step (``composition.batched.compile_unet``: CUDA
+    graphs on a GPU), removing most of the kernel-launch overhead of small batches; the first call compiles
+    (tens of seconds to minutes). Same outputs up to float rounding; not part of the sweep's cache key."""
 
 
 class RuntimeConfig(_Strict):

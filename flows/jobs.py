@@ -19,6 +19,14 @@ if TYPE_CHECKING:
     from flows.registry import ResolvedModel
 
 
+def _check_runtime(config: PipelineConfig) -> None:
+    """A device this machine lacks (``runtime.device: cuda`` without CUDA) fails in one line before any
+    loading or MLflow run; the stages resolve ``runtime`` again where they place their tensors."""
+    from training.device import resolve_runtime
+
+    resolve_runtime(config.runtime)
+
+
 def _reachable(home: Path) -> None:
     from flows.registry import check_reachable
 
@@ -47,6 +55,7 @@ def train_job(
     from training.rewards import load_reward
 
     spec = config.objective(objective)
+    _check_runtime(config)
     load_reward(spec.name, config, home, spec.options)  # one-line error before any heavy work
     if mlflow or register:
         _reachable(home)
@@ -140,6 +149,7 @@ def compose_job(
     from training.rewards import mean_and_se
 
     get_method(method)  # a one-line error before any loading
+    _check_runtime(config)
     options = config.composition
     num_images = num_images or options.num_images
     seed = options.seed if seed is None else seed
@@ -223,6 +233,7 @@ def sweep_key(
     composition = config.composition.model_dump(mode="json")
     if composition["beta"] is None:  # unset target beta: the keys of sweeps made before the setting existed
         del composition["beta"]
+    del composition["compile"]  # how the UNet runs, not what it computes
     payload = {
         "models": [content_hash(f) for f in folders],
         "methods": methods,
@@ -254,6 +265,7 @@ def sweep_job(
 
     options = config.composition
     methods = [get_method(m).name for m in (methods or options.methods or METHODS)]
+    _check_runtime(config)
     grid = grid or options.grid
     num_images = num_images or options.num_images
     if mlflow:
