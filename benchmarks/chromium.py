@@ -40,7 +40,7 @@ class Browser:
         self.width, self.height, self.timeout = width, height, timeout
         self._ids = itertools.count(1)
 
-    def __enter__(self) -> Browser:
+    def __enter__(self):
         from websockets.sync.client import connect
 
         self.profile = Path(tempfile.mkdtemp(prefix="msdda-chromium-"))
@@ -59,7 +59,9 @@ class Browser:
             "about:blank",
         ]
         if hasattr(os, "geteuid") and os.geteuid() == 0:
-            args.insert(1, "--no-sandbox")  # Chromium refuses to run as root with its sandbox (CI's containers)
+            args.insert(
+                1, "--no-sandbox"
+            )  # Chromium refuses to run as root with its sandbox (CI's containers)
         self.process = subprocess.Popen(
             args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL
         )
