@@ -200,26 +200,14 @@ def serve_ui(
     artifact_root = (home / "mlartifacts").as_uri() if sqlite_path(uri) is not None else None
     info = UiInfo(base, uri, models)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(
-        server_command(uri, host, port, artifact_root),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        env=env,
-        text=True,
-        start_new_session=True,  # Ctrl-C reaches this process only; it stops the server's whole group
-    )
     last_lines: collections.deque[str] = collections.deque(maxlen=20)
 
-    def drain() -> None:  # keeps the pipe from filling; remembers the tail for errors
+    def drain(process: subprocess.Popen) -> None:  # keeps the pipe from filling; keeps the tail for errors
         assert process.stdout is not None
         for line in process.stdout:
             last_lines.append(line.rstrip())
             if verbose:
                 sys.stderr.write(line)
-
-    reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
 
     def failure(what: str) -> UiError:
         tail = next((line for line in reversed(last_lines) if line.strip()), "no output")
@@ -227,24 +215,39 @@ def serve_ui(
 
     previous = _raise_keyboard_interrupt_on_sigterm()
     try:
-        deadline = time.monotonic() + startup_timeout
-        while not _healthy(base):
-            if process.poll() is not None:
-                reader.join(timeout=2)
-                raise failure(f"the MLflow server exited with code {process.returncode}")
-            if time.monotonic() > deadline:
-                raise failure(f"the MLflow server did not answer on {base} within {startup_timeout:.0f} s")
-            time.sleep(0.3)
-        if on_ready is not None:
-            on_ready(info)
-        while process.poll() is None:
-            time.sleep(0.5)
-        reader.join(timeout=2)
-        raise failure(f"the MLflow server stopped with code {process.returncode}")
+        process = subprocess.Popen(
+            server_command(uri, host, port, artifact_root),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            text=True,
+            start_new_session=True,  # Ctrl-C reaches this process only; it stops the server's whole group
+        )
+        try:
+            reader = threading.Thread(target=drain, args=(process,), daemon=True)
+            reader.start()
+            deadline = time.monotonic() + startup_timeout
+            while not _healthy(base):
+                if process.poll() is not None:
+                    reader.join(timeout=2)
+                    raise failure(f"the MLflow server exited with code {process.returncode}")
+                if time.monotonic() > deadline:
+                    raise failure(
+                        f"the MLflow server did not answer on {base} within {startup_timeout:.0f} s"
+                    )
+                time.sleep(0.3)
+            if on_ready is not None:
+                on_ready(info)
+            while process.poll() is None:
+                time.sleep(0.5)
+            reader.join(timeout=2)
+            raise failure(f"the MLflow server stopped with code {process.returncode}")
+        finally:
+            _stop(process)
     except KeyboardInterrupt:
         return info
     finally:
-        _stop(process)
         _restore(previous)
 
 
