@@ -4,10 +4,10 @@ registry (e.g. after `msdda run`), open its pages in headless Chromium, write PN
     MSDDA_HOME=/tmp/demo msdda run --config configs/tiny.yaml     # or any home with a registry
     python benchmarks/ui_screenshots.py --home /tmp/demo          # writes docs/img/*.png
 
-Pages: the registered model (versions, the `champion` alias, lineage tags), the champion version (its
-description and tags), and, if the home holds a sweep run, its Pareto plot and the MSDDA sweep grid as MLflow
-artifacts. Each page is captured once its expected text has rendered (the UI is a React app), through the
-DevTools protocol (benchmarks/chromium.py). Prints one JSON object: the files written.
+Pages: the registered model (versions, the `champion` alias, lineage tags), the champion version (else the
+latest; its description and tags), and, if the home holds a sweep run, its Pareto plot and the MSDDA sweep
+grid as MLflow artifacts. Each page is captured once its expected text has rendered (the UI is a React
+app), through the DevTools protocol (benchmarks/chromium.py). Prints one JSON object: the files written.
 """
 
 from __future__ import annotations
@@ -30,6 +30,11 @@ from benchmarks.chromium import Browser, find_chromium
 
 CLOSE_ASSISTANT = (
     "Array.from(document.querySelectorAll('button[aria-label=\"Close\"]')).forEach(b => b.click())"
+)
+SCROLL_TO = (
+    "(Array.from(document.querySelectorAll('h1,h2,h3,h4,span,div'))"
+    ".find(e => e.childElementCount === 0 && e.textContent.trim() === %s) || document.body)"
+    ".scrollIntoView({block: 'start'})"
 )
 IMAGE_SHOWN = "Array.from(document.images).some(i => i.complete && i.naturalWidth >= 200)"
 
@@ -77,9 +82,17 @@ def sweep_run(home: Path) -> tuple[str, str] | None:
     return (experiment.experiment_id, runs[0].info.run_id) if runs else None
 
 
-def capture(browser: Browser, url: str, expected: list[str], path: Path, image: bool = False) -> Path:
+def capture(
+    browser: Browser,
+    url: str,
+    expected: list[str],
+    path: Path,
+    image: bool = False,
+    scroll_to: str | None = None,
+) -> Path:
     """Open ``url``, wait for ``expected`` text (and a loaded image with ``image``), close the assistant
-    panel, screenshot."""
+    panel, scroll the element whose text is ``scroll_to`` to the top, screenshot."""
+    browser.open("about:blank")  # a fresh load: the app keeps its state across changes of the #route
     browser.open(url)
     browser.wait_for_text(expected)
     browser.call("Runtime.evaluate", expression=CLOSE_ASSISTANT)
@@ -89,6 +102,8 @@ def capture(browser: Browser, url: str, expected: list[str], path: Path, image: 
         if shown.get("result", {}).get("value"):
             break
         time.sleep(0.5)
+    if scroll_to:
+        browser.call("Runtime.evaluate", expression=SCROLL_TO % json.dumps(scroll_to))
     time.sleep(1.0)  # let the layout settle after the panel closed
     return browser.screenshot(path)
 
@@ -97,9 +112,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--home", type=Path, required=True, help="MSDDA_HOME holding the registry")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "img", help="folder for the PNGs")
-    parser.add_argument("--model", default="msdda-digit_alignment", help="registered model to show")
+    parser.add_argument("--model", default="msdda-ink_economy", help="registered model to show")
     parser.add_argument("--width", type=int, default=1400)
-    parser.add_argument("--height", type=int, default=1000)
+    parser.add_argument("--height", type=int, default=1200)
     args = parser.parse_args()
     if find_chromium() is None:
         raise SystemExit("no Chromium binary on PATH (apt-get install chromium)")
@@ -118,16 +133,13 @@ def main() -> None:
             raise SystemExit(f"no registered model {args.model!r} in {home}")
         base = info["url"]
         with Browser(width=args.width, height=args.height, timeout=120) as browser:
+            expected = [args.model, "Version 1"] + (["champion"] if model["champion"] is not None else [])
             written.append(
-                capture(
-                    browser, model["url"], [args.model, "Version 1", "champion"], args.out / "registry.png"
-                )
+                capture(browser, model["url"], expected, args.out / "registry.png", scroll_to="Versions")
             )
-            if model["champion"] is not None:
-                url = model_version_url(base, args.model, model["champion"])
-                written.append(
-                    capture(browser, url, ["champion:", "reference_hash"], args.out / "version.png")
-                )
+            version = model["champion"] or max(model["versions"])  # its description says why (not) champion
+            url = model_version_url(base, args.model, version)
+            written.append(capture(browser, url, ["champion:", "reference_hash"], args.out / "version.png"))
             sweep = sweep_run(home)
             if sweep is not None:
                 for artifact, name in (

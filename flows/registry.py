@@ -206,7 +206,7 @@ def version_description(card: BaseModelCard, champion: bool, forced: bool, min_r
     """The model version's description: the held-out metrics, and why it did or did not take ``champion``.
 
     E.g. ``ink_economy base model (beta 0.01, target_matching): held-out reward -0.2996 -> -0.2564 (rise
-    +75.0 SE, paired SE 0.0006); KL/step 0.2210. champion: the reward rose by more than 3 SE.``
+    +75.0 SE, paired SE 0.00058); KL/step 0.2210. champion: the reward rose by more than 3 SE.``
     """
     metrics = card.metrics
 
@@ -217,7 +217,7 @@ def version_description(card: BaseModelCard, champion: bool, forced: bool, min_r
     text = (
         f"{card.objective} base model (beta {card.beta:g}, {card.trainer}): held-out reward "
         f"{number('reward_before', '.4f')} -> {number('reward_after', '.4f')} "
-        f"(rise {number('rise_in_se', '+.1f')} SE, paired SE {number('reward_se', '.4f')}); "
+        f"(rise {number('rise_in_se', '+.1f')} SE, paired SE {number('reward_se', '.2g')}); "
         f"KL/step {number('kl', '.4f')}."
     )
     if forced:

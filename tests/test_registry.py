@@ -406,7 +406,7 @@ def test_versions_describe_the_metrics_that_earned_the_alias(home, tmp_path):
     }
     assert text[1] == (
         "ink_economy base model (beta 0.1, step_level): held-out reward 0.2000 -> 0.2600 "
-        "(rise +6.0 SE, paired SE 0.0100); KL/step 0.0500. champion: the reward rose by more than 3 SE."
+        "(rise +6.0 SE, paired SE 0.01); KL/step 0.0500. champion: the reward rose by more than 3 SE."
     )
     assert "rise +2.5 SE" in text[2] and text[2].endswith(
         "not champion: the reward did not rise by more than 3 SE."
