@@ -445,6 +445,45 @@ def deploy(
     serve_deployments(cron, config, home, on_ready=ready)
 
 
+@app.command()
+def ui(
+    port: Annotated[
+        int, typer.Option("--port", "-p", min=1, max=65535, help="Port of the MLflow UI.")
+    ] = 5000,
+    host: Annotated[
+        str, typer.Option("--host", help="Interface to bind (default: this machine only).")
+    ] = "127.0.0.1",
+    verbose: Annotated[bool, typer.Option("--verbose", help="Show the MLflow server's own log.")] = False,
+    json_output: JsonOption = False,
+) -> None:
+    """The MLflow UI (runs, metrics, plots, the model registry) on the configured store, until Ctrl-C; and how
+    to open the Prefect UI."""
+    from flows.ui import serve_ui
+    from training.models import msdda_home
+
+    def ready(info) -> None:
+        if json_output:
+            typer.echo(json.dumps(info.as_dict()))
+        else:
+            started = "MLflow UI" if info.started else "MLflow tracking server (it serves its own UI)"
+            lines = [f"{started}: {info.url}  (store: {info.store})"]
+            lines += [
+                f"  registered model {m['name']}: {m['url']}  (versions {', '.join(map(str, m['versions']))}"
+                + (f"; champion v{m['champion']})" if m["champion"] is not None else "; no champion)")
+                for m in info.models
+            ] or ["  no registered models yet (`msdda train` or `msdda run` registers them)"]
+            from flows.ui import prefect_hint
+
+            lines.append(prefect_hint())
+            typer.echo("\n".join(lines))
+        sys.stdout.flush()
+        if info.started:
+            typer.echo("Ctrl-C to stop", err=True)
+
+    if serve_ui(msdda_home(), host, port, on_ready=ready, verbose=verbose).started:
+        typer.echo("stopped the MLflow UI", err=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: maps user-facing errors (:class:`MsddaError`) to one line on stderr and exit
     code 2."""

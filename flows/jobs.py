@@ -159,7 +159,8 @@ def compose_job(
     resolved = resolve_models(config, home, specs)
     ensemble = load_ensemble(config, home, [m.path for m in resolved])
     generated = generate(ensemble, method, weight_list, options, num_images=num_images, seed=seed)
-    stats = {k: mean_and_se(v) for k, v in score_generated(ensemble, generated).items()}
+    scores = score_generated(ensemble, generated)
+    stats = {k: mean_and_se(v) for k, v in scores.items()}
     models = describe_models(resolved)
     tag = "_".join(f"{w:g}" for w in weight_list)
     out_dir = (
@@ -181,7 +182,14 @@ def compose_job(
         "seconds": round(generated.seconds, 3),
     }
     save_images(generated.images, generated.prompts, out_dir, payload)
-    image_grid(generated.images, out_dir / "grid.png")
+    image_grid(
+        generated.images,
+        out_dir / "grid.png",
+        generated.prompts,
+        scores,
+        title=f"{method} w = {', '.join(f'{w:g}' for w in weight_list)} ({', '.join(ensemble.objectives)}), "
+        f"seed {seed}: {min(num_images, 64)} of {num_images} images",
+    )
     payload.update(image_dir=str(out_dir), mlflow_run_id=None)
     if mlflow:
         payload["mlflow_run_id"] = _log_compose(home, payload, out_dir)
@@ -256,10 +264,11 @@ def sweep_job(
     progress: bool = True,
 ) -> dict:
     """Every method over the weight grid (cached under ``$MSDDA_HOME/sweeps/<key>``): ``sweep.json``, the
-    Pareto plot of all methods ``pareto.png``, one per method (``fronts/<method>.png``) and an image grid per
-    method and weight (``grids/<method>/w<weights>.png``), all logged to one MLflow run."""
+    Pareto plot of all methods ``pareto.png``, one per method (``fronts/<method>.png``), a labelled image grid
+    per method and weight (``grids/<method>/w<weights>.png``) and one per method with a row per weight
+    (``grids/<method>.png``), all logged to one MLflow run."""
     from composition.engine import get_method, load_ensemble
-    from composition.evaluation import image_grid, plot_fronts, sweep
+    from composition.evaluation import image_grid, plot_fronts, sweep, sweep_grid
     from composition.methods import METHODS
     from training.models import staged_directory
 
@@ -278,14 +287,36 @@ def sweep_job(
     if not cached:
         ensemble = load_ensemble(config, home, folders, progress=progress)
         with staged_directory(final, prefix=".sweep-") as tmp:
+            rows: dict[str, list] = {}  # method -> (weights, first images, their rewards) per point
+            prompts: list[str] = []  # every point samples the same prompts and initial noise
+            columns = 6
 
             def save_grid(method: str, weights: list[float], sampled: dict) -> None:
                 name = "w" + "_".join(f"{w:g}" for w in weights)
-                image_grid(sampled["images"], tmp / "grids" / method / f"{name}.png")
+                label = ", ".join(f"{w:g}" for w in weights)
+                image_grid(
+                    sampled["images"],
+                    tmp / "grids" / method / f"{name}.png",
+                    sampled["prompts"],
+                    sampled["rewards"],
+                    title=f"{method} w = {label} ({', '.join(ensemble.objectives)})",
+                )
+                rewards = {k: v[:columns].clone() for k, v in sampled["rewards"].items()}  # not the batch
+                rows.setdefault(method, []).append((weights, sampled["images"][:columns].clone(), rewards))
+                prompts[:] = prompts or sampled["prompts"][:columns]
 
             result = sweep(
                 ensemble, options, methods, grid, num_images, on_point=save_grid, progress=progress
             )
+            for method in methods:
+                sweep_grid(
+                    rows[method],
+                    prompts,
+                    tmp / "grids" / f"{method}.png",
+                    columns=columns,
+                    title=f"{method}: a row per weight vector w = ({', '.join(ensemble.objectives)}); "
+                    "columns: the same prompts and seeds",
+                )
             result["models"] = describe_models(resolved)
             (tmp / "sweep.json").write_text(json.dumps(result, indent=1))
             plot_fronts(result, tmp / "pareto.png")

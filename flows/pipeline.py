@@ -42,21 +42,37 @@ def _context(config_path: str | None, home: str | None):
     return load_config(config_path), Path(home) if home else msdda_home()
 
 
-def _publish(key: str, table: list[dict], description: str, link: str | None = None) -> None:
-    """A Prefect table artifact (plus a link artifact); a no-op outside a flow run."""
+def _publish(
+    key: str,
+    table: list[dict],
+    description: str,
+    link: str | None = None,
+    home: str | Path | None = None,
+    run_id: str | None = None,
+    artifact: str | None = None,
+) -> None:
+    """A Prefect table artifact, plus a link artifact to ``link`` (a local file); a no-op outside a flow run.
+
+    When the MLflow tracking URI is a server (``http(s)://``) and ``run_id`` is given, the link goes to that
+    run's page in the server's UI instead (to its ``artifact`` when given), which a remote Prefect UI can
+    open; a ``file://`` URI means nothing off this machine.
+    """
     from prefect.artifacts import create_link_artifact, create_table_artifact
     from prefect.context import FlowRunContext
 
     if FlowRunContext.get() is None:
         return
     create_table_artifact(table=table, key=key, description=description)
-    if link:
-        create_link_artifact(
-            link=Path(link).resolve().as_uri(),
-            link_text=Path(link).name,
-            key=f"{key}-plot",
-            description=description,
-        )
+    target, text = None, Path(link).name if link else None
+    if run_id and home is not None:
+        from flows.tracking import mlflow_link
+
+        target = mlflow_link(Path(home), run_id, artifact)
+        text = f"MLflow run {run_id[:8]}" + (f": {artifact}" if artifact else "") if target else text
+    if target is None and link:
+        target = Path(link).resolve().as_uri()
+    if target:
+        create_link_artifact(link=target, link_text=text, key=f"{key}-plot", description=description)
 
 
 # ----------------------------------------------------------------------------------------------------- tasks
@@ -194,11 +210,11 @@ def pretrain_reference(config_path: str | None = None, home: str | None = None) 
 def train_base_model(objective: str, config_path: str | None = None, home: str | None = None) -> dict:
     """Train, log and register the base model for one objective."""
     result = train_task(objective, config_path, home)
-    _publish_training([result])
+    _publish_training([result], home)
     return result
 
 
-def _publish_training(results: list[dict]) -> None:
+def _publish_training(results: list[dict], home: str | None = None) -> None:
     rows = [
         {
             "objective": r["objective"],
@@ -213,6 +229,30 @@ def _publish_training(results: list[dict]) -> None:
         for r in results
     ]
     _publish("base-models", rows, "Base models trained and registered")
+    _publish_version_links(results, home)
+
+
+def _publish_version_links(results: list[dict], home: str | None) -> None:
+    """With a tracking server, a markdown artifact linking each registered version's page in its UI."""
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.context import FlowRunContext
+
+    from flows.tracking import is_remote, tracking_uri
+    from flows.ui import model_version_url
+    from training.models import msdda_home
+
+    uri = tracking_uri(Path(home) if home else msdda_home())
+    registered = [r["registered"] for r in results if r.get("registered")]
+    if FlowRunContext.get() is None or not is_remote(uri) or not registered:
+        return
+    lines = [
+        f"- [{r['name']} v{r['version']}]({model_version_url(uri, r['name'], r['version'])})"
+        + (" @champion" if r.get("champion") else "")
+        for r in registered
+    ]
+    create_markdown_artifact(
+        markdown="\n".join(lines), key="base-models-registry", description="Registered versions in MLflow"
+    )
 
 
 @flow(name="fan-out-training", flow_run_name=_run_name("train {objectives} in parallel"))
@@ -258,7 +298,7 @@ def train_base_models(
             )
         )
         results = _fan_out.with_options(task_runner=task_runner)(objectives, config_path, str(root), 1)
-    _publish_training(results)
+    _publish_training(results, str(root))
     return {r["objective"]: r for r in results}
 
 
@@ -287,6 +327,9 @@ def compose(
         rows,
         f"{method} at w={weights}, {result['nfe']:g} NFE/image",
         link=str(Path(result["image_dir"]) / "grid.png"),
+        home=root,
+        run_id=result.get("mlflow_run_id"),
+        artifact="images/grid.png",
     )
     return result
 
@@ -313,6 +356,9 @@ def sweep(
         ],
         "Hypervolume per method (reference point: the reference model)",
         link=result["plot"],
+        home=root,
+        run_id=result.get("mlflow_run_id"),
+        artifact="pareto.png",
     )
     return result
 

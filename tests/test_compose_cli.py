@@ -74,6 +74,10 @@ def test_models_compose_and_sweep(registry, tmp_path, tiny_config_file):
     assert set(payload["rewards"]) == {"digit_alignment", "ink_economy"}
     assert payload["nfe"] == 2 * 4 and payload["image_dir"] == str(out)
     assert len(list(out.glob("*.png"))) == 4 + 1  # the images and their grid
+    from PIL import Image
+
+    assert Image.open(out / "0000.png").size == (16, 16)  # each image as sampled
+    assert Image.open(out / "grid.png").width >= 4 * 96  # upscaled and labelled (tests/test_grids.py)
     assert [m["version"] for m in payload["models"]] == [1, 1]
 
     import mlflow
@@ -99,6 +103,7 @@ def test_models_compose_and_sweep(registry, tmp_path, tiny_config_file):
     ]
     assert Path(result["plot"]).read_bytes()[:4] == b"\x89PNG"
     assert (Path(result["out_dir"]) / "grids" / "rs" / "w0.5_0.5.png").exists()
+    assert Image.open(Path(result["out_dir"]) / "grids" / "msdda.png").height > 3 * 96  # a row per weight
     assert (Path(result["out_dir"]) / "fronts" / "msdda.png").exists()
     again = msdda(
         ["sweep", "--methods", "msdda,rs", "--grid", "3", "--num-images", "4", "--json"],
