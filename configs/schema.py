@@ -193,11 +193,15 @@ class CompositionConfig(_Strict):
     §4.5): one extra, uncounted reference UNet row per step for MSDDA, the blend and the soup."""
 
 
+Device = Literal["auto", "cpu", "cuda"]
+"""Where the models run (``runtime.device``, ``--device``)."""
+
+
 class RuntimeConfig(_Strict):
     """Where every stage runs (pretraining, training, rewards, composition, the sweep). Not part of any
     cache key: a base model trained on a GPU is the same model."""
 
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Device = "auto"
     """``auto``: CUDA when there is one, else the CPU. ``cuda`` where there is none is a one-line error."""
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
     """The frozen reference model's weights for sampling and composition (trainable weights stay fp32)."""
