@@ -161,10 +161,16 @@ class Ensemble:
 
 
 def load_ensemble(
-    config: PipelineConfig, home: Path, model_dirs: list[Path], progress: bool = False
+    config: PipelineConfig,
+    home: Path,
+    model_dirs: list[Path],
+    progress: bool = False,
+    prompts: list[str] | None = None,
 ) -> Ensemble:
     """Load the reference and put every base model's LoRA adapter on its UNet (named by objective); the
-    pipeline then moves to ``config.runtime.device`` with its weights in ``config.runtime.dtype``."""
+    pipeline then moves to ``config.runtime.device`` with its weights in ``config.runtime.dtype``. The images
+    cycle through ``prompts`` (default: the config's evaluation prompts, ``train.prompts`` or the embedded
+    default's)."""
     from training.base_model import default_prompts, reference_identity
     from training.device import place_pipeline, resolve_runtime
     from training.rewards import load_reward
@@ -198,7 +204,7 @@ def load_ensemble(
         rewards,
         schedule,
         float(sampling["guidance_scale"]),
-        config.train.prompts or default_prompts(),
+        list(prompts or config.train.prompts or default_prompts()),
         reference_hash,
     )
 
@@ -236,11 +242,14 @@ def generate(
     options: CompositionConfig,
     num_images: int | None = None,
     seed: int | None = None,
+    progress: bool = False,
 ) -> Generated:
     """Sample ``num_images`` images for ``weights`` with ``method``; prompts cycle through the prompt set and
     batch ``b`` draws its noise from :func:`batch_seeds` so every method sees the same ``x_T``. Sampling runs
     on the ensemble's device with fp32 latents (the UNet and VAE run in their own dtype); the images come back
-    on the CPU."""
+    on the CPU. ``progress``: a bar over the images on stderr."""
+    from tqdm.auto import tqdm
+
     num_images = num_images or options.num_images
     seed = options.seed if seed is None else seed
     weights = parse_weights(weights, len(ensemble.models))
@@ -258,6 +267,7 @@ def generate(
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     images, latents, prompts, diagnostics, nfe, calls, kls = [], [], [], [], 0.0, RewardCalls(), []
     start = time.perf_counter()
+    bar = tqdm(total=num_images, desc=f"compose: {method}", unit="image", disable=not progress)
     for batch_index, first in enumerate(range(0, num_images, options.batch_size)):
         index = torch.arange(first, min(first + options.batch_size, num_images)) % len(ensemble.prompts)
         batch_prompts = [ensemble.prompts[i] for i in index.tolist()]
@@ -293,6 +303,8 @@ def generate(
             kls.append(chain.kl.detach().cpu())
         prompts.extend(batch_prompts)
         diagnostics.extend(chain.diagnostics if batch_index == 0 else [])
+        bar.update(len(index))
+    bar.close()
     seconds = time.perf_counter() - start
     path_kl = torch.cat(kls) if kls else None
     return Generated(

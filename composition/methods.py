@@ -25,6 +25,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -323,6 +324,9 @@ METHODS: dict[str, Method] = {
     )
 }
 """Every composition method by name. Adding one: write its function above and add one line here."""
+
+MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]
+"""A registered method's name: the choices of ``msdda compose --method`` and of the Prefect flows."""
 
 
 def methods_table() -> str:

@@ -9,14 +9,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
+from configs.errors import MsddaError
 from configs.schema import PipelineConfig
 
 if TYPE_CHECKING:
     from flows.registry import ResolvedModel
+
+Runner = Literal["sequential", "dask"]
+"""How ``msdda run`` trains the base models: one after the other in-process, or in parallel on Dask."""
+
+
+class PromptError(MsddaError, ValueError):
+    """Prompts that cannot be used: an empty or unreadable prompts file, a blank prompt (one line)."""
 
 
 def _check_runtime(config: PipelineConfig) -> None:
@@ -124,6 +133,44 @@ def describe_models(models: list[ResolvedModel]) -> list[dict]:
 # ------------------------------------------------------------------------------------------------- compose
 
 
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """The prompts of a text file, one per line (surrounding spaces stripped, blank lines skipped)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        raise PromptError(f"{path}: cannot read prompts ({reason})") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise PromptError(f"{path}: no prompts (the file is empty or holds only blank lines)")
+    return prompts
+
+
+def check_prompts(prompts: list[str] | None) -> list[str] | None:
+    """``prompts`` with surrounding spaces stripped; ``None`` (the config's prompts) stays ``None``. An empty
+    list or a blank prompt is a :class:`PromptError`."""
+    if prompts is None:
+        return None
+    cleaned = [str(p).strip() for p in prompts]
+    if not cleaned or not all(cleaned):
+        raise PromptError("prompts must be non-empty text (got an empty list or a blank prompt)")
+    return cleaned
+
+
+def _check_rewards_take_prompts(ensemble, prompts: list[str]) -> None:
+    """Score one blank image per distinct prompt, so that a reward that cannot read a prompt (digit_alignment
+    on a prompt that names no digit) fails in one line before any sampling."""
+    import torch
+
+    from composition.engine import score_images
+
+    distinct = list(dict.fromkeys(prompts))
+    unet, vae = ensemble.pipe.unet, ensemble.pipe.vae
+    shape = (1, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    blank = ensemble.decode(torch.zeros(shape, device=vae.device, dtype=vae.dtype))
+    score_images(ensemble, blank.expand(len(distinct), -1, -1, -1), distinct)
+
+
 def compose_job(
     config: PipelineConfig,
     home: Path,
@@ -134,9 +181,12 @@ def compose_job(
     seed: int | None = None,
     out_dir: Path | None = None,
     mlflow: bool = True,
+    prompts: list[str] | None = None,
+    progress: bool = False,
 ) -> dict:
-    """Sample images for one weight vector with ``method``; save them (PNG + manifest) and log an MLflow run
-    with the weights, models and versions, the rewards, the NFE and an image grid."""
+    """Sample images for one weight vector with ``method``, cycling through ``prompts`` (default: the config's
+    evaluation prompts); save them (PNG + manifest) and log an MLflow run with the weights, models and
+    versions, the prompts, the rewards, the NFE and an image grid."""
     from composition.engine import (
         generate,
         get_method,
@@ -150,6 +200,7 @@ def compose_job(
 
     get_method(method)  # a one-line error before any loading
     _check_runtime(config)
+    prompts = check_prompts(prompts)
     options = config.composition
     num_images = num_images or options.num_images
     seed = options.seed if seed is None else seed
@@ -157,8 +208,11 @@ def compose_job(
     if mlflow:
         _reachable(home)
     resolved = resolve_models(config, home, specs)
-    ensemble = load_ensemble(config, home, [m.path for m in resolved])
-    generated = generate(ensemble, method, weight_list, options, num_images=num_images, seed=seed)
+    ensemble = load_ensemble(config, home, [m.path for m in resolved], progress=progress, prompts=prompts)
+    _check_rewards_take_prompts(ensemble, ensemble.prompts)
+    generated = generate(
+        ensemble, method, weight_list, options, num_images=num_images, seed=seed, progress=progress
+    )
     scores = score_generated(ensemble, generated)
     stats = {k: mean_and_se(v) for k, v in scores.items()}
     models = describe_models(resolved)
@@ -173,6 +227,7 @@ def compose_job(
         "weights": weight_list,
         "objectives": ensemble.objectives,
         "models": models,
+        "prompts": ensemble.prompts,
         "rewards": {k: v[0] for k, v in stats.items()},
         "reward_se": {k: v[1] for k, v in stats.items()},
         "nfe": generated.nfe_per_image,
@@ -210,6 +265,7 @@ def _log_compose(home: Path, payload: dict, out_dir: Path) -> str:
         ),
         "num_images": payload["num_images"],
         "seed": payload["seed"],
+        **prompt_params(payload["prompts"]),
     }
     with mlflow_run(home, f"compose-{payload['method']}", params=params, tags={"msdda.job": "compose"}) as (
         run,
@@ -227,6 +283,19 @@ def _log_compose(home: Path, payload: dict, out_dir: Path) -> str:
         )
         mlflow.log_artifacts(str(out_dir), "images")  # the PNGs, their grid and the manifest
         return run.info.run_id
+
+
+PARAM_LIMIT = 6000
+"""MLflow's limit on a parameter value's length (characters)."""
+
+
+def prompt_params(prompts: list[str]) -> dict[str, object]:
+    """MLflow parameters for a prompt set: ``num_prompts`` and ``prompts`` (a JSON list; when longer than
+    MLflow allows, a pointer to the manifest logged with the images instead)."""
+    text = json.dumps(prompts)
+    if len(text) > PARAM_LIMIT:
+        text = f"{len(prompts)} prompts: see images/manifest.json"
+    return {"num_prompts": len(prompts), "prompts": text}
 
 
 # --------------------------------------------------------------------------------------------------- sweep

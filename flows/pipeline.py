@@ -12,8 +12,9 @@ flow                   what it does
 =====================  ====================================================================================
 
 Parameters are validated by Prefect with pydantic from the type hints. Flows take ``config_path`` (YAML,
-default: the embedded default) and ``home`` (default ``$MSDDA_HOME``) so that they run the same in-process,
-on a Dask worker or from a deployment.
+default: the embedded default), ``overrides`` (``section.field=value`` strings applied on top, as
+``--set`` does: ``configs.overrides``) and ``home`` (default ``$MSDDA_HOME``) so that they run the same
+in-process, on a Dask worker or from a deployment.
 """
 
 from __future__ import annotations
@@ -23,23 +24,23 @@ import sqlite3
 import sys
 import urllib.error
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 from prefect import flow, task
 from pydantic import Field
 
+from composition.methods import MethodName
 from configs.errors import MsddaError
+from flows.jobs import Runner
 
-Method = Literal["msdda", "db", "rs", "code", "rgg"]
-Runner = Literal["sequential", "dask"]
 PositiveInt = Annotated[int, Field(ge=1)]
 
 
-def _context(config_path: str | None, home: str | None):
+def _context(config_path: str | None, home: str | None, overrides: list[str] | None = None):
     from configs import load_config
     from training.models import msdda_home
 
-    return load_config(config_path), Path(home) if home else msdda_home()
+    return load_config(config_path, overrides or ()), Path(home) if home else msdda_home()
 
 
 def _publish(
@@ -146,10 +147,12 @@ def _transient(task, task_run, state) -> bool:
 
 
 @task(retries=2, retry_delay_seconds=10, retry_condition_fn=_transient, name="pretrain")
-def pretrain_task(config_path: str | None = None, home: str | None = None) -> dict:
+def pretrain_task(
+    config_path: str | None = None, home: str | None = None, overrides: list[str] | None = None
+) -> dict:
     from training.embedded import pretrain_reference, result_dict
 
-    config, root = _context(config_path, home)
+    config, root = _context(config_path, home, overrides)
     if config.model.source != "embedded":
         from training.models import load_reference_pipeline
 
@@ -166,7 +169,11 @@ def pretrain_task(config_path: str | None = None, home: str | None = None) -> di
     task_run_name="train {objective}",
 )
 def train_task(
-    objective: str, config_path: str | None = None, home: str | None = None, torch_threads: int = 0
+    objective: str,
+    config_path: str | None = None,
+    home: str | None = None,
+    torch_threads: int = 0,
+    overrides: list[str] | None = None,
 ) -> dict:
     from flows.jobs import train_job
 
@@ -174,7 +181,7 @@ def train_task(
         import torch
 
         torch.set_num_threads(torch_threads)
-    config, root = _context(config_path, home)
+    config, root = _context(config_path, home, overrides)
     return {**train_job(config, root, objective, progress=torch_threads == 0), "pid": os.getpid()}
 
 
@@ -201,15 +208,22 @@ def _run_name(template: str):
 
 
 @flow(name="pretrain-reference", log_prints=True, flow_run_name="pretrain reference")
-def pretrain_reference(config_path: str | None = None, home: str | None = None) -> dict:
+def pretrain_reference(
+    config_path: str | None = None, home: str | None = None, overrides: list[str] | None = None
+) -> dict:
     """Build (or reuse) the reference model."""
-    return pretrain_task(config_path, home)
+    return pretrain_task(config_path, home, overrides)
 
 
 @flow(name="train-base-model", log_prints=True, flow_run_name=_run_name("train {objective}"))
-def train_base_model(objective: str, config_path: str | None = None, home: str | None = None) -> dict:
+def train_base_model(
+    objective: str,
+    config_path: str | None = None,
+    home: str | None = None,
+    overrides: list[str] | None = None,
+) -> dict:
     """Train, log and register the base model for one objective."""
-    result = train_task(objective, config_path, home)
+    result = train_task(objective, config_path, home, overrides=overrides)
     _publish_training([result], home)
     return result
 
@@ -257,9 +271,15 @@ def _publish_version_links(results: list[dict], home: str | None) -> None:
 
 @flow(name="fan-out-training", flow_run_name=_run_name("train {objectives} in parallel"))
 def _fan_out(
-    objectives: list[str], config_path: str | None, home: str | None, torch_threads: int
+    objectives: list[str],
+    config_path: str | None,
+    home: str | None,
+    torch_threads: int,
+    overrides: list[str] | None = None,
 ) -> list[dict]:
-    futures = [train_task.submit(objective, config_path, home, torch_threads) for objective in objectives]
+    futures = [
+        train_task.submit(objective, config_path, home, torch_threads, overrides) for objective in objectives
+    ]
     return [future.result() for future in futures]
 
 
@@ -275,13 +295,16 @@ def train_base_models(
     home: str | None = None,
     dask_address: str | None = None,
     dask_workers: PositiveInt = 2,
+    overrides: list[str] | None = None,
 ) -> dict[str, dict]:
     """Train a base model per objective (default: the config's). ``runner="dask"`` fans out over a local Dask
     cluster of ``dask_workers`` single-threaded workers, or over the scheduler at ``dask_address``."""
-    config, root = _context(config_path, home)
+    config, root = _context(config_path, home, overrides)
     objectives = objectives or config.objective_names
     if runner == "sequential":
-        results = [train_task(objective, config_path, str(root)) for objective in objectives]
+        results = [
+            train_task(objective, config_path, str(root), overrides=overrides) for objective in objectives
+        ]
     else:
         from prefect_dask import DaskTaskRunner
 
@@ -297,7 +320,9 @@ def train_base_models(
                 }
             )
         )
-        results = _fan_out.with_options(task_runner=task_runner)(objectives, config_path, str(root), 1)
+        results = _fan_out.with_options(task_runner=task_runner)(
+            objectives, config_path, str(root), 1, overrides
+        )
     _publish_training(results, str(root))
     return {r["objective"]: r for r in results}
 
@@ -306,18 +331,20 @@ def train_base_models(
 def compose(
     weights: list[float],
     models: list[str] | None = None,
-    method: Method = "msdda",
+    method: MethodName = "msdda",
     num_images: PositiveInt | None = None,
     seed: int | None = None,
     config_path: str | None = None,
     home: str | None = None,
+    prompts: list[str] | None = None,
+    overrides: list[str] | None = None,
 ) -> dict:
     """On-demand composition of registered base models (``NAME[@ALIAS]``; default: the objectives'
-    champions)."""
+    champions), the images cycling through ``prompts`` (default: the config's evaluation prompts)."""
     from flows.jobs import compose_job
 
-    config, root = _context(config_path, home)
-    result = compose_job(config, root, weights, models, method, num_images, seed)
+    config, root = _context(config_path, home, overrides)
+    result = compose_job(config, root, weights, models, method, num_images, seed, prompts=prompts)
     rows = [
         {"objective": k, "mean reward": round(v, 4), "SE": round(result["reward_se"][k], 4)}
         for k, v in result["rewards"].items()
@@ -336,17 +363,18 @@ def compose(
 
 @flow(name="sweep", log_prints=True, flow_run_name=_run_name("sweep methods={methods} grid={grid}"))
 def sweep(
-    methods: list[Method] | None = None,
+    methods: list[MethodName] | None = None,
     grid: Annotated[int, Field(ge=2)] | None = None,
     num_images: Annotated[int, Field(ge=2)] | None = None,
     models: list[str] | None = None,
     config_path: str | None = None,
     home: str | None = None,
+    overrides: list[str] | None = None,
 ) -> dict:
     """Every method over the weight grid; publishes the hypervolume table and the Pareto plot."""
     from flows.jobs import sweep_job
 
-    config, root = _context(config_path, home)
+    config, root = _context(config_path, home, overrides)
     result = sweep_job(config, root, models, methods, grid, num_images)
     _publish(
         "sweep",
@@ -364,15 +392,20 @@ def sweep(
 
 
 @flow(name="msdda-pipeline", log_prints=True, flow_run_name=_run_name("msdda run ({runner})"))
-def pipeline(config_path: str | None = None, home: str | None = None, runner: Runner = "sequential") -> dict:
+def pipeline(
+    config_path: str | None = None,
+    home: str | None = None,
+    runner: Runner = "sequential",
+    overrides: list[str] | None = None,
+) -> dict:
     """Pretrain (cached), train and register the base models (cached), then sweep (cached)."""
     import time
 
     start = time.perf_counter()
-    reference = pretrain_reference(config_path, home)
-    models = train_base_models(None, runner, config_path, home)
+    reference = pretrain_reference(config_path, home, overrides)
+    models = train_base_models(None, runner, config_path, home, overrides=overrides)
     registered = [f"{r['registered']['name']}/{r['registered']['version']}" for r in models.values()]
-    result = sweep(None, None, None, registered, config_path, home)
+    result = sweep(None, None, None, registered, config_path, home, overrides)
     return {
         "reference": reference,
         "base_models": models,

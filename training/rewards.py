@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -447,6 +448,10 @@ REWARDS: dict[str, Callable] = {
     "hpsv2": hpsv2,
     "weighted_sum": weighted_sum,
 }
+
+
+RewardName = Literal[tuple(REWARDS)]  # type: ignore[valid-type]
+"""A known reward's name: the choices of ``msdda train --objective``."""
 
 
 def load_reward(name: str, config, home: Path, options: dict | None = None) -> Reward:
