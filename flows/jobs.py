@@ -75,7 +75,8 @@ def train_job(
         "method": train.method,
         "iterations": train.iterations,
     }
-    context = mlflow_run(home, f"train-{objective}", params=params) if mlflow else nullcontext((None, None))
+    name = f"train {objective} beta={params['beta']:g}"
+    context = mlflow_run(home, name, params=params) if mlflow else nullcontext((None, None))
     registered = None
     with context as (run, log_iteration):
         result = train_base_model(config, objective, home, progress=progress, log_metrics=log_iteration)
@@ -267,7 +268,9 @@ def _log_compose(home: Path, payload: dict, out_dir: Path) -> str:
         "seed": payload["seed"],
         **prompt_params(payload["prompts"]),
     }
-    with mlflow_run(home, f"compose-{payload['method']}", params=params, tags={"msdda.job": "compose"}) as (
+    weights = ",".join(f"{w:g}" for w in payload["weights"])
+    name = f"compose w={weights} {payload['method']}"
+    with mlflow_run(home, name, params=params, tags={"msdda.job": "compose"}) as (
         run,
         _,
     ):
@@ -408,7 +411,9 @@ def _log_sweep(home: Path, result: dict, folder: Path) -> str:
         "objectives": ",".join(result["objectives"]),
         **{k: v for k, v in result["settings"].items() if k != "seconds"},
     }
-    with mlflow_run(home, "sweep", params=params, tags={"msdda.job": "sweep"}) as (run, _):
+    points = len(next(iter(result["methods"].values()))["points"]) if result["methods"] else 0
+    name = f"sweep {points}x{len(result['methods'])}"  # weight vectors x methods
+    with mlflow_run(home, name, params=params, tags={"msdda.job": "sweep"}) as (run, _):
         mlflow.log_metrics({f"hypervolume_{m}": v["hypervolume"] for m, v in result["methods"].items()})
         mlflow.log_artifacts(str(folder))
         return run.info.run_id

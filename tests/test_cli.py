@@ -66,6 +66,11 @@ def test_run_is_the_whole_pipeline_and_is_cached(tmp_path, tiny_config_file, pre
         "train ink_economy",
         "sweep methods=default grid=default",
     }, names
+    assert _mlflow_run_names(home) >= {
+        "train digit_alignment beta=0.01",
+        "train ink_economy beta=0.01",
+        "sweep 3x5",  # 3 weight vectors x 5 methods
+    }
     payload = json.loads(first.stdout)
     assert payload["reference"]["cached"] is True and Path(payload["reference"]["path"]).is_relative_to(home)
     assert set(payload["base_models"]) == {"digit_alignment", "ink_economy"}
@@ -100,6 +105,17 @@ def test_run_takes_overrides_and_device(tmp_path, tiny_config_file, pretrained_h
         assert len(BaseModelCard.read(Path(model["path"])).history) == 1, "train.iterations=1"
     sweep = payload["sweep"]
     assert list(sweep["methods"]) == ["msdda"] and len(sweep["methods"]["msdda"]["points"]) == 2
+
+
+def _mlflow_run_names(home: Path) -> set[str]:
+    """The names of the MLflow runs in ``home``'s store."""
+    from mlflow.tracking import MlflowClient
+
+    from flows.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri(home))
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return {run.info.run_name for run in client.search_runs(experiments)}
 
 
 def _run_names(prefect_home: Path) -> set[str]:

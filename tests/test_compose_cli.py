@@ -92,6 +92,7 @@ def test_models_compose_and_sweep(registry, tmp_path, tiny_config_file):
 
     run = mlflow.MlflowClient(registry["uri"]).get_run(payload["mlflow_run_id"])
     assert run.data.params["weights"] == "0.3,0.7" and run.data.params["method"] == "msdda"
+    assert run.info.run_name == "compose w=0.3,0.7 msdda"
     assert run.data.params["models"] == "msdda-digit_alignment/1,msdda-ink_economy/1"
     assert run.data.metrics["nfe"] == 8 and "reward_ink_economy" in run.data.metrics
     assert json.loads(run.data.params["prompts"]) == prompts and run.data.params["num_prompts"] == "3"
