@@ -1,91 +1,163 @@
 """How close is MSDDA sampling to the physical floor? Side by side, in one run, same batch and steps:
 
-    python benchmarks/compose_speed.py [--batch-size 128] [--repeats 5] [--json]
+    python benchmarks/compose_speed.py [--batches 128] [--repeats 5] [--device auto] [--modes eager] [--json]
+    python benchmarks/compose_speed.py --unet sd15 --device cuda --dtype fp16 [--batches 1,4,16,32]
+        [--models 2,3] [--modes eager,compiled] [--repeats 15] --json
+
+``--unet embedded`` (default): the config's base models on its reference (trained first on a fresh home),
+whole chains, per batch size:
 
 * floor: the same UNet work on a plain UNet (no adapters), done the faster of two ways -- one forward of K * B
   rows per step, or K forwards of B rows (on a small CPU model the big batch is not always faster) -- the
   least any K-model composition can cost;
 * MSDDA: the sampler (K adapters in one mixed-adapter batch, DDIM means, the closed form, the noise);
-* sequential: the same chain, switching the active adapter K times per step (K forwards of B rows).
+* sequential: the same chain, switching the active adapter K times per step (K forwards of B rows; eager
+  mode only).
 
 Prints ``msdda_over_floor`` (goal <= 1.10), ``compose_math_fraction`` (DDIM means + closed form over the whole
 step; goal < 0.02), and the same figures for the sequential switches. Medians over --repeats chains.
+
+``--unet sd15``: a randomly initialised ``UNet2DConditionModel`` with Stable Diffusion 1.5's config (860 M
+parameters, 64x64 latents, 77x768 text states; no weights needed) carrying K rank-4 LoRA adapters on
+``to_q, to_k, to_v, to_out.0``; milliseconds per denoising step (median of --repeats) of the routed step
+(``mixed_adapter_batch`` entered every step, as the sampler does) against the floor, one plain UNet call of
+K * B rows, for each batch B and each K.
+
+``--modes eager,compiled`` measures each mode against the floor in the same mode: eager against eager,
+compiled (``composition.batched.compile_unet``: ``torch.compile``, CUDA graphs on a GPU) against compiled.
+The first compiled call of each shape compiles (tens of seconds on a GPU, minutes on a CPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
+import sys
 import time
 
 import torch
 from readme_section import write_section  # benchmarks/ is on sys.path when run as a script
 
+from composition.batched import compile_unet, mixed_adapter_batch, routing
 from composition.engine import load_ensemble
 from composition.methods import METHODS, Batch
 from composition.msdda import compose_gaussian
 from configs import load_config
 from training.base_model import reference_identity, train_base_model
+from training.device import place_pipeline, resolve_device, resolve_dtype, resolve_runtime
 from training.kernel import GaussianStep
 from training.models import msdda_home
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
+def median_seconds(fn, repeats: int, device: torch.device, warmup: int = 1) -> float:
+    """Median wall time of ``fn`` over ``repeats`` calls after ``warmup`` calls (CUDA synchronised)."""
+
+    def timed() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         start = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    for _ in range(warmup):
+        timed()
+    return statistics.median(timed() for _ in range(repeats))
+
+
+def _numbers(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None)
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--unet", choices=["embedded", "sd15"], default="embedded")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    parser.add_argument(
+        "--batches", default=None, help="batch sizes B (default: 128 embedded, 1,4,16,32 sd15)"
+    )
+    parser.add_argument("--models", default="2,3", help="sd15: adapter counts K (embedded: the config's)")
+    parser.add_argument("--modes", default="eager", help="eager, compiled or eager,compiled")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--write-readme", action="store_true")
     args = parser.parse_args()
+    modes = [m.strip() for m in args.modes.split(",")]
+    if not set(modes) <= {"eager", "compiled"}:
+        parser.error(f"--modes takes eager and/or compiled, got {args.modes}")
+    device = resolve_device(args.device)
+    torch._dynamo.config.cache_size_limit = 64  # one compiled graph per shape and routing
 
-    config, home = load_config(args.config), msdda_home()
-    # Training (on a fresh home) needs gradients: only the measurement below runs without them.
-    base_dirs = [train_base_model(config, name, home, progress=False).path for name in config.objective_names]
-    with torch.no_grad():
-        report = measure(config, home, base_dirs, args.batch_size, args.repeats)
+    if args.unet == "sd15":
+        batches = _numbers(args.batches or "1,4,16,32")
+        report = measure_sd15(device, resolve_dtype(args.dtype), batches, _numbers(args.models), modes, args)
+    else:
+        config, home = load_config(args.config), msdda_home()
+        runtime = config.runtime.model_copy(update={"device": args.device, "dtype": args.dtype})
+        config = config.model_copy(update={"runtime": runtime})
+        # Training (on a fresh home) needs gradients: only the measurement below runs without them.
+        base_dirs = [
+            train_base_model(config, name, home, progress=False).path for name in config.objective_names
+        ]
+        with torch.no_grad():
+            results = [
+                measure(config, home, base_dirs, b, args.repeats, compiled=mode == "compiled")
+                for mode in modes
+                for b in _numbers(args.batches or "128")
+            ]
+        report = {"unet": "embedded", "results": results}
+    report = {"device": device_name(device), "dtype": args.dtype, "torch": torch.__version__, **report}
     if args.write_readme:
-        write_section("compose-speed", render(report))
+        if args.unet != "embedded" or modes != ["eager"]:
+            parser.error("--write-readme writes the embedded eager table only")
+        write_section("compose-speed", render(report["results"][0]))
     if args.json:
         print(json.dumps(report))
     else:
-        for key, value in report.items():
-            print(f"{key:34s} {value:.4g}" if isinstance(value, float) else f"{key:34s} {value}")
+        print(f"device: {report['device']}, dtype {args.dtype}, torch {torch.__version__}")
+        for row in report["results"]:
+            print(json.dumps(row))
 
 
-def measure(config, home, base_dirs, batch_size: int, repeats: int) -> dict:
-    ensemble = load_ensemble(config, home, base_dirs)
-    plain_unet = reference_identity(config, home, progress=False)[0].unet.eval()  # no adapters at all
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def measure(config, home, base_dirs, batch_size: int, repeats: int, compiled: bool = False) -> dict:
+    """Whole chains on the embedded model (see the module docstring); ``compiled``: the composer's and the
+    floor's UNets compiled (``composition.compile``)."""
+    ensemble = load_ensemble(config, home, base_dirs)  # placed on runtime.device in runtime.dtype
+    device, dtype = resolve_runtime(config.runtime)
+    plain_pipe = reference_identity(config, home, progress=False)[0]  # no adapters at all
+    plain_unet = place_pipeline(plain_pipe, device, dtype).unet.eval()
+    plain = compile_unet(plain_unet) if compiled else plain_unet
     unet, schedule = ensemble.pipe.unet.eval(), ensemble.schedule
     k, b = len(ensemble.models), batch_size
     embeds_all, uncond = ensemble.embeddings()
     index = torch.arange(b) % len(ensemble.prompts)
     embeds = embeds_all[index]
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    x_T = torch.randn((b, *shape), generator=torch.Generator().manual_seed(0))
+    x_T = torch.randn((b, *shape), generator=torch.Generator().manual_seed(0)).to(device)
     weights = [1.0 / k] * k
-    composer = ensemble.composer(config.composition)
+    options = config.composition.model_copy(update={"compile": compiled})
+    composer = ensemble.composer(options)
+    warmup = 3 if compiled else 1  # compiling, then recording CUDA graphs
 
     def floor_one_call():
-        xs, context = x_T.repeat(k, 1, 1, 1), embeds.repeat(k, 1, 1)
+        xs, context = x_T.repeat(k, 1, 1, 1).to(dtype), embeds.repeat(k, 1, 1).to(dtype)
         for step in range(len(schedule)):
-            plain_unet(xs, schedule.timestep(step, xs), encoder_hidden_states=context)
+            plain(xs, schedule.timestep(step, xs), encoder_hidden_states=context)
 
     def floor_per_model():
+        x, context = x_T.to(dtype), embeds.to(dtype)
         for step in range(len(schedule)):
             for _ in range(k):
-                plain_unet(x_T, schedule.timestep(step, x_T), encoder_hidden_states=embeds)
+                plain(x, schedule.timestep(step, x), encoder_hidden_states=context)
 
     diagnostics = []
 
@@ -105,7 +177,7 @@ def measure(config, home, base_dirs, batch_size: int, repeats: int) -> dict:
             eps = []
             for model in ensemble.models:
                 unet.set_adapter(model.objective)
-                eps.append(unet(x, t, encoder_hidden_states=embeds).sample)
+                eps.append(unet(x.to(dtype), t, encoder_hidden_states=embeds.to(dtype)).sample.float())
             started = time.perf_counter()
             means = schedule.kernel(x.unsqueeze(0), torch.stack(eps), step).mean
             variances = torch.stack(
@@ -116,16 +188,16 @@ def measure(config, home, base_dirs, batch_size: int, repeats: int) -> dict:
             x = GaussianStep(mean, var).sample(g)
         sequential_math.append(math_seconds)
 
-    t_one_call = median_seconds(floor_one_call, repeats)
-    t_per_model = median_seconds(floor_per_model, repeats)
+    t_one_call = median_seconds(floor_one_call, repeats, device, warmup)
+    t_per_model = median_seconds(floor_per_model, repeats, device, warmup)
     t_floor = min(t_one_call, t_per_model)
-    t_msdda = median_seconds(msdda, repeats)
-    t_sequential = median_seconds(sequential, repeats)
+    t_msdda = median_seconds(msdda, repeats, device, warmup)
     compose_fraction = statistics.median(
         sum(d["compose_seconds"] for d in run) / sum(d["step_seconds"] for d in run)
-        for run in diagnostics[1:]
+        for run in diagnostics[warmup:]
     )
-    return {
+    report = {
+        "mode": "compiled" if compiled else "eager",
         "batch_size": b,
         "models": k,
         "steps": len(schedule),
@@ -135,13 +207,114 @@ def measure(config, home, base_dirs, batch_size: int, repeats: int) -> dict:
         "floor_per_model_seconds": t_per_model,
         "floor_seconds": t_floor,
         "msdda_seconds": t_msdda,
-        "sequential_seconds": t_sequential,
         "msdda_over_floor": t_msdda / t_floor,
         "compose_math_fraction": compose_fraction,
-        "sequential_over_floor": t_sequential / t_floor,
-        "sequential_compose_math_fraction": statistics.median(sequential_math[1:]) / t_sequential,
-        "msdda_over_sequential": t_msdda / t_sequential,
     }
+    if not compiled:  # adapter switches recompile a compiled UNet: eager only
+        t_sequential = median_seconds(sequential, repeats, device)
+        report.update(
+            sequential_seconds=t_sequential,
+            sequential_over_floor=t_sequential / t_floor,
+            sequential_compose_math_fraction=statistics.median(sequential_math[1:]) / t_sequential,
+            msdda_over_sequential=t_msdda / t_sequential,
+        )
+    return report
+
+
+SD15_UNET = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "down_block_types": (
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ),
+    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+    "act_fn": "silu",
+    "center_input_sample": False,
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+}
+"""``runwayml/stable-diffusion-v1-5``'s ``unet/config.json`` (the fields that are not diffusers' defaults)."""
+SD15_TEXT = (77, 768)
+LORA_TARGETS_SD = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def sd15_unets(num_adapters: int, device: torch.device, dtype: torch.dtype):
+    """``(plain, with_adapters)``: the SD-1.5-shaped UNet, randomly initialised, on ``device`` in ``dtype``,
+    and a copy carrying ``num_adapters`` random rank-4 LoRA adapters ``m0, m1, ...``."""
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    torch.manual_seed(0)
+    plain = UNet2DConditionModel(**SD15_UNET).to(device=device, dtype=dtype).eval().requires_grad_(False)
+    unet = copy.deepcopy(plain)
+    for i in range(num_adapters):
+        config = LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=LORA_TARGETS_SD)
+        unet.add_adapter(config, adapter_name=f"m{i}")
+    return plain, unet.to(device=device, dtype=dtype).requires_grad_(False)
+
+
+@torch.no_grad()
+def measure_sd15(device, dtype, batches: list[int], models: list[int], modes: list[str], args) -> dict:
+    """ms per denoising step of the routed step and of the floor (one plain call of K * B rows), per mode,
+    K and B (see the module docstring)."""
+    plain, unet = sd15_unets(max(models), device, dtype)
+    parameters = sum(p.numel() for p in plain.parameters())
+    results = []
+    for mode in modes:
+        compiled = mode == "compiled"
+        floor_fn = compile_unet(plain) if compiled else plain
+        routed_fn = compile_unet(unet) if compiled else unet
+        warmup = 3 if compiled else 2
+        for k in models:
+            names = [f"m{i}" for i in range(k)]
+            for b in batches:
+                floor_ms, routed_ms = step_milliseconds(
+                    floor_fn, routed_fn, unet, routing(names, b), device, dtype, args.repeats, warmup
+                )
+                results.append(
+                    {
+                        "mode": mode,
+                        "models": k,
+                        "batch_size": b,
+                        "floor_ms": round(floor_ms, 3),
+                        "routed_ms": round(routed_ms, 3),
+                        "routed_over_floor": round(routed_ms / floor_ms, 4),
+                    }
+                )
+                print(json.dumps(results[-1]), file=sys.stderr, flush=True)  # progress, kept if killed
+    return {"unet": "sd15", "parameters": parameters, "repeats": args.repeats, "results": results}
+
+
+def step_milliseconds(floor_fn, routed_fn, unet, names, device, dtype, repeats, warmup):
+    """``(floor, routed)`` ms per step for the routing ``names``: one plain call of ``len(names)`` rows, and
+    one routed call (the block entered every step, as the sampler does)."""
+    g = torch.Generator().manual_seed(len(names))
+    rows = len(names)
+    x = torch.randn((rows, 4, 64, 64), generator=g).to(device=device, dtype=dtype)
+    context = torch.randn((rows, *SD15_TEXT), generator=g).to(device=device, dtype=dtype)
+    t = torch.full((rows,), 500, device=device)
+
+    def floor():
+        floor_fn(x, t, encoder_hidden_states=context)
+
+    def routed():
+        with mixed_adapter_batch(unet, names):
+            routed_fn(x, t, encoder_hidden_states=context)
+
+    floor_ms = 1000 * median_seconds(floor, repeats, device, warmup)
+    return floor_ms, 1000 * median_seconds(routed, repeats, device, warmup)
 
 
 def render(r: dict) -> str:

@@ -21,9 +21,10 @@ REFERENCE = "__base__"
 
 def load_adapter(unet, name: str, lora_state: dict[str, torch.Tensor], spec: LoraSpec) -> None:
     """Add a LoRA adapter called ``name`` with ``spec``'s rank, alpha and targets to ``unet`` and load its
-    weights (a peft state dict without prefix)."""
+    weights (a peft state dict without prefix). Drops the cached stacked weights (:func:`clear_stacked`)."""
     from peft import LoraConfig, set_peft_model_state_dict
 
+    clear_stacked(unet)
     with warnings.catch_warnings():  # several adapters on one model is the point here
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
         unet.add_adapter(LoraConfig(**spec.lora_config_kwargs()), adapter_name=name)
@@ -42,15 +43,18 @@ def mixed_adapter_batch(unet, adapter_names: Sequence[str]):
     per copy. Each LoRA layer then adds its K deltas with two batched matmuls over the slices
     (``delta_k = scaling_k * x_k A_k^T B_k^T``, the reference slice contributing 0): the cost of one LoRA
     forward, where peft's mixed batches gather and scatter rows per adapter and layer.
-    """
-    from peft.tuners.lora import Linear as LoraLinear
-    from peft.tuners.lora import LoraLayer
 
+    The stacked weights of a routing are built once and cached on each layer (:func:`stacked_weights`), so
+    entering the block every denoising step costs no rebuild; each layer carries one routing hook for good
+    (:func:`_routed_deltas`, a no-op outside the block), so a compiled UNet (:func:`compile_unet`) sees the
+    same hooks on every call.
+    """
     names = list(adapter_names)
-    slices, b = _slices(names)
-    layers = [m for m in unet.modules() if isinstance(m, LoraLayer)]
-    if any(not isinstance(m, LoraLinear) for m in layers):
-        raise TypeError("batched routing supports LoRA on linear layers only")
+    slices, _ = _slices(names)
+    layers = lora_layers(unet)
+    for module in layers:
+        if _routed_deltas not in module._forward_hooks.values():
+            module.register_forward_hook(_routed_deltas)
     if all(name == REFERENCE for name in slices):
         unet.disable_adapters()
         try:
@@ -58,31 +62,46 @@ def mixed_adapter_batch(unet, adapter_names: Sequence[str]):
         finally:
             unet.enable_adapters()
         return
-
-    def add_deltas(module, args, output):
-        x = args[0]
-        rows = x.shape[0]
-        if rows % len(names):
-            raise ValueError(f"batch of {rows} rows does not split into {len(names)} routed slices")
-        a, bw = module._msdda_stacked  # [n, r, in], [n, out, r]
-        n = a.shape[0]
-        xs = x.reshape(rows // (n * b), n, -1, x.shape[-1]).to(a.dtype)  # [copies, n, b * tokens, in]
-        delta = torch.einsum("cnti,nri->cntr", xs, a)
-        delta = torch.einsum("cntr,nor->cnto", delta, bw)
-        return output + delta.reshape(output.shape).to(output.dtype)
-
-    handles = []
     for module in layers:
-        module._msdda_stacked = _stacked_weights(module, slices)
-        handles.append(module.register_forward_hook(add_deltas))
+        a, bw = stacked_weights(module, slices)
+        module._msdda_route = (a, bw, len(names))
     unet.disable_adapters()  # the base layer's output only; the hook adds the routed deltas
     try:
         yield
     finally:
         unet.enable_adapters()
-        for module, handle in zip(layers, handles):
-            handle.remove()
-            del module._msdda_stacked
+        for module in layers:
+            module._msdda_route = None
+
+
+def lora_layers(unet) -> list:
+    """The UNet's peft LoRA layers; routing supports LoRA on linear layers only."""
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in unet.modules() if isinstance(m, LoraLayer)]
+    if any(not isinstance(m, LoraLinear) for m in layers):
+        raise TypeError("batched routing supports LoRA on linear layers only")
+    return layers
+
+
+def _routed_deltas(module, args, output):
+    """The forward hook of a LoRA layer: inside :func:`mixed_adapter_batch`, the output plus each slice's
+    delta from the layer's ``_msdda_route`` ``(A [n, r, in], s B [n, out, r], rows per copy)``; outside it,
+    nothing (``None`` keeps the output)."""
+    route = getattr(module, "_msdda_route", None)
+    if route is None:
+        return None
+    a, bw, total = route
+    x = args[0]
+    rows = x.shape[0]
+    if rows % total:
+        raise ValueError(f"batch of {rows} rows does not split into {total} routed rows per copy")
+    n = a.shape[0]
+    xs = x.reshape(rows // total, n, -1, x.shape[-1]).to(a.dtype)  # [copies, n, b * tokens, in]
+    delta = torch.einsum("cnti,nri->cntr", xs, a)
+    delta = torch.einsum("cntr,nor->cnto", delta, bw)
+    return output + delta.reshape(output.shape).to(output.dtype)
 
 
 def _slices(names: list[str]) -> tuple[list[str], int]:
@@ -97,6 +116,42 @@ def _slices(names: list[str]) -> tuple[list[str], int]:
     return slices, b
 
 
+def _fingerprint(module, slices: list[str]) -> tuple:
+    """What the stacked weights of ``slices`` are built from: each adapter's A and B (identity, storage and
+    version counter, which every in-place write bumps), its scaling, and the base weight's dtype and
+    device."""
+    weight = module.base_layer.weight
+    parts: list = [weight.dtype, weight.device]
+    for name in slices:
+        if name == REFERENCE:
+            parts.append(name)
+            continue
+        a, b = module.lora_A[name].weight, module.lora_B[name].weight
+        parts.append((name, module.scaling[name]))
+        parts.extend((id(p), p.data_ptr(), p._version, p.dtype, p.device) for p in (a, b))
+    return tuple(parts)
+
+
+def stacked_weights(module, slices: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_stacked_weights` of ``slices``, cached on ``module`` per routing and rebuilt only when an
+    adapter's weights, scaling, dtype or device changed since (:func:`_fingerprint`)."""
+    cache = module.__dict__.setdefault("_msdda_stacked_cache", {})
+    key, fingerprint = tuple(slices), _fingerprint(module, slices)
+    entry = cache.get(key)
+    if entry is None or entry[0] != fingerprint:
+        entry = cache[key] = (fingerprint, *_stacked_weights(module, slices))
+    return entry[1], entry[2]
+
+
+def clear_stacked(unet) -> None:
+    """Drop every cached stacked weight of ``unet`` (called wherever adapters are added or loaded)."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in unet.modules():
+        if isinstance(module, LoraLayer):
+            module.__dict__.pop("_msdda_stacked_cache", None)
+
+
 def _stacked_weights(module, slices: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """``A [n, r, in]`` and ``scaling * B [n, out, r]`` per slice (zeros for the reference), padded to max
     rank."""
@@ -109,13 +164,29 @@ def _stacked_weights(module, slices: list[str]) -> tuple[torch.Tensor, torch.Ten
     weight = module.base_layer.weight
     a = weight.new_zeros(len(slices), r, weight.shape[1])
     bw = weight.new_zeros(len(slices), weight.shape[0], r)
-    for i, name in enumerate(slices):
-        if name == REFERENCE:
-            continue
-        rank = module.lora_A[name].weight.shape[0]
-        a[i, :rank] = module.lora_A[name].weight.detach()
-        bw[i, :, :rank] = module.lora_B[name].weight.detach() * module.scaling[name]
+    with torch.no_grad():
+        for i, name in enumerate(slices):
+            if name == REFERENCE:
+                continue
+            rank = module.lora_A[name].weight.shape[0]
+            a[i, :rank] = module.lora_A[name].weight.detach()
+            bw[i, :, :rank] = module.lora_B[name].weight.detach() * module.scaling[name]
     return a, bw
+
+
+def compile_unet(unet, backend: str = "inductor"):
+    """``torch.compile`` of ``unet``'s forward for routed steps (``composition.compile``): mode
+    ``reduce-overhead`` (CUDA graphs) on CUDA, the default mode elsewhere (inductor needs a C++ compiler on
+    the CPU). The routing hooks are put on every LoRA layer first, so the compiled code always holds them
+    (they do nothing outside :func:`mixed_adapter_batch`). Call it once per UNet and reuse the result.
+    ``backend`` is torch.compile's (tests use ``"eager"``: dynamo's tracing and guards without codegen)."""
+    for module in lora_layers(unet):
+        if _routed_deltas not in module._forward_hooks.values():
+            module.register_forward_hook(_routed_deltas)
+    if backend != "inductor":
+        return torch.compile(unet, backend=backend)
+    mode = "reduce-overhead" if unet.device.type == "cuda" else "default"
+    return torch.compile(unet, mode=mode)
 
 
 def routing(names: Sequence[str], batch_size: int) -> list[str]:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from composition.batched import load_adapter
+from composition.batched import compile_unet, load_adapter
 from composition.methods import METHODS, Batch, Composer, Method
 from configs.errors import MsddaError
 from configs.schema import CompositionConfig, PipelineConfig
@@ -79,10 +79,16 @@ class Ensemble:
     prompts: list[str]
     reference_hash: str
     _embeds: dict = field(default_factory=dict)
+    _compiled: dict = field(default_factory=dict)
 
     @property
     def objectives(self) -> list[str]:
         return [m.objective for m in self.models]
+
+    @property
+    def device(self) -> torch.device:
+        """Where the pipeline (and so sampling and scoring) runs: ``runtime.device`` at load time."""
+        return self.pipe.unet.device
 
     def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
         if not self._embeds:
@@ -91,8 +97,17 @@ class Ensemble:
             self._embeds["prompts"], self._embeds["uncond"] = encode_prompts(self.pipe, self.prompts)
         return self._embeds["prompts"], self._embeds["uncond"]
 
+    def compiled_unet(self):
+        """The UNet compiled for routed steps (:func:`composition.batched.compile_unet`), built once."""
+        if "unet" not in self._compiled:
+            self._compiled["unet"] = compile_unet(self.pipe.unet)
+        return self._compiled["unet"]
+
     def composer(self, options: CompositionConfig) -> Composer:
-        return Composer(self.pipe.unet, self.schedule, self.guidance_scale, self.models, options)
+        """The methods' view of the ensemble; with ``options.compile`` its UNet calls go through
+        :meth:`compiled_unet`."""
+        forward = self.compiled_unet() if getattr(options, "compile", False) else None
+        return Composer(self.pipe.unet, self.schedule, self.guidance_scale, self.models, options, forward)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -146,11 +161,21 @@ class Ensemble:
 
 
 def load_ensemble(
-    config: PipelineConfig, home: Path, model_dirs: list[Path], progress: bool = False
+    config: PipelineConfig,
+    home: Path,
+    model_dirs: list[Path],
+    progress: bool = False,
+    prompts: list[str] | None = None,
 ) -> Ensemble:
-    """Load the reference and put every base model's LoRA adapter on its UNet (named by objective)."""
+    """Load the reference and put every base model's LoRA adapter on its UNet (named by objective); the
+    pipeline then moves to ``config.runtime.device`` with its weights in ``config.runtime.dtype``. The images
+    cycle through ``prompts`` (default: the config's evaluation prompts, ``train.prompts`` or the embedded
+    default's)."""
     from training.base_model import default_prompts, reference_identity
+    from training.device import place_pipeline, resolve_runtime
     from training.rewards import load_reward
+
+    device, dtype = resolve_runtime(config.runtime)  # a missing device fails here, before any loading
 
     models = [load_base_model(Path(p)) for p in model_dirs]
     check_lineage(models)
@@ -167,6 +192,7 @@ def load_ensemble(
                 f"base model '{m.objective}' at {m.path} does not fit the reference: "
                 f"{str(exc).splitlines()[0]}"
             ) from None
+    place_pipeline(pipe, device, dtype)
     rewards = {
         m.objective: load_reward(m.card.reward.name, config, home, m.card.reward.options) for m in models
     }
@@ -178,7 +204,7 @@ def load_ensemble(
         rewards,
         schedule,
         float(sampling["guidance_scale"]),
-        config.train.prompts or default_prompts(),
+        list(prompts or config.train.prompts or default_prompts()),
         reference_hash,
     )
 
@@ -216,9 +242,14 @@ def generate(
     options: CompositionConfig,
     num_images: int | None = None,
     seed: int | None = None,
+    progress: bool = False,
 ) -> Generated:
     """Sample ``num_images`` images for ``weights`` with ``method``; prompts cycle through the prompt set and
-    batch ``b`` draws its noise from :func:`batch_seeds` so every method sees the same ``x_T``."""
+    batch ``b`` draws its noise from :func:`batch_seeds` so every method sees the same ``x_T``. Sampling runs
+    on the ensemble's device with fp32 latents (the UNet and VAE run in their own dtype); the images come back
+    on the CPU. ``progress``: a bar over the images on stderr."""
+    from tqdm.auto import tqdm
+
     num_images = num_images or options.num_images
     seed = options.seed if seed is None else seed
     weights = parse_weights(weights, len(ensemble.models))
@@ -236,6 +267,7 @@ def generate(
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     images, latents, prompts, diagnostics, nfe, calls, kls = [], [], [], [], 0.0, RewardCalls(), []
     start = time.perf_counter()
+    bar = tqdm(total=num_images, desc=f"compose: {method}", unit="image", disable=not progress)
     for batch_index, first in enumerate(range(0, num_images, options.batch_size)):
         index = torch.arange(first, min(first + options.batch_size, num_images)) % len(ensemble.prompts)
         batch_prompts = [ensemble.prompts[i] for i in index.tolist()]
@@ -265,12 +297,14 @@ def generate(
                 )
         except ValueError as exc:  # e.g. a non-positive composed precision
             raise CompositionError(f"{method} with weights {weights}: {exc}") from None
-        images.append(ensemble.decode(chain.latents))
-        latents.append(chain.latents)
+        images.append(ensemble.decode(chain.latents).cpu())
+        latents.append(chain.latents.cpu())
         if chain.kl is not None:
             kls.append(chain.kl.detach().cpu())
         prompts.extend(batch_prompts)
         diagnostics.extend(chain.diagnostics if batch_index == 0 else [])
+        bar.update(len(index))
+    bar.close()
     seconds = time.perf_counter() - start
     path_kl = torch.cat(kls) if kls else None
     return Generated(
@@ -289,9 +323,11 @@ def generate(
 
 @torch.no_grad()
 def score_generated(ensemble: Ensemble, generated: Generated) -> dict[str, torch.Tensor]:
-    """Per-image rewards ``{objective: [N]}`` of generated images (latent rewards score their latents)."""
+    """Per-image rewards ``{objective: [N]}`` of generated images (on the CPU), scored on the ensemble's
+    device; latent rewards score the images' latents."""
+    images, latents = generated.images.to(ensemble.device), generated.latents.to(ensemble.device)
     return {
-        name: reward.score(generated.latents, generated.prompts, lambda _: generated.images).float()
+        name: reward.score(latents, generated.prompts, lambda _: images).detach().float().cpu()
         for name, reward in ensemble.rewards.items()
     }
 

@@ -104,7 +104,8 @@ def sweep(
     Returns ``{"objectives", "reference": {"rewards", "reward_se"}, "methods": {name: {"hypervolume",
     "hypervolume_se", "front", "points": [{"weights", "rewards", "reward_se", "nfe", "reward_calls",
     "seconds"} (+ "kl", "J", "J_se", "combined" with ``options.path_kl``)]}}, "settings"}``; the sampled
-    images of each point go to ``on_point(method or "reference", weights, {"images", "prompts"})`` if given.
+    images of each point go to ``on_point(method or "reference", weights, {"images", "prompts", "rewards"})``
+    if given (``rewards``: objective -> per-image values).
     """
     from tqdm.auto import tqdm
 
@@ -124,7 +125,11 @@ def sweep(
         stats = {name: mean_and_se(values) for name, values in rewards.items()}
         per_image.setdefault(label or method, []).append(torch.stack([rewards[n] for n in objectives], 1))
         if on_point is not None:
-            on_point(label or method, weights, {"images": generated.images, "prompts": generated.prompts})
+            on_point(
+                label or method,
+                weights,
+                {"images": generated.images, "prompts": generated.prompts, "rewards": rewards},
+            )
         point = {
             "weights": weights,
             "rewards": {k: v[0] for k, v in stats.items()},
@@ -223,19 +228,163 @@ def plot_fronts(result: dict, path: Path, extra: dict[str, list[dict]] | None = 
     return _save_figure(fig, path)
 
 
-def image_grid(images: torch.Tensor, path: Path, columns: int = 16, scale: int = 2) -> Path:
-    """A PNG grid of the first images (nearest-neighbour upscaled so tiny samples stay legible)."""
-    from diffusers.utils import make_image_grid
+GRID_MIN_TILE = 96
+"""Grids upscale each image (nearest neighbour) to at least this many pixels a side."""
+
+
+def _font(size: int):
+    """DejaVu Sans (shipped with matplotlib) at ``size`` pixels; PIL's default font if it is missing."""
+    from PIL import ImageFont
+
+    try:
+        from matplotlib import font_manager
+
+        return ImageFont.truetype(font_manager.findfont("DejaVu Sans", fallback_to_default=False), size)
+    except (ImportError, OSError, ValueError):
+        return ImageFont.load_default(size)
+
+
+def _tiles(images: torch.Tensor, min_tile: int) -> list:
+    """PIL images of ``images`` ([N, C, H, W] in [0, 1]), upscaled by the smallest integer factor that makes
+    them at least ``min_tile`` pixels high (nearest neighbour: every sample pixel stays a sharp block)."""
     from PIL import Image
 
-    count = min(len(images), columns * max(1, math.ceil(min(len(images), 64) / columns)))
-    array = (images[:count].permute(0, 2, 3, 1).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-    tiles = [
-        Image.fromarray(a).resize((a.shape[1] * scale, a.shape[0] * scale), Image.NEAREST) for a in array
+    array = (images.permute(0, 2, 3, 1).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    scale = max(1, math.ceil(min_tile / array.shape[1]))
+    mode = "L" if array.shape[3] == 1 else "RGB"
+    return [
+        Image.fromarray(a[..., 0] if mode == "L" else a, mode)
+        .convert("RGB")
+        .resize((a.shape[1] * scale, a.shape[0] * scale), Image.NEAREST)
+        for a in array
     ]
-    rows = math.ceil(len(tiles) / columns)
-    tiles += [Image.new("RGB", tiles[0].size)] * (rows * columns - len(tiles))
-    return _save_image(make_image_grid(tiles, rows=rows, cols=columns), path)
+
+
+def _wrap(text: str, font, width: int, max_lines: int = 2) -> list[str]:
+    """``text`` in at most ``max_lines`` lines that fit ``width`` pixels (the last one cut, with …)."""
+    words, lines, line = text.split(), [], ""
+    for word in words:
+        candidate = f"{line} {word}".strip()
+        if font.getlength(candidate) <= width or not line:
+            line = candidate
+        else:
+            lines.append(line)
+            line = word
+    if line:
+        lines.append(line)
+    if len(lines) > max_lines:
+        lines, rest = lines[:max_lines], " ".join(lines[max_lines - 1 :])
+        while rest and font.getlength(rest + "…") > width:
+            rest = rest[:-1]
+        lines[-1] = rest + "…"
+    return lines
+
+
+def _reward_lines(rewards: dict[str, torch.Tensor] | None, index: int) -> list[str]:
+    return [f"{name} {float(values[index]):+.3f}" for name, values in (rewards or {}).items()]
+
+
+def _labelled_grid(
+    cells: list[list[tuple[object, list[str], list[str]]]],
+    row_labels: list[str] | None = None,
+    column_labels: list[str] | None = None,
+    title: str | None = None,
+):
+    """Draw a grid of cells; each cell is ``(tile, texts, lines)``: under the tile, ``texts`` wrapped to the
+    cell's width, then ``lines`` as they are (the cell is as wide as the widest of them).
+
+    Rows may have labels on the left, columns a header on top (wrapped to the cell width, two lines at
+    most), the whole a title. Returns the PIL image (white background, black text).
+    """
+    from PIL import Image, ImageDraw
+
+    font, title_font = _font(11), _font(13)
+    pad, line_height = 6, 14
+    tile_w = max(tile.width for row in cells for tile, _, _ in row)
+    tile_h = max(tile.height for row in cells for tile, _, _ in row)
+    plain = [line for row in cells for _, _, lines in row for line in lines]
+    cell_w = max([tile_w, 120] + [math.ceil(font.getlength(line)) for line in plain])
+    # each cell's caption: its wrapped texts (the prompt), then its plain lines (the rewards)
+    captions = [
+        [[*(x for t in texts for x in _wrap(t, font, cell_w)), *lines] for _, texts, lines in row]
+        for row in cells
+    ]
+    caption_lines = max((len(caption) for row in captions for caption in row), default=0)
+    cell_h = tile_h + (caption_lines * line_height + 4 if caption_lines else 0)
+    label_w = max([0] + [math.ceil(font.getlength(label)) + pad for label in row_labels or []])
+    headers = [_wrap(label, font, cell_w) for label in column_labels or []]
+    header_h = max([0] + [len(h) * line_height + 4 for h in headers])
+    title_h = line_height + 8 if title else 0
+    columns = max(len(row) for row in cells)
+    width = pad + label_w + columns * (cell_w + pad)
+    if title:
+        width = max(width, 2 * pad + math.ceil(title_font.getlength(title)))
+    height = pad + title_h + header_h + len(cells) * (cell_h + pad)
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((pad, pad), title, fill="black", font=title_font)
+    top = pad + title_h
+    for c, header in enumerate(headers):
+        x = pad + label_w + c * (cell_w + pad)
+        for k, line in enumerate(header):
+            draw.text((x, top + k * line_height), line, fill="black", font=font)
+    top += header_h
+    for r, row in enumerate(cells):
+        y = top + r * (cell_h + pad)
+        if row_labels:
+            draw.text((pad, y + tile_h // 2 - line_height // 2), row_labels[r], fill="black", font=font)
+        for c, (tile, _, _) in enumerate(row):
+            x = pad + label_w + c * (cell_w + pad)
+            canvas.paste(tile, (x, y))
+            for k, line in enumerate(captions[r][c]):
+                draw.text((x, y + tile_h + 2 + k * line_height), line, fill="black", font=font)
+    return canvas
+
+
+def image_grid(
+    images: torch.Tensor,
+    path: Path,
+    prompts: Sequence[str] | None = None,
+    rewards: dict[str, torch.Tensor] | None = None,
+    columns: int = 8,
+    max_images: int = 64,
+    min_tile: int = GRID_MIN_TILE,
+    title: str | None = None,
+) -> Path:
+    """A PNG grid of the first ``max_images`` images, upscaled (nearest neighbour) to at least ``min_tile``
+    pixels, each labelled with its prompt and its reward under every objective (``rewards``: name -> [N]
+    per-image values) when given; written to a temporary file and renamed into place."""
+    count = min(len(images), max_images)
+    tiles = _tiles(images[:count], min_tile)
+    cells = [
+        (tile, [prompts[i]] if prompts is not None else [], _reward_lines(rewards, i))
+        for i, tile in enumerate(tiles)
+    ]
+    rows = [cells[i : i + columns] for i in range(0, len(cells), columns)]
+    return _save_image(_labelled_grid(rows, title=title), path)
+
+
+def sweep_grid(
+    points: Sequence[tuple[Sequence[float], torch.Tensor, dict[str, torch.Tensor]]],
+    prompts: Sequence[str],
+    path: Path,
+    columns: int = 6,
+    min_tile: int = GRID_MIN_TILE,
+    title: str | None = None,
+) -> Path:
+    """One PNG for a method's sweep: a row per weight vector (labelled ``w = ...``), a column per image
+    index (the points share prompts and initial noise: column ``j`` is the same prompt and seed in every
+    row, headed by its prompt), each cell labelled with its rewards. ``points``: ``(weights, images,
+    rewards)`` with ``rewards`` name -> per-image values."""
+    count = min(columns, min(len(images) for _, images, _ in points))
+    rows = [
+        [(tile, [], _reward_lines(rewards, i)) for i, tile in enumerate(_tiles(images[:count], min_tile))]
+        for _, images, rewards in points
+    ]
+    labels = ["w = " + ", ".join(f"{w:g}" for w in weights) for weights, _, _ in points]
+    headers = [f"#{i}: {prompts[i]}" for i in range(count)]
+    return _save_image(_labelled_grid(rows, labels, headers, title), path)
 
 
 def _save_figure(fig, path: Path) -> Path:

@@ -25,10 +25,18 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-from composition.batched import REFERENCE, load_adapter, merge_lora_states, mixed_adapter_batch, routing
+from composition.batched import (
+    REFERENCE,
+    clear_stacked,
+    load_adapter,
+    merge_lora_states,
+    mixed_adapter_batch,
+    routing,
+)
 from composition.msdda import SUM_TOLERANCE, compose_gaussian, composition_coefficients
 from training.card import LoraSpec
 from training.chain import Chain, run_chain
@@ -62,13 +70,16 @@ class Composer:
     """What every method works with: the UNet carrying the K base models' adapters, the schedule, guided and
     counted epsilons, and each base model's learned variance and beta.
 
-    ``models`` are loaded base models (``training.card.LoadedBaseModel``).
+    ``models`` are loaded base models (``training.card.LoadedBaseModel``); ``forward`` (default: the UNet)
+    is what runs the UNet, e.g. :func:`composition.batched.compile_unet`'s compiled UNet.
     """
 
-    def __init__(self, unet, schedule: DDIMSchedule, guidance_scale: float, models: Sequence, options):
+    def __init__(
+        self, unet, schedule: DDIMSchedule, guidance_scale: float, models: Sequence, options, forward=None
+    ):
         self.unet, self.schedule, self.options = unet, schedule, options
         self.models = list(models)
-        self.eps = GuidedEpsilon(unet, guidance_scale)
+        self.eps = GuidedEpsilon(unet, guidance_scale, forward)
 
     @property
     def names(self) -> list[str]:
@@ -120,6 +131,7 @@ class Composer:
         scaled = [c * m.card.lora.scaling for c, m in zip(lam, self.models)]
         merged = merge_lora_states([m.lora for m in self.models], scaled)
         if SOUP_ADAPTER in getattr(self.unet, "peft_config", {}):
+            clear_stacked(self.unet)
             set_peft_model_state_dict(self.unet, merged, adapter_name=SOUP_ADAPTER)
         else:
             spec = LoraSpec(rank=sum(m.rank for m in self.models), targets=self.models[0].targets)
@@ -312,6 +324,9 @@ METHODS: dict[str, Method] = {
     )
 }
 """Every composition method by name. Adding one: write its function above and add one line here."""
+
+MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]
+"""A registered method's name: the choices of ``msdda compose --method`` and of the Prefect flows."""
 
 
 def methods_table() -> str:

@@ -7,6 +7,7 @@ every error names the offending field and the file it came from (:class:`ConfigE
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -198,13 +199,21 @@ class CompositionConfig(_Strict):
     path_kl: bool = False
     """Measure each image's path KL from the reference and the regularised objective ``J_w`` (docs/design.md
     §4.5): one extra, uncounted reference UNet row per step for MSDDA, the blend and the soup."""
+    compile: bool = False
+    """``torch.compile`` the UNet forward of the composed step (``composition.batched.compile_unet``: CUDA
+    graphs on a GPU), removing most of the kernel-launch overhead of small batches; the first call compiles
+    (tens of seconds to minutes). Same outputs up to float rounding; not part of the sweep's cache key."""
+
+
+Device = Literal["auto", "cpu", "cuda"]
+"""Where the models run (``runtime.device``, ``--device``)."""
 
 
 class RuntimeConfig(_Strict):
     """Where every stage runs (pretraining, training, rewards, composition, the sweep). Not part of any
     cache key: a base model trained on a GPU is the same model."""
 
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Device = "auto"
     """``auto``: CUDA when there is one, else the CPU. ``cuda`` where there is none is a one-line error."""
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
     """The frozen reference model's weights for sampling and composition (trainable weights stay fp32)."""
@@ -265,20 +274,27 @@ def _format_error(error: dict, source: str) -> str:
     return f"{source}: {field}: {message}"
 
 
-def parse_config(data: object, source: str = "<config>") -> PipelineConfig:
-    """Validate a mapping; raise :class:`ConfigError` naming the first bad field and ``source``."""
+def parse_config(data: object, source: str = "<config>", overrides: Sequence[str] = ()) -> PipelineConfig:
+    """Validate a mapping with ``overrides`` (``section.field=value``, :mod:`configs.overrides`) applied on
+    top; raise :class:`ConfigError` naming the first bad field and where it was set: ``source``, or the
+    ``--set`` that set it."""
+    from configs.overrides import apply_overrides, source_of
+
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: top level must be a mapping, got {type(data).__name__}")
+    data = apply_overrides(data, overrides) if overrides else data
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_error(exc.errors()[0], source)) from None
+        error = exc.errors()[0]
+        raise ConfigError(_format_error(error, source_of(error["loc"], overrides, source))) from None
 
 
-def load_config(path: str | os.PathLike | None = None) -> PipelineConfig:
-    """Load and validate a YAML config; ``None`` loads ``configs/default.yaml``."""
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> PipelineConfig:
+    """Load and validate a YAML config, with ``overrides`` (``section.field=value``) applied on top; ``None``
+    loads ``configs/default.yaml``."""
     path = Path(path) if path is not None else DEFAULT_CONFIG
     try:
         text = path.read_text()
@@ -288,4 +304,4 @@ def load_config(path: str | os.PathLike | None = None) -> PipelineConfig:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    return parse_config(data, str(path))
+    return parse_config(data, str(path), overrides)

@@ -15,7 +15,11 @@ from typing import Annotated
 
 import typer
 
+from composition.methods import MethodName
 from configs.errors import MsddaError
+from configs.schema import Device
+from flows.jobs import Runner
+from training.rewards import RewardName
 
 app = typer.Typer(
     name="msdda",
@@ -29,6 +33,23 @@ ConfigOption = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML config (default: the embedded default).")
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        metavar="SECTION.FIELD=VALUE",
+        help="Override one config field, on top of the YAML (repeatable; the value is YAML), "
+        "e.g. --set train.iterations=50 --set composition.grid=5.",
+    ),
+]
+DeviceOption = Annotated[
+    Device | None,
+    typer.Option(
+        "--device",
+        help="Where the models run: auto (CUDA if there is one), cpu or cuda. Shorthand for "
+        "--set runtime.device=...; default: the config's (auto).",
+    ),
+]
 
 
 def _version(value: bool) -> None:
@@ -68,14 +89,19 @@ def _private_by_default() -> None:
         os.environ.setdefault(name, value)
 
 
-def _quiet_libraries() -> None:
-    """Keep third-party chatter (deprecations, load bars) off the terminal; our own bars stay."""
+def _quiet_warnings() -> None:
+    """Keep third-party deprecations and MLflow's upload bars off the terminal; our own bars stay."""
     import os
     import warnings
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
+
+
+def _quiet_libraries() -> None:
+    """Keep diffusers' and transformers' chatter (log lines, load bars) off the terminal. Called once the
+    input is checked: importing them takes seconds, which bad input should not wait for."""
     try:
         from diffusers.utils import logging as diffusers_logging
         from transformers.utils import logging as transformers_logging
@@ -88,10 +114,23 @@ def _quiet_libraries() -> None:
         pass
 
 
-def _load(config_path: Path | None):
-    from configs import load_config
+def _overrides(sets: list[str] | None, device: str | None) -> list[str]:
+    """The ``--set`` strings in order, then ``--device`` as ``runtime.device=...`` (so it wins)."""
+    return [*(sets or []), *([f"runtime.device={device}"] if device else [])]
 
-    return load_config(config_path)
+
+def _config(config_path: Path | None, sets: list[str] | None = None, device: str | None = None):
+    """What every command with model work does first: the config (YAML, then the overrides) validated, and
+    its device checked, so that bad input fails in one line before any work; then the libraries quieted.
+    Returns the config and the overrides (for flows that load the config again)."""
+    from configs import load_config
+    from training.device import resolve_device
+
+    overrides = _overrides(sets, device)
+    config = load_config(config_path, overrides)
+    resolve_device(config.runtime.device)
+    _quiet_libraries()
+    return config, overrides
 
 
 def _emit(payload: dict, as_json: bool, human: str) -> None:
@@ -102,12 +141,17 @@ def _emit(payload: dict, as_json: bool, human: str) -> None:
 
 
 @app.command()
-def pretrain(config: ConfigOption = None, json_output: JsonOption = False) -> None:
+def pretrain(
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+    device: DeviceOption = None,
+    json_output: JsonOption = False,
+) -> None:
     """Build the embedded reference model (cached under $MSDDA_HOME) and report its quality."""
     from training.embedded import pretrain_reference, result_dict
     from training.models import msdda_home
 
-    cfg = _load(config)
+    cfg, _ = _config(config, overrides, device)
     if cfg.model.source != "embedded":
         raise UsageError("`pretrain` builds the embedded model; this config uses a pretrained checkpoint")
     start = time.perf_counter()
@@ -126,9 +170,12 @@ def pretrain(config: ConfigOption = None, json_output: JsonOption = False) -> No
 @app.command()
 def train(
     objective: Annotated[
-        str, typer.Option("--objective", "-o", help="Reward to train for, e.g. ink_economy.")
+        RewardName,
+        typer.Option("--objective", "-o", help="The reward to train for (training/rewards.py)."),
     ],
     config: ConfigOption = None,
+    overrides: SetOption = None,
+    device: DeviceOption = None,
     json_output: JsonOption = False,
     mlflow: Annotated[
         bool, typer.Option(help="Log the run to MLflow and register the model version.")
@@ -138,7 +185,7 @@ def train(
     from flows.jobs import train_job
     from training.models import msdda_home
 
-    cfg = _load(config)
+    cfg, _ = _config(config, overrides, device)
     result = train_job(
         cfg,
         msdda_home(),
@@ -175,7 +222,7 @@ ModelsOption = Annotated[
     ),
 ]
 MethodOption = Annotated[
-    str, typer.Option("--method", help="A composition method (`msdda methods` lists them).")
+    MethodName, typer.Option("--method", help="The composition method (`msdda methods` describes them).")
 ]
 
 
@@ -195,18 +242,46 @@ def compose(
         int | None, typer.Option("--seed", help="Seed of the initial noise (default: composition.seed).")
     ] = None,
     method: MethodOption = "msdda",
+    prompt: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--prompt",
+            "-p",
+            metavar="TEXT",
+            help="A prompt (repeatable); the images cycle through the prompts "
+            "(default: the config's evaluation prompts).",
+        ),
+    ] = None,
+    prompts_file: Annotated[
+        Path | None,
+        typer.Option("--prompts-file", help="A text file of prompts, one per line (blank lines skipped)."),
+    ] = None,
     out: Annotated[
         Path | None, typer.Option("--out", help="Image folder (default: under $MSDDA_HOME).")
     ] = None,
     config: ConfigOption = None,
+    overrides: SetOption = None,
+    device: DeviceOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Compose registered base models at denoising time for one weight vector; save and score the images."""
-    from flows.jobs import compose_job
+    from flows.jobs import compose_job, read_prompts
     from training.models import msdda_home
 
-    cfg = _load(config)
-    result = compose_job(cfg, msdda_home(), weights, _split(models), method, num_images, seed, out)
+    prompts = [*(prompt or []), *(read_prompts(prompts_file) if prompts_file else [])] or None
+    cfg, _ = _config(config, overrides, device)
+    result = compose_job(
+        cfg,
+        msdda_home(),
+        weights,
+        _split(models),
+        method,
+        num_images,
+        seed,
+        out,
+        prompts=prompts,
+        progress=sys.stderr.isatty() or not json_output,
+    )
     lines = [
         (
             f"{result['method']} w={result['weights']}: {result['num_images']} images, "
@@ -238,13 +313,15 @@ def sweep(
     ] = None,
     models: ModelsOption = None,
     config: ConfigOption = None,
+    overrides: SetOption = None,
+    device: DeviceOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Every method over a weight grid: rewards, NFE, Pareto fronts, hypervolume, plots (logged to MLflow)."""
     from flows.jobs import sweep_job
     from training.models import msdda_home
 
-    cfg = _load(config)
+    cfg, _ = _config(config, overrides, device)
     result = sweep_job(
         cfg,
         msdda_home(),
@@ -341,9 +418,12 @@ def models(json_output: JsonOption = False) -> None:
 @app.command()
 def run(
     config: ConfigOption = None,
+    overrides: SetOption = None,
+    device: DeviceOption = None,
     json_output: JsonOption = False,
     runner: Annotated[
-        str, typer.Option(help="sequential | dask (train the base models in parallel)")
+        Runner,
+        typer.Option(help="How the base models are trained: one after the other, or in parallel on Dask."),
     ] = "sequential",
 ) -> None:
     """The main job (Prefect flow `msdda-pipeline`): pretrain the reference, train and register a base model
@@ -353,9 +433,7 @@ def run(
     from training.models import msdda_home
     from training.rewards import load_reward
 
-    if runner not in ("sequential", "dask"):
-        raise UsageError(f"unknown runner '{runner}'; choose sequential or dask")
-    cfg = _load(config)
+    cfg, overrides = _config(config, overrides, device)
     home = msdda_home()
     if cfg.model.source == "pretrained":  # a missing checkpoint fails here, in one line
         from training.models import load_reference_pipeline
@@ -368,7 +446,7 @@ def run(
     from flows.registry import check_reachable
 
     check_reachable(home)
-    result = pipeline(str(config) if config else None, str(home), runner)
+    result = pipeline(str(config) if config else None, str(home), runner, overrides)
     reference = result["reference"]
     accuracy = reference.get("alignment_accuracy")
     lines = [
@@ -406,6 +484,8 @@ def deploy(
         ),
     ] = None,
     config: ConfigOption = None,
+    overrides: SetOption = None,
+    device: DeviceOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Create the Prefect deployments on a Prefect server (PREFECT_API_URL):
@@ -416,9 +496,9 @@ def deploy(
 
     home = msdda_home()
     check_cron(cron)
-    _load(config)  # a bad config fails now, not at the first scheduled run
+    _, overrides = _config(config, overrides, device)  # bad input fails now, not at the first scheduled run
     if pool is not None:
-        rows = deploy_to_pool(pool, cron, config, home)
+        rows = deploy_to_pool(pool, cron, config, home, overrides)
         lines = [
             f"deployed {r['name']} ({r['id']})" + (f", cron '{cron}' UTC" if r["schedules"] else "")
             for r in rows
@@ -442,22 +522,70 @@ def deploy(
             )
         typer.echo("serving; Ctrl-C to stop", err=True)
 
-    serve_deployments(cron, config, home, on_ready=ready)
+    serve_deployments(cron, config, home, on_ready=ready, overrides=overrides)
+
+
+@app.command()
+def ui(
+    port: Annotated[
+        int, typer.Option("--port", "-p", min=1, max=65535, help="Port of the MLflow UI.")
+    ] = 5000,
+    host: Annotated[
+        str, typer.Option("--host", help="Interface to bind (default: this machine only).")
+    ] = "127.0.0.1",
+    verbose: Annotated[bool, typer.Option("--verbose", help="Show the MLflow server's own log.")] = False,
+    json_output: JsonOption = False,
+) -> None:
+    """The MLflow UI (runs, metrics, plots, the model registry) on the configured store, until Ctrl-C; and how
+    to open the Prefect UI."""
+    from flows.ui import serve_ui
+    from training.models import msdda_home
+
+    def ready(info) -> None:
+        if json_output:
+            typer.echo(json.dumps(info.as_dict()))
+        else:
+            started = "MLflow UI" if info.started else "MLflow tracking server (it serves its own UI)"
+            lines = [f"{started}: {info.url}  (store: {info.store})"]
+            lines += [
+                f"  registered model {m['name']}: {m['url']}  (versions {', '.join(map(str, m['versions']))}"
+                + (f"; champion v{m['champion']})" if m["champion"] is not None else "; no champion)")
+                for m in info.models
+            ] or ["  no registered models yet (`msdda train` or `msdda run` registers them)"]
+            from flows.ui import prefect_hint
+
+            lines.append(prefect_hint())
+            typer.echo("\n".join(lines))
+        sys.stdout.flush()
+        if info.started:
+            typer.echo("Ctrl-C to stop", err=True)
+
+    if serve_ui(msdda_home(), host, port, on_ready=ready, verbose=verbose).started:
+        typer.echo("stopped the MLflow UI", err=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: maps user-facing errors (:class:`MsddaError`) to one line on stderr and exit
     code 2."""
     _private_by_default()
-    _quiet_libraries()
+    _quiet_warnings()
+    args = sys.argv[1:] if argv is None else list(argv)
+    command = typer.main.get_command(app)
     try:
-        app(args=argv, prog_name="msdda")
+        code = command.main(args=args or ["--help"], prog_name="msdda", standalone_mode=False)
     except MsddaError as exc:
         typer.echo(f"error: {exc}", err=True)
         return 2
-    except SystemExit as exc:  # click's standalone mode: usage errors exit 2 with their own message
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    return 0
+    except typer.TyperException as exc:  # a usage error (unknown option, bad choice or value): one line too
+        context = getattr(exc, "ctx", None)
+        where = f" (see '{context.command_path} --help')" if context is not None else ""
+        message = " ".join(exc.format_message().split()).replace("Value error, ", "")
+        typer.echo(f"error: {message}{where}", err=True)
+        return exc.exit_code
+    except typer.Abort:
+        typer.echo("Aborted!", err=True)
+        return 1
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

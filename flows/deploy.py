@@ -5,13 +5,15 @@ deployment                               what it runs
 =======================================  =====================================================================
 ``train-base-models/scheduled-training`` the flow ``train-base-models`` on a cron schedule (default
                                          ``0 3 * * *``, UTC): retrain and register a base model per objective
-``compose/on-demand``                    the flow ``compose``, no schedule: trigger it with weights, e.g.
-                                         ``prefect deployment run compose/on-demand -p weights='[0.3, 0.7]'``
+``compose/on-demand``                    the flow ``compose``, no schedule: trigger it with weights (and
+                                         optionally prompts), e.g. ``prefect deployment run
+                                         compose/on-demand -p weights='[0.3, 0.7]'``
 =======================================  =====================================================================
 
-Both carry ``config_path`` (absolute) and ``home`` (``$MSDDA_HOME`` at deploy time) as default parameters, so
-a run finds the same reference model and config wherever it executes; the MLflow store comes from the
-executing process's ``MLFLOW_TRACKING_URI`` (default: ``$MSDDA_HOME/mlflow.db``).
+Both carry ``config_path`` (absolute), ``overrides`` (the ``--set`` and ``--device`` of ``msdda deploy``,
+applied on top of the config at every run) and ``home`` (``$MSDDA_HOME`` at deploy time) as default
+parameters, so a run finds the same reference model and config wherever it executes; the MLflow store comes
+from the executing process's ``MLFLOW_TRACKING_URI`` (default: ``$MSDDA_HOME/mlflow.db``).
 
 Two ways to execute them, both against a real Prefect server (``prefect server start``; ``PREFECT_API_URL``
 set):
@@ -36,6 +38,8 @@ if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment
 
 DEFAULT_CRON = "0 3 * * *"
+HEALTHCHECK_SECONDS = 5.0
+"""How long ``msdda deploy`` waits for the Prefect server's health check before giving up."""
 TRAINING_NAME = "scheduled-training"
 COMPOSE_NAME = "on-demand"
 TAGS = ["msdda"]
@@ -66,11 +70,20 @@ def api_url() -> str:
             "(ephemeral mode cannot hold deployments)"
         )
     from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 
-    with get_client(sync_client=True) as client:
+    # one try with a short timeout: a server that does not answer fails in seconds, not after retries
+    with (
+        temporary_settings(updates={PREFECT_CLIENT_MAX_RETRIES: 0}),
+        get_client(httpx_settings={"timeout": HEALTHCHECK_SECONDS}, sync_client=True) as client,
+    ):
         failure = client.api_healthcheck()
     if failure is not None:
-        reason = str(failure).strip().splitlines()[0] if str(failure).strip() else type(failure).__name__
+        text = str(failure).strip()
+        if "Timeout" in type(failure).__name__:
+            reason = f"no answer within {HEALTHCHECK_SECONDS:g} s"
+        else:
+            reason = text.splitlines()[0] if text else type(failure).__name__
         raise DeploymentError(f"Prefect server at {url} is unreachable: {reason}")
     return url
 
@@ -89,12 +102,15 @@ def check_cron(cron: str) -> str:
     return cron
 
 
-def _parameters(config_path: str | Path | None, home: str | Path | None) -> dict[str, Any]:
+def _parameters(
+    config_path: str | Path | None, home: str | Path | None, overrides: list[str] | None = None
+) -> dict[str, Any]:
     from training.models import msdda_home
 
     return {
         "config_path": str(Path(config_path).expanduser().resolve()) if config_path else None,
         "home": str(Path(home or msdda_home()).expanduser().resolve()),
+        "overrides": list(overrides or []),
     }
 
 
@@ -114,6 +130,7 @@ def training_deployment(
     config_path: str | Path | None = None,
     home: str | Path | None = None,
     from_source: bool = False,
+    overrides: list[str] | None = None,
 ) -> RunnerDeployment:
     """``train-base-models/scheduled-training``: every objective of the config, on ``cron`` (UTC)."""
     from prefect.deployments.runner import EntrypointType
@@ -124,7 +141,7 @@ def training_deployment(
         TRAINING_NAME,
         schedule=Cron(check_cron(cron), timezone="UTC"),
         paused=False,
-        parameters=_parameters(config_path, home),
+        parameters=_parameters(config_path, home, overrides),
         tags=TAGS,
         description="Retrain and register a base model per objective (the champion alias moves when the "
         "reward rose by more than 3 standard errors).",
@@ -133,16 +150,20 @@ def training_deployment(
 
 
 def compose_deployment(
-    config_path: str | Path | None = None, home: str | Path | None = None, from_source: bool = False
+    config_path: str | Path | None = None,
+    home: str | Path | None = None,
+    from_source: bool = False,
+    overrides: list[str] | None = None,
 ) -> RunnerDeployment:
-    """``compose/on-demand``: no schedule; each run takes ``weights`` (and optionally models, method, ...)."""
+    """``compose/on-demand``: no schedule; each run takes ``weights`` (and optionally prompts, models,
+    method, ...)."""
     from prefect.deployments.runner import EntrypointType
 
     extra = {} if from_source else {"entrypoint_type": EntrypointType.MODULE_PATH}
     return _flow("compose", from_source).to_deployment(
         COMPOSE_NAME,
         paused=False,
-        parameters=_parameters(config_path, home),
+        parameters=_parameters(config_path, home, overrides),
         tags=TAGS,
         description="Compose the registered champions (or the given models) for one weight vector.",
         **extra,
@@ -163,6 +184,7 @@ def serve_deployments(
     config_path: str | Path | None = None,
     home: str | Path | None = None,
     on_ready: Callable[[list[dict[str, Any]]], None] | None = None,
+    overrides: list[str] | None = None,
 ) -> None:
     """Register both deployments and execute their runs until interrupted (blocking; ``prefect.serve`` with
     the deployment ids reported to ``on_ready`` once they are registered). Schedules are paused on
@@ -173,7 +195,10 @@ def serve_deployments(
     from prefect.runner import Runner
 
     api_url()
-    deployments = [training_deployment(cron, config_path, home), compose_deployment(config_path, home)]
+    deployments = [
+        training_deployment(cron, config_path, home, overrides=overrides),
+        compose_deployment(config_path, home, overrides=overrides),
+    ]
     runner = Runner(name="msdda-serve", pause_on_shutdown=True)
     described = [_describe(d, runner.add_deployment(d)) for d in deployments]
     if on_ready is not None:
@@ -199,7 +224,11 @@ def _stop_gracefully(runner, signum, frame) -> None:
 
 
 def deploy_to_pool(
-    pool: str, cron: str = DEFAULT_CRON, config_path: str | Path | None = None, home: str | Path | None = None
+    pool: str,
+    cron: str = DEFAULT_CRON,
+    config_path: str | Path | None = None,
+    home: str | Path | None = None,
+    overrides: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Register both deployments on the process work pool ``pool`` (created if absent) and return at once;
     their code is pulled from :data:`SOURCE` by ``prefect worker start --pool POOL`` on this machine."""
@@ -233,7 +262,7 @@ def deploy_to_pool(
             "or `msdda deploy` without --pool"
         )
     deployments = [
-        training_deployment(cron, config_path, home, from_source=True),
-        compose_deployment(config_path, home, from_source=True),
+        training_deployment(cron, config_path, home, from_source=True, overrides=overrides),
+        compose_deployment(config_path, home, from_source=True, overrides=overrides),
     ]
     return [{**_describe(d, d.apply(work_pool_name=pool)), "work_pool": pool} for d in deployments]

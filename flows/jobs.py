@@ -9,14 +9,31 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
+from configs.errors import MsddaError
 from configs.schema import PipelineConfig
 
 if TYPE_CHECKING:
     from flows.registry import ResolvedModel
+
+Runner = Literal["sequential", "dask"]
+"""How ``msdda run`` trains the base models: one after the other in-process, or in parallel on Dask."""
+
+
+class PromptError(MsddaError, ValueError):
+    """Prompts that cannot be used: an empty or unreadable prompts file, a blank prompt (one line)."""
+
+
+def _check_runtime(config: PipelineConfig) -> None:
+    """A device this machine lacks (``runtime.device: cuda`` without CUDA) fails in one line before any
+    loading or MLflow run; the stages resolve ``runtime`` again where they place their tensors."""
+    from training.device import resolve_runtime
+
+    resolve_runtime(config.runtime)
 
 
 def _reachable(home: Path) -> None:
@@ -47,6 +64,7 @@ def train_job(
     from training.rewards import load_reward
 
     spec = config.objective(objective)
+    _check_runtime(config)
     load_reward(spec.name, config, home, spec.options)  # one-line error before any heavy work
     if mlflow or register:
         _reachable(home)
@@ -57,7 +75,8 @@ def train_job(
         "method": train.method,
         "iterations": train.iterations,
     }
-    context = mlflow_run(home, f"train-{objective}", params=params) if mlflow else nullcontext((None, None))
+    name = f"train {objective} beta={params['beta']:g}"
+    context = mlflow_run(home, name, params=params) if mlflow else nullcontext((None, None))
     registered = None
     with context as (run, log_iteration):
         result = train_base_model(config, objective, home, progress=progress, log_metrics=log_iteration)
@@ -115,6 +134,44 @@ def describe_models(models: list[ResolvedModel]) -> list[dict]:
 # ------------------------------------------------------------------------------------------------- compose
 
 
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """The prompts of a text file, one per line (surrounding spaces stripped, blank lines skipped)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        raise PromptError(f"{path}: cannot read prompts ({reason})") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise PromptError(f"{path}: no prompts (the file is empty or holds only blank lines)")
+    return prompts
+
+
+def check_prompts(prompts: list[str] | None) -> list[str] | None:
+    """``prompts`` with surrounding spaces stripped; ``None`` (the config's prompts) stays ``None``. An empty
+    list or a blank prompt is a :class:`PromptError`."""
+    if prompts is None:
+        return None
+    cleaned = [str(p).strip() for p in prompts]
+    if not cleaned or not all(cleaned):
+        raise PromptError("prompts must be non-empty text (got an empty list or a blank prompt)")
+    return cleaned
+
+
+def _check_rewards_take_prompts(ensemble, prompts: list[str]) -> None:
+    """Score one blank image per distinct prompt, so that a reward that cannot read a prompt (digit_alignment
+    on a prompt that names no digit) fails in one line before any sampling."""
+    import torch
+
+    from composition.engine import score_images
+
+    distinct = list(dict.fromkeys(prompts))
+    unet, vae = ensemble.pipe.unet, ensemble.pipe.vae
+    shape = (1, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    blank = ensemble.decode(torch.zeros(shape, device=vae.device, dtype=vae.dtype))
+    score_images(ensemble, blank.expand(len(distinct), -1, -1, -1), distinct)
+
+
 def compose_job(
     config: PipelineConfig,
     home: Path,
@@ -125,9 +182,12 @@ def compose_job(
     seed: int | None = None,
     out_dir: Path | None = None,
     mlflow: bool = True,
+    prompts: list[str] | None = None,
+    progress: bool = False,
 ) -> dict:
-    """Sample images for one weight vector with ``method``; save them (PNG + manifest) and log an MLflow run
-    with the weights, models and versions, the rewards, the NFE and an image grid."""
+    """Sample images for one weight vector with ``method``, cycling through ``prompts`` (default: the config's
+    evaluation prompts); save them (PNG + manifest) and log an MLflow run with the weights, models and
+    versions, the prompts, the rewards, the NFE and an image grid."""
     from composition.engine import (
         generate,
         get_method,
@@ -140,6 +200,8 @@ def compose_job(
     from training.rewards import mean_and_se
 
     get_method(method)  # a one-line error before any loading
+    _check_runtime(config)
+    prompts = check_prompts(prompts)
     options = config.composition
     num_images = num_images or options.num_images
     seed = options.seed if seed is None else seed
@@ -147,9 +209,13 @@ def compose_job(
     if mlflow:
         _reachable(home)
     resolved = resolve_models(config, home, specs)
-    ensemble = load_ensemble(config, home, [m.path for m in resolved])
-    generated = generate(ensemble, method, weight_list, options, num_images=num_images, seed=seed)
-    stats = {k: mean_and_se(v) for k, v in score_generated(ensemble, generated).items()}
+    ensemble = load_ensemble(config, home, [m.path for m in resolved], progress=progress, prompts=prompts)
+    _check_rewards_take_prompts(ensemble, ensemble.prompts)
+    generated = generate(
+        ensemble, method, weight_list, options, num_images=num_images, seed=seed, progress=progress
+    )
+    scores = score_generated(ensemble, generated)
+    stats = {k: mean_and_se(v) for k, v in scores.items()}
     models = describe_models(resolved)
     tag = "_".join(f"{w:g}" for w in weight_list)
     out_dir = (
@@ -162,6 +228,7 @@ def compose_job(
         "weights": weight_list,
         "objectives": ensemble.objectives,
         "models": models,
+        "prompts": ensemble.prompts,
         "rewards": {k: v[0] for k, v in stats.items()},
         "reward_se": {k: v[1] for k, v in stats.items()},
         "nfe": generated.nfe_per_image,
@@ -171,7 +238,14 @@ def compose_job(
         "seconds": round(generated.seconds, 3),
     }
     save_images(generated.images, generated.prompts, out_dir, payload)
-    image_grid(generated.images, out_dir / "grid.png")
+    image_grid(
+        generated.images,
+        out_dir / "grid.png",
+        generated.prompts,
+        scores,
+        title=f"{method} w = {', '.join(f'{w:g}' for w in weight_list)} ({', '.join(ensemble.objectives)}), "
+        f"seed {seed}: {min(num_images, 64)} of {num_images} images",
+    )
     payload.update(image_dir=str(out_dir), mlflow_run_id=None)
     if mlflow:
         payload["mlflow_run_id"] = _log_compose(home, payload, out_dir)
@@ -192,8 +266,11 @@ def _log_compose(home: Path, payload: dict, out_dir: Path) -> str:
         ),
         "num_images": payload["num_images"],
         "seed": payload["seed"],
+        **prompt_params(payload["prompts"]),
     }
-    with mlflow_run(home, f"compose-{payload['method']}", params=params, tags={"msdda.job": "compose"}) as (
+    weights = ",".join(f"{w:g}" for w in payload["weights"])
+    name = f"compose w={weights} {payload['method']}"
+    with mlflow_run(home, name, params=params, tags={"msdda.job": "compose"}) as (
         run,
         _,
     ):
@@ -211,6 +288,19 @@ def _log_compose(home: Path, payload: dict, out_dir: Path) -> str:
         return run.info.run_id
 
 
+PARAM_LIMIT = 6000
+"""MLflow's limit on a parameter value's length (characters)."""
+
+
+def prompt_params(prompts: list[str]) -> dict[str, object]:
+    """MLflow parameters for a prompt set: ``num_prompts`` and ``prompts`` (a JSON list; when longer than
+    MLflow allows, a pointer to the manifest logged with the images instead)."""
+    text = json.dumps(prompts)
+    if len(text) > PARAM_LIMIT:
+        text = f"{len(prompts)} prompts: see images/manifest.json"
+    return {"num_prompts": len(prompts), "prompts": text}
+
+
 # --------------------------------------------------------------------------------------------------- sweep
 
 
@@ -223,6 +313,7 @@ def sweep_key(
     composition = config.composition.model_dump(mode="json")
     if composition["beta"] is None:  # unset target beta: the keys of sweeps made before the setting existed
         del composition["beta"]
+    del composition["compile"]  # how the UNet runs, not what it computes
     payload = {
         "models": [content_hash(f) for f in folders],
         "methods": methods,
@@ -245,15 +336,17 @@ def sweep_job(
     progress: bool = True,
 ) -> dict:
     """Every method over the weight grid (cached under ``$MSDDA_HOME/sweeps/<key>``): ``sweep.json``, the
-    Pareto plot of all methods ``pareto.png``, one per method (``fronts/<method>.png``) and an image grid per
-    method and weight (``grids/<method>/w<weights>.png``), all logged to one MLflow run."""
+    Pareto plot of all methods ``pareto.png``, one per method (``fronts/<method>.png``), a labelled image grid
+    per method and weight (``grids/<method>/w<weights>.png``) and one per method with a row per weight
+    (``grids/<method>.png``), all logged to one MLflow run."""
     from composition.engine import get_method, load_ensemble
-    from composition.evaluation import image_grid, plot_fronts, sweep
+    from composition.evaluation import image_grid, plot_fronts, sweep, sweep_grid
     from composition.methods import METHODS
     from training.models import staged_directory
 
     options = config.composition
     methods = [get_method(m).name for m in (methods or options.methods or METHODS)]
+    _check_runtime(config)
     grid = grid or options.grid
     num_images = num_images or options.num_images
     if mlflow:
@@ -266,14 +359,36 @@ def sweep_job(
     if not cached:
         ensemble = load_ensemble(config, home, folders, progress=progress)
         with staged_directory(final, prefix=".sweep-") as tmp:
+            rows: dict[str, list] = {}  # method -> (weights, first images, their rewards) per point
+            prompts: list[str] = []  # every point samples the same prompts and initial noise
+            columns = 6
 
             def save_grid(method: str, weights: list[float], sampled: dict) -> None:
                 name = "w" + "_".join(f"{w:g}" for w in weights)
-                image_grid(sampled["images"], tmp / "grids" / method / f"{name}.png")
+                label = ", ".join(f"{w:g}" for w in weights)
+                image_grid(
+                    sampled["images"],
+                    tmp / "grids" / method / f"{name}.png",
+                    sampled["prompts"],
+                    sampled["rewards"],
+                    title=f"{method} w = {label} ({', '.join(ensemble.objectives)})",
+                )
+                rewards = {k: v[:columns].clone() for k, v in sampled["rewards"].items()}  # not the batch
+                rows.setdefault(method, []).append((weights, sampled["images"][:columns].clone(), rewards))
+                prompts[:] = prompts or sampled["prompts"][:columns]
 
             result = sweep(
                 ensemble, options, methods, grid, num_images, on_point=save_grid, progress=progress
             )
+            for method in methods:
+                sweep_grid(
+                    rows[method],
+                    prompts,
+                    tmp / "grids" / f"{method}.png",
+                    columns=columns,
+                    title=f"{method}: a row per weight vector w = ({', '.join(ensemble.objectives)}); "
+                    "columns: the same prompts and seeds",
+                )
             result["models"] = describe_models(resolved)
             (tmp / "sweep.json").write_text(json.dumps(result, indent=1))
             plot_fronts(result, tmp / "pareto.png")
@@ -296,7 +411,9 @@ def _log_sweep(home: Path, result: dict, folder: Path) -> str:
         "objectives": ",".join(result["objectives"]),
         **{k: v for k, v in result["settings"].items() if k != "seconds"},
     }
-    with mlflow_run(home, "sweep", params=params, tags={"msdda.job": "sweep"}) as (run, _):
+    points = len(next(iter(result["methods"].values()))["points"]) if result["methods"] else 0
+    name = f"sweep {points}x{len(result['methods'])}"  # weight vectors x methods
+    with mlflow_run(home, name, params=params, tags={"msdda.job": "sweep"}) as (run, _):
         mlflow.log_metrics({f"hypervolume_{m}": v["hypervolume"] for m, v in result["methods"].items()})
         mlflow.log_artifacts(str(folder))
         return run.info.run_id

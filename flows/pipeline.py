@@ -12,8 +12,9 @@ flow                   what it does
 =====================  ====================================================================================
 
 Parameters are validated by Prefect with pydantic from the type hints. Flows take ``config_path`` (YAML,
-default: the embedded default) and ``home`` (default ``$MSDDA_HOME``) so that they run the same in-process,
-on a Dask worker or from a deployment.
+default: the embedded default), ``overrides`` (``section.field=value`` strings applied on top, as
+``--set`` does: ``configs.overrides``) and ``home`` (default ``$MSDDA_HOME``) so that they run the same
+in-process, on a Dask worker or from a deployment.
 """
 
 from __future__ import annotations
@@ -23,40 +24,56 @@ import sqlite3
 import sys
 import urllib.error
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 from prefect import flow, task
 from pydantic import Field
 
+from composition.methods import MethodName
 from configs.errors import MsddaError
+from flows.jobs import Runner
 
-Method = Literal["msdda", "db", "rs", "code", "rgg"]
-Runner = Literal["sequential", "dask"]
 PositiveInt = Annotated[int, Field(ge=1)]
 
 
-def _context(config_path: str | None, home: str | None):
+def _context(config_path: str | None, home: str | None, overrides: list[str] | None = None):
     from configs import load_config
     from training.models import msdda_home
 
-    return load_config(config_path), Path(home) if home else msdda_home()
+    return load_config(config_path, overrides or ()), Path(home) if home else msdda_home()
 
 
-def _publish(key: str, table: list[dict], description: str, link: str | None = None) -> None:
-    """A Prefect table artifact (plus a link artifact); a no-op outside a flow run."""
+def _publish(
+    key: str,
+    table: list[dict],
+    description: str,
+    link: str | None = None,
+    home: str | Path | None = None,
+    run_id: str | None = None,
+    artifact: str | None = None,
+) -> None:
+    """A Prefect table artifact, plus a link artifact to ``link`` (a local file); a no-op outside a flow run.
+
+    When the MLflow tracking URI is a server (``http(s)://``) and ``run_id`` is given, the link goes to that
+    run's page in the server's UI instead (to its ``artifact`` when given), which a remote Prefect UI can
+    open; a ``file://`` URI means nothing off this machine.
+    """
     from prefect.artifacts import create_link_artifact, create_table_artifact
     from prefect.context import FlowRunContext
 
     if FlowRunContext.get() is None:
         return
     create_table_artifact(table=table, key=key, description=description)
-    if link:
-        create_link_artifact(
-            link=Path(link).resolve().as_uri(),
-            link_text=Path(link).name,
-            key=f"{key}-plot",
-            description=description,
-        )
+    target, text = None, Path(link).name if link else None
+    if run_id and home is not None:
+        from flows.tracking import mlflow_link
+
+        target = mlflow_link(Path(home), run_id, artifact)
+        text = f"MLflow run {run_id[:8]}" + (f": {artifact}" if artifact else "") if target else text
+    if target is None and link:
+        target = Path(link).resolve().as_uri()
+    if target:
+        create_link_artifact(link=target, link_text=text, key=f"{key}-plot", description=description)
 
 
 # ----------------------------------------------------------------------------------------------------- tasks
@@ -130,10 +147,12 @@ def _transient(task, task_run, state) -> bool:
 
 
 @task(retries=2, retry_delay_seconds=10, retry_condition_fn=_transient, name="pretrain")
-def pretrain_task(config_path: str | None = None, home: str | None = None) -> dict:
+def pretrain_task(
+    config_path: str | None = None, home: str | None = None, overrides: list[str] | None = None
+) -> dict:
     from training.embedded import pretrain_reference, result_dict
 
-    config, root = _context(config_path, home)
+    config, root = _context(config_path, home, overrides)
     if config.model.source != "embedded":
         from training.models import load_reference_pipeline
 
@@ -150,7 +169,11 @@ def pretrain_task(config_path: str | None = None, home: str | None = None) -> di
     task_run_name="train {objective}",
 )
 def train_task(
-    objective: str, config_path: str | None = None, home: str | None = None, torch_threads: int = 0
+    objective: str,
+    config_path: str | None = None,
+    home: str | None = None,
+    torch_threads: int = 0,
+    overrides: list[str] | None = None,
 ) -> dict:
     from flows.jobs import train_job
 
@@ -158,7 +181,7 @@ def train_task(
         import torch
 
         torch.set_num_threads(torch_threads)
-    config, root = _context(config_path, home)
+    config, root = _context(config_path, home, overrides)
     return {**train_job(config, root, objective, progress=torch_threads == 0), "pid": os.getpid()}
 
 
@@ -185,20 +208,27 @@ def _run_name(template: str):
 
 
 @flow(name="pretrain-reference", log_prints=True, flow_run_name="pretrain reference")
-def pretrain_reference(config_path: str | None = None, home: str | None = None) -> dict:
+def pretrain_reference(
+    config_path: str | None = None, home: str | None = None, overrides: list[str] | None = None
+) -> dict:
     """Build (or reuse) the reference model."""
-    return pretrain_task(config_path, home)
+    return pretrain_task(config_path, home, overrides)
 
 
 @flow(name="train-base-model", log_prints=True, flow_run_name=_run_name("train {objective}"))
-def train_base_model(objective: str, config_path: str | None = None, home: str | None = None) -> dict:
+def train_base_model(
+    objective: str,
+    config_path: str | None = None,
+    home: str | None = None,
+    overrides: list[str] | None = None,
+) -> dict:
     """Train, log and register the base model for one objective."""
-    result = train_task(objective, config_path, home)
-    _publish_training([result])
+    result = train_task(objective, config_path, home, overrides=overrides)
+    _publish_training([result], home)
     return result
 
 
-def _publish_training(results: list[dict]) -> None:
+def _publish_training(results: list[dict], home: str | None = None) -> None:
     rows = [
         {
             "objective": r["objective"],
@@ -213,13 +243,43 @@ def _publish_training(results: list[dict]) -> None:
         for r in results
     ]
     _publish("base-models", rows, "Base models trained and registered")
+    _publish_version_links(results, home)
+
+
+def _publish_version_links(results: list[dict], home: str | None) -> None:
+    """With a tracking server, a markdown artifact linking each registered version's page in its UI."""
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.context import FlowRunContext
+
+    from flows.tracking import is_remote, tracking_uri
+    from flows.ui import model_version_url
+    from training.models import msdda_home
+
+    uri = tracking_uri(Path(home) if home else msdda_home())
+    registered = [r["registered"] for r in results if r.get("registered")]
+    if FlowRunContext.get() is None or not is_remote(uri) or not registered:
+        return
+    lines = [
+        f"- [{r['name']} v{r['version']}]({model_version_url(uri, r['name'], r['version'])})"
+        + (" @champion" if r.get("champion") else "")
+        for r in registered
+    ]
+    create_markdown_artifact(
+        markdown="\n".join(lines), key="base-models-registry", description="Registered versions in MLflow"
+    )
 
 
 @flow(name="fan-out-training", flow_run_name=_run_name("train {objectives} in parallel"))
 def _fan_out(
-    objectives: list[str], config_path: str | None, home: str | None, torch_threads: int
+    objectives: list[str],
+    config_path: str | None,
+    home: str | None,
+    torch_threads: int,
+    overrides: list[str] | None = None,
 ) -> list[dict]:
-    futures = [train_task.submit(objective, config_path, home, torch_threads) for objective in objectives]
+    futures = [
+        train_task.submit(objective, config_path, home, torch_threads, overrides) for objective in objectives
+    ]
     return [future.result() for future in futures]
 
 
@@ -235,13 +295,16 @@ def train_base_models(
     home: str | None = None,
     dask_address: str | None = None,
     dask_workers: PositiveInt = 2,
+    overrides: list[str] | None = None,
 ) -> dict[str, dict]:
     """Train a base model per objective (default: the config's). ``runner="dask"`` fans out over a local Dask
     cluster of ``dask_workers`` single-threaded workers, or over the scheduler at ``dask_address``."""
-    config, root = _context(config_path, home)
+    config, root = _context(config_path, home, overrides)
     objectives = objectives or config.objective_names
     if runner == "sequential":
-        results = [train_task(objective, config_path, str(root)) for objective in objectives]
+        results = [
+            train_task(objective, config_path, str(root), overrides=overrides) for objective in objectives
+        ]
     else:
         from prefect_dask import DaskTaskRunner
 
@@ -257,8 +320,10 @@ def train_base_models(
                 }
             )
         )
-        results = _fan_out.with_options(task_runner=task_runner)(objectives, config_path, str(root), 1)
-    _publish_training(results)
+        results = _fan_out.with_options(task_runner=task_runner)(
+            objectives, config_path, str(root), 1, overrides
+        )
+    _publish_training(results, str(root))
     return {r["objective"]: r for r in results}
 
 
@@ -266,18 +331,20 @@ def train_base_models(
 def compose(
     weights: list[float],
     models: list[str] | None = None,
-    method: Method = "msdda",
+    method: MethodName = "msdda",
     num_images: PositiveInt | None = None,
     seed: int | None = None,
     config_path: str | None = None,
     home: str | None = None,
+    prompts: list[str] | None = None,
+    overrides: list[str] | None = None,
 ) -> dict:
     """On-demand composition of registered base models (``NAME[@ALIAS]``; default: the objectives'
-    champions)."""
+    champions), the images cycling through ``prompts`` (default: the config's evaluation prompts)."""
     from flows.jobs import compose_job
 
-    config, root = _context(config_path, home)
-    result = compose_job(config, root, weights, models, method, num_images, seed)
+    config, root = _context(config_path, home, overrides)
+    result = compose_job(config, root, weights, models, method, num_images, seed, prompts=prompts)
     rows = [
         {"objective": k, "mean reward": round(v, 4), "SE": round(result["reward_se"][k], 4)}
         for k, v in result["rewards"].items()
@@ -287,23 +354,27 @@ def compose(
         rows,
         f"{method} at w={weights}, {result['nfe']:g} NFE/image",
         link=str(Path(result["image_dir"]) / "grid.png"),
+        home=root,
+        run_id=result.get("mlflow_run_id"),
+        artifact="images/grid.png",
     )
     return result
 
 
 @flow(name="sweep", log_prints=True, flow_run_name=_run_name("sweep methods={methods} grid={grid}"))
 def sweep(
-    methods: list[Method] | None = None,
+    methods: list[MethodName] | None = None,
     grid: Annotated[int, Field(ge=2)] | None = None,
     num_images: Annotated[int, Field(ge=2)] | None = None,
     models: list[str] | None = None,
     config_path: str | None = None,
     home: str | None = None,
+    overrides: list[str] | None = None,
 ) -> dict:
     """Every method over the weight grid; publishes the hypervolume table and the Pareto plot."""
     from flows.jobs import sweep_job
 
-    config, root = _context(config_path, home)
+    config, root = _context(config_path, home, overrides)
     result = sweep_job(config, root, models, methods, grid, num_images)
     _publish(
         "sweep",
@@ -313,20 +384,28 @@ def sweep(
         ],
         "Hypervolume per method (reference point: the reference model)",
         link=result["plot"],
+        home=root,
+        run_id=result.get("mlflow_run_id"),
+        artifact="pareto.png",
     )
     return result
 
 
 @flow(name="msdda-pipeline", log_prints=True, flow_run_name=_run_name("msdda run ({runner})"))
-def pipeline(config_path: str | None = None, home: str | None = None, runner: Runner = "sequential") -> dict:
+def pipeline(
+    config_path: str | None = None,
+    home: str | None = None,
+    runner: Runner = "sequential",
+    overrides: list[str] | None = None,
+) -> dict:
     """Pretrain (cached), train and register the base models (cached), then sweep (cached)."""
     import time
 
     start = time.perf_counter()
-    reference = pretrain_reference(config_path, home)
-    models = train_base_models(None, runner, config_path, home)
+    reference = pretrain_reference(config_path, home, overrides)
+    models = train_base_models(None, runner, config_path, home, overrides=overrides)
     registered = [f"{r['registered']['name']}/{r['registered']['version']}" for r in models.values()]
-    result = sweep(None, None, None, registered, config_path, home)
+    result = sweep(None, None, None, registered, config_path, home, overrides)
     return {
         "reference": reference,
         "base_models": models,

@@ -202,6 +202,31 @@ def lineage_tags(card: BaseModelCard, content_hash: str) -> dict[str, str]:
     return tags
 
 
+def version_description(card: BaseModelCard, champion: bool, forced: bool, min_rise_se: float) -> str:
+    """The model version's description: the held-out metrics, and why it did or did not take ``champion``.
+
+    E.g. ``ink_economy base model (beta 0.01, target_matching): held-out reward -0.2996 -> -0.2564 (rise
+    +75.0 SE, paired SE 0.00058); KL/step 0.2210. champion: the reward rose by more than 3 SE.``
+    """
+    metrics = card.metrics
+
+    def number(key: str, spec: str) -> str:
+        value = _float(metrics.get(key))
+        return "n/a" if math.isnan(value) else format(value, spec)
+
+    text = (
+        f"{card.objective} base model (beta {card.beta:g}, {card.trainer}): held-out reward "
+        f"{number('reward_before', '.4f')} -> {number('reward_after', '.4f')} "
+        f"(rise {number('rise_in_se', '+.1f')} SE, paired SE {number('reward_se', '.2g')}); "
+        f"KL/step {number('kl', '.4f')}."
+    )
+    if forced:
+        return text + (" champion: set explicitly." if champion else " not champion: set explicitly.")
+    if champion:
+        return text + f" champion: the reward rose by more than {min_rise_se:g} SE."
+    return text + f" not champion: the reward did not rise by more than {min_rise_se:g} SE."
+
+
 def _is_champion(card: BaseModelCard, champion: bool | None, min_rise_se: float) -> bool:
     if champion is not None:
         return champion
@@ -321,7 +346,8 @@ def register_base_model(
     ``champion`` moves to it when ``champion`` is true, or when ``champion`` is ``None`` and its
     ``rise_in_se`` exceeds ``min_rise_se``. A folder whose content hash is already registered is not
     registered again: that version is returned (with ``created`` false), and it only takes the alias when
-    ``champion`` is explicitly true.
+    ``champion`` is explicitly true. The version's description states its held-out metrics and why it did or
+    did not take the alias (:func:`version_description`).
 
     Returns ``{"name", "version", "aliases", "run_id", "source", "content_hash", "objective", "champion",
     "created", ...}``.
@@ -338,13 +364,17 @@ def register_base_model(
         created = existing is None
         if created:
             new_run = run_id is None
+            make_champion = _is_champion(card, champion, min_rise_se)
             run_id, source = _log_files(client, home, model_dir, objective, run_id, card, digest)
             version = client.create_model_version(
-                name, source, run_id=run_id, tags=lineage_tags(card, digest)
+                name,
+                source,
+                run_id=run_id,
+                tags=lineage_tags(card, digest),
+                description=version_description(card, make_champion, champion is not None, min_rise_se),
             )
             if new_run:
                 client.set_terminated(run_id)
-            make_champion = _is_champion(card, champion, min_rise_se)
         else:
             version, make_champion = existing, champion is True
         if make_champion:

@@ -20,6 +20,26 @@ def is_remote(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
+def run_url(base: str, experiment_id: str, run_id: str, artifact: str | None = None) -> str:
+    """The MLflow UI page of a run on the server at ``base``, or of one of its ``artifact`` (a path in it)."""
+    from urllib.parse import quote
+
+    url = f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return url + (f"/artifactPath/{quote(artifact)}" if artifact else "")
+
+
+def mlflow_link(home: Path, run_id: str, artifact: str | None = None) -> str | None:
+    """The http address of run ``run_id`` (or of its ``artifact``) in the tracking server's UI when
+    ``MLFLOW_TRACKING_URI`` names a server; ``None`` for a local store, which has no address to link to."""
+    uri = tracking_uri(home)
+    if not is_remote(uri):
+        return None
+    from mlflow import MlflowClient
+
+    run = MlflowClient(tracking_uri=uri).get_run(run_id)
+    return run_url(uri, run.info.experiment_id, run_id, artifact)
+
+
 def sqlite_path(uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI, else ``None``."""
     if not uri.startswith("sqlite:///"):

@@ -72,7 +72,9 @@ def test_cli_unknown_objective_is_one_line(tmp_path, tiny_config_file):
 
     args = ["train", "--objective", "beauty", "--config", str(tiny_config_file)]
     out = run_cli(args, tmp_path, tmp_path / "h")
-    assert out.returncode == 2 and out.stderr.startswith("error: unknown objective 'beauty'")
+    # the CLI's choices list the registered rewards (training.rewards.REWARDS)
+    assert out.returncode == 2 and out.stderr.startswith("error: Invalid value for '--objective'")
+    assert "'beauty' is not one of" in out.stderr and "'ink_economy'" in out.stderr
     assert out.stderr.strip().count("\n") == 0 and not (tmp_path / "h").exists()
 
 

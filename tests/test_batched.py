@@ -1,5 +1,7 @@
 """K LoRA base models in one batched UNet forward give exactly the per-adapter forwards."""
 
+import copy
+
 import pytest
 import torch
 
@@ -42,3 +44,133 @@ def test_routing_must_divide_the_batch(unet_with_two_adapters):
             torch.full((3,), 10),
             encoder_hidden_states=torch.zeros(3, 16, unet.config.cross_attention_dim),
         )
+
+
+def _routed(unet, names, x, t, context):
+    n = len(names) // len(x)
+    with mixed_adapter_batch(unet, names):
+        return unet(x.repeat(n, 1, 1, 1), t.repeat(n), encoder_hidden_states=context.repeat(n, 1, 1)).sample
+
+
+def _inputs(unet, rows=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, 4, 8, 8, generator=g)
+    context = torch.randn(rows, 16, unet.config.cross_attention_dim, generator=g)
+    return x, torch.full((rows,), 500), context
+
+
+@pytest.fixture
+def counted_builds(monkeypatch):
+    """How often the stacked weights of a layer are built (composition.batched._stacked_weights calls)."""
+    from composition import batched
+
+    calls = []
+    original = batched._stacked_weights
+
+    def counting(module, slices):
+        calls.append(tuple(slices))
+        return original(module, slices)
+
+    monkeypatch.setattr(batched, "_stacked_weights", counting)
+    return calls
+
+
+@torch.no_grad()
+def test_stacked_weights_are_built_once_per_routing(unet_with_two_adapters, counted_builds):
+    from composition.batched import lora_layers
+
+    unet = copy.deepcopy(unet_with_two_adapters)  # a fresh cache (and no state shared with other tests)
+    layers = len(lora_layers(unet))
+    x, t, context = _inputs(unet)
+    names = routing(["alpha", "beta"], 2)
+    first = _routed(unet, names, x, t, context)
+    for _ in range(3):  # the sampler enters the block every denoising step
+        torch.testing.assert_close(_routed(unet, names, x, t, context), first, rtol=0, atol=0)
+    assert len(counted_builds) == layers
+    _routed(unet, routing(["beta", "alpha", REFERENCE], 2), x, t, context)  # another routing: its own build
+    _routed(unet, names, x, t, context)
+    assert len(counted_builds) == 2 * layers
+
+
+@torch.no_grad()
+def test_changed_adapter_weights_rebuild_the_stacked_weights(unet_with_two_adapters, counted_builds):
+    from composition.batched import lora_layers
+
+    unet = copy.deepcopy(unet_with_two_adapters)
+    layers = lora_layers(unet)
+    x, t, context = _inputs(unet)
+    names = routing(["alpha", "beta"], 2)
+    before = _routed(unet, names, x, t, context)
+    layers[0].lora_B["alpha"].weight.add_(0.5)  # an in-place write, as an optimizer step or a load does
+    after = _routed(unet, names, x, t, context)
+    assert len(counted_builds) == len(layers) + 1, "only the changed layer is rebuilt"
+    unet.set_adapters("alpha")
+    expected = unet(x, t, encoder_hidden_states=context).sample
+    unet.enable_adapters()
+    torch.testing.assert_close(after[:2], expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(after[:2], before[:2])
+    torch.testing.assert_close(after[2:], before[2:], rtol=1e-4, atol=1e-5)  # beta's rows are unchanged
+
+
+@torch.no_grad()
+def test_loading_an_adapter_clears_the_cache(unet_with_two_adapters):
+    from composition.batched import load_adapter, lora_layers
+    from training.card import LORA_TARGETS, LoraSpec
+
+    unet = copy.deepcopy(unet_with_two_adapters)
+    x, t, context = _inputs(unet)
+    _routed(unet, routing(["alpha", "beta"], 2), x, t, context)
+    assert all(m.__dict__.get("_msdda_stacked_cache") for m in lora_layers(unet))
+    state = {k.replace(".beta.", "."): v for k, v in _peft_state(unet, "beta").items()}
+    load_adapter(unet, "gamma", state, LoraSpec(rank=4, targets=LORA_TARGETS))
+    assert not any(m.__dict__.get("_msdda_stacked_cache") for m in lora_layers(unet))
+    routed = _routed(unet, routing(["gamma", "alpha"], 2), x, t, context)
+    torch.testing.assert_close(routed[:2], _routed(unet, routing(["beta"], 2), x, t, context))
+
+
+def _peft_state(unet, name):
+    from peft import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(unet, adapter_name=name)
+
+
+@torch.no_grad()
+def test_compiled_routing_matches_eager_across_routings(unet_with_two_adapters):
+    """Dynamo traces the routing hooks and guards on the route (backend "eager": the tracing without
+    codegen, seconds on a CPU): routed, reference-only and re-routed calls of one compiled UNet match
+    eager."""
+    from composition.batched import compile_unet
+
+    unet = copy.deepcopy(unet_with_two_adapters)
+    compiled = compile_unet(unet, backend="eager")
+    x, t, context = _inputs(unet)
+    for names in (["alpha", "beta"], [REFERENCE], ["beta", "alpha"], ["alpha", "beta"]):
+        rows = routing(names, 2)
+        n = len(names)
+        args = (x.repeat(n, 1, 1, 1), t.repeat(n))
+        with mixed_adapter_batch(unet, rows):
+            got = compiled(*args, encoder_hidden_states=context.repeat(n, 1, 1)).sample
+        torch.testing.assert_close(got, _routed(unet, rows, x, t, context), rtol=1e-5, atol=1e-6)
+
+
+def _has_cpp_compiler() -> bool:
+    import shutil
+
+    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+@pytest.mark.skipif(not _has_cpp_compiler(), reason="inductor on the CPU needs a C++ compiler")
+def test_composition_compile_gives_the_eager_images(tiny_config, tiny_home, tiny_base_models):
+    """composition.compile (inductor, the default mode on the CPU): MSDDA's images match eager's. Slow: the
+    tiny UNet takes about 2 minutes to compile on the project's 2 cores."""
+    from composition.engine import generate, load_ensemble
+
+    options = tiny_config.composition
+    eager = load_ensemble(tiny_config, tiny_home, tiny_base_models)
+    expected = generate(eager, "msdda", [0.5, 0.5], options, num_images=4)
+    compiled = load_ensemble(tiny_config, tiny_home, tiny_base_models)
+    got = generate(compiled, "msdda", [0.5, 0.5], options.model_copy(update={"compile": True}), num_images=4)
+    assert "unet" in compiled._compiled
+    torch.testing.assert_close(got.images, expected.images, rtol=1e-3, atol=1e-3)

@@ -66,6 +66,11 @@ def test_run_is_the_whole_pipeline_and_is_cached(tmp_path, tiny_config_file, pre
         "train ink_economy",
         "sweep methods=default grid=default",
     }, names
+    assert _mlflow_run_names(home) >= {
+        "train digit_alignment beta=0.01",
+        "train ink_economy beta=0.01",
+        "sweep 3x5",  # 3 weight vectors x 5 methods
+    }
     payload = json.loads(first.stdout)
     assert payload["reference"]["cached"] is True and Path(payload["reference"]["path"]).is_relative_to(home)
     assert set(payload["base_models"]) == {"digit_alignment", "ink_economy"}
@@ -84,6 +89,33 @@ def test_run_is_the_whole_pipeline_and_is_cached(tmp_path, tiny_config_file, pre
     assert all(m["cached"] for m in again["base_models"].values())
     assert all(not m["registered"]["created"] for m in again["base_models"].values()), "no duplicate versions"
     assert not (tmp_path / ".msdda").exists()
+
+
+def test_run_takes_overrides_and_device(tmp_path, tiny_config_file, pretrained_home):
+    """`msdda run --set ... --device cpu`: the overrides reach every flow of the pipeline (which load the
+    config again from its path): one training iteration, one method over a 2-point grid."""
+    from training.card import BaseModelCard
+
+    overrides = ["--set", "train.iterations=1", "--set", "composition.methods=[msdda]"]
+    args = ["run", "--config", str(tiny_config_file), *overrides, "--set", "composition.grid=2"]
+    result = run_cli([*args, "--device", "cpu", "--json"], tmp_path, pretrained_home)
+    assert result.returncode == 0, result.stderr[-3000:]
+    payload = json.loads(result.stdout)
+    for model in payload["base_models"].values():
+        assert len(BaseModelCard.read(Path(model["path"])).history) == 1, "train.iterations=1"
+    sweep = payload["sweep"]
+    assert list(sweep["methods"]) == ["msdda"] and len(sweep["methods"]["msdda"]["points"]) == 2
+
+
+def _mlflow_run_names(home: Path) -> set[str]:
+    """The names of the MLflow runs in ``home``'s store."""
+    from mlflow.tracking import MlflowClient
+
+    from flows.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri(home))
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return {run.info.run_name for run in client.search_runs(experiments)}
 
 
 def _run_names(prefect_home: Path) -> set[str]:
@@ -146,8 +178,9 @@ def test_methods_lists_the_registry(tmp_path):
     assert [row["name"] for row in rows] == list(METHODS)
     assert {row["kind"] for row in rows} == {"kernel", "search"}
     bad = run_cli(["compose", "--method", "nope", "-w", "0.5,0.5"], tmp_path, tmp_path / "home")
+    choices = ", ".join(repr(name) for name in METHODS)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
-        f"error: unknown method 'nope'; choose from {', '.join(METHODS)}"
+        f"error: Invalid value for '--method': 'nope' is not one of {choices}. (see 'msdda compose --help')"
     ]
 
 

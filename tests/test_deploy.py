@@ -142,14 +142,14 @@ def _flow_runs(client, deployment_id) -> list:
     )
 
 
-def _run_compose(url: str, weights: list[float], timeout: float = 240):
+def _run_compose(url: str, weights: list[float], timeout: float = 240, **parameters):
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings(updates={PREFECT_API_URL: url}):
         return run_deployment(
             "compose/on-demand",
-            parameters={"weights": weights, "num_images": 4, "seed": 3},
+            parameters={"weights": weights, "num_images": 4, "seed": 3, **parameters},
             timeout=timeout,
             poll_interval=1,
         )
@@ -191,13 +191,19 @@ def _env(prefect_server, registry, tmp_path: Path, **extra: str) -> dict[str, st
     )
 
 
-def _check_scheduled_training(client, config: Path, home: Path, cron: str = "0 3 * * *") -> None:
+def _check_scheduled_training(
+    client, config: Path, home: Path, cron: str = "0 3 * * *", overrides: list[str] = ()
+) -> None:
     training = client.read_deployment_by_name("train-base-models/scheduled-training")
     assert training.paused is False
     assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in training.schedules] == [
         (cron, "UTC", True)
     ]
-    assert training.parameters == {"config_path": str(config.resolve()), "home": str(home.resolve())}
+    assert training.parameters == {
+        "config_path": str(config.resolve()),
+        "home": str(home.resolve()),
+        "overrides": list(overrides),
+    }
 
     def upcoming():
         now = datetime.now(timezone.utc)
@@ -211,10 +217,10 @@ def _check_scheduled_training(client, config: Path, home: Path, cron: str = "0 3
     assert all(r.expected_start_time.hour == 3 and r.expected_start_time.minute == 0 for r in runs)
 
 
-def _check_composition(url: str, registry: dict, weights: list[float], log: Path) -> None:
+def _check_composition(url: str, registry: dict, weights: list[float], log: Path, **parameters):
     text = ",".join(f"{w:g}" for w in weights)
     assert not _compose_mlflow_runs(registry["uri"], text)
-    flow_run = _run_compose(url, weights)
+    flow_run = _run_compose(url, weights, **parameters)
     assert flow_run.state is not None and flow_run.state.is_completed(), (
         f"composition run ended {flow_run.state}\n{_tail(log)}"
     )
@@ -225,17 +231,21 @@ def _check_composition(url: str, registry: dict, weights: list[float], log: Path
         run.data.metrics["nfe"] == 2 * 4
         and {"reward_digit_alignment", "reward_ink_economy"} <= run.data.metrics.keys()
     )
+    if "prompts" in parameters:
+        assert json.loads(run.data.params["prompts"]) == parameters["prompts"]
+    return run
 
 
 def test_serve_schedules_training_and_composes_on_demand(prefect_server, registry, tmp_path):
     """`msdda deploy` (serve mode) registers both deployments; the server schedules training at 03:00 UTC; a
-    triggered composition runs in the served process and logs its MLflow run; Ctrl-C (SIGINT) stops
-    serving."""
+    triggered composition runs in the served process with its prompts and the deployment's overrides and
+    logs its MLflow run; Ctrl-C (SIGINT) stops serving."""
     env = _env(prefect_server, registry, tmp_path, PREFECT_RUNNER_POLL_FREQUENCY="1")
     log, out = tmp_path / "serve.log", tmp_path / "serve.out"
+    overrides = ["--set", "composition.seed=5", "--device", "cpu"]
     with open(out, "wb") as stdout, open(log, "wb") as stderr:
         serve = subprocess.Popen(
-            [*MSDDA, "deploy", "--config", str(registry["config"]), "--json"],
+            [*MSDDA, "deploy", "--config", str(registry["config"]), *overrides, "--json"],
             cwd=tmp_path,
             env=env,
             stdout=stdout,
@@ -258,9 +268,13 @@ def test_serve_schedules_training_and_composes_on_demand(prefect_server, registr
                 assert deployment is not None and str(deployment.id) == deployment_id
                 assert deployment.work_pool_name is None
             assert not _deployment(client, "compose/on-demand").schedules
-            _check_scheduled_training(client, registry["config"], registry["home"])
+            applied = ["composition.seed=5", "runtime.device=cpu"]
+            _check_scheduled_training(client, registry["config"], registry["home"], overrides=applied)
+            assert _deployment(client, "compose/on-demand").parameters["overrides"] == applied
 
-        _check_composition(prefect_server["url"], registry, [0.3, 0.7], log)
+        prompts = ["a handwritten digit seven", "handwritten two"]
+        run = _check_composition(prefect_server["url"], registry, [0.3, 0.7], log, prompts=prompts, seed=None)
+        assert run.data.params["seed"] == "5", "the deployment's --set reached the run"
     finally:
         code = _stop(serve, signal.SIGINT)
     assert code == 0, _tail(log)

@@ -386,3 +386,29 @@ def test_register_into_an_existing_training_run(home, tmp_path):
     assert same_files(resolve(home, "ink_economy/1").path, first_dir)
     assert same_files(resolve(home, "ink_economy/2").path, second_dir)
     assert resolve(home, "ink_economy").version == 1
+
+
+def test_versions_describe_the_metrics_that_earned_the_alias(home, tmp_path):
+    strong = register_base_model(home, fake_base_model(tmp_path / "a", "ink_economy", seed=1, rise_in_se=6.0))
+    weak = register_base_model(home, fake_base_model(tmp_path / "b", "ink_economy", seed=2, rise_in_se=2.5))
+    forced = register_base_model(
+        home, fake_base_model(tmp_path / "c", "ink_economy", seed=3, rise_in_se=1.0), champion=True
+    )
+
+    from mlflow import MlflowClient
+
+    from flows.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri(home), tracking_uri(home))
+    text = {
+        r["version"]: client.get_model_version("msdda-ink_economy", str(r["version"])).description
+        for r in (strong, weak, forced)
+    }
+    assert text[1] == (
+        "ink_economy base model (beta 0.1, step_level): held-out reward 0.2000 -> 0.2600 "
+        "(rise +6.0 SE, paired SE 0.01); KL/step 0.0500. champion: the reward rose by more than 3 SE."
+    )
+    assert "rise +2.5 SE" in text[2] and text[2].endswith(
+        "not champion: the reward did not rise by more than 3 SE."
+    )
+    assert "rise +1.0 SE" in text[3] and text[3].endswith(" champion: set explicitly.")

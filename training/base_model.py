@@ -101,9 +101,13 @@ def train_base_model(
     progress: bool = True,
     log_metrics: Callable[[IterationMetrics], None] | None = None,
 ) -> BaseModelResult:
-    """Train (or reuse) the base model for ``objective``; see the module docstring for what is saved."""
+    """Train (or reuse) the base model for ``objective`` on ``config.runtime.device`` (evaluation sampling,
+    rewards and the trainer alike; weights stay fp32, the trainer's autocast is ``train.mixed_precision``);
+    see the module docstring for what is saved."""
+    from training.device import resolve_device
     from training.sd_problem import DiffusionStepProblem
 
+    device = resolve_device(config.runtime.device)  # a missing device fails here, in one line
     config = config.for_objective(objective)  # its own train overrides, for everything below
     spec = config.objective(objective)
     reward = load_reward(spec.name, config, home, spec.options)  # fails fast on unknown objectives
@@ -118,7 +122,7 @@ def train_base_model(
     train_cfg = config.train
     beta = spec.beta or train_cfg.beta
     prompts = train_cfg.prompts or default_prompts()
-    problem = DiffusionStepProblem.from_config(pipe, trained_on, config)
+    problem = DiffusionStepProblem.from_config(pipe, trained_on, config).to(device)
     eval_index = torch.arange(train_cfg.eval_samples) % len(prompts)
 
     def evaluate(use_policy: bool):
@@ -131,7 +135,12 @@ def train_base_model(
     checkpoint_dir = home / "checkpoints" / f"{objective}-{key}"
     start = time.perf_counter()
     result = train(
-        problem, train_cfg.model_copy(update={"beta": beta}), checkpoint_dir, log_metrics, progress
+        problem,
+        train_cfg.model_copy(update={"beta": beta}),
+        checkpoint_dir,
+        log_metrics,
+        progress,
+        device=device,
     )
     seconds = result.history[-1].seconds if result.history else time.perf_counter() - start
     train_evaluations = problem.unet_evaluations
@@ -199,7 +208,9 @@ def save_trained(final: Path, problem, config, spec, beta, reference_hash, metri
 
 
 def evaluation_problem(config: PipelineConfig, home: Path, base_model: Path | None, progress: bool = False):
-    """A :class:`DiffusionStepProblem` on the reference, with ``base_model``'s adapter and variance loaded."""
+    """A :class:`DiffusionStepProblem` on the reference, with ``base_model``'s adapter and variance loaded, on
+    ``config.runtime.device``."""
+    from training.device import resolve_device
     from training.rewards import Reward
     from training.sd_problem import DiffusionStepProblem
 
@@ -213,4 +224,4 @@ def evaluation_problem(config: PipelineConfig, home: Path, base_model: Path | No
         if loaded.log_variance is not None:
             state["log_variance"] = loaded.log_variance
         problem.load_trainable_state(state)
-    return problem
+    return problem.to(resolve_device(config.runtime.device))

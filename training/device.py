@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from configs.errors import MsddaError
+
+if TYPE_CHECKING:
+    from configs.schema import RuntimeConfig
 
 
 class DeviceError(MsddaError):
@@ -25,3 +30,14 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def resolve_dtype(name: str = "fp32") -> torch.dtype:
     return DTYPES[name]
+
+
+def resolve_runtime(runtime: RuntimeConfig) -> tuple[torch.device, torch.dtype]:
+    """``(device, dtype)`` of a config's ``runtime`` section; :class:`DeviceError` for a missing device."""
+    return resolve_device(runtime.device), resolve_dtype(runtime.dtype)
+
+
+def place_pipeline(pipe, device: torch.device, dtype: torch.dtype = torch.float32):
+    """Move a diffusers pipeline's models (UNet, VAE, text encoder and whatever else it holds, adapters
+    included) to ``device`` and cast their floating-point weights to ``dtype``; returns ``pipe``."""
+    return pipe.to(device=device, dtype=dtype)

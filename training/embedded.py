@@ -29,6 +29,7 @@ from training.classifier import (
     to_grayscale,
     train_classifier,
 )
+from training.device import resolve_device
 from training.digits import (
     DIGIT_WORDS,
     PROMPT_TEMPLATES,
@@ -158,13 +159,19 @@ def classifier_key(size: int, pretrain: PretrainConfig) -> str:
 
 
 def digit_classifier(config: PipelineConfig, home: Path, progress: bool = True):
-    """The cached evaluator CNN for the embedded model's image size, trained on the train split."""
+    """The cached evaluator CNN for the embedded model's image size, trained on the train split (on
+    ``config.runtime.device``); it loads on the CPU, and its users move it to their images' device."""
     size = config.model.embedded.image_size
     final = home / "classifiers" / classifier_key(size, config.pretrain)
     if not (final / "DONE").exists():
         train, test = train_test_split(size, config.pretrain.test_fraction, seed=0)
         model, report = train_classifier(
-            train, test, config.pretrain.classifier_steps, config.pretrain.seed, progress
+            train,
+            test,
+            config.pretrain.classifier_steps,
+            config.pretrain.seed,
+            progress,
+            device=resolve_device(config.runtime.device),
         )
         # keep_existing: a concurrent build that won the race is kept
         with staged_directory(final, keep_existing=True) as tmp:
@@ -193,18 +200,20 @@ def _cosine_with_warmup(optimizer: torch.optim.Optimizer, steps: int, warmup: in
 def train_vae(
     vae, images: torch.Tensor, pretrain: PretrainConfig, generator: torch.Generator, progress: bool
 ):
-    """Reconstruction MSE plus ``vae_kl_weight`` * KL(q(z|x) || N(0, I)); returns the posterior-mean
-    latents."""
+    """Reconstruction MSE plus ``vae_kl_weight`` * KL(q(z|x) || N(0, I)), on the VAE's device (random draws
+    from the CPU ``generator``, then moved); returns the posterior-mean latents on that device."""
+    device = vae.device
     optimizer = torch.optim.AdamW(vae.parameters(), lr=pretrain.vae_lr, weight_decay=0.0)
     warmup = min(100, pretrain.vae_steps // 10 + 1)
     schedule = _cosine_with_warmup(optimizer, pretrain.vae_steps, warmup=warmup)
-    x_all = _to_vae_input(images)
+    x_all = _to_vae_input(images.to(device))
     vae.train()
     bar = tqdm(range(pretrain.vae_steps), desc="pretrain: autoencoder", disable=not progress)
     for _ in bar:
-        x = x_all[torch.randint(0, len(x_all), (pretrain.batch_size,), generator=generator)]
+        x = x_all[torch.randint(0, len(x_all), (pretrain.batch_size,), generator=generator).to(device)]
         posterior = vae.encode(x).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        noise = torch.randn(posterior.mean.shape, generator=generator).to(device)
+        z = posterior.mean + posterior.std * noise
         loss = F.mse_loss(vae.decode(z).sample, x) + pretrain.vae_kl_weight * posterior.kl().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -236,12 +245,14 @@ def _prompt_bank(tokenizer, max_length: int) -> tuple[torch.Tensor, torch.Tensor
 def train_denoiser(components: dict, latents, labels, pretrain: PretrainConfig, generator, progress: bool):
     """Epsilon-prediction MSE for the UNet and text encoder, with prompt dropout for classifier-free guidance.
 
-    Returns EMA copies of both (decay ``ema_decay``), which is what gets saved.
+    Runs on the UNet's device; random draws come from the CPU ``generator`` and are moved there. Returns EMA
+    copies of both (decay ``ema_decay``), which is what gets saved.
     """
     unet, text_encoder, scheduler = components["unet"], components["text_encoder"], components["scheduler"]
+    device = unet.device
     tokenizer = components["tokenizer"]
     bank, empty = _prompt_bank(tokenizer, tokenizer.model_max_length)
-    latents = latents * components["vae"].config.scaling_factor
+    latents = latents.to(device) * components["vae"].config.scaling_factor
     alphas_cumprod = scheduler.alphas_cumprod
     params = [*unet.parameters(), *text_encoder.parameters()]
     optimizer = torch.optim.AdamW(params, lr=pretrain.unet_lr, weight_decay=1e-4)
@@ -255,17 +266,17 @@ def train_denoiser(components: dict, latents, labels, pretrain: PretrainConfig, 
     bar = tqdm(range(pretrain.unet_steps), desc="pretrain: denoiser", disable=not progress)
     for step in bar:
         idx = torch.randint(0, n, (batch,), generator=generator)
-        x0 = latents[idx]
-        noise = torch.randn(x0.shape, generator=generator)
+        x0 = latents[idx.to(device)]
+        noise = torch.randn(x0.shape, generator=generator).to(device)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator)
-        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        a = alphas_cumprod[t].view(-1, 1, 1, 1).to(device)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         template = torch.randint(0, len(PROMPT_TEMPLATES), (batch,), generator=generator)
         input_ids = bank[labels[idx], template]
         drop = torch.rand(batch, generator=generator) < pretrain.uncond_prob
-        input_ids = torch.where(drop[:, None], empty[None], input_ids)
+        input_ids = torch.where(drop[:, None], empty[None], input_ids).to(device)
         context = text_encoder(input_ids)[0]
-        loss = F.mse_loss(unet(x_t, t, encoder_hidden_states=context).sample, noise)
+        loss = F.mse_loss(unet(x_t, t.to(device), encoder_hidden_states=context).sample, noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -313,7 +324,7 @@ def alignment_accuracy(
     batch_size: int = 250,
 ) -> float:
     """Share of ``num_samples`` DDIM samples (prompts cycling over digits and paraphrases) that the classifier
-    labels as the prompted digit."""
+    labels as the prompted digit; runs on the pipeline's device (the classifier follows the images)."""
     digits = [i % 10 for i in range(num_samples)]
     prompts = [digit_prompt(d, i // 10) for i, d in enumerate(digits)]
     generator = torch.Generator().manual_seed(seed)
@@ -331,7 +342,7 @@ def alignment_accuracy(
             generator=generator,
             output_type="pt",
         ).images
-        predicted = classifier(to_grayscale(images, size)).argmax(-1)
+        predicted = classifier.to(images.device)(to_grayscale(images, size)).argmax(-1).cpu()
         correct += (predicted == torch.tensor(digits[start : start + len(chunk)])).sum().item()
         bar.update(len(chunk))
     bar.close()
@@ -343,7 +354,10 @@ def classifier_input_size(pipe) -> int:
 
 
 def pretrain_reference(config: PipelineConfig, home: Path, progress: bool = True) -> PretrainResult:
-    """Build (or reuse from the cache) the embedded reference model; see the module docstring."""
+    """Build (or reuse from the cache) the embedded reference model on ``config.runtime.device``; see the
+    module docstring. The device is not part of the key: what is saved is the same model (fp32 weights; on
+    the CPU byte-identical for a seed and thread count)."""
+    device = resolve_device(config.runtime.device)  # a missing device fails here, in one line
     key = reference_key(config)
     final = home / "reference" / key
     if (final / "DONE").exists():
@@ -365,17 +379,21 @@ def pretrain_reference(config: PipelineConfig, home: Path, progress: bool = True
     torch.manual_seed(pretrain.seed)
     generator = torch.Generator().manual_seed(pretrain.seed)
     train, _ = train_test_split(cfg.image_size, pretrain.test_fraction, seed=0)
-    components = build_components(cfg)
+    components = build_components(cfg)  # initialised on the CPU (same weights for a seed), then moved
+    for name in ("unet", "vae", "text_encoder"):
+        components[name].to(device)
     latents = train_vae(components["vae"], train.images, pretrain, generator, progress)
     components["unet"], components["text_encoder"] = train_denoiser(
         components, latents, train.labels, pretrain, generator, progress
     )
 
+    for name in ("unet", "vae", "text_encoder"):
+        components[name].to("cpu")
     # keep_existing: a concurrent build that won the race is kept
     with staged_directory(final, keep_existing=True) as tmp:
         save_pipeline(components, tmp)
         accuracy = alignment_accuracy(
-            load_embedded_pipeline(tmp),
+            load_embedded_pipeline(tmp).to(device),
             classifier,
             config.sampling,
             pretrain.eval_samples,
@@ -400,7 +418,7 @@ def _current_evaluation(config: PipelineConfig, home: Path, final: Path, progres
     if {k: meta["alignment_eval"].get(k) for k in settings} != settings:
         classifier, _ = digit_classifier(config, home, progress)
         meta["alignment_accuracy"] = alignment_accuracy(
-            load_embedded_pipeline(final),
+            load_embedded_pipeline(final).to(resolve_device(config.runtime.device)),
             classifier,
             config.sampling,
             config.pretrain.eval_samples,

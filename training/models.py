@@ -69,13 +69,17 @@ def load_pretrained_pipeline(source: str, revision: str | None = None, torch_dty
 
 
 def load_reference_pipeline(config: PipelineConfig, home: Path | None = None, progress: bool = True):
-    """The reference ``StableDiffusionPipeline`` for ``config``, pretraining the embedded model if needed."""
+    """The reference ``StableDiffusionPipeline`` for ``config`` on ``config.runtime.device``, pretraining the
+    embedded model if needed."""
+    from training.device import resolve_device
+
+    device = resolve_device(config.runtime.device)  # a missing device fails before any loading
     if config.model.source == "pretrained":
-        return load_pretrained_pipeline(config.model.pretrained, config.model.revision)
+        return load_pretrained_pipeline(config.model.pretrained, config.model.revision).to(device)
     from training.embedded import load_embedded_pipeline, pretrain_reference
 
     result = pretrain_reference(config, home or msdda_home(), progress=progress)
-    return load_embedded_pipeline(result.path)
+    return load_embedded_pipeline(result.path).to(device)
 
 
 def content_hash(directory: Path) -> str:

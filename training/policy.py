@@ -29,14 +29,19 @@ class GuidedEpsilon(nn.Module):
     runs.
 
     ``cond`` holds ``"embeds"`` ``[B, L, D]`` and ``"uncond"`` (the empty prompt's states, ``[B, L, D]``).
-    With guidance, one UNet call runs ``[uncond; cond]`` stacked: ``2 B`` rows.
+    With guidance, one UNet call runs ``[uncond; cond]`` stacked: ``2 B`` rows. The UNet runs in its own
+    dtype (``runtime.dtype`` for a frozen reference); epsilon comes back in ``x``'s dtype.
+
+    ``forward`` (default: ``unet`` itself) is what is called, e.g. a compiled UNet
+    (``composition.compile``); it takes and returns what ``unet`` does.
     """
 
-    def __init__(self, unet, guidance_scale: float):
+    def __init__(self, unet, guidance_scale: float, forward=None):
         super().__init__()
         self.unet = unet
         self.guidance_scale = guidance_scale
         self.rows = 0
+        self._call = forward if forward is not None else unet
 
     @property
     def rows_per_image(self) -> int:
@@ -46,12 +51,16 @@ class GuidedEpsilon(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
         embeds, uncond = cond["embeds"], cond["uncond"]
         self.rows += self.rows_per_image * x.shape[0]
+        dtype = getattr(self.unet, "dtype", x.dtype)
         if self.guidance_scale == 1.0:
-            return self.unet(x, t, encoder_hidden_states=embeds).sample
-        out = self.unet(
-            torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, embeds])
+            eps = self._call(x.to(dtype), t, encoder_hidden_states=embeds.to(dtype)).sample
+            return eps.to(x.dtype, copy=True)  # a copy: a CUDA-graphed forward reuses its output buffer
+        out = self._call(
+            torch.cat([x, x]).to(dtype),
+            torch.cat([t, t]),
+            encoder_hidden_states=torch.cat([uncond, embeds]).to(dtype),
         )
-        eps_uncond, eps_cond = out.sample.chunk(2)
+        eps_uncond, eps_cond = out.sample.to(x.dtype).chunk(2)
         return cfg_epsilon(eps_cond, eps_uncond, self.guidance_scale)
 
 

@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -59,7 +60,8 @@ def combine_quadratics(parts: list[tuple[LatentQuadratic, float]]) -> LatentQuad
 
 @dataclass
 class Reward:
-    """A named reward. ``fn(images, prompts) -> [N]`` (higher is better); a latent reward
+    """A named reward. ``fn(images, prompts) -> [N]`` (higher is better), on the images' device: a
+    reward's models, tokens and buffers follow the images (``runtime.device``). A latent reward
     (``on_latents``) takes the clean latents instead of the decoded images (use :meth:`score`)."""
 
     name: str
@@ -73,9 +75,9 @@ class Reward:
 
     def __call__(self, inputs: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         if self.differentiable:
-            return self.fn(inputs, prompts)
+            return self.fn(inputs, prompts).to(inputs.device)
         with torch.no_grad():
-            return self.fn(inputs, prompts)
+            return self.fn(inputs, prompts).to(inputs.device)
 
     def score(
         self, latents: torch.Tensor, prompts: list[str], decode: Callable[[torch.Tensor], torch.Tensor]
@@ -202,7 +204,8 @@ def _clean_latents(config, home: Path):
 
     @torch.no_grad()
     def encode(images: torch.Tensor) -> torch.Tensor:
-        return vae.encode(_to_vae_input(images)).latent_dist.mean * vae.config.scaling_factor
+        latents = vae.encode(_to_vae_input(images).to(vae.device, vae.dtype)).latent_dist.mean
+        return (latents * vae.config.scaling_factor).float().cpu()
 
     latents = torch.cat([encode(chunk) for chunk in train.images.split(256)])
     return latents, train.labels, encode(torch.zeros_like(train.images[:1]))[0]
@@ -337,8 +340,8 @@ def laion_aesthetic(config, home, options) -> Reward:
 
     def head(embeds: torch.Tensor) -> torch.Tensor:
         x = embeds
-        for i, layer in enumerate(layers):
-            x = x @ state[f"{layer}.weight"].T + state[f"{layer}.bias"]
+        for layer in layers:  # the head's weights follow the embeddings' device and dtype
+            x = x @ state[f"{layer}.weight"].to(x).T + state[f"{layer}.bias"].to(x)
         return x.squeeze(-1)
 
     return _clip_scorer("laion_aesthetic", {"weights": "openai/clip-vit-large-patch14", **options}, head)
@@ -354,7 +357,8 @@ def image_reward(config, home, options) -> Reward:
         from PIL import Image
 
         arrays = (images.clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        return torch.tensor([float(model.score(p, Image.fromarray(a))) for p, a in zip(prompts, arrays)])
+        scores = [float(model.score(p, Image.fromarray(a))) for p, a in zip(prompts, arrays)]
+        return torch.tensor(scores, device=images.device)
 
     return Reward("image_reward", False, fn, f"ImageReward from {source}")
 
@@ -368,7 +372,8 @@ def hpsv2(config, home, options) -> Reward:
 
         arrays = (images.clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         return torch.tensor(
-            [float(module.score(Image.fromarray(a), p, cp=source)[0]) for p, a in zip(prompts, arrays)]
+            [float(module.score(Image.fromarray(a), p, cp=source)[0]) for p, a in zip(prompts, arrays)],
+            device=images.device,
         )
 
     return Reward("hpsv2", False, fn, f"HPSv2 from {source}")
@@ -443,6 +448,10 @@ REWARDS: dict[str, Callable] = {
     "hpsv2": hpsv2,
     "weighted_sum": weighted_sum,
 }
+
+
+RewardName = Literal[tuple(REWARDS)]  # type: ignore[valid-type]
+"""A known reward's name: the choices of ``msdda train --objective``."""
 
 
 def load_reward(name: str, config, home: Path, options: dict | None = None) -> Reward:

@@ -63,9 +63,9 @@ def adapters_disabled(unet):
 
 
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """VAE latents -> images in [0, 1] (differentiable; wrap in ``torch.no_grad()`` where no gradient is
-    needed)."""
-    images = vae.decode(latents / vae.config.scaling_factor).sample
+    """VAE latents -> images in [0, 1], in the latents' dtype whatever the VAE's (differentiable; wrap in
+    ``torch.no_grad()`` where no gradient is needed)."""
+    images = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample.to(latents.dtype)
     return ((images + 1) / 2).clamp(0, 1)
 
 

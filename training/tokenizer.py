@@ -52,7 +52,10 @@ def build_vocab(words: Iterable[str]) -> tuple[dict[str, int], list[tuple[str, s
 
 
 def build_tokenizer(words: Iterable[str], max_length: int):
-    """A ``transformers.CLIPTokenizer`` over ``words``, padded with the end token as CLIP does."""
+    """A ``transformers.CLIPTokenizer`` over ``words``, padded with the end token as CLIP does.
+
+    Built from in-memory ``vocab``/``merges``: a transformers v5 constructor (hence ``transformers>=5.0`` in
+    pyproject.toml; v4's tokenizer takes file paths)."""
     from transformers import CLIPTokenizer
 
     vocab, merges = build_vocab(words)

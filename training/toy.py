@@ -106,7 +106,7 @@ class ToyProblem(nn.Module):
         self._evaluations = value
 
     def initial_states(self, batch_size: int, generator: torch.Generator):
-        return torch.randn(batch_size, 2, generator=generator), None
+        return torch.randn(batch_size, 2, generator=generator).to(self.linear.device), None
 
     def reference(self, x_t, step, cond) -> GaussianStep:
         return self.reference_policy(x_t, step, cond)

@@ -256,13 +256,24 @@ def make_optimizer(problem: StepProblem, config: TrainConfig) -> torch.optim.Opt
     return torch.optim.AdamW(groups, weight_decay=0.0)
 
 
-def setup_run(problem: StepProblem, config: TrainConfig, checkpoint_dir: Path | None) -> TrainingRun:
-    """Accelerator, seeds, optimizer and (if a checkpoint is there) the resumed state."""
+def setup_run(
+    problem: StepProblem,
+    config: TrainConfig,
+    checkpoint_dir: Path | None,
+    device: torch.device | str | None = None,
+) -> TrainingRun:
+    """Accelerator, seeds, optimizer and (if a checkpoint is there) the resumed state.
+
+    ``device`` (``runtime.device`` resolved, :func:`training.device.resolve_device`; ``None``: ``auto``) picks
+    the CPU or CUDA; under ``accelerate launch`` each process then takes its own GPU."""
     from accelerate import Accelerator
 
+    from training.device import resolve_device
+
+    device = resolve_device("auto") if device is None else torch.device(device)
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
-        cpu=not torch.cuda.is_available(),
+        cpu=device.type == "cpu",
         gradient_accumulation_steps=config.gradient_accumulation_steps,
     )
     # Each process draws its own states (seed + rank); gradients are averaged across processes.
@@ -405,9 +416,11 @@ def train(
     log_metrics: Callable[[IterationMetrics], None] | None = None,
     progress: bool = True,
     stop_after: int | None = None,
+    device: torch.device | str | None = None,
 ) -> TrainResult:
-    """Run ``config.iterations`` trainer iterations (resuming from ``checkpoint_dir`` if one is there)."""
-    run = setup_run(problem, config, checkpoint_dir)
+    """Run ``config.iterations`` trainer iterations (resuming from ``checkpoint_dir`` if one is there) on
+    ``device`` (see :func:`setup_run`); the problem is moved there."""
+    run = setup_run(problem, config, checkpoint_dir, device)
     history, start = run.history, run.start_iteration
     clock = time.perf_counter() - (history[-1].seconds if history else 0.0)
     end = config.iterations if stop_after is None else min(config.iterations, start + stop_after)
