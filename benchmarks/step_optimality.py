@@ -45,10 +45,12 @@ from tqdm.auto import tqdm
 from composition.batched import REFERENCE, load_adapter
 from composition.engine import load_ensemble
 from composition.methods import Batch, epsilon_blend, guided_step, msdda
+from composition.msdda import compose_gaussian
 from configs import load_config
 from training.base_model import evaluation_problem, train_base_model
 from training.card import load_base_model
 from training.chain import run_chain
+from training.kernel import GaussianStep
 from training.models import atomic_file, msdda_home
 from training.rewards import combine_quadratics
 from training.step_optimum import (
@@ -155,6 +157,26 @@ def exact_targets(problem, rewards: dict, targets: dict, x, index, step, chunk: 
             variances.append(optimum.variance.expand_as(optimum.mean).flatten(1))
             references.append(problem.reference(x[part], step, cond).mean.flatten(1))
         out[target] = exact_optimum(torch.cat(means), torch.cat(variances), torch.cat(references))
+    return out
+
+
+def composed_from_exact_bases(exact: dict, objectives: list[str], reference) -> dict:
+    """``--exact`` only: MSDDA's closed form and DB's epsilon blend applied to the *exact* base optima at each
+    weight, ``{"msdda_exact_bases:<w1>": GaussianStep, "db_exact_bases:<w1>": ...}``. This separates the
+    composition rule from the base models' fit: with bases at their optimum MSDDA is exact (docs/design.md
+    §2.4), while DB averages the drifts with ``w`` instead of ``w / var`` and keeps ``sigma_t^2`` (§2.7)."""
+    shape = reference.mean.shape
+    drifts = torch.stack([exact[o].drift_a for o in objectives]).view(len(objectives), *shape)
+    tail = (1,) * (len(shape) - 1)
+    variances = torch.stack([exact[o].variance for o in objectives]).view(len(objectives), shape[0], *tail)
+    ref_var = reference.variance.double()
+    out = {}
+    for w1 in ORACLE_WEIGHTS:
+        w = [w1, 1 - w1]
+        mean, var = compose_gaussian(drifts, variances, w, torch.zeros_like(drifts[0]), ref_var)
+        out[f"msdda_exact_bases:{w1}"] = GaussianStep(reference.mean + mean.float(), var.float())
+        blended = sum(wi * d for wi, d in zip(w, drifts))
+        out[f"db_exact_bases:{w1}"] = GaussianStep(reference.mean + blended.float(), reference.variance)
     return out
 
 
@@ -267,7 +289,8 @@ def measure(args) -> dict:
     states = held_out_states(composer, sources, embeds, uncond, args.states, len(ensemble.prompts))
     generator = torch.Generator().manual_seed(STATE_SEED - 1)
     rgg = rgg_weights(ensemble)
-    names = [*kernels, *rgg]
+    exact_bases = [f"{m}_exact_bases:{w1}" for w1 in ORACLE_WEIGHTS for m in ("msdda", "db")]
+    names = [*kernels, *rgg, *(exact_bases if args.exact else [])]
     rows = {name: [] for name in names}
     replicate_rows = {name: [[] for _ in range(args.bootstrap)] for name in names}
     optimum_rows = {name: [] for name in targets}
@@ -287,6 +310,8 @@ def measure(args) -> dict:
             score = ensemble.score_fn(weights, prompts, per_beta=True, differentiable=True)
             scale = config.composition.rgg_scale
             kernel_steps[name] = guided_step(composer, score, batch, x, step, scale)[0]
+        if args.exact:
+            kernel_steps.update(composed_from_exact_bases(exact, objectives, ref))
         bootstrap = 0 if args.exact else args.bootstrap
         counts = [bootstrap_counts(args.actions, x.shape[0], generator) for _ in range(bootstrap)]
         for target, coefficients in targets.items():
@@ -331,7 +356,7 @@ def measure(args) -> dict:
                 "weights": [w1, 1 - w1],
                 **{
                     m: results[f"{m}:{w1}"]
-                    for m in ("msdda", "db", "oracle", "rgg")
+                    for m in ("msdda", "db", "oracle", "rgg", "msdda_exact_bases", "db_exact_bases")
                     if f"{m}:{w1}" in results
                 },
             }
@@ -503,7 +528,7 @@ def _cell(err: dict, name: str) -> str:
     if name not in err:  # a report saved before the figure existed
         return "-"
     value, se = _nan_for_none(err[name]), _nan_for_none(err["mc_se_all"].get(name))
-    return f"{value:.3f} ± {se:.3f}" if math.isfinite(se) else f"{value:.3f}"
+    return f"{value:.3f} ± {se:.3f}" if math.isfinite(se) and se > 0 else f"{value:.3f}"
 
 
 def render(report: dict) -> str:
@@ -512,13 +537,25 @@ def render(report: dict) -> str:
         "| kernel | relative drift error | cosine | drift ratio | variance ratio | path-pooled error "
         "| path-pooled cosine |\n|---|---|---|---|---|---|---|"
     )
+    objectives = ", ".join(f"`{o}`" for o in report["objectives"])
+    states = (
+        f"{report['states_per_step']} held-out states per DDIM step (chains of the reference and of each "
+        "base model)"
+    )
+    if report.get("exact"):
+        how = (
+            "the optimum in closed form at every state (docs/design.md §5.7), so every figure is exact; "
+            "figures averaged over the steps"
+        )
+    else:
+        how = (
+            f"{report['actions']} antithetic reference actions per state, figures averaged over the steps ± "
+            f"bootstrap Monte-Carlo SE ({report['bootstrap']} replicates)"
+        )
     lines = [
-        f"Embedded default, objectives {', '.join(f'`{o}`' for o in report['objectives'])}, beta "
-        f"{report['beta']}; {report['states_per_step']} held-out states per DDIM step (chains of the "
-        f"reference and of each base model), {report['actions']} antithetic reference actions per state, "
-        f"figures averaged over the steps ± bootstrap Monte-Carlo SE ({report['bootstrap']} replicates); "
-        f"{report['seconds']:.0f} s. Path-pooled: summed over the steps in units of sigma_t before the "
-        "ratio, so each step counts by how far its optimum moves (docs/design.md §5.3).",
+        f"Objectives {objectives}, beta {report['beta']}; {states}, {how}; {report['seconds']:.0f} s. "
+        "Path-pooled: summed over the steps in units of sigma_t before the ratio, so each step counts by how "
+        "far its optimum moves (docs/design.md §5.3).",
         "",
         header,
     ]
@@ -533,8 +570,16 @@ def render(report: dict) -> str:
         )
     for row in report["composition"]:
         w = ", ".join(f"{v:g}" for v in row["weights"])
-        for method in [m for m in ("msdda", "db", "oracle", "rgg") if m in row]:
-            label = {"msdda": "MSDDA", "db": "DB", "oracle": "oracle", "rgg": "RGG"}[method]
+        methods = ("msdda", "db", "oracle", "rgg", "msdda_exact_bases", "db_exact_bases")
+        for method in [m for m in methods if m in row]:
+            label = {
+                "msdda": "MSDDA",
+                "db": "DB",
+                "oracle": "oracle",
+                "rgg": "RGG",
+                "msdda_exact_bases": "MSDDA of the exact base optima",
+                "db_exact_bases": "DB of the exact base optima",
+            }[method]
             lines.append(
                 f"| {label}, w = ({w}) | " + " | ".join(_cell(row[method], f) for f in columns) + " |"
             )

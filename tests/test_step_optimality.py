@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from tests._benchmark_runner import run_benchmark
+from tests._benchmark_runner import ROOT, run_benchmark
 
 ERR_KEYS = {"relative_drift_error", "cosine", "drift_ratio", "variance_ratio", "mc_se"}
 
@@ -46,3 +46,28 @@ def test_profile_reports_the_optimum_at_reference_states(tiny_config_file, pretr
     # a larger beta is a milder tilt: the weights spread over more actions
     mild, sharp = rows["prototype_match:4 beta=1"], rows["prototype_match:4 beta=0.01"]
     assert sum(r["ess_share"] for r in mild) > sum(r["ess_share"] for r in sharp)
+
+
+def test_exact_check_on_latent_quadratics(tmp_path, pretrained_home):
+    """``--exact`` on the tiny model with the two latent quadratic objectives: every figure is exact (no
+    Monte-Carlo error), MSDDA's closed form applied to the exact base optima *is* the combined optimum, and
+    DB's blend of the same optima is not (their curvatures differ tenfold)."""
+    import yaml
+
+    from tests.conftest import TINY_CONFIG
+
+    quadratic = yaml.safe_load((ROOT / "configs" / "quadratic.yaml").read_text())
+    config = {**TINY_CONFIG, "objectives": quadratic["objectives"]}
+    config["train"] = {**TINY_CONFIG["train"], **quadratic["train"]}
+    path = tmp_path / "quadratic-tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    args = ["--config", str(path), "--exact", "--no-oracle", "--states", "2", "--json"]
+    report = run_step_optimality(args, pretrained_home)
+    assert report["exact"] is True and set(report["base_models"]) == {"latent_prototype", "latent_blank"}
+    for row in report["composition"]:
+        exact_msdda, exact_db = row["msdda_exact_bases"], row["db_exact_bases"]
+        assert exact_msdda["mc_se"] == 0.0
+        assert exact_msdda["relative_drift_error"] < 1e-3 and exact_msdda["path_relative_error"] < 1e-3
+        assert exact_msdda["variance_ratio"] == pytest.approx(1.0, abs=1e-3)
+        assert exact_db["path_relative_error"] > 0.05 and exact_db["variance_ratio"] > 1.05
+        assert math.isfinite(row["msdda"]["relative_drift_error"])  # the trained models' kernel
