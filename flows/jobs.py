@@ -12,6 +12,7 @@ import json
 import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Literal
 
 from configs.errors import MsddaError
@@ -159,17 +160,18 @@ def check_prompts(prompts: list[str] | None) -> list[str] | None:
 
 
 def _check_rewards_take_prompts(ensemble, prompts: list[str]) -> None:
-    """Score one blank image per distinct prompt, so that a reward that cannot read a prompt (digit_alignment
-    on a prompt that names no digit) fails in one line before any sampling."""
+    """Score one blank latent (and its image) per distinct prompt, so that a reward that cannot read a prompt
+    (digit_alignment on a prompt that names no digit) fails in one line before any sampling."""
     import torch
 
-    from composition.engine import score_images
+    from composition.engine import score_generated
 
     distinct = list(dict.fromkeys(prompts))
-    unet, vae = ensemble.pipe.unet, ensemble.pipe.vae
-    shape = (1, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    blank = ensemble.decode(torch.zeros(shape, device=vae.device, dtype=vae.dtype))
-    score_images(ensemble, blank.expand(len(distinct), -1, -1, -1), distinct)
+    unet = ensemble.pipe.unet
+    shape = (len(distinct), unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    latents = torch.zeros(shape)
+    images = ensemble.decode(latents.to(unet.device))
+    score_generated(ensemble, SimpleNamespace(latents=latents, images=images, prompts=distinct))
 
 
 def compose_job(
