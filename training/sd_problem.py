@@ -174,6 +174,11 @@ class DiffusionStepProblem(nn.Module):
         with adapters_disabled(self.unet):
             return self.reference_policy(x_t, step, cond)
 
+    def reference_eps(self, x_t, step, cond) -> torch.Tensor:
+        """The reference model's (guided) epsilon at the states ``x_t`` of ``step``."""
+        with adapters_disabled(self.unet):
+            return self.eps(x_t, self.schedule.timestep(step, x_t), cond)
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return decode_latents(self.vae, latents)
 
@@ -184,8 +189,7 @@ class DiffusionStepProblem(nn.Module):
         if step == len(self.schedule) - 1:
             return flat
         if self.x0_estimate == "current_eps":
-            with adapters_disabled(self.unet):
-                eps = self.eps(x_t, self.schedule.timestep(step, x_t), cond)
+            eps = self.reference_eps(x_t, step, cond)
             return self.schedule.clean_estimate(flat, eps.repeat(n, 1, 1, 1), step, after=True)
         repeated = {k: (v.repeat(n, 1, 1) if torch.is_tensor(v) else v * n) for k, v in cond.items()}
         with adapters_disabled(self.unet):
@@ -212,13 +216,12 @@ class DiffusionStepProblem(nn.Module):
         quadratic = quadratic or self.reward.quadratic
         if quadratic is None or self.x0_estimate != "current_eps":
             raise ValueError("the exact optimum needs a latent quadratic reward and x0_estimate current_eps")
-        reference = self.reference(x_t, step, cond)
+        eps = self.reference_eps(x_t, step, cond)
+        reference = self.schedule.kernel(x_t, eps, step)  # the reference kernel, from the same UNet call
         center = quadratic.center(cond["prompts"]).to(x_t)
         if step == len(self.schedule) - 1:
             alpha_prev, target = torch.ones((), dtype=x_t.dtype), center
         else:
-            with adapters_disabled(self.unet):
-                eps = self.eps(x_t, self.schedule.timestep(step, x_t), cond)
             alpha_prev = self.schedule.alpha_prev[step].to(x_t)
             target = alpha_prev.sqrt() * center + (1 - alpha_prev).sqrt() * eps
         return tilted_gaussian(reference, target, quadratic.curvature / (alpha_prev * beta))
