@@ -10,7 +10,9 @@ whole chains, per batch size:
 * floor: the same UNet work on a plain UNet (no adapters), done the faster of two ways -- one forward of K * B
   rows per step, or K forwards of B rows (on a small CPU model the big batch is not always faster) -- the
   least any K-model composition can cost;
-* MSDDA: the sampler (K adapters in one mixed-adapter batch, DDIM means, the closed form, the noise);
+* MSDDA: the sampler (DDIM means, the closed form, the noise) with each plan (``composition.plan``): one
+  routed call of K * B rows, or K routed calls of B rows; ``msdda_seconds`` is the configured plan's
+  (``auto``: K calls on the CPU, one call on a GPU), with the configured ``composition.routed_weights``;
 * sequential: the same chain, switching the active adapter K times per step (K forwards of B rows; eager
   mode only).
 
@@ -19,9 +21,11 @@ step; goal < 0.02), and the same figures for the sequential switches. Medians ov
 
 ``--unet sd15``: a randomly initialised ``UNet2DConditionModel`` with Stable Diffusion 1.5's config (860 M
 parameters, 64x64 latents, 77x768 text states; no weights needed) carrying K rank-4 LoRA adapters on
-``to_q, to_k, to_v, to_out.0``; milliseconds per denoising step (median of --repeats) of the routed step
-(``mixed_adapter_batch`` entered every step, as the sampler does) against the floor, one plain UNet call of
-K * B rows, for each batch B and each K.
+``to_q, to_k, to_v, to_out.0``; milliseconds per denoising step (median of --repeats), for each batch B and
+each K, of the floors (one plain UNet call of K * B rows; K plain calls of B rows) and of the routed variants
+(``--routings``; ``mixed_adapter_batch`` entered every step, as the sampler does): ``routed_merged`` and
+``routed_lora`` (one routed call of K * B rows with merged weights or LoRA deltas) and ``per_model_merged``
+(K routed calls of B rows). Each ``*_over_floor`` is over the faster floor.
 
 ``--modes eager,compiled`` measures each mode against the floor in the same mode: eager against eager,
 compiled (``composition.batched.compile_unet``: ``torch.compile``, CUDA graphs on a GPU) against compiled.
@@ -83,6 +87,11 @@ def main() -> None:
     )
     parser.add_argument("--models", default="2,3", help="sd15: adapter counts K (embedded: the config's)")
     parser.add_argument("--modes", default="eager", help="eager, compiled or eager,compiled")
+    parser.add_argument(
+        "--routings",
+        default="merged,lora,per_model",
+        help="sd15: routed variants to time (merged, lora, per_model)",
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--write-readme", action="store_true")
@@ -145,7 +154,11 @@ def measure(config, home, base_dirs, batch_size: int, repeats: int, compiled: bo
     x_T = torch.randn((b, *shape), generator=torch.Generator().manual_seed(0)).to(device)
     weights = [1.0 / k] * k
     options = config.composition.model_copy(update={"compile": compiled})
-    composer = ensemble.composer(options)
+    composers = {
+        plan: ensemble.composer(options.model_copy(update={"plan": plan}))
+        for plan in ("one_call", "per_model")
+    }
+    chosen = ensemble.composer(options).plan  # what the config's plan (auto: by device) runs
     warmup = 3 if compiled else 1  # compiling, then recording CUDA graphs
 
     def floor_one_call():
@@ -159,13 +172,16 @@ def measure(config, home, base_dirs, batch_size: int, repeats: int, compiled: bo
             for _ in range(k):
                 plain(x, schedule.timestep(step, x), encoder_hidden_states=context)
 
-    diagnostics = []
+    diagnostics = {plan: [] for plan in composers}
 
-    def msdda():
-        chain, _ = METHODS["msdda"].sample(
-            composer, weights, x_T, Batch(embeds, uncond), torch.Generator().manual_seed(1)
-        )
-        diagnostics.append(chain.diagnostics)
+    def msdda(plan):
+        def run():
+            chain, _ = METHODS["msdda"].sample(
+                composers[plan], weights, x_T, Batch(embeds, uncond), torch.Generator().manual_seed(1)
+            )
+            diagnostics[plan].append(chain.diagnostics)
+
+        return run
 
     sequential_math = []
 
@@ -191,10 +207,11 @@ def measure(config, home, base_dirs, batch_size: int, repeats: int, compiled: bo
     t_one_call = median_seconds(floor_one_call, repeats, device, warmup)
     t_per_model = median_seconds(floor_per_model, repeats, device, warmup)
     t_floor = min(t_one_call, t_per_model)
-    t_msdda = median_seconds(msdda, repeats, device, warmup)
+    t_plans = {plan: median_seconds(msdda(plan), repeats, device, warmup) for plan in composers}
+    t_msdda = t_plans[chosen]
     compose_fraction = statistics.median(
         sum(d["compose_seconds"] for d in run) / sum(d["step_seconds"] for d in run)
-        for run in diagnostics[warmup:]
+        for run in diagnostics[chosen][warmup:]
     )
     report = {
         "mode": "compiled" if compiled else "eager",
@@ -206,6 +223,10 @@ def measure(config, home, base_dirs, batch_size: int, repeats: int, compiled: bo
         "floor_one_call_seconds": t_one_call,
         "floor_per_model_seconds": t_per_model,
         "floor_seconds": t_floor,
+        "plan": chosen,
+        "routed_weights": options.routed_weights,
+        "msdda_one_call_seconds": t_plans["one_call"],
+        "msdda_per_model_seconds": t_plans["per_model"],
         "msdda_seconds": t_msdda,
         "msdda_over_floor": t_msdda / t_floor,
         "compose_math_fraction": compose_fraction,
@@ -267,10 +288,10 @@ def sd15_unets(num_adapters: int, device: torch.device, dtype: torch.dtype):
 
 @torch.no_grad()
 def measure_sd15(device, dtype, batches: list[int], models: list[int], modes: list[str], args) -> dict:
-    """ms per denoising step of the routed step and of the floor (one plain call of K * B rows), per mode,
-    K and B (see the module docstring)."""
+    """ms per denoising step of the floors and the routed variants, per mode, K and B (module docstring)."""
     plain, unet = sd15_unets(max(models), device, dtype)
     parameters = sum(p.numel() for p in plain.parameters())
+    routings = [r.strip() for r in args.routings.split(",")]
     results = []
     for mode in modes:
         compiled = mode == "compiled"
@@ -280,41 +301,57 @@ def measure_sd15(device, dtype, batches: list[int], models: list[int], modes: li
         for k in models:
             names = [f"m{i}" for i in range(k)]
             for b in batches:
-                floor_ms, routed_ms = step_milliseconds(
-                    floor_fn, routed_fn, unet, routing(names, b), device, dtype, args.repeats, warmup
+                times = step_milliseconds(
+                    floor_fn, routed_fn, unet, names, b, routings, device, dtype, args.repeats, warmup
                 )
-                results.append(
-                    {
-                        "mode": mode,
-                        "models": k,
-                        "batch_size": b,
-                        "floor_ms": round(floor_ms, 3),
-                        "routed_ms": round(routed_ms, 3),
-                        "routed_over_floor": round(routed_ms / floor_ms, 4),
-                    }
-                )
-                print(json.dumps(results[-1]), file=sys.stderr, flush=True)  # progress, kept if killed
+                floor = min(times["floor_one_call"], times.get("floor_per_model", float("inf")))
+                row = {"mode": mode, "models": k, "batch_size": b}
+                row.update({f"{name}_ms": round(ms, 3) for name, ms in times.items()})
+                row.update({f"{name}_over_floor": round(ms / floor, 4) for name, ms in times.items()})
+                results.append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)  # progress, kept if killed
     return {"unet": "sd15", "parameters": parameters, "repeats": args.repeats, "results": results}
 
 
-def step_milliseconds(floor_fn, routed_fn, unet, names, device, dtype, repeats, warmup):
-    """``(floor, routed)`` ms per step for the routing ``names``: one plain call of ``len(names)`` rows, and
-    one routed call (the block entered every step, as the sampler does)."""
-    g = torch.Generator().manual_seed(len(names))
-    rows = len(names)
-    x = torch.randn((rows, 4, 64, 64), generator=g).to(device=device, dtype=dtype)
-    context = torch.randn((rows, *SD15_TEXT), generator=g).to(device=device, dtype=dtype)
-    t = torch.full((rows,), 500, device=device)
+def step_milliseconds(floor_fn, routed_fn, unet, names, b, routings, device, dtype, repeats, warmup) -> dict:
+    """ms per step for K = ``len(names)`` models on ``b`` rows each: the floors (one plain call of ``K b``
+    rows; K plain calls of ``b`` rows) and each routing in ``routings``: ``merged``/``lora`` (one routed
+    call of ``K b`` rows, the block entered every step, as the sampler does) and ``per_model`` (K routed
+    calls of ``b`` rows with merged weights: the per-model plan)."""
+    g = torch.Generator().manual_seed(len(names) * b)
+    k = len(names)
+    x = torch.randn((k * b, 4, 64, 64), generator=g).to(device=device, dtype=dtype)
+    context = torch.randn((k * b, *SD15_TEXT), generator=g).to(device=device, dtype=dtype)
+    t = torch.full((k * b,), 500, device=device)
 
-    def floor():
+    def floor_one_call():
         floor_fn(x, t, encoder_hidden_states=context)
 
-    def routed():
-        with mixed_adapter_batch(unet, names):
-            routed_fn(x, t, encoder_hidden_states=context)
+    def floor_per_model():
+        for i in range(k):
+            floor_fn(x[i * b : (i + 1) * b], t[:b], encoder_hidden_states=context[i * b : (i + 1) * b])
 
-    floor_ms = 1000 * median_seconds(floor, repeats, device, warmup)
-    return floor_ms, 1000 * median_seconds(routed, repeats, device, warmup)
+    def one_call(weights):
+        def run():
+            with mixed_adapter_batch(unet, routing(names, b), weights):
+                routed_fn(x, t, encoder_hidden_states=context)
+
+        return run
+
+    def per_model():
+        for i, name in enumerate(names):
+            with mixed_adapter_batch(unet, routing([name], b), "merged"):
+                routed_fn(x[i * b : (i + 1) * b], t[:b], encoder_hidden_states=context[i * b : (i + 1) * b])
+
+    variants = {"floor_one_call": floor_one_call}
+    if "per_model" in routings:
+        variants["floor_per_model"] = floor_per_model
+    for weights in ("merged", "lora"):
+        if weights in routings:
+            variants[f"routed_{weights}"] = one_call(weights)
+    if "per_model" in routings:
+        variants["per_model_merged"] = per_model
+    return {name: 1000 * median_seconds(fn, repeats, device, warmup) for name, fn in variants.items()}
 
 
 def render(r: dict) -> str:
@@ -330,7 +367,12 @@ def render(r: dict) -> str:
             f"{r['floor_one_call_seconds'] / r['floor_seconds']:.3f} | |",
             f"| floor: plain UNet, K calls of B rows per step | {r['floor_per_model_seconds']:.3f} | "
             f"{r['floor_per_model_seconds'] / r['floor_seconds']:.3f} | |",
-            f"| **MSDDA** (one mixed-adapter call per step) | {r['msdda_seconds']:.3f} | "
+            f"| MSDDA, one routed call of K x B rows per step | {r['msdda_one_call_seconds']:.3f} | "
+            f"{r['msdda_one_call_seconds'] / r['floor_seconds']:.3f} | |",
+            f"| MSDDA, K routed calls of B rows per step | {r['msdda_per_model_seconds']:.3f} | "
+            f"{r['msdda_per_model_seconds'] / r['floor_seconds']:.3f} | |",
+            f"| **MSDDA** as configured (plan `auto`: {r['plan'].replace('_', ' ')}; "
+            f"{r['routed_weights']} weights) | {r['msdda_seconds']:.3f} | "
             f"**{r['msdda_over_floor']:.3f}** | **{r['compose_math_fraction']:.4f}** |",
             f"| K sequential adapter switches | {r['sequential_seconds']:.3f} | "
             f"{r['sequential_over_floor']:.3f} | {r['sequential_compose_math_fraction']:.4f} |",

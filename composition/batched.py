@@ -1,27 +1,38 @@
 """One batched UNet forward for K LoRA base models (plus the reference), routed by slice.
 
 The batch is the K (+1) slices stacked; the rows of slice ``k`` go through adapter ``k`` (``"__base__"`` means
-no adapter, i.e. the reference). Each LoRA layer adds the K deltas with two batched matmuls over the slices
-instead of peft's per-adapter gather and scatter (about 2x slower here), so a composed step costs one UNet
-forward of ``K * B`` rows: the physical floor of MSDDA's cost per step.
+no adapter, i.e. the reference). Inside :func:`mixed_adapter_batch` every LoRA layer computes its K slices
+with one batched matmul, in one of two ways (``composition.routed_weights``):
+
+* ``merged`` (default): each slice's merged weight ``W + s_k B_k A_k``, built once per routing: exactly the
+  work of the plain layer (one matmul of the same size), so a composed step costs one plain UNet forward of
+  ``K * B`` rows, the physical floor. Memory: K copies of the adapted layers' weights.
+* ``lora``: the base layer's output plus the K low-rank deltas (two batched matmuls over the slices): no extra
+  weight memory, but two more passes over each adapted layer's activations.
+
+Both replace peft's per-adapter gather and scatter (about 2x slower here).
 """
 
 from __future__ import annotations
 
+import types
 import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
+from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
 from training.card import LoraSpec
 
 REFERENCE = "__base__"
+RoutedWeights = Literal["merged", "lora"]
 
 
 def load_adapter(unet, name: str, lora_state: dict[str, torch.Tensor], spec: LoraSpec) -> None:
     """Add a LoRA adapter called ``name`` with ``spec``'s rank, alpha and targets to ``unet`` and load its
-    weights (a peft state dict without prefix). Drops the cached stacked weights (:func:`clear_stacked`)."""
+    weights (a peft state dict without prefix). Drops the cached routed weights (:func:`clear_stacked`)."""
     from peft import LoraConfig, set_peft_model_state_dict
 
     clear_stacked(unet)
@@ -35,26 +46,26 @@ def load_adapter(unet, name: str, lora_state: dict[str, torch.Tensor], spec: Lor
 
 
 @contextmanager
-def mixed_adapter_batch(unet, adapter_names: Sequence[str]):
+def mixed_adapter_batch(unet, adapter_names: Sequence[str], weights: RoutedWeights = "merged"):
     """Within the block, every UNet forward routes row ``i`` through ``adapter_names[i]``.
 
     The rows must come in contiguous slices, one per adapter (:func:`routing`); a batch that is a whole
     multiple of ``len(adapter_names)`` (classifier-free guidance stacks the batch twice) repeats the routing
-    per copy. Each LoRA layer then adds its K deltas with two batched matmuls over the slices
-    (``delta_k = scaling_k * x_k A_k^T B_k^T``, the reference slice contributing 0): the cost of one LoRA
-    forward, where peft's mixed batches gather and scatter rows per adapter and layer.
+    per copy. ``weights`` picks how each LoRA layer computes its slices (module docstring): ``merged``,
+    ``y_k = x_k (W + s_k B_k A_k)^T + b``, or ``lora``, ``y_k = x_k W^T + b + s_k x_k A_k^T B_k^T`` (the
+    reference slice: ``x W^T + b``).
 
-    The stacked weights of a routing are built once and cached on each layer (:func:`stacked_weights`), so
-    entering the block every denoising step costs no rebuild; each layer carries one routing hook for good
-    (:func:`_routed_deltas`, a no-op outside the block), so a compiled UNet (:func:`compile_unet`) sees the
-    same hooks on every call.
+    The routed weights of a routing are built once and cached on each layer (:func:`stacked_weights`), so
+    entering the block every denoising step costs no rebuild. Each LoRA layer carries the routed forward for
+    good (:func:`install_routing`; outside the block it is peft's own), so a compiled UNet
+    (:func:`compile_unet`) sees the same code on every call. A routing of the reference alone is the plain
+    UNet (adapters disabled).
     """
+    if weights not in ("merged", "lora"):
+        raise ValueError(f"routed weights are 'merged' or 'lora', got {weights!r}")
     names = list(adapter_names)
     slices, _ = _slices(names)
-    layers = lora_layers(unet)
-    for module in layers:
-        if _routed_deltas not in module._forward_hooks.values():
-            module.register_forward_hook(_routed_deltas)
+    layers = install_routing(unet)
     if all(name == REFERENCE for name in slices):
         unet.disable_adapters()
         try:
@@ -63,13 +74,11 @@ def mixed_adapter_batch(unet, adapter_names: Sequence[str]):
             unet.enable_adapters()
         return
     for module in layers:
-        a, bw = stacked_weights(module, slices)
-        module._msdda_route = (a, bw, len(names))
-    unet.disable_adapters()  # the base layer's output only; the hook adds the routed deltas
+        first, second = stacked_weights(module, slices, weights)
+        module._msdda_route = (weights, first, second, len(names))
     try:
         yield
     finally:
-        unet.enable_adapters()
         for module in layers:
             module._msdda_route = None
 
@@ -85,22 +94,46 @@ def lora_layers(unet) -> list:
     return layers
 
 
-def _routed_deltas(module, args, output):
-    """The forward hook of a LoRA layer: inside :func:`mixed_adapter_batch`, the output plus each slice's
-    delta from the layer's ``_msdda_route`` ``(A [n, r, in], s B [n, out, r], rows per copy)``; outside it,
-    nothing (``None`` keeps the output)."""
-    route = getattr(module, "_msdda_route", None)
+def install_routing(unet) -> list:
+    """Give every LoRA layer of ``unet`` the routed forward (:func:`_routed_forward`), once; returns the
+    layers."""
+    layers = lora_layers(unet)
+    for module in layers:
+        if "forward" not in module.__dict__:
+            module.forward = types.MethodType(_routed_forward, module)
+    return layers
+
+
+def _routed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """A LoRA layer's forward: inside :func:`mixed_adapter_batch`, the routed slices from the layer's
+    ``_msdda_route`` ``(kind, first, second, rows per copy)``; outside it, peft's forward.
+
+    ``merged``: ``first`` is the merged ``W_k`` ``[n, out, in]`` and ``second`` the bias; the output of slice
+    ``k`` is ``x_k W_k^T + b`` (one batched matmul; the plain layer's own matmul when ``n = 1``).
+    ``lora``: ``first`` is ``A [n, r, in]`` and ``second`` ``s B [n, out, r]``; the output is the base
+    layer's plus ``x_k A_k^T (s B_k)^T``.
+    """
+    route = getattr(self, "_msdda_route", None)
     if route is None:
-        return None
-    a, bw, total = route
-    x = args[0]
+        return type(self).forward(self, x, *args, **kwargs)
+    kind, first, second, total = route
     rows = x.shape[0]
     if rows % total:
         raise ValueError(f"batch of {rows} rows does not split into {total} routed rows per copy")
-    n = a.shape[0]
-    xs = x.reshape(rows // total, n, -1, x.shape[-1]).to(a.dtype)  # [copies, n, b * tokens, in]
-    delta = torch.einsum("cnti,nri->cntr", xs, a)
-    delta = torch.einsum("cntr,nor->cnto", delta, bw)
+    n = first.shape[0]
+    xs = x.reshape(rows // total, n, -1, x.shape[-1]).to(first.dtype)  # [copies, n, b * tokens, in]
+    if kind == "merged":
+        if n == 1:
+            return F.linear(x.to(first.dtype), first[0], second)
+        weight_t = first.transpose(1, 2)  # a view: the batched matmul reads it transposed
+        if xs.shape[0] == 1:
+            out = torch.bmm(xs[0], weight_t) if second is None else torch.baddbmm(second, xs[0], weight_t)
+        else:
+            out = torch.matmul(xs, weight_t) if second is None else torch.matmul(xs, weight_t) + second
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+    output = self.base_layer(x, *args, **kwargs)
+    delta = torch.einsum("cnti,nri->cntr", xs, first)
+    delta = torch.einsum("cntr,nor->cnto", delta, second)
     return output + delta.reshape(output.shape).to(output.dtype)
 
 
@@ -117,34 +150,35 @@ def _slices(names: list[str]) -> tuple[list[str], int]:
 
 
 def _fingerprint(module, slices: list[str]) -> tuple:
-    """What the stacked weights of ``slices`` are built from: each adapter's A and B (identity, storage and
-    version counter, which every in-place write bumps), its scaling, and the base weight's dtype and
-    device."""
-    weight = module.base_layer.weight
-    parts: list = [weight.dtype, weight.device]
+    """What the routed weights of ``slices`` are built from: the base weight and bias and each adapter's A
+    and B (identity, storage and version counter, which every in-place write bumps), each adapter's scaling,
+    and the base weight's dtype and device."""
+    base = module.base_layer
+    tensors = [base.weight] + ([base.bias] if base.bias is not None else [])
+    parts: list = [base.weight.dtype, base.weight.device]
     for name in slices:
         if name == REFERENCE:
             parts.append(name)
             continue
-        a, b = module.lora_A[name].weight, module.lora_B[name].weight
         parts.append((name, module.scaling[name]))
-        parts.extend((id(p), p.data_ptr(), p._version, p.dtype, p.device) for p in (a, b))
+        tensors += [module.lora_A[name].weight, module.lora_B[name].weight]
+    parts.extend((id(p), p.data_ptr(), p._version) for p in tensors)
     return tuple(parts)
 
 
-def stacked_weights(module, slices: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_stacked_weights` of ``slices``, cached on ``module`` per routing and rebuilt only when an
-    adapter's weights, scaling, dtype or device changed since (:func:`_fingerprint`)."""
+def stacked_weights(module, slices: list[str], weights: RoutedWeights = "merged") -> tuple:
+    """The routed weights of ``slices`` (:func:`_stacked_weights`), cached on ``module`` per routing and kind
+    and rebuilt only when a weight, scaling, dtype or device changed since (:func:`_fingerprint`)."""
     cache = module.__dict__.setdefault("_msdda_stacked_cache", {})
-    key, fingerprint = tuple(slices), _fingerprint(module, slices)
+    key, fingerprint = (weights, *slices), _fingerprint(module, slices)
     entry = cache.get(key)
     if entry is None or entry[0] != fingerprint:
-        entry = cache[key] = (fingerprint, *_stacked_weights(module, slices))
+        entry = cache[key] = (fingerprint, *_stacked_weights(module, slices, weights))
     return entry[1], entry[2]
 
 
 def clear_stacked(unet) -> None:
-    """Drop every cached stacked weight of ``unet`` (called wherever adapters are added or loaded)."""
+    """Drop every cached routed weight of ``unet`` (called wherever adapters are added or loaded)."""
     from peft.tuners.lora import LoraLayer
 
     for module in unet.modules():
@@ -152,37 +186,44 @@ def clear_stacked(unet) -> None:
             module.__dict__.pop("_msdda_stacked_cache", None)
 
 
-def _stacked_weights(module, slices: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``A [n, r, in]`` and ``scaling * B [n, out, r]`` per slice (zeros for the reference), padded to max
-    rank."""
+@torch.no_grad()
+def _stacked_weights(module, slices: list[str], weights: RoutedWeights) -> tuple:
+    """``merged``: ``(W_k [n, out, in], bias)`` with ``W_k = W + s_k B_k A_k`` (``W`` for the reference),
+    summed in fp32 and stored in the base weight's dtype. ``lora``: ``(A [n, r, in], s B [n, out, r])``, zeros
+    for the reference, padded to the largest rank."""
     known = set(module.lora_A.keys())
     for name in slices:
         if name != REFERENCE and name not in known:
             raise ValueError(f"no adapter named '{name}' on this UNet")
-    ranks = [module.lora_A[name].weight.shape[0] for name in slices if name != REFERENCE]
-    r = max(ranks)
     weight = module.base_layer.weight
+    if weights == "merged":
+        merged = []
+        for name in slices:
+            w = weight.float()
+            if name != REFERENCE:
+                delta = module.lora_B[name].weight.float() @ module.lora_A[name].weight.float()
+                w = w + module.scaling[name] * delta
+            merged.append(w.to(weight.dtype))
+        return torch.stack(merged), module.base_layer.bias
+    r = max(module.lora_A[name].weight.shape[0] for name in slices if name != REFERENCE)
     a = weight.new_zeros(len(slices), r, weight.shape[1])
     bw = weight.new_zeros(len(slices), weight.shape[0], r)
-    with torch.no_grad():
-        for i, name in enumerate(slices):
-            if name == REFERENCE:
-                continue
-            rank = module.lora_A[name].weight.shape[0]
-            a[i, :rank] = module.lora_A[name].weight.detach()
-            bw[i, :, :rank] = module.lora_B[name].weight.detach() * module.scaling[name]
+    for i, name in enumerate(slices):
+        if name == REFERENCE:
+            continue
+        rank = module.lora_A[name].weight.shape[0]
+        a[i, :rank] = module.lora_A[name].weight.detach()
+        bw[i, :, :rank] = module.lora_B[name].weight.detach() * module.scaling[name]
     return a, bw
 
 
 def compile_unet(unet, backend: str = "inductor"):
     """``torch.compile`` of ``unet``'s forward for routed steps (``composition.compile``): mode
     ``reduce-overhead`` (CUDA graphs) on CUDA, the default mode elsewhere (inductor needs a C++ compiler on
-    the CPU). The routing hooks are put on every LoRA layer first, so the compiled code always holds them
-    (they do nothing outside :func:`mixed_adapter_batch`). Call it once per UNet and reuse the result.
-    ``backend`` is torch.compile's (tests use ``"eager"``: dynamo's tracing and guards without codegen)."""
-    for module in lora_layers(unet):
-        if _routed_deltas not in module._forward_hooks.values():
-            module.register_forward_hook(_routed_deltas)
+    the CPU). The routed forward is put on every LoRA layer first (:func:`install_routing`), so the compiled
+    code always holds it. Call it once per UNet and reuse the result. ``backend`` is torch.compile's (tests
+    use ``"eager"``: dynamo's tracing and guards without codegen)."""
+    install_routing(unet)
     if backend != "inductor":
         return torch.compile(unet, backend=backend)
     mode = "reduce-overhead" if unet.device.type == "cuda" else "default"

@@ -86,11 +86,29 @@ class Composer:
         """Adapter names in the UNet, one per base model (its objective)."""
         return [m.objective for m in self.models]
 
+    @property
+    def plan(self) -> str:
+        """``one_call`` or ``per_model``: ``options.plan``, with ``auto`` resolved by the UNet's device (K
+        calls on the CPU, one call elsewhere)."""
+        plan = getattr(self.options, "plan", "auto")
+        if plan == "auto":
+            return "per_model" if self.unet.device.type == "cpu" else "one_call"
+        return plan
+
     def epsilons(self, x: torch.Tensor, step: int, batch: Batch, adapters: list[str]) -> torch.Tensor:
-        """``[len(adapters), B, ...]`` guided epsilons from one UNet call routed by adapter name."""
+        """``[len(adapters), B, ...]`` guided epsilons routed by adapter name: one UNet call of
+        ``len(adapters) * B`` rows, or one call of ``B`` rows per adapter (:attr:`plan`)."""
         n, b = len(adapters), x.shape[0]
+        weights = getattr(self.options, "routed_weights", "merged")
+        if self.plan == "per_model" and n > 1:
+            t, cond = self.schedule.timestep(step, x), batch.cond(1)
+            eps = []
+            for name in adapters:
+                with mixed_adapter_batch(self.unet, routing([name], b), weights):
+                    eps.append(self.eps(x, t, cond))
+            return torch.stack(eps)
         xs = x.repeat(n, *([1] * (x.dim() - 1)))
-        with mixed_adapter_batch(self.unet, routing(adapters, b)):
+        with mixed_adapter_batch(self.unet, routing(adapters, b), weights):
             eps = self.eps(xs, self.schedule.timestep(step, xs), batch.cond(n))
         return eps.view(n, b, *x.shape[1:])
 

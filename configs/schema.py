@@ -204,6 +204,15 @@ class CompositionConfig(_Strict):
     graphs on a GPU), removing most of the kernel-launch overhead of small batches; the first call compiles
     (tens of seconds to minutes). Same outputs up to float rounding; not part of the sweep's cache key."""
 
+    routed_weights: Literal["merged", "lora"] = "merged"
+    """How the routed UNet call computes each adapted layer (``composition.batched``): ``merged``, each base
+    model's merged weight ``W + s B A`` (the plain layer's work; K copies of the adapted weights in memory),
+    or ``lora``, the base output plus the low-rank deltas (no extra weights, more activation traffic)."""
+    plan: Literal["auto", "one_call", "per_model"] = "auto"
+    """How a composed step runs its K UNet evaluations: one routed call of ``K * B`` rows, or K calls of ``B``
+    rows each. ``auto``: K calls on the CPU (faster there, README "Speed"), one call on a GPU. Same outputs up
+    to float rounding; neither this nor ``routed_weights`` is part of the sweep's cache key."""
+
 
 Device = Literal["auto", "cpu", "cuda"]
 """Where the models run (``runtime.device``, ``--device``)."""

@@ -315,7 +315,8 @@ def sweep_key(
     composition = config.composition.model_dump(mode="json")
     if composition["beta"] is None:  # unset target beta: the keys of sweeps made before the setting existed
         del composition["beta"]
-    del composition["compile"]  # how the UNet runs, not what it computes
+    for how_it_runs in ("compile", "routed_weights", "plan"):  # how the UNet runs, not what it computes
+        del composition[how_it_runs]
     payload = {
         "models": [content_hash(f) for f in folders],
         "methods": methods,

@@ -8,8 +8,9 @@ import torch
 from composition.batched import REFERENCE, mixed_adapter_batch, routing
 
 
+@pytest.mark.parametrize("weights", ["merged", "lora"])
 @torch.no_grad()
-def test_mixed_batch_equals_separate_forwards(unet_with_two_adapters):
+def test_mixed_batch_equals_separate_forwards(unet_with_two_adapters, weights):
     unet = unet_with_two_adapters
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 4, 8, 8, generator=g)
@@ -26,7 +27,7 @@ def test_mixed_batch_equals_separate_forwards(unet_with_two_adapters):
         unet.enable_adapters()
 
     names = routing(["alpha", "beta", REFERENCE], 3)
-    with mixed_adapter_batch(unet, names):
+    with mixed_adapter_batch(unet, names, weights):
         batched = unet(
             x.repeat(3, 1, 1, 1), t.repeat(3), encoder_hidden_states=context.repeat(3, 1, 1)
         ).sample
@@ -34,6 +35,32 @@ def test_mixed_batch_equals_separate_forwards(unet_with_two_adapters):
         torch.testing.assert_close(batched[3 * i : 3 * (i + 1)], expected, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(separate[0], separate[1]), "the adapters really differ"
     assert not torch.allclose(separate[0], separate[2])
+
+
+@pytest.mark.parametrize("weights", ["merged", "lora"])
+@torch.no_grad()
+def test_copies_and_single_slices_route_like_the_adapter(unet_with_two_adapters, weights):
+    """Two stacked copies of a routing (classifier-free guidance) and a one-adapter routing (the per-model
+    plan) give the adapter's own forward."""
+    unet = copy.deepcopy(unet_with_two_adapters)
+    x, t, context = _inputs(unet)
+    expected = {}
+    for name in ("alpha", "beta"):
+        unet.set_adapters(name)
+        expected[name] = unet(x, t, encoder_hidden_states=context).sample
+    unet.enable_adapters()
+    names = routing(["beta", "alpha"], 2)
+    with mixed_adapter_batch(unet, names, weights):
+        twice = unet(x.repeat(4, 1, 1, 1), t.repeat(4), encoder_hidden_states=context.repeat(4, 1, 1)).sample
+    for copy_rows in twice.chunk(2):
+        torch.testing.assert_close(copy_rows[:2], expected["beta"], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(copy_rows[2:], expected["alpha"], rtol=1e-4, atol=1e-5)
+    for name in ("alpha", "beta"):
+        with mixed_adapter_batch(unet, routing([name], 2), weights):
+            single = unet(x, t, encoder_hidden_states=context).sample
+        torch.testing.assert_close(single, expected[name], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="'merged' or 'lora'"), mixed_adapter_batch(unet, names, "fused"):
+        pass
 
 
 def test_routing_must_divide_the_batch(unet_with_two_adapters):
@@ -67,9 +94,9 @@ def counted_builds(monkeypatch):
     calls = []
     original = batched._stacked_weights
 
-    def counting(module, slices):
+    def counting(module, slices, weights):
         calls.append(tuple(slices))
-        return original(module, slices)
+        return original(module, slices, weights)
 
     monkeypatch.setattr(batched, "_stacked_weights", counting)
     return calls
