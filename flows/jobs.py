@@ -30,11 +30,16 @@ class PromptError(MsddaError, ValueError):
 
 
 def _check_runtime(config: PipelineConfig) -> None:
-    """A device this machine lacks (``runtime.device: cuda`` without CUDA) fails in one line before any
-    loading or MLflow run; the stages resolve ``runtime`` again where they place their tensors."""
+    """A device this machine lacks (``runtime.device: cuda`` without CUDA), or a ``model.source: pretrained``
+    checkpoint folder that is missing or incomplete, fails in one line before any loading, reward building
+    or MLflow run; the stages resolve ``runtime`` again where they place their tensors."""
     from training.device import resolve_runtime
 
     resolve_runtime(config.runtime)
+    if config.model.source == "pretrained":
+        from training.models import check_checkpoint
+
+        check_checkpoint(config.model.pretrained)
 
 
 def _reachable(home: Path) -> None:
@@ -65,7 +70,7 @@ def train_job(
     from training.rewards import load_reward
 
     spec = config.objective(objective)
-    _check_runtime(config)
+    _check_runtime(config)  # before the reward, which may train its evaluator CNN
     load_reward(spec.name, config, home, spec.options)  # one-line error before any heavy work
     if mlflow or register:
         _reachable(home)

@@ -154,10 +154,9 @@ def pretrain_task(
 
     config, root = _context(config_path, home, overrides)
     if config.model.source != "embedded":
-        from training.models import load_reference_pipeline
+        from training.models import load_pretrained_reference
 
-        load_reference_pipeline(config)
-        return {"path": config.model.pretrained}
+        return load_pretrained_reference(config)
     return result_dict(pretrain_reference(config, root, progress=True))
 
 

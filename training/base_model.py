@@ -56,15 +56,11 @@ class BaseModelResult:
 
 def reference_identity(config: PipelineConfig, home: Path, progress: bool):
     """``(pipeline, content hash)`` of the frozen reference."""
-    from training.models import content_hash, load_pretrained_pipeline
+    from training.models import content_hash, load_pretrained_pipeline, pretrained_identity
 
     if config.model.source == "pretrained":
         pipe = load_pretrained_pipeline(config.model.pretrained, config.model.revision)
-        local = Path(config.model.pretrained).expanduser()
-        identity = (
-            content_hash(local) if local.exists() else f"{config.model.pretrained}@{config.model.revision}"
-        )
-        return pipe, identity
+        return pipe, pretrained_identity(config)
     from training.embedded import load_embedded_pipeline, pretrain_reference
 
     reference = pretrain_reference(config, home, progress=progress)

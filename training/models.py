@@ -43,11 +43,10 @@ def _missing_components(directory: Path) -> list[str]:
     return missing
 
 
-def load_pretrained_pipeline(source: str, revision: str | None = None, torch_dtype=None):
-    """``StableDiffusionPipeline.from_pretrained`` from a local directory or a hub id, with one-line
-    errors."""
-    from diffusers import StableDiffusionPipeline
-
+def check_checkpoint(source: str) -> None:
+    """Without loading anything: a local checkpoint folder that is missing, or lacks a component's config or
+    weights, raises :class:`ModelLoadError` (one line); so does a path-like ``source`` that does not exist.
+    A hub id passes (whether it loads is up to the hub cache)."""
     local = Path(source).expanduser()
     if local.exists():
         missing = _missing_components(local)
@@ -55,6 +54,15 @@ def load_pretrained_pipeline(source: str, revision: str | None = None, torch_dty
             raise ModelLoadError(f"Stable Diffusion checkpoint at {local} is missing: {', '.join(missing)}")
     elif source.startswith((".", "/", "~")) or source.count("/") != 1:
         raise ModelLoadError(f"no Stable Diffusion checkpoint at {source}: the directory does not exist")
+
+
+def load_pretrained_pipeline(source: str, revision: str | None = None, torch_dtype=None):
+    """``StableDiffusionPipeline.from_pretrained`` from a local directory or a hub id, with one-line
+    errors."""
+    from diffusers import StableDiffusionPipeline
+
+    check_checkpoint(source)
+    local = Path(source).expanduser()
     kwargs = {"safety_checker": None, "requires_safety_checker": False, "revision": revision}
     if torch_dtype is not None:
         kwargs["torch_dtype"] = torch_dtype
@@ -80,6 +88,28 @@ def load_reference_pipeline(config: PipelineConfig, home: Path | None = None, pr
 
     result = pretrain_reference(config, home or msdda_home(), progress=progress)
     return load_embedded_pipeline(result.path).to(device)
+
+
+def pretrained_identity(config: PipelineConfig) -> str:
+    """How base models name a pretrained reference: the :func:`content_hash` of a local checkpoint folder,
+    else ``<hub id>@<revision>``."""
+    local = Path(config.model.pretrained).expanduser()
+    return content_hash(local) if local.exists() else f"{config.model.pretrained}@{config.model.revision}"
+
+
+def load_pretrained_reference(config: PipelineConfig) -> dict:
+    """For ``model.source: pretrained``, what `msdda pretrain` and the ``pretrain-reference`` flow do: load
+    the checkpoint on ``config.runtime.device`` (a missing or broken one fails in one line) and describe it,
+    training nothing. Returns ``{"source", "path", "revision", "reference_hash", "trained"}``."""
+    load_reference_pipeline(config)
+    local = Path(config.model.pretrained).expanduser()
+    return {
+        "source": "pretrained",
+        "path": str(local.resolve()) if local.exists() else config.model.pretrained,
+        "revision": config.model.revision,
+        "reference_hash": pretrained_identity(config),
+        "trained": False,
+    }
 
 
 def content_hash(directory: Path) -> str:
