@@ -40,6 +40,7 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 from readme_section import write_section  # benchmarks/ is on sys.path when run as a script
@@ -55,10 +56,12 @@ from training.kernel import GaussianStep
 from training.models import msdda_home
 
 
-def median_seconds(fn, repeats: int, device: torch.device, warmup: int = 1) -> float:
-    """Median wall time of ``fn`` over ``repeats`` calls after ``warmup`` calls (CUDA synchronised)."""
+def interleaved_medians(fns: dict, repeats: int, device: torch.device, warmup: int = 1) -> dict[str, float]:
+    """Median wall time of each of ``fns`` (CUDA synchronised), after ``warmup`` calls of each, over
+    ``repeats`` rounds that call every function once in turn: a machine that speeds up or slows down during
+    the run moves every variant alike, so the ratios hold."""
 
-    def timed() -> float:
+    def timed(fn) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
@@ -67,9 +70,14 @@ def median_seconds(fn, repeats: int, device: torch.device, warmup: int = 1) -> f
             torch.cuda.synchronize(device)
         return time.perf_counter() - start
 
-    for _ in range(warmup):
-        timed()
-    return statistics.median(timed() for _ in range(repeats))
+    for fn in fns.values():
+        for _ in range(warmup):
+            timed(fn)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(timed(fn))
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def _numbers(text: str) -> list[int]:
@@ -95,7 +103,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--write-readme", action="store_true")
+    parser.add_argument(
+        "--from-json",
+        default=None,
+        help="sd15: write the README table of a report saved earlier (on a GPU machine); measures nothing",
+    )
     args = parser.parse_args()
+    if args.from_json:
+        report = json.loads(Path(args.from_json).read_text())
+        if report.get("unet") != "sd15":
+            parser.error(f"{args.from_json} is not an sd15 report")
+        write_section("compose-speed-sd15", render_sd15(report, args.from_json))
+        return
     modes = [m.strip() for m in args.modes.split(",")]
     if not set(modes) <= {"eager", "compiled"}:
         parser.error(f"--modes takes eager and/or compiled, got {args.modes}")
@@ -204,10 +223,14 @@ def measure(config, home, base_dirs, batch_size: int, repeats: int, compiled: bo
             x = GaussianStep(mean, var).sample(g)
         sequential_math.append(math_seconds)
 
-    t_one_call = median_seconds(floor_one_call, repeats, device, warmup)
-    t_per_model = median_seconds(floor_per_model, repeats, device, warmup)
+    variants = {"one_call": floor_one_call, "per_model": floor_per_model}
+    variants.update({f"msdda_{plan}": msdda(plan) for plan in composers})
+    if not compiled:  # adapter switches recompile a compiled UNet: eager only
+        variants["sequential"] = sequential
+    times = interleaved_medians(variants, repeats, device, warmup)
+    t_one_call, t_per_model = times["one_call"], times["per_model"]
     t_floor = min(t_one_call, t_per_model)
-    t_plans = {plan: median_seconds(msdda(plan), repeats, device, warmup) for plan in composers}
+    t_plans = {plan: times[f"msdda_{plan}"] for plan in composers}
     t_msdda = t_plans[chosen]
     compose_fraction = statistics.median(
         sum(d["compose_seconds"] for d in run) / sum(d["step_seconds"] for d in run)
@@ -232,7 +255,7 @@ def measure(config, home, base_dirs, batch_size: int, repeats: int, compiled: bo
         "compose_math_fraction": compose_fraction,
     }
     if not compiled:  # adapter switches recompile a compiled UNet: eager only
-        t_sequential = median_seconds(sequential, repeats, device)
+        t_sequential = times["sequential"]
         report.update(
             sequential_seconds=t_sequential,
             sequential_over_floor=t_sequential / t_floor,
@@ -351,7 +374,35 @@ def step_milliseconds(floor_fn, routed_fn, unet, names, b, routings, device, dty
             variants[f"routed_{weights}"] = one_call(weights)
     if "per_model" in routings:
         variants["per_model_merged"] = per_model
-    return {name: 1000 * median_seconds(fn, repeats, device, warmup) for name, fn in variants.items()}
+    seconds = interleaved_medians(variants, repeats, device, warmup)
+    return {name: 1000 * value for name, value in seconds.items()}
+
+
+SD15_COLUMNS = {
+    "floor_one_call": "floor: one plain call of K·B rows",
+    "floor_per_model": "floor: K plain calls of B rows",
+    "routed_merged": "**MSDDA step: one routed call, merged weights** (default)",
+    "routed_lora": "one routed call, LoRA deltas",
+    "per_model_merged": "K routed calls of B rows, merged weights",
+}
+
+
+def render_sd15(report: dict, source: str) -> str:
+    """The SD-1.5-scale table: ms per step and the ratio over the faster floor, per mode, K and B."""
+    results = report["results"]
+    columns = [c for c in SD15_COLUMNS if f"{c}_ms" in results[0]]
+    lines = [
+        f"`{source}`: `compose_speed.py --unet sd15`, {report['device']}, {report['dtype']}, torch "
+        f"{report['torch']}, {report['parameters'] / 1e6:.0f} M-parameter UNet, milliseconds per denoising "
+        f"step (median of {report['repeats']}) and, in brackets, the ratio over the faster floor:",
+        "",
+        "| mode | K | B | " + " | ".join(SD15_COLUMNS[c] for c in columns) + " |",
+        "|---|---|---|" + "---|" * len(columns),
+    ]
+    for r in results:
+        cells = [f"{r[f'{c}_ms']:.1f} ({r[f'{c}_over_floor']:.2f})" for c in columns]
+        lines.append(f"| {r['mode']} | {r['models']} | {r['batch_size']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def render(r: dict) -> str:
