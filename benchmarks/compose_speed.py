@@ -108,12 +108,13 @@ def main() -> None:
         default=None,
         help="sd15: write the README table of a report saved earlier (on a GPU machine); measures nothing",
     )
+    parser.add_argument("--section", default="compose-speed-sd15", help="README section --from-json writes")
     args = parser.parse_args()
     if args.from_json:
         report = json.loads(Path(args.from_json).read_text())
         if report.get("unet") != "sd15":
             parser.error(f"{args.from_json} is not an sd15 report")
-        write_section("compose-speed-sd15", render_sd15(report, args.from_json))
+        write_section(args.section, render_sd15(report, args.from_json))
         return
     modes = [m.strip() for m in args.modes.split(",")]
     if not set(modes) <= {"eager", "compiled"}:
@@ -391,10 +392,11 @@ def render_sd15(report: dict, source: str) -> str:
     """The SD-1.5-scale table: ms per step and the ratio over the faster floor, per mode, K and B."""
     results = report["results"]
     columns = [c for c in SD15_COLUMNS if f"{c}_ms" in results[0]]
+    floor = "faster floor" if "floor_per_model" in columns else "floor (one plain call of K·B rows)"
     lines = [
         f"`{source}`: `compose_speed.py --unet sd15`, {report['device']}, {report['dtype']}, torch "
         f"{report['torch']}, {report['parameters'] / 1e6:.0f} M-parameter UNet, milliseconds per denoising "
-        f"step (median of {report['repeats']}) and, in brackets, the ratio over the faster floor:",
+        f"step (median of {report['repeats']}) and, in brackets, the ratio over the {floor}:",
         "",
         "| mode | K | B | " + " | ".join(SD15_COLUMNS[c] for c in columns) + " |",
         "|---|---|---|" + "---|" * len(columns),

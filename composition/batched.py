@@ -73,24 +73,62 @@ def mixed_adapter_batch(unet, adapter_names: Sequence[str], weights: RoutedWeigh
         finally:
             unet.enable_adapters()
         return
-    for module in layers:
-        first, second = stacked_weights(module, slices, weights)
-        module._msdda_route = (weights, first, second, len(names))
+    for module, route in zip(layers, _routes(unet, layers, slices, weights, len(names))):
+        module.__dict__["_msdda_route"] = route  # a plain attribute: skips nn.Module's slower __setattr__
     try:
         yield
     finally:
         for module in layers:
-            module._msdda_route = None
+            module.__dict__["_msdda_route"] = None
+
+
+def _routes(unet, layers: list, slices: list[str], weights: RoutedWeights, total: int) -> list[tuple]:
+    """Each layer's ``_msdda_route`` for a routing. Entering the block every denoising step must cost
+    next to nothing (on a GPU, small batches wait for the CPU): the routes are kept on the UNet with the
+    tensors they were built from, and reused while none of those was written to or moved (version counters
+    and storage). Otherwise each layer's :func:`stacked_weights` checks its full fingerprint and rebuilds only
+    what changed."""
+    cache = unet.__dict__.setdefault("_msdda_routes", {})
+    key = (weights, total, *slices)
+    entry = cache.get(key)
+    if entry is not None and entry[0] is layers and entry[2] == _signature(entry[1]):
+        return entry[3]
+    routes = [(weights, *stacked_weights(module, slices, weights), total) for module in layers]
+    tensors = [t for module in layers for t in _source_tensors(module, slices)]
+    cache[key] = (layers, tensors, _signature(tensors), routes)
+    return routes
+
+
+def _source_tensors(module, slices: list[str]) -> list[torch.Tensor]:
+    """The tensors a layer's routed weights are built from: base weight and bias, each adapter's A and B."""
+    base = module.base_layer
+    tensors = [base.weight] + ([base.bias] if base.bias is not None else [])
+    for name in slices:
+        if name != REFERENCE:
+            tensors += [module.lora_A[name].weight, module.lora_B[name].weight]
+    return tensors
+
+
+def _signature(tensors: list[torch.Tensor]) -> list[tuple[int, int]]:
+    return [(t._version, t.data_ptr()) for t in tensors]
 
 
 def lora_layers(unet) -> list:
-    """The UNet's peft LoRA layers; routing supports LoRA on linear layers only."""
+    """The UNet's peft LoRA layers (kept on the UNet until its set of adapters changes); routing supports
+    LoRA on linear layers only."""
     from peft.tuners.lora import Linear as LoraLinear
     from peft.tuners.lora import LoraLayer
 
+    config = getattr(unet, "peft_config", None)
+    key = tuple(config) if isinstance(config, dict) else None
+    cached = unet.__dict__.get("_msdda_layers")
+    if key is not None and cached is not None and cached[0] == key:
+        return cached[1]
     layers = [m for m in unet.modules() if isinstance(m, LoraLayer)]
     if any(not isinstance(m, LoraLinear) for m in layers):
         raise TypeError("batched routing supports LoRA on linear layers only")
+    if key is not None:
+        unet.__dict__["_msdda_layers"] = (key, layers)
     return layers
 
 
@@ -178,9 +216,12 @@ def stacked_weights(module, slices: list[str], weights: RoutedWeights = "merged"
 
 
 def clear_stacked(unet) -> None:
-    """Drop every cached routed weight of ``unet`` (called wherever adapters are added or loaded)."""
+    """Drop every cached routed weight and route of ``unet`` (called wherever adapters are added or loaded;
+    call it after replacing a weight tensor object rather than writing into it)."""
     from peft.tuners.lora import LoraLayer
 
+    unet.__dict__.pop("_msdda_routes", None)
+    unet.__dict__.pop("_msdda_layers", None)
     for module in unet.modules():
         if isinstance(module, LoraLayer):
             module.__dict__.pop("_msdda_stacked_cache", None)

@@ -201,3 +201,34 @@ def test_composition_compile_gives_the_eager_images(tiny_config, tiny_home, tiny
     got = generate(compiled, "msdda", [0.5, 0.5], options.model_copy(update={"compile": True}), num_images=4)
     assert "unet" in compiled._compiled
     torch.testing.assert_close(got.images, expected.images, rtol=1e-3, atol=1e-3)
+
+
+@torch.no_grad()
+def test_routes_follow_new_adapters_and_moved_weights(unet_with_two_adapters, counted_builds):
+    """The UNet-level caches (LoRA layers, routes) notice an adapter added without ``load_adapter`` and
+    weights moved to another dtype: the routed call still gives each adapter's forward."""
+    from peft import LoraConfig
+
+    from composition.batched import lora_layers
+    from training.card import LORA_TARGETS
+
+    unet = copy.deepcopy(unet_with_two_adapters)
+    x, t, context = _inputs(unet)
+    _routed(unet, routing(["alpha", "beta"], 2), x, t, context)
+    builds = len(counted_builds)
+    _routed(unet, routing(["alpha", "beta"], 2), x, t, context)
+    assert len(counted_builds) == builds, "a second entry reuses the routes"
+    layers = lora_layers(unet)
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=LORA_TARGETS), adapter_name="gamma")
+    assert lora_layers(unet) is not layers
+    for module in lora_layers(unet):
+        module.lora_B["gamma"].weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
+    unet.set_adapters("gamma")
+    expected = unet(x, t, encoder_hidden_states=context).sample
+    unet.enable_adapters()
+    routed = _routed(unet, routing(["gamma", "alpha"], 2), x, t, context)
+    torch.testing.assert_close(routed[:2], expected, rtol=1e-4, atol=1e-5)
+    unet.double()
+    routed64 = _routed(unet, routing(["gamma", "alpha"], 2), x.double(), t, context.double())
+    assert routed64.dtype == torch.float64
+    torch.testing.assert_close(routed64.float(), routed, rtol=1e-4, atol=1e-5)
