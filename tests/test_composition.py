@@ -123,6 +123,24 @@ def test_path_kl_and_the_regularised_objective(ensemble, tiny_config):
         assert {"kl", "J", "J_se"} <= point.keys() and point["kl"] >= 0
 
 
+@pytest.mark.parametrize("method", ["msdda", "db"])
+def test_plans_and_routed_weights_give_the_same_images(ensemble, tiny_config, method):
+    """One routed call or K calls, merged weights or LoRA deltas: how the K evaluations run, not what they
+    compute (same images up to float rounding, same NFE), with the reference's slice in the routing."""
+    from composition.engine import generate
+
+    images, nfe = [], set()
+    for plan in ("one_call", "per_model"):
+        for routed in ("merged", "lora"):
+            options = tiny_config.composition.model_copy(update={"plan": plan, "routed_weights": routed})
+            generated = generate(ensemble, method, [0.2, 0.3], options, num_images=4, seed=3)
+            images.append(generated.images)
+            nfe.add(generated.nfe_per_image)
+    for other in images[1:]:
+        torch.testing.assert_close(other, images[0], rtol=1e-4, atol=1e-5)
+    assert len(nfe) == 1 and nfe.pop() == 3 * tiny_config.sampling.num_inference_steps
+
+
 def test_methods_share_the_initial_noise(ensemble, tiny_config):
     """With one-hot weights MSDDA and the epsilon blend differ only by the base model's learned variance."""
     from composition.engine import generate
