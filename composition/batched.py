@@ -86,16 +86,17 @@ def _routes(unet, layers: list, slices: list[str], weights: RoutedWeights, total
     """Each layer's ``_msdda_route`` for a routing. Entering the block every denoising step must cost
     next to nothing (on a GPU, small batches wait for the CPU): the routes are kept on the UNet with the
     tensors they were built from, and reused while none of those was written to or moved (version counters
-    and storage). Otherwise each layer's :func:`stacked_weights` checks its full fingerprint and rebuilds only
-    what changed."""
+    and storage) and no adapter's scaling changed. Otherwise each layer's :func:`stacked_weights` checks its
+    full fingerprint and rebuilds only what changed."""
     cache = unet.__dict__.setdefault("_msdda_routes", {})
     key = (weights, total, *slices)
     entry = cache.get(key)
-    if entry is not None and entry[0] is layers and entry[2] == _signature(entry[1]):
-        return entry[3]
+    if entry is not None and entry[0] is layers and entry[3] == _signature(entry[1], entry[2]):
+        return entry[4]
     routes = [(weights, *stacked_weights(module, slices, weights), total) for module in layers]
     tensors = [t for module in layers for t in _source_tensors(module, slices)]
-    cache[key] = (layers, tensors, _signature(tensors), routes)
+    scalings = [(module.scaling, name) for module in layers for name in slices if name != REFERENCE]
+    cache[key] = (layers, tensors, scalings, _signature(tensors, scalings), routes)
     return routes
 
 
@@ -109,8 +110,8 @@ def _source_tensors(module, slices: list[str]) -> list[torch.Tensor]:
     return tensors
 
 
-def _signature(tensors: list[torch.Tensor]) -> list[tuple[int, int]]:
-    return [(t._version, t.data_ptr()) for t in tensors]
+def _signature(tensors: list[torch.Tensor], scalings: list[tuple[dict, str]]) -> tuple[list, list]:
+    return [(t._version, t.data_ptr()) for t in tensors], [scaling[name] for scaling, name in scalings]
 
 
 def lora_layers(unet) -> list:

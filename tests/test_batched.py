@@ -205,8 +205,8 @@ def test_composition_compile_gives_the_eager_images(tiny_config, tiny_home, tiny
 
 @torch.no_grad()
 def test_routes_follow_new_adapters_and_moved_weights(unet_with_two_adapters, counted_builds):
-    """The UNet-level caches (LoRA layers, routes) notice an adapter added without ``load_adapter`` and
-    weights moved to another dtype: the routed call still gives each adapter's forward."""
+    """The UNet-level caches (LoRA layers, routes) notice an adapter added without ``load_adapter``, a changed
+    adapter scaling and weights moved to another dtype: the routed call still gives each adapter's forward."""
     from peft import LoraConfig
 
     from composition.batched import lora_layers
@@ -228,6 +228,12 @@ def test_routes_follow_new_adapters_and_moved_weights(unet_with_two_adapters, co
     unet.enable_adapters()
     routed = _routed(unet, routing(["gamma", "alpha"], 2), x, t, context)
     torch.testing.assert_close(routed[:2], expected, rtol=1e-4, atol=1e-5)
+    unet.set_adapters("gamma", weights=0.5)  # peft halves gamma's scaling on every layer
+    half = unet(x, t, encoder_hidden_states=context).sample
+    unet.enable_adapters()
+    routed = _routed(unet, routing(["gamma", "alpha"], 2), x, t, context)
+    torch.testing.assert_close(routed[:2], half, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(half, expected)
     unet.double()
     routed64 = _routed(unet, routing(["gamma", "alpha"], 2), x.double(), t, context.double())
     assert routed64.dtype == torch.float64
