@@ -160,10 +160,10 @@ def _routed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if rows % total:
         raise ValueError(f"batch of {rows} rows does not split into {total} routed rows per copy")
     n = first.shape[0]
+    if kind == "merged" and n == 1:
+        return F.linear(x.to(first.dtype), first[0], second)
     xs = x.reshape(rows // total, n, -1, x.shape[-1]).to(first.dtype)  # [copies, n, b * tokens, in]
     if kind == "merged":
-        if n == 1:
-            return F.linear(x.to(first.dtype), first[0], second)
         weight_t = first.transpose(1, 2)  # a view: the batched matmul reads it transposed
         if xs.shape[0] == 1:
             out = torch.bmm(xs[0], weight_t) if second is None else torch.baddbmm(second, xs[0], weight_t)
@@ -192,16 +192,10 @@ def _fingerprint(module, slices: list[str]) -> tuple:
     """What the routed weights of ``slices`` are built from: the base weight and bias and each adapter's A
     and B (identity, storage and version counter, which every in-place write bumps), each adapter's scaling,
     and the base weight's dtype and device."""
-    base = module.base_layer
-    tensors = [base.weight] + ([base.bias] if base.bias is not None else [])
-    parts: list = [base.weight.dtype, base.weight.device]
-    for name in slices:
-        if name == REFERENCE:
-            parts.append(name)
-            continue
-        parts.append((name, module.scaling[name]))
-        tensors += [module.lora_A[name].weight, module.lora_B[name].weight]
-    parts.extend((id(p), p.data_ptr(), p._version) for p in tensors)
+    weight = module.base_layer.weight
+    parts: list = [weight.dtype, weight.device]
+    parts.extend(name if name == REFERENCE else (name, module.scaling[name]) for name in slices)
+    parts.extend((id(p), p.data_ptr(), p._version) for p in _source_tensors(module, slices))
     return tuple(parts)
 
 

@@ -72,6 +72,19 @@ def copy_pretrained(tiny_home: Path, home: Path) -> Path:
     return home
 
 
+def own_forward(unet, name: str | None, x, t, context):
+    """``unet``'s output with adapter ``name`` alone active (``None``: the reference, adapters disabled),
+    through peft's own LoRA forward; every adapter is enabled again afterwards."""
+    if name is None:
+        unet.disable_adapters()
+    else:
+        unet.set_adapters(name)
+    try:
+        return unet(x, t, encoder_hidden_states=context).sample
+    finally:
+        unet.enable_adapters()
+
+
 @pytest.fixture
 def tiny_config_file(tmp_path) -> Path:
     import yaml

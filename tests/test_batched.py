@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from composition.batched import REFERENCE, mixed_adapter_batch, routing
+from tests.conftest import own_forward
 
 
 @pytest.mark.parametrize("weights", ["merged", "lora"])
@@ -17,14 +18,7 @@ def test_mixed_batch_equals_separate_forwards(unet_with_two_adapters, weights):
     t = torch.full((3,), 500)
     context = torch.randn(3, 16, unet.config.cross_attention_dim, generator=g)
 
-    separate = []
-    for name in ["alpha", "beta", None]:
-        if name is None:
-            unet.disable_adapters()
-        else:
-            unet.set_adapters(name)
-        separate.append(unet(x, t, encoder_hidden_states=context).sample)
-        unet.enable_adapters()
+    separate = [own_forward(unet, name, x, t, context) for name in ["alpha", "beta", None]]
 
     names = routing(["alpha", "beta", REFERENCE], 3)
     with mixed_adapter_batch(unet, names, weights):
@@ -44,11 +38,7 @@ def test_copies_and_single_slices_route_like_the_adapter(unet_with_two_adapters,
     plan) give the adapter's own forward."""
     unet = copy.deepcopy(unet_with_two_adapters)
     x, t, context = _inputs(unet)
-    expected = {}
-    for name in ("alpha", "beta"):
-        unet.set_adapters(name)
-        expected[name] = unet(x, t, encoder_hidden_states=context).sample
-    unet.enable_adapters()
+    expected = {name: own_forward(unet, name, x, t, context) for name in ("alpha", "beta")}
     names = routing(["beta", "alpha"], 2)
     with mixed_adapter_batch(unet, names, weights):
         twice = unet(x.repeat(4, 1, 1, 1), t.repeat(4), encoder_hidden_states=context.repeat(4, 1, 1)).sample
@@ -131,9 +121,7 @@ def test_changed_adapter_weights_rebuild_the_stacked_weights(unet_with_two_adapt
     layers[0].lora_B["alpha"].weight.add_(0.5)  # an in-place write, as an optimizer step or a load does
     after = _routed(unet, names, x, t, context)
     assert len(counted_builds) == len(layers) + 1, "only the changed layer is rebuilt"
-    unet.set_adapters("alpha")
-    expected = unet(x, t, encoder_hidden_states=context).sample
-    unet.enable_adapters()
+    expected = own_forward(unet, "alpha", x, t, context)
     torch.testing.assert_close(after[:2], expected, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(after[:2], before[:2])
     torch.testing.assert_close(after[2:], before[2:], rtol=1e-4, atol=1e-5)  # beta's rows are unchanged
@@ -223,9 +211,7 @@ def test_routes_follow_new_adapters_and_moved_weights(unet_with_two_adapters, co
     assert lora_layers(unet) is not layers
     for module in lora_layers(unet):
         module.lora_B["gamma"].weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
-    unet.set_adapters("gamma")
-    expected = unet(x, t, encoder_hidden_states=context).sample
-    unet.enable_adapters()
+    expected = own_forward(unet, "gamma", x, t, context)
     routed = _routed(unet, routing(["gamma", "alpha"], 2), x, t, context)
     torch.testing.assert_close(routed[:2], expected, rtol=1e-4, atol=1e-5)
     unet.set_adapters("gamma", weights=0.5)  # peft halves gamma's scaling on every layer

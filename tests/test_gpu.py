@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 
-from tests.conftest import copy_pretrained
+from tests.conftest import copy_pretrained, own_forward
 
 pytestmark = [
     pytest.mark.gpu,
@@ -104,14 +104,7 @@ def test_routed_and_compiled_routed_steps_on_cuda(unet_with_two_adapters, weight
     x = torch.randn(2, 4, 8, 8, generator=g).to("cuda", torch.float16)
     context = torch.randn(2, 16, unet.config.cross_attention_dim, generator=g).to("cuda", torch.float16)
     t = torch.full((2,), 500, device="cuda")
-    expected = []
-    for name in ("alpha", "beta", None):
-        if name is None:
-            unet.disable_adapters()
-        else:
-            unet.set_adapters(name)
-        expected.append(unet(x, t, encoder_hidden_states=context).sample)
-        unet.enable_adapters()
+    expected = [own_forward(unet, name, x, t, context) for name in ("alpha", "beta", None)]
     names = routing(["alpha", "beta", REFERENCE], 2)
     args = (x.repeat(3, 1, 1, 1), t.repeat(3))
     with mixed_adapter_batch(unet, names, weights):
