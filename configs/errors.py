@@ -10,3 +10,11 @@ from __future__ import annotations
 class MsddaError(Exception):
     """Bad input or a broken artefact, reported as one line (config, reward, model, card, registry,
     composition)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-blank line of ``exc``'s message, or its type's name when it has none."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__

@@ -74,8 +74,6 @@ class PretrainConfig(_Strict):
     classifier_steps: Annotated[int, Field(ge=1)] = 1500
     test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
     eval_samples: Annotated[int, Field(ge=10)] = 500
-    num_threads: Annotated[int, Field(ge=0)] = 0
-    """Torch intra-op threads; 0 keeps torch's default."""
 
 
 class SamplingConfig(_Strict):
@@ -226,6 +224,9 @@ class RuntimeConfig(_Strict):
     """``auto``: CUDA when there is one, else the CPU. ``cuda`` where there is none is a one-line error."""
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
     """The frozen reference model's weights for sampling and composition (trainable weights stay fp32)."""
+    num_threads: Annotated[int, Field(ge=0)] = 0
+    """Torch intra-op threads on the CPU; 0: ``OMP_NUM_THREADS`` when set, else one per CPU this process may
+    use (``training.device.configure_threads``; docs/operations.md measures what helps under load)."""
 
 
 class PipelineConfig(_Strict):
@@ -236,6 +237,21 @@ class PipelineConfig(_Strict):
     train: TrainConfig = TrainConfig()
     composition: CompositionConfig = CompositionConfig()
     objectives: list[ObjectiveSpec] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_fields(cls, data: object) -> object:
+        """``pretrain.num_threads``, from before ``runtime.num_threads`` existed, sets the latter."""
+        if (
+            isinstance(data, dict)
+            and isinstance(data.get("pretrain"), dict)
+            and "num_threads" in data["pretrain"]
+        ):
+            pretrain = dict(data["pretrain"])
+            runtime = dict(data.get("runtime") or {})
+            runtime.setdefault("num_threads", pretrain.pop("num_threads"))
+            data = {**data, "pretrain": pretrain, "runtime": runtime}
+        return data
 
     @field_validator("objectives", mode="before")
     @classmethod
@@ -306,9 +322,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
     loads ``configs/default.yaml``."""
     path = Path(path) if path is not None else DEFAULT_CONFIG
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not a UTF-8 text file (byte {exc.start}: {exc.reason}); a config is YAML text"
+        ) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -66,6 +66,14 @@ def _options(
         bool,
         typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
     ] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose",
+            help="Print the full traceback of a failure instead of one line and a log file "
+            "(as MSDDA_DEBUG=1 does).",
+        ),
+    ] = False,
 ) -> None:
     """Multi-objective alignment of diffusion models: step-level RL base models composed with MSDDA."""
 
@@ -121,14 +129,16 @@ def _overrides(sets: list[str] | None, device: str | None) -> list[str]:
 
 def _config(config_path: Path | None, sets: list[str] | None = None, device: str | None = None):
     """What every command with model work does first: the config (YAML, then the overrides) validated, and
-    its device checked, so that bad input fails in one line before any work; then the libraries quieted.
+    its device checked, so that bad input fails in one line before any work; then torch's threads set
+    (``runtime.num_threads``) and the libraries quieted.
     Returns the config and the overrides (for flows that load the config again)."""
     from configs import load_config
-    from training.device import resolve_device
+    from training.device import configure_threads, resolve_device
 
     overrides = _overrides(sets, device)
     config = load_config(config_path, overrides)
     resolve_device(config.runtime.device)
+    configure_threads(config.runtime.num_threads)
     _quiet_libraries()
     return config, overrides
 
@@ -578,27 +588,38 @@ def ui(
         typer.echo("stopped the MLflow UI", err=True)
 
 
+def _global_verbose(args: list[str]) -> bool:
+    """Whether ``--verbose`` stands among the options before the command (``msdda --verbose run``)."""
+    for arg in args:
+        if not arg.startswith("-"):
+            return False
+        if arg == "--verbose":
+            return True
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point: maps user-facing errors (:class:`MsddaError`) to one line on stderr and exit
-    code 2."""
+    """Console entry point. Bad input (:class:`MsddaError`) is one line on stderr and exit code 2; any other
+    failure one line and exit code 1, its traceback in a log file (``flows.failures``)."""
+    from flows.failures import report_failure
+
     _private_by_default()
     _quiet_warnings()
     args = sys.argv[1:] if argv is None else list(argv)
     command = typer.main.get_command(app)
     try:
         code = command.main(args=args or ["--help"], prog_name="msdda", standalone_mode=False)
-    except MsddaError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        return 2
     except typer.TyperException as exc:  # a usage error (unknown option, bad choice or value): one line too
         context = getattr(exc, "ctx", None)
         where = f" (see '{context.command_path} --help')" if context is not None else ""
         message = " ".join(exc.format_message().split()).replace("Value error, ", "")
         typer.echo(f"error: {message}{where}", err=True)
         return exc.exit_code
-    except typer.Abort:
-        typer.echo("Aborted!", err=True)
-        return 1
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("\nAborted!", err=True)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the last resort: one line, the traceback in a log file
+        return report_failure(exc, args, verbose=_global_verbose(args))
     return code if isinstance(code, int) else 0
 
 

@@ -36,11 +36,18 @@ from flows.jobs import Runner
 PositiveInt = Annotated[int, Field(ge=1)]
 
 
-def _context(config_path: str | None, home: str | None, overrides: list[str] | None = None):
+def _context(
+    config_path: str | None, home: str | None, overrides: list[str] | None = None, torch_threads: int = 0
+):
+    """The config and home of a flow or task run, with torch's threads set for this process:
+    ``torch_threads`` when positive (a Dask worker's share), else the config's ``runtime.num_threads``."""
     from configs import load_config
+    from training.device import configure_threads
     from training.models import msdda_home
 
-    return load_config(config_path, overrides or ()), Path(home) if home else msdda_home()
+    config = load_config(config_path, overrides or ())
+    configure_threads(torch_threads or config.runtime.num_threads)
+    return config, Path(home) if home else msdda_home()
 
 
 def _publish(
@@ -176,11 +183,7 @@ def train_task(
 ) -> dict:
     from flows.jobs import train_job
 
-    if torch_threads:
-        import torch
-
-        torch.set_num_threads(torch_threads)
-    config, root = _context(config_path, home, overrides)
+    config, root = _context(config_path, home, overrides, torch_threads)
     return {**train_job(config, root, objective, progress=torch_threads == 0), "pid": os.getpid()}
 
 

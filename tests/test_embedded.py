@@ -96,7 +96,7 @@ def test_same_seed_gives_the_same_model(tiny_config, tiny_reference, tmp_path):
 def test_cache_key_tracks_the_recipe(tiny_config):
     changed = tiny_config.model_copy(update={"pretrain": tiny_config.pretrain.model_copy(update={"seed": 1})})
     threads = tiny_config.model_copy(
-        update={"pretrain": tiny_config.pretrain.model_copy(update={"num_threads": 1})}
+        update={"runtime": tiny_config.runtime.model_copy(update={"num_threads": 1})}
     )
     assert reference_key(changed) != reference_key(tiny_config)
     assert reference_key(threads) == reference_key(tiny_config)

@@ -41,3 +41,26 @@ def place_pipeline(pipe, device: torch.device, dtype: torch.dtype = torch.float3
     """Move a diffusers pipeline's models (UNet, VAE, text encoder and whatever else it holds, adapters
     included) to ``device`` and cast their floating-point weights to ``dtype``; returns ``pipe``."""
     return pipe.to(device=device, dtype=dtype)
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, which container limits and ``taskset`` set)."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def configure_threads(requested: int = 0) -> int:
+    """Set torch's intra-op thread count and return it: ``requested`` when positive, else ``OMP_NUM_THREADS``
+    when set, else :func:`available_cpus`."""
+    import os
+
+    threads = requested
+    if threads <= 0:
+        from_env = os.environ.get("OMP_NUM_THREADS", "").strip()
+        threads = int(from_env) if from_env.isdigit() and int(from_env) > 0 else available_cpus()
+    torch.set_num_threads(threads)
+    return threads

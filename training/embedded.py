@@ -134,7 +134,7 @@ def _digest(payload: dict) -> str:
 
 def reference_key(config: PipelineConfig) -> str:
     """Cache key: architecture, pretraining recipe (less thread count), data and format version."""
-    recipe = config.pretrain.model_dump(exclude={"num_threads"})
+    recipe = config.pretrain.model_dump()
     return _digest(
         {
             "format": FORMAT_VERSION,
@@ -373,8 +373,6 @@ def pretrain_reference(config: PipelineConfig, home: Path, progress: bool = True
 
     start = time.perf_counter()
     pretrain, cfg = config.pretrain, config.model.embedded
-    if pretrain.num_threads:
-        torch.set_num_threads(pretrain.num_threads)
     classifier, report = digit_classifier(config, home, progress)
     torch.manual_seed(pretrain.seed)
     generator = torch.Generator().manual_seed(pretrain.seed)

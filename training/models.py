@@ -21,9 +21,17 @@ class ModelLoadError(MsddaError, RuntimeError):
     """A reference model's weights or files are missing or unreadable (the message is one line)."""
 
 
+class HomeError(MsddaError, ValueError):
+    """``$MSDDA_HOME`` names something that cannot be the home folder (one line)."""
+
+
 def msdda_home() -> Path:
-    """Where caches, models and the default registry live: ``$MSDDA_HOME``, default ``./.msdda``."""
-    return Path(os.environ.get("MSDDA_HOME", ".msdda")).resolve()
+    """Where caches, models and the default registry live: ``$MSDDA_HOME``, default ``./.msdda``. A path that
+    exists but is not a folder raises :class:`HomeError`."""
+    home = Path(os.environ.get("MSDDA_HOME", ".msdda")).expanduser().resolve()
+    if home.exists() and not home.is_dir():
+        raise HomeError(f"MSDDA_HOME={home} is a file, not a folder: set MSDDA_HOME to a folder")
+    return home
 
 
 def _missing_components(directory: Path) -> list[str]:

@@ -1,0 +1,158 @@
+"""Every failure is one line on stderr with a non-zero exit: bad input (exit 2), operational failures an
+operator can act on, and unexpected ones (exit 1, the traceback in a log file; ``--verbose`` or
+``MSDDA_DEBUG=1`` shows it inline). And torch's thread count follows the machine and the config."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+import torch
+
+from flows.cli import main
+
+
+def _one_error_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1, stderr
+    assert "Traceback" not in stderr, stderr
+    return errors[0]
+
+
+def test_config_that_is_not_utf8_text(tmp_path, capsys):
+    config = tmp_path / "binary.yaml"
+    config.write_bytes(b"objectives:\n  - \xff\xfe\x00digit_alignment\n")
+    assert main(["pretrain", "--config", str(config)]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert str(config) in line and "UTF-8" in line
+
+
+def test_home_that_is_a_file(tmp_path, monkeypatch, capsys):
+    home = tmp_path / "not_a_folder"
+    home.write_text("the user's file")
+    monkeypatch.setenv("MSDDA_HOME", str(home))
+    assert main(["models"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "MSDDA_HOME" in line and "is a file" in line
+    assert home.read_text() == "the user's file"
+
+
+def _crash(*args, **kwargs):
+    raise RuntimeError("an unforeseen failure\nwith a second line")
+
+
+def test_unexpected_failure_is_one_line_and_a_log(monkeypatch, capsys, tiny_config_file):
+    import flows.jobs
+
+    monkeypatch.setattr(flows.jobs, "compose_job", _crash)
+    assert main(["compose", "-w", "0.5,0.5", "-c", str(tiny_config_file)]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith("error: RuntimeError: an unforeseen failure (traceback: ")
+    log = Path(line.removesuffix(")").rsplit("traceback: ", 1)[1])
+    assert log.parent == Path(os.environ["MSDDA_HOME"]).resolve() / "logs"
+    text = log.read_text()
+    assert "Traceback" in text and "with a second line" in text and "compose -w 0.5,0.5" in text
+
+
+@pytest.mark.parametrize("how", ["--verbose", "MSDDA_DEBUG"])
+def test_verbose_shows_the_traceback(how, monkeypatch, capsys, tiny_config_file):
+    import flows.jobs
+
+    monkeypatch.setattr(flows.jobs, "compose_job", _crash)
+    args = ["compose", "-w", "0.5,0.5", "-c", str(tiny_config_file)]
+    if how == "--verbose":
+        args = ["--verbose", *args]
+    else:
+        monkeypatch.setenv("MSDDA_DEBUG", "1")
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "_crash" in err
+    assert err.rstrip().splitlines()[-1] == "error: RuntimeError: an unforeseen failure"
+
+
+def test_full_disk_is_named(capsys):
+    """A real ENOSPC (``/dev/full`` refuses every write) becomes one line that says so."""
+    from flows.failures import report_failure
+
+    try:
+        with open("/dev/full", "w") as handle:
+            handle.write("x")
+    except OSError as exc:
+        failure = exc
+    assert report_failure(failure, ["train"]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert "no space left on the device" in line
+
+
+def test_locked_and_corrupt_sqlite_are_named(tmp_path, capsys):
+    from flows.failures import report_failure
+
+    database = tmp_path / "store.db"
+    holder = sqlite3.connect(database, timeout=0)
+    holder.execute("create table t (x)")
+    holder.execute("begin exclusive")
+    try:
+        sqlite3.connect(database, timeout=0).execute("select * from t")
+    except sqlite3.OperationalError as exc:
+        locked = exc
+    finally:
+        holder.rollback()
+        holder.close()
+    corrupt_file = tmp_path / "corrupt.db"
+    corrupt_file.write_bytes(b"this is not a database" * 100)
+    try:
+        sqlite3.connect(corrupt_file).execute("select * from sqlite_master")
+    except sqlite3.DatabaseError as exc:
+        corrupt = exc
+    report_failure(RuntimeError("outer"), ["models"])  # its cause chain is empty: the generic line
+    assert "RuntimeError: outer" in _one_error_line(capsys.readouterr().err)
+    for failure, words in ((locked, "is locked"), (corrupt, "is corrupt")):
+        wrapped = RuntimeError("while logging")
+        wrapped.__cause__ = failure
+        assert report_failure(wrapped, ["models"]) == 1
+        assert words in _one_error_line(capsys.readouterr().err)
+
+
+def test_error_starts_on_its_own_line_after_a_progress_bar(capsys):
+    """A failure inside a loop with a progress bar: the error line is not glued to the bar's last line."""
+    from tqdm.auto import tqdm
+
+    from flows.failures import report_failure
+
+    def work():
+        for step in tqdm(range(10), desc="pretrain: denoiser"):
+            if step == 3:
+                raise ValueError("boom")
+
+    try:
+        work()
+    except ValueError as exc:
+        failure = exc
+    report_failure(failure, ["pretrain"])
+    err = capsys.readouterr().err
+    assert "\nerror: ValueError: boom" in err
+
+
+def test_threads_follow_the_config_and_the_machine(monkeypatch):
+    from training.device import available_cpus, configure_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        assert configure_threads(0) == available_cpus() == len(os.sched_getaffinity(0))
+        assert configure_threads(1) == torch.get_num_threads() == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert configure_threads(0) == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_old_pretrain_num_threads_moves_to_runtime():
+    from configs import parse_config
+
+    config = parse_config({"pretrain": {"num_threads": 1}})
+    assert config.runtime.num_threads == 1
+    assert parse_config({}).runtime.num_threads == 0
