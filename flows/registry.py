@@ -11,8 +11,11 @@ the registered name or just the objective. :func:`resolve` downloads a version o
 ``$MSDDA_HOME/registry_cache/<name>/<version>`` and checks its content hash every time it is used.
 
 With the default SQLite store, writers on one machine are serialised by a file lock next to the database and
-"database is locked" errors are retried with backoff; with a tracking server (``MLFLOW_TRACKING_URI=http...``)
-every public function first checks, within seconds, that the server answers.
+"database is locked" errors are retried with backoff (for at most :data:`RETRY_SECONDS`); every public
+function first checks, within seconds, that the store can be used (:func:`check_reachable`): a tracking server
+(``MLFLOW_TRACKING_URI=http...``) answers, a SQLite file is an intact database. A server that stops answering
+later, or a corrupt file, is one line too (:class:`~flows.tracking.TrackingError`). Listing an empty home's
+store that does not exist yet creates nothing.
 """
 
 from __future__ import annotations
@@ -35,7 +38,18 @@ from pathlib import Path
 from typing import Any
 
 from configs.errors import MsddaError
-from flows.tracking import ensure_experiment, is_remote, store_lock, tracking_uri
+from flows.tracking import (
+    check_store,
+    ensure_experiment,
+    is_remote,
+    local_store,
+    mlflow_client,
+    process_tags,
+    store_errors,
+    store_failure,
+    store_lock,
+    tracking_uri,
+)
 from training.card import CARD_FILE, BaseModelCard
 
 MODEL_PREFIX = "msdda-"
@@ -47,6 +61,8 @@ METRIC_KEYS = ("reward_before", "reward_after", "reward_se", "rise_in_se", "kl")
 RUN_HASH_TAG = "msdda.base_model.content_hash"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _TRANSIENT = ("database is locked", "database table is locked", "Giving up after")
+RETRY_SECONDS = 60.0
+"""How long :func:`_retrying` keeps retrying a locked store before it gives up."""
 
 
 class RegistryError(MsddaError, ValueError):
@@ -79,12 +95,13 @@ def _checked_name(name: str) -> str:
 
 
 def check_reachable(home: Path) -> None:
-    """Fail within seconds, with a :class:`RegistryError`, if the tracking server does not answer.
-
-    Only for ``http(s)://`` tracking URIs; a local store is always reachable.
+    """Fail within seconds, in one line, if the store cannot be used: a :class:`RegistryError` if the
+    tracking server (``http(s)://``) does not answer, a :class:`~flows.tracking.TrackingError` if the SQLite
+    file is corrupt (:func:`~flows.tracking.check_store`). Changes nothing.
     """
     uri = tracking_uri(home)
     if not is_remote(uri):
+        check_store(home)
         return
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as response:
@@ -102,27 +119,40 @@ def _one_line(exc: BaseException) -> str:
 
 
 @contextmanager
-def _registry_errors(what: str) -> Iterator[None]:
-    """Turn MLflow's (often multi-line) exceptions into a one-line :class:`RegistryError`."""
+def _registry_errors(home: Path, what: str) -> Iterator[None]:
+    """Turn MLflow's (often multi-line) exceptions into one line: a store that cannot be used is a
+    :class:`~flows.tracking.TrackingError` (:func:`~flows.tracking.store_errors`), anything else MLflow
+    refuses a :class:`RegistryError`."""
     from mlflow.exceptions import MlflowException
 
     try:
-        yield
+        with store_errors(home, what):
+            yield
     except MlflowException as exc:
         raise RegistryError(f"{what} failed: {_one_line(exc)}") from exc
 
 
-def _retrying(call: Callable[..., Any], attempts: int = 10, first_delay: float = 0.05) -> Callable[..., Any]:
-    """``call`` retried with exponential backoff and jitter while SQLite reports a lock."""
+def _retrying(
+    call: Callable[..., Any], home: Path, attempts: int = 10, first_delay: float = 0.05
+) -> Callable[..., Any]:
+    """``call`` retried with exponential backoff and jitter while SQLite reports a lock, for at most
+    :data:`RETRY_SECONDS`; never when the store cannot be used (MLflow already retried the request)."""
 
     def wrapper(*args, **kwargs):
+        deadline = time.monotonic() + RETRY_SECONDS
         for attempt in range(attempts):
             try:
                 return call(*args, **kwargs)
             except Exception as exc:  # MlflowException or a raw sqlalchemy OperationalError
-                if attempt == attempts - 1 or not any(text in str(exc) for text in _TRANSIENT):
+                delay = first_delay * 2**attempt * (0.5 + random.random())
+                if (
+                    attempt == attempts - 1
+                    or not any(text in str(exc) for text in _TRANSIENT)
+                    or store_failure(home, "", exc) is not None
+                    or time.monotonic() + delay > deadline
+                ):
                     raise
-                time.sleep(first_delay * 2**attempt * (0.5 + random.random()))
+                time.sleep(delay)
         raise AssertionError("unreachable")
 
     return wrapper
@@ -132,23 +162,18 @@ class _Client:
     """An ``MlflowClient`` for ``home``'s tracking URI whose calls retry on SQLite lock errors."""
 
     def __init__(self, home: Path) -> None:
-        from mlflow import MlflowClient
-
-        uri = tracking_uri(home)
         self.home = home
-        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        self.client = mlflow_client(home)
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
-        return _retrying(getattr(self.client, name))
+        return _retrying(getattr(self.client, name), self.home)
 
 
 def _client(home: Path) -> _Client:
     """A retrying client, with the store created (schema migrations run) under the writer lock."""
     check_reachable(home)
-    with store_lock(home), _registry_errors("opening the MLflow store"):
-        client = _Client(
-            home
-        )  # MlflowClient creates the store, and migrates a new SQLite database, right here
+    with store_lock(home), _registry_errors(home, "opening the MLflow store"):
+        client = _Client(home)  # MlflowClient creates the store, and migrates a new SQLite database, here
         client.search_experiments(max_results=1)
         client.search_registered_models(max_results=1)
     return client
@@ -291,7 +316,7 @@ def _log_files(
         run = client.create_run(
             experiment_id,
             run_name=f"register-{objective}",
-            tags={"msdda.kind": "register", "msdda.objective": objective},
+            tags={"msdda.kind": "register", "msdda.objective": objective, **process_tags()},
         )
         run_id = run.info.run_id
         client.log_batch(run_id, metrics=_run_metrics(card))
@@ -358,7 +383,7 @@ def register_base_model(
     name = _checked_name(registered_name(objective))
     digest = _content_hash(model_dir)
     client = _client(home)
-    with store_lock(home), _registry_errors(f"registering {model_dir}"):
+    with store_lock(home), _registry_errors(home, f"registering {model_dir}"):
         _ensure_registered_model(client, name, objective)
         existing = _existing_version(client, name, digest)
         created = existing is None
@@ -390,10 +415,13 @@ def list_models(home: Path) -> list[dict]:
     """One dict per version of every ``msdda-*`` registered model, sorted by name and version.
 
     Keys: name, version, aliases, objective, reward_after, reward_se, rise_in_se, beta, reference_hash,
-    content_hash, run_id, source.
+    content_hash, run_id, source. A local store that does not exist yet holds none (and is not created).
     """
+    database = local_store(home)
+    if database is not None and not database.exists():
+        return []
     client = _client(home)
-    with _registry_errors("listing registered models"):
+    with _registry_errors(home, "listing registered models"):
         models = _paged(client.search_registered_models, filter_string=f"name LIKE '{MODEL_PREFIX}%'")
         rows = []
         for model in models:
@@ -501,7 +529,7 @@ def _download(home: Path, version, target: Path) -> None:
 
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".download-", dir=target.parent) as tmp:  # scratch, removed after
-        with _registry_errors(f"downloading {version.name} v{version.version}"):
+        with _registry_errors(home, f"downloading {version.name} v{version.version}"):
             uri = tracking_uri(home)
             local = mlflow.artifacts.download_artifacts(
                 artifact_uri=version.source,
@@ -536,7 +564,7 @@ def resolve(home: Path, spec: str) -> ResolvedModel:
     content hash differs from the registered one (truncated, edited, or from another server) is replaced.
     """
     client = _client(home)
-    with _registry_errors(f"resolving {spec!r}"):
+    with _registry_errors(home, f"resolving {spec!r}"):
         version = _model_version(client, spec)
     target = home / "registry_cache" / version.name / str(version.version)
     if not _intact(target, version.tags.get("content_hash", "")):

@@ -1,13 +1,70 @@
 """MLflow tracking: the default store is SQLite plus an artifact folder under ``$MSDDA_HOME``;
-``MLFLOW_TRACKING_URI`` (e.g. an ``mlflow server``) overrides it."""
+``MLFLOW_TRACKING_URI`` (e.g. an ``mlflow server``) overrides it.
+
+Every MLflow client the project makes comes from :func:`mlflow_client`, which first applies
+:data:`MLFLOW_DEFAULTS` (each unless the user set it): a tracking server that goes away fails a request in
+seconds rather than minutes, MLflow prints no "View run" links on stdout (a command's ``--json`` output is one
+JSON object) and no INFO lines (database migrations) on the terminal. Failures of the store are one line
+(:class:`TrackingError`, see :func:`store_errors`): a corrupt SQLite file is named and left as it is, a server
+that stopped answering is named by its URL.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
+import sqlite3
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from configs.errors import MsddaError, first_line
+
 EXPERIMENT = "msdda"
+HOST_TAG = "msdda.host"
+PID_TAG = "msdda.pid"
+STALE_TAG = "msdda.stale"
+
+MLFLOW_DEFAULTS = {
+    # A request to a server that went away: 3 retries 0, 2 and 4 s apart (plus jitter), not 7 retries over
+    # about 4 minutes; a server that accepts but does not answer: 30 s per try, not 120.
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",  # stdout belongs to the command (--json: one object)
+    "MLFLOW_LOGGING_LEVEL": "WARNING",  # no INFO lines (store creation, migrations) on the terminal
+}
+"""MLflow settings the project applies unless the environment sets them (:func:`configure_mlflow`)."""
+
+
+class TrackingError(MsddaError, RuntimeError):
+    """The MLflow store cannot be used: a corrupt SQLite file, a tracking server that stopped answering
+    (one line, naming the file or the server)."""
+
+
+def configure_mlflow() -> None:
+    """Apply :data:`MLFLOW_DEFAULTS` (MLflow reads them per request) and set MLflow's and alembic's log
+    levels to ``MLFLOW_LOGGING_LEVEL`` (MLflow applies it only when first imported; alembic at least
+    WARNING). MLflow's complaint about a failed background write is dropped: :func:`mlflow_run` raises it."""
+    for name, value in MLFLOW_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    import mlflow  # noqa: F401 - configures MLflow's loggers on first import
+
+    level = logging.getLevelName(os.environ["MLFLOW_LOGGING_LEVEL"].upper())
+    level = level if isinstance(level, int) else logging.WARNING
+    logging.getLogger("mlflow").setLevel(level)
+    logging.getLogger("alembic").setLevel(max(level, logging.WARNING))
+    logging.getLogger("mlflow.utils.async_logging.async_logging_queue").setLevel(logging.CRITICAL)
+
+
+def mlflow_client(home: Path):
+    """An ``MlflowClient`` on ``home``'s tracking (and registry) URI, MLflow configured first."""
+    configure_mlflow()
+    from mlflow import MlflowClient
+
+    uri = tracking_uri(home)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def tracking_uri(home: Path) -> str:
@@ -34,9 +91,7 @@ def mlflow_link(home: Path, run_id: str, artifact: str | None = None) -> str | N
     uri = tracking_uri(home)
     if not is_remote(uri):
         return None
-    from mlflow import MlflowClient
-
-    run = MlflowClient(tracking_uri=uri).get_run(run_id)
+    run = mlflow_client(home).get_run(run_id)
     return run_url(uri, run.info.experiment_id, run_id, artifact)
 
 
@@ -46,6 +101,97 @@ def sqlite_path(uri: str) -> Path | None:
         return None
     path = uri.removeprefix("sqlite:///").split("?", 1)[0]
     return None if path in ("", ":memory:") else Path(path)
+
+
+def local_store(home: Path) -> Path | None:
+    """The SQLite file of ``home``'s store, ``None`` for a tracking server or another database."""
+    return sqlite_path(tracking_uri(home))
+
+
+def _corrupt_store(database: Path, reason: str) -> TrackingError:
+    return TrackingError(
+        f"the MLflow store {database} is corrupt ({reason}): move it aside (mv {database} "
+        f"{database}.corrupt) and run the command again; a new, empty store is then created"
+    )
+
+
+def check_store(home: Path) -> None:
+    """Raise :class:`TrackingError` (one line naming the file) if ``home``'s SQLite store exists but is not an
+    intact database: garbage, empty, or truncated (SQLite's ``quick_check``, read-only). Nothing is
+    changed; a store that does not exist yet, or another kind of store, passes."""
+    database = local_store(home)
+    if database is None or not database.is_file():
+        return
+    with store_lock(home):  # not while another command creates the store (an empty file, for a moment)
+        if database.stat().st_size == 0:
+            raise _corrupt_store(database, "the file is empty")
+        try:
+            with sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True, timeout=30) as connection:
+                verdict = connection.execute("PRAGMA quick_check(1)").fetchone()[0]
+            connection.close()
+        except sqlite3.DatabaseError as exc:
+            if not _is_corrupt(exc):
+                return  # locked, or unreadable: MLflow reports it
+            verdict = str(exc)
+    if verdict != "ok":
+        raise _corrupt_store(database, first_line(verdict))
+
+
+def _is_corrupt(exc: BaseException) -> bool:
+    text = str(exc)
+    return "file is not a database" in text or "malformed" in text
+
+
+def _connection_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a request that got no answer (refused, reset, timed out, retries spent): the error
+    itself, or MLflow's report of it (also when a background write failed, which keeps only the text)."""
+    import requests
+
+    transport = (ConnectionError, TimeoutError, requests.ConnectionError, requests.Timeout)
+    if isinstance(exc, (*transport, requests.exceptions.RetryError)):
+        return True
+    text = str(exc)
+    return "API request to " in text and ("failed with exception" in text or "timeout exception" in text)
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and the exceptions it was raised from or while handling."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def store_failure(home: Path, what: str, exc: BaseException) -> TrackingError | None:
+    """The one-line error for ``exc``, raised while ``what``, if it says the store cannot be used: the
+    tracking server stopped answering, or the SQLite file is corrupt; else ``None``."""
+    uri = tracking_uri(home)
+    for cause in _causes(exc):
+        if is_remote(uri) and _connection_failure(cause):
+            return TrackingError(
+                f"the MLflow tracking server at {uri} stopped answering while {what}: check that it runs, "
+                "or unset MLFLOW_TRACKING_URI to use the local store"
+            )
+        database = local_store(home)
+        if database is not None and isinstance(cause, sqlite3.DatabaseError) and _is_corrupt(cause):
+            return _corrupt_store(database, first_line(cause))
+    return None
+
+
+@contextmanager
+def store_errors(home: Path, what: str) -> Iterator[None]:
+    """Turn the failures of :func:`store_failure` raised inside into its one-line :class:`TrackingError`."""
+    try:
+        yield
+    except MsddaError:
+        raise
+    except Exception as exc:
+        error = store_failure(home, what, exc)
+        if error is None:
+            raise
+        raise error from exc
 
 
 @contextmanager
@@ -90,36 +236,93 @@ def ensure_experiment(client, home: Path) -> str:
         return experiment.experiment_id
 
 
+def process_tags() -> dict[str, str]:
+    """Tags naming the process that starts a run (host and pid), so that a later one can tell whether that
+    process is gone (:func:`fail_stale_runs`)."""
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def fail_stale_runs(client, experiment_id: str) -> list[str]:
+    """Mark ``FAILED`` the runs of the experiment still ``RUNNING`` although the process that started them, on
+    this host, is gone (killed with -9, the machine lost power); returns their ids.
+
+    A run is judged by its :func:`process_tags`: one from another host, or without them, is left alone (its
+    process may be alive), and so is one whose pid is alive (a concurrent command).
+    """
+    from mlflow.entities import RunStatus
+
+    host = socket.gethostname()
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'",
+        max_results=1000,
+    )
+    stale = []
+    for run in runs:
+        pid = run.data.tags.get(PID_TAG, "")
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+            reason = f"process {pid} on {host} ended without closing the run"
+            client.set_tag(run.info.run_id, STALE_TAG, reason)
+            client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
+            stale.append(run.info.run_id)
+    return stale
+
+
 @contextmanager
 def mlflow_run(home: Path, run_name: str, params: dict | None = None, tags: dict | None = None):
-    """An active MLflow run in the ``msdda`` experiment; yields ``(run, log_iteration)``."""
+    """An active MLflow run in the ``msdda`` experiment; yields ``(run, log_iteration)``.
+
+    Runs of the experiment left ``RUNNING`` by processes that are gone are marked failed first
+    (:func:`fail_stale_runs`). ``log_iteration`` writes in the background, at most one iteration behind: a
+    write that failed stops the run at the next iteration. The store's failures are one line
+    (:func:`store_errors`).
+    """
     import mlflow
 
-    home.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(tracking_uri(home))
-    with store_lock(home):
-        mlflow.set_experiment(experiment_id=ensure_experiment(mlflow.MlflowClient(tracking_uri(home)), home))
-    with mlflow.start_run(run_name=run_name, tags=tags) as run:
-        if params:
-            mlflow.log_params(params)
+    with store_errors(home, f"logging the run {run_name!r}"):
+        home.mkdir(parents=True, exist_ok=True)
+        check_store(home)
+        mlflow.set_tracking_uri(tracking_uri(home))
+        with store_lock(home):  # a new SQLite store is created (migrated) by the first client
+            client = mlflow_client(home)
+            experiment_id = ensure_experiment(client, home)
+        fail_stale_runs(client, experiment_id)
+        mlflow.set_experiment(experiment_id=experiment_id)
+        with mlflow.start_run(run_name=run_name, tags={**(tags or {}), **process_tags()}) as run:
+            if params:
+                mlflow.log_params(params)
+            pending = []  # the previous iteration's background write
 
-        def log_iteration(metrics) -> None:
-            mlflow.log_metrics(
-                {
-                    "reward_mean": metrics.reward_mean,
-                    "reward_std": metrics.reward_std,
-                    "kl": metrics.kl,
-                    "loss": metrics.loss,
-                    "unet_evaluations": metrics.unet_evaluations,
-                    "seconds": metrics.seconds,
-                    "ess_share": metrics.ess_share,
-                    "reward_spread": metrics.reward_spread,
-                },
-                step=metrics.iteration,
-                synchronous=False,  # a background thread writes; training does not wait on the store
-            )
+            def log_iteration(metrics) -> None:
+                if pending:
+                    pending.pop().wait()  # raises if it failed
+                operation = mlflow.log_metrics(
+                    {
+                        "reward_mean": metrics.reward_mean,
+                        "reward_std": metrics.reward_std,
+                        "kl": metrics.kl,
+                        "loss": metrics.loss,
+                        "unet_evaluations": metrics.unet_evaluations,
+                        "seconds": metrics.seconds,
+                        "ess_share": metrics.ess_share,
+                        "reward_spread": metrics.reward_spread,
+                    },
+                    step=metrics.iteration,
+                    synchronous=False,  # a background thread writes; training does not wait on the store
+                )
+                pending.append(operation)
 
-        try:
-            yield run, log_iteration
-        finally:
-            mlflow.flush_async_logging()
+            try:
+                yield run, log_iteration
+            finally:
+                mlflow.flush_async_logging()

@@ -1,0 +1,307 @@
+"""MLflow store and server failures (issue 20), against real MLflow: a real SQLite store, and in the slow
+suite a real `mlflow server` on 127.0.0.1 that is killed. Each is one line, exit code 2, no traceback, nothing
+lost: a corrupt store file is named and left as it is; a server that goes away is named by its URL within a
+minute; `--json` stdout stays one JSON object; an empty home's `models` creates nothing; MLflow's INFO lines
+stay off the terminal; a run left RUNNING by a killed process is marked failed when the next one starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.test_registry import _template_db, fake_base_model  # noqa: F401 - _template_db is a fixture
+from training.models import msdda_home
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def damage(database: Path, how: str) -> None:
+    """Overwrite a store with garbage, cut it to half its size, or empty it."""
+    if how == "garbage":
+        database.write_bytes(os.urandom(4096))
+    elif how == "truncated":
+        with open(database, "r+b") as handle:
+            handle.truncate(database.stat().st_size // 2)
+    else:
+        database.write_bytes(b"")
+
+
+def one_line_error(err: str) -> str:
+    """The single stderr line of a failed command (asserting that it is one line and no traceback)."""
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    return err.strip()
+
+
+@pytest.fixture
+def store_home(_template_db, monkeypatch) -> Path:  # noqa: F811
+    """This test's MSDDA_HOME holding an empty, migrated SQLite store (the default store)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    home = msdda_home()
+    home.mkdir(parents=True)
+    shutil.copy(_template_db, home / "mlflow.db")
+    return home
+
+
+# --------------------------------------------------------------------------------------------- corrupt store
+
+COMMANDS = {
+    "models": ["models"],
+    "train": ["train", "--objective", "ink_economy", "--json"],
+    "compose": ["compose", "--weights", "0.5,0.5", "--json"],
+}
+
+
+@pytest.mark.parametrize("how", ["garbage", "truncated", "empty"])
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_corrupt_store_is_one_line_naming_the_file_and_left_as_is(
+    store_home, tiny_config_file, capfd, command, how
+):
+    from flows.cli import main
+
+    database = store_home / "mlflow.db"
+    damage(database, how)
+    before = database.read_bytes()
+    args = COMMANDS[command] + ([] if command == "models" else ["--config", str(tiny_config_file)])
+    capfd.readouterr()
+    code = main(args)
+    out, err = capfd.readouterr()
+    line = one_line_error(err)
+    assert code == 2 and out == ""
+    assert f"the MLflow store {database} is corrupt" in line and "move it aside" in line
+    assert database.read_bytes() == before  # neither repaired nor removed
+    assert sorted(p.name for p in store_home.iterdir()) == ["mlflow.db", "mlflow.db.lock"]
+
+
+# ------------------------------------------------------------------------------------------- empty home, INFO
+
+
+def test_models_on_an_empty_home_creates_nothing(tmp_path, monkeypatch, capfd):
+    from flows.cli import main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    home = tmp_path / "empty_home"
+    monkeypatch.setenv("MSDDA_HOME", str(home))
+    capfd.readouterr()
+    assert main(["models"]) == 0
+    out, err = capfd.readouterr()
+    assert out.startswith("no registered base models") and err == ""
+    assert main(["models", "--json"]) == 0
+    out, err = capfd.readouterr()
+    assert json.loads(out) == {"models": []} and err == ""
+    assert not home.exists()
+
+
+STORE_SCRIPT = """
+import sys
+from pathlib import Path
+from flows.tracking import mlflow_run
+
+with mlflow_run(Path(sys.argv[1]), "probe", params={"a": 1}):
+    pass
+"""
+
+
+def test_creating_the_store_prints_nothing(tmp_path):
+    """A new SQLite store (MLflow creates and migrates it) and a run in it: nothing on the terminal (MLflow
+    prints INFO lines while it migrates, unless told otherwise)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(PYTHONPATH=str(REPO))
+    result = subprocess.run(
+        [sys.executable, "-c", STORE_SCRIPT, str(tmp_path / "home")],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout == "" and result.stderr == ""
+
+
+# --------------------------------------------------------------------------------------------- stale runs
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_runs_left_running_by_a_killed_process_are_marked_failed(store_home):
+    from flows.tracking import HOST_TAG, PID_TAG, ensure_experiment, mlflow_client, mlflow_run
+
+    client = mlflow_client(store_home)
+    experiment = ensure_experiment(client, store_home)
+    host = socket.gethostname()
+
+    def running(name: str, tags: dict) -> str:
+        return client.create_run(experiment, run_name=name, tags=tags).info.run_id
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale = running("killed -9", {HOST_TAG: host, PID_TAG: str(dead_pid())})
+        live = running("concurrent", {HOST_TAG: host, PID_TAG: str(sleeper.pid)})
+        elsewhere = running("other host", {HOST_TAG: host + "-elsewhere", PID_TAG: str(dead_pid())})
+        untagged = running("no process tags", {})
+        with mlflow_run(store_home, "train ink_economy beta=0.01", params={"objective": "ink_economy"}) as (
+            run,
+            _,
+        ):
+            status = {r: client.get_run(r).info.status for r in (stale, live, elsewhere, untagged)}
+            assert client.get_run(run.info.run_id).data.tags[PID_TAG] == str(os.getpid())
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert status == {stale: "FAILED", live: "RUNNING", elsewhere: "RUNNING", untagged: "RUNNING"}
+    assert "ended without closing the run" in client.get_run(stale).data.tags["msdda.stale"]
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+
+
+# --------------------------------------------------------------------------------------- a tracking server
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class TrackingServer:
+    """A real `mlflow server` on 127.0.0.1 (serving its artifacts) on a copy of a migrated SQLite store."""
+
+    def __init__(self, folder: Path, template_db: Path) -> None:
+        folder.mkdir(parents=True)
+        shutil.copy(template_db, folder / "mlflow.db")
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        store = f"sqlite:///{folder / 'mlflow.db'}"
+        command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
+        command += ["--backend-store-uri", store, "--workers", "1"]
+        command += ["--artifacts-destination", str(folder / "artifacts")]
+        self.log = open(folder / "server.log", "w")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            command, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, cwd=folder
+        )
+        deadline = time.monotonic() + 240
+        while not self.healthy():
+            assert self.process.poll() is None, (folder / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "mlflow server did not start"
+            time.sleep(0.3)
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        """SIGKILL the server's whole process group (the server and its worker)."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self.log.close()
+
+
+@pytest.fixture
+def server(tmp_path, _template_db, monkeypatch):  # noqa: F811
+    started = TrackingServer(tmp_path / "server", _template_db)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", started.url)
+    yield started
+    started.kill()
+
+
+@pytest.mark.slow  # starts a real mlflow server and composes on the tiny model (about 40 s on 2 cores)
+def test_json_output_is_one_object_with_a_tracking_server(
+    server, pretrained_home, tiny_base_models, tiny_config_file, tmp_path, capfd
+):
+    from flows.cli import main
+
+    models = ",".join(str(folder) for folder in tiny_base_models)
+    capfd.readouterr()
+    code = main(
+        ["compose", "-w", "0.5,0.5", "-m", models, "-n", "2", "--out", str(tmp_path / "images")]
+        + ["--config", str(tiny_config_file), "--json"]
+    )
+    out, err = capfd.readouterr()
+    assert code == 0, err[-3000:]
+    payload = json.loads(out)  # the whole of stdout: no "View run ... at:" lines before it
+    assert payload["mlflow_run_id"] and "View run" not in err + out
+    from flows.tracking import mlflow_client
+
+    assert mlflow_client(pretrained_home).get_run(payload["mlflow_run_id"]).info.status == "FINISHED"
+
+
+TRAIN_ITERATIONS = 400
+"""Long enough for the tiny model's training to outlive the server (it is killed once the run starts)."""
+
+
+@pytest.mark.slow  # a real mlflow server, a training killed under it, then commands against it (about 90 s)
+def test_a_server_that_goes_away_is_one_line_within_a_minute(
+    server, pretrained_home, tiny_config_file, tmp_path, capfd
+):
+    from flows.cli import main
+    from flows.registry import RegistryError, _client, _registry_errors, _versions, register_base_model
+    from flows.tracking import TrackingError, mlflow_client
+
+    folder = fake_base_model(tmp_path / "model", "ink_economy", seed=1)
+    register_base_model(pretrained_home, folder)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MSDDA_HOME": str(pretrained_home)}
+    training = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "train", "-o", "ink_economy", "--json"]
+        + ["--config", str(tiny_config_file), "--set", f"train.iterations={TRAIN_ITERATIONS}"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    client = mlflow_client(pretrained_home)
+    registry_client = _client(pretrained_home)  # opened while the server runs
+    try:
+        deadline = time.monotonic() + 240
+        while not client.search_runs(["0", "1"], filter_string="attributes.status = 'RUNNING'"):
+            assert training.poll() is None, training.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "the training run never started"
+            time.sleep(0.5)
+        time.sleep(2)  # a few iterations logged
+        server.kill()
+        killed = time.monotonic()
+        out, err = training.communicate(timeout=120)
+    finally:
+        if training.poll() is None:
+            training.kill()
+            training.wait()
+    assert time.monotonic() - killed < 60
+    line = one_line_error(err)
+    assert training.returncode == 2 and out == ""
+    assert f"the MLflow tracking server at {server.url} stopped answering" in line
+
+    start = time.monotonic()
+    with (
+        pytest.raises(TrackingError, match=f"tracking server at {server.url} stopped answering"),
+        _registry_errors(pretrained_home, "listing versions"),
+    ):
+        _versions(registry_client, "msdda-ink_economy")
+    assert time.monotonic() - start < 30
+
+    start = time.monotonic()
+    capfd.readouterr()
+    assert main(["models"]) == 2
+    out, err = capfd.readouterr()
+    assert out == "" and f"MLflow tracking server at {server.url} is unreachable" in one_line_error(err)
+    with pytest.raises(RegistryError, match="unreachable"):
+        register_base_model(pretrained_home, folder)
+    assert time.monotonic() - start < 30
