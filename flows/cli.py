@@ -453,7 +453,11 @@ def run(
     """The main job (Prefect flow `msdda-pipeline`): pretrain the reference, train and register a base model
     per objective, sweep every method over the weight grid, print the summary and the Pareto plot's path.
     Every stage is cached."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     from flows.pipeline import pipeline
+    from flows.prefect_api import ensure_api
+    from flows.registry import check_reachable
     from training.models import msdda_home
     from training.rewards import load_reward
 
@@ -465,12 +469,15 @@ def run(
         load_reference_pipeline(cfg)
     if not cfg.objectives:
         raise UsageError("the config lists no objectives: nothing to train or compose")
-    for spec in cfg.objectives:  # unknown objectives or missing weights fail before any work
-        load_reward(spec.name, cfg, home, spec.options)
-    from flows.registry import check_reachable
-
     check_reachable(home)
-    result = pipeline(str(config) if config else None, str(home), runner, overrides)
+    # the Prefect API before the rewards (one may train its classifier for minutes): a server that is down,
+    # or one that does not start, costs seconds
+    api_url = ensure_api()
+    for spec in cfg.objectives:  # unknown objectives or missing weights fail before the flow starts
+        load_reward(spec.name, cfg, home, spec.options)
+    # every Prefect client of the flow, Dask workers included, talks to that one server
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        result = pipeline(str(config) if config else None, str(home), runner, overrides)
     reference = result["reference"]
     accuracy = reference.get("alignment_accuracy")
     lines = [

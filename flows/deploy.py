@@ -38,8 +38,6 @@ if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment
 
 DEFAULT_CRON = "0 3 * * *"
-HEALTHCHECK_SECONDS = 5.0
-"""How long ``msdda deploy`` waits for the Prefect server's health check before giving up."""
 TRAINING_NAME = "scheduled-training"
 COMPOSE_NAME = "on-demand"
 TAGS = ["msdda"]
@@ -56,11 +54,13 @@ class DeploymentError(MsddaError, ValueError):
 
 def api_url() -> str:
     """The Prefect API URL (``PREFECT_API_URL``, from the environment or the active profile), checked to
-    answer.
+    answer (:func:`flows.prefect_api.check_api`).
 
     Without one Prefect runs in ephemeral mode, whose temporary server cannot hold deployments for anyone.
     """
     from prefect.settings import PREFECT_API_URL
+
+    from flows.prefect_api import check_api
 
     url = PREFECT_API_URL.value()
     if not url:
@@ -69,23 +69,7 @@ def api_url() -> str:
             "PREFECT_API_URL=http://127.0.0.1:4200/api "
             "(ephemeral mode cannot hold deployments)"
         )
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
-
-    # one try with a short timeout: a server that does not answer fails in seconds, not after retries
-    with (
-        temporary_settings(updates={PREFECT_CLIENT_MAX_RETRIES: 0}),
-        get_client(httpx_settings={"timeout": HEALTHCHECK_SECONDS}, sync_client=True) as client,
-    ):
-        failure = client.api_healthcheck()
-    if failure is not None:
-        text = str(failure).strip()
-        if "Timeout" in type(failure).__name__:
-            reason = f"no answer within {HEALTHCHECK_SECONDS:g} s"
-        else:
-            reason = text.splitlines()[0] if text else type(failure).__name__
-        raise DeploymentError(f"Prefect server at {url} is unreachable: {reason}")
-    return url
+    return check_api(url)
 
 
 def check_cron(cron: str) -> str:

@@ -134,9 +134,9 @@ def test_deploy_to_a_silent_server_gives_up_quickly(fresh, monkeypatch, capfd):
 
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    import flows.deploy
+    import flows.prefect_api
 
-    monkeypatch.setattr(flows.deploy, "HEALTHCHECK_SECONDS", 0.5)
+    monkeypatch.setattr(flows.prefect_api, "HEALTHCHECK_SECONDS", 0.5)
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen()
