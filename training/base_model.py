@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -20,9 +21,9 @@ import torch
 
 from configs.schema import PipelineConfig
 from training.card import (
-    CARD_FILE,
     LORA_TARGETS,
     BaseModelCard,
+    CardError,
     LoraSpec,
     RewardScale,
     RewardSpec,
@@ -56,7 +57,7 @@ class BaseModelResult:
 
 def reference_identity(config: PipelineConfig, home: Path, progress: bool):
     """``(pipeline, content hash)`` of the frozen reference."""
-    from training.models import content_hash, load_pretrained_pipeline, pretrained_identity
+    from training.models import load_pretrained_pipeline, pretrained_identity
 
     if config.model.source == "pretrained":
         pipe = load_pretrained_pipeline(config.model.pretrained, config.model.revision)
@@ -64,7 +65,7 @@ def reference_identity(config: PipelineConfig, home: Path, progress: bool):
     from training.embedded import load_embedded_pipeline, pretrain_reference
 
     reference = pretrain_reference(config, home, progress=progress)
-    return load_embedded_pipeline(reference.path), content_hash(reference.path)
+    return load_embedded_pipeline(reference.path), reference.reference_hash
 
 
 # Settings added after models were first cached: at these values they are left out of the key, so models
@@ -111,8 +112,8 @@ def train_base_model(
     pipe, reference_hash = reference_identity(config, home, progress)
     key = run_key(config, objective, reference_hash)
     final = home / "base_models" / f"{objective}-{key}"
-    if (final / CARD_FILE).exists():
-        cached = BaseModelCard.read(final)
+    cached = _verified_cache(final)
+    if cached is not None:
         return BaseModelResult(**{**cached.metrics, "path": final, "cached": True})
 
     train_cfg = config.train
@@ -169,6 +170,19 @@ def train_base_model(
         save_trained(final, problem, config, spec, beta, reference_hash, metrics, result.history)
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return metrics
+
+
+def _verified_cache(final: Path) -> BaseModelCard | None:
+    """The card of the cached base model in ``final`` once its files load and match the card's hashes;
+    ``None`` when there is none, or when it is damaged (said on stderr): it is then retrained, and the new
+    folder replaces the damaged one by a rename (:func:`training.card.save_base_model`)."""
+    if not final.exists():
+        return None
+    try:
+        return load_base_model(final).card
+    except CardError as exc:
+        print(f"warning: {exc} (retraining it now)", file=sys.stderr)
+        return None
 
 
 def save_trained(final: Path, problem, config, spec, beta, reference_hash, metrics, history) -> None:

@@ -11,6 +11,9 @@ A base-model folder (format 2) holds
   ``StableDiffusionPipeline.load_lora_weights(folder)`` loads it onto the reference pipeline as is;
 * ``variance.safetensors`` (:data:`VARIANCE_FILE`, when a variance was learned): ``{"log_variance": [S, C]}``.
 
+The card records the SHA-256 of each weights file (``weights_sha256``), checked on every load, so a damaged or
+altered file is refused even when it still parses; cards written before it (no hashes) are checked by parsing.
+
 Format 1 folders (``adapter_model.safetensors`` with unprefixed peft keys, a card without ``format_version``)
 are still read. Everything is read with safetensors (never pickle); every problem is a one-line
 :class:`CardError`.
@@ -18,6 +21,7 @@ are still read. Everything is read with safetensors (never pickle); every proble
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,6 +128,8 @@ class BaseModelCard(BaseModel):
     sampling: dict
     metrics: dict = {}
     history: list[dict] = []
+    weights_sha256: dict[str, str] = {}
+    """SHA-256 of each weights file by name (written by :func:`save_base_model`; empty in older cards)."""
 
     def lineage(self) -> dict:
         """What composable base models must share: the reference model and the scheduler config."""
@@ -259,6 +265,26 @@ def _read_safetensors(folder: Path, name: str, objective: str) -> dict[str, torc
         ) from None
 
 
+def _sha256(path: Path) -> str:
+    """The SHA-256 hex digest of the file at ``path``, read in blocks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _weights_hash_problem(folder: Path, card: BaseModelCard) -> str | None:
+    """Which weights file differs from the SHA-256 the card recorded for it, or ``None``."""
+    for name, expected in card.weights_sha256.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if _sha256(path) != expected:
+            return f"{name} does not match the SHA-256 recorded in its card (damaged or altered since saved)"
+    return None
+
+
 def load_base_model(folder: str | Path) -> LoadedBaseModel:
     """Read and check the base model in ``folder`` (format 2, or format 1 as written before the card)."""
     folder = Path(folder)
@@ -279,7 +305,11 @@ def load_base_model(folder: str | Path) -> LoadedBaseModel:
         if "log_variance" not in variance:
             raise _broken(folder, f"{VARIANCE_FILE} has no 'log_variance'", card.objective)
         log_variance = variance["log_variance"]
-    problem = _lora_problem(lora, card.lora) or _variance_problem(log_variance)
+    problem = (
+        _lora_problem(lora, card.lora)
+        or _variance_problem(log_variance)
+        or _weights_hash_problem(folder, card)
+    )
     if problem:
         raise _broken(folder, problem, card.objective)
     return LoadedBaseModel(folder, card, lora, log_variance)
@@ -318,6 +348,9 @@ def save_base_model(
         )
         if log_variance is not None:
             save_file({"log_variance": log_variance}, tmp / VARIANCE_FILE)
+        written = [name for name in (LORA_FILE, VARIANCE_FILE) if (tmp / name).exists()]
+        hashes = {name: _sha256(tmp / name) for name in written}
+        card = card.model_copy(update={"weights_sha256": hashes})
         (tmp / CARD_FILE).write_text(card.to_json())
     return folder
 

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from configs.errors import first_line
 from training.digits import DigitSplit
 
 
@@ -103,8 +104,20 @@ def save_classifier(model: DigitCNN, report: ClassifierReport, directory: Path) 
 
 
 def load_classifier(directory: Path) -> tuple[DigitCNN, ClassifierReport]:
+    """The evaluator CNN saved in ``directory``; a missing or unreadable file raises
+    :class:`training.models.ModelLoadError` naming it (one line)."""
+    from safetensors import SafetensorError
+
+    from training.models import ModelLoadError
+
     model = DigitCNN()
-    model.load_state_dict(load_file(directory / "model.safetensors"))
-    model.eval()
-    report = ClassifierReport(**json.loads((directory / "classifier.json").read_text()))
-    return model, report
+    path = directory / "model.safetensors"
+    try:
+        model.load_state_dict(load_file(path))
+        path = directory / "classifier.json"
+        report = ClassifierReport(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError, RuntimeError, SafetensorError) as exc:
+        raise ModelLoadError(
+            f"cannot load the evaluator CNN from {path}: {first_line(exc)}; remove {directory} to retrain it"
+        ) from None
+    return model.eval(), report

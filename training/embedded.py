@@ -5,6 +5,11 @@ It has the four SD components (``UNet2DConditionModel``, ``AutoencoderKL``, ``CL
 ``StableDiffusionPipeline.from_pretrained``. Building it is deterministic for a given config and seed, and the
 result is cached under ``$MSDDA_HOME/reference/<key>``, where ``key`` hashes the config, the data and the
 format.
+
+A cached folder (the reference, or the evaluator CNN under ``$MSDDA_HOME/classifiers/<key>``) is complete
+once its ``DONE`` file is there; ``DONE`` lists its files and their :func:`training.models.content_hash`.
+Every reuse checks them (and that each JSON file and safetensors header parses): a damaged cache is said on
+stderr, removed and rebuilt. Caches from before ``DONE`` held a manifest are checked by parsing alone.
 """
 
 from __future__ import annotations
@@ -13,6 +18,9 @@ import copy
 import hashlib
 import json
 import math
+import secrets
+import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from configs.errors import first_line
 from configs.schema import EmbeddedModelConfig, PipelineConfig, PretrainConfig, SamplingConfig
 from training.classifier import (
     ClassifierReport,
@@ -38,11 +47,14 @@ from training.digits import (
     prompt_vocabulary,
     train_test_split,
 )
-from training.models import atomic_file, staged_directory
+from training.models import ModelLoadError, atomic_file, check_checkpoint, content_hash, staged_directory
 from training.tokenizer import build_tokenizer, save_tokenizer
 
 FORMAT_VERSION = 1
 META_FILE = "msdda_reference.json"
+DONE_FILE = "DONE"  # marks a cached folder complete; holds its manifest (see the module docstring)
+CLASSIFIER_FILES = ("model.safetensors", "classifier.json")
+META_KEYS = ("alignment_accuracy", "alignment_eval", "classifier_test_accuracy", "pretrain_seconds")
 
 
 @dataclass(frozen=True)
@@ -53,6 +65,8 @@ class PretrainResult:
     pretrain_seconds: float
     cached: bool
     key: str
+    reference_hash: str
+    """The model's :func:`training.models.content_hash`, as base models record it."""
 
 
 # ----------------------------------------------------------------------------------------------- components
@@ -158,12 +172,118 @@ def classifier_key(size: int, pretrain: PretrainConfig) -> str:
     )
 
 
+class CacheError(ModelLoadError):
+    """What is wrong with a damaged cached folder, in one line (:func:`pretrain_reference` and
+    :func:`digit_classifier` rebuild such a folder)."""
+
+
+def _seal(folder: Path) -> None:
+    """Mark the staged cache ``folder`` complete: its ``DONE`` manifest lists its files and content hash."""
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    manifest = {"files": files, "content_hash": content_hash(folder)}
+    (folder / DONE_FILE).write_text(json.dumps(manifest, indent=2))
+
+
+def _manifest(folder: Path) -> dict:
+    """``folder``'s ``DONE`` manifest; ``{}`` for an empty ``DONE`` (a cache from before the manifest)."""
+    try:
+        text = (folder / DONE_FILE).read_text().strip()
+        manifest = json.loads(text) if text else {}
+    except FileNotFoundError:
+        raise CacheError(f"{DONE_FILE} is missing") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CacheError(f"{DONE_FILE} is unreadable ({first_line(exc)})") from None
+    files = manifest.get("files", []) if isinstance(manifest, dict) else None
+    if not isinstance(files, list) or not all(isinstance(name, str) for name in files):
+        raise CacheError(f"{DONE_FILE} is not a manifest of the folder's files")
+    return manifest
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why the JSON file or safetensors file at ``path`` does not parse (headers only), or ``None``."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+        elif path.suffix == ".safetensors":
+            with safe_open(path, framework="pt"):
+                pass
+    except (OSError, UnicodeDecodeError, ValueError, SafetensorError) as exc:
+        return first_line(exc)
+    return None
+
+
+def _checked_cache(folder: Path, required: tuple[str, ...]) -> str:
+    """The content hash of the cached ``folder`` once it checks out: every file its manifest lists (and
+    ``required``) is there, every JSON file and safetensors header parses, and the content hash is the one
+    recorded at build time. Raises :class:`CacheError` naming what is wrong."""
+    manifest = _manifest(folder)
+    for name in (*required, *manifest.get("files", [])):
+        if not (folder / name).is_file():
+            raise CacheError(f"{name} is missing")
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        reason = _unreadable(path)
+        if reason:
+            raise CacheError(f"{path.relative_to(folder).as_posix()} is unreadable ({reason})")
+    digest = content_hash(folder)
+    if manifest.get("content_hash", digest) != digest:
+        raise CacheError("its files differ from the content hash recorded when it was built")
+    return digest
+
+
+def _reusable_cache(folder: Path, what: str, check) -> str | None:
+    """The content hash of the cached ``folder`` when ``check`` (raising :class:`CacheError`) trusts it;
+    ``None`` when there is none, or when it is damaged: that is said on stderr and the folder removed, so
+    that the caller rebuilds it."""
+    if not folder.exists():
+        return None
+    try:
+        return check(folder)
+    except CacheError as exc:
+        problem = str(exc)
+    print(f"warning: the cached {what} at {folder} is damaged ({problem}); rebuilding it", file=sys.stderr)
+    aside = folder.with_name(f".damaged-{folder.name}-{secrets.token_hex(4)}")
+    try:
+        folder.rename(aside)  # a concurrent reader sees the old folder or none, never a half-removed one
+    except FileNotFoundError:
+        return None  # another process moved it aside first
+    except OSError as exc:
+        raise ModelLoadError(
+            f"the cached {what} at {folder} is damaged ({problem}) and cannot be moved aside "
+            f"({first_line(exc)}): remove it, then rerun"
+        ) from None
+    shutil.rmtree(aside, ignore_errors=True)
+    return None
+
+
+def check_classifier_cache(folder: Path) -> str:
+    """The content hash of the cached evaluator CNN in ``folder``, or :class:`CacheError` (see
+    :func:`_checked_cache`)."""
+    return _checked_cache(folder, CLASSIFIER_FILES)
+
+
+def check_reference_cache(folder: Path) -> str:
+    """:func:`_checked_cache` for the reference, plus its SD components and metadata keys."""
+    try:
+        check_checkpoint(str(folder))
+    except ModelLoadError as exc:
+        raise CacheError(str(exc)) from None
+    digest = _checked_cache(folder, (META_FILE,))
+    meta = json.loads((folder / META_FILE).read_text())
+    missing = [key for key in META_KEYS if not isinstance(meta, dict) or key not in meta]
+    if missing or not isinstance(meta["alignment_eval"], dict):
+        raise CacheError(f"{META_FILE} lacks {', '.join(missing) or 'a valid alignment_eval'}")
+    return digest
+
+
 def digit_classifier(config: PipelineConfig, home: Path, progress: bool = True):
     """The cached evaluator CNN for the embedded model's image size, trained on the train split (on
-    ``config.runtime.device``); it loads on the CPU, and its users move it to their images' device."""
+    ``config.runtime.device``); it loads on the CPU, and its users move it to their images' device. A damaged
+    cache is retrained (see the module docstring)."""
     size = config.model.embedded.image_size
     final = home / "classifiers" / classifier_key(size, config.pretrain)
-    if not (final / "DONE").exists():
+    if _reusable_cache(final, "evaluator CNN", check_classifier_cache) is None:
         train, test = train_test_split(size, config.pretrain.test_fraction, seed=0)
         model, report = train_classifier(
             train,
@@ -176,7 +296,7 @@ def digit_classifier(config: PipelineConfig, home: Path, progress: bool = True):
         # keep_existing: a concurrent build that won the race is kept
         with staged_directory(final, keep_existing=True) as tmp:
             save_classifier(model, report, tmp)
-            (tmp / "DONE").touch()
+            _seal(tmp)
     return load_classifier(final)
 
 
@@ -308,9 +428,20 @@ def save_pipeline(components: dict, directory: Path) -> None:
 
 
 def load_embedded_pipeline(path: Path):
+    """The saved pipeline at ``path`` (safetensors only, never pickle); an unreadable one raises
+    :class:`ModelLoadError` (one line)."""
     from diffusers import StableDiffusionPipeline
+    from safetensors import SafetensorError
 
-    return StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
+    try:
+        return StableDiffusionPipeline.from_pretrained(
+            path, safety_checker=None, requires_safety_checker=False, use_safetensors=True
+        )
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise ModelLoadError(
+            f"cannot load the embedded reference model at {path}: {first_line(exc)}; "
+            f"remove the folder and rerun `msdda pretrain` to rebuild it"
+        ) from None
 
 
 @torch.no_grad()
@@ -360,7 +491,8 @@ def pretrain_reference(config: PipelineConfig, home: Path, progress: bool = True
     device = resolve_device(config.runtime.device)  # a missing device fails here, in one line
     key = reference_key(config)
     final = home / "reference" / key
-    if (final / "DONE").exists():
+    reference_hash = _reusable_cache(final, "reference model", check_reference_cache)
+    if reference_hash is not None:
         meta = _current_evaluation(config, home, final, progress)
         return PretrainResult(
             path=final,
@@ -369,6 +501,7 @@ def pretrain_reference(config: PipelineConfig, home: Path, progress: bool = True
             pretrain_seconds=meta["pretrain_seconds"],
             cached=True,
             key=key,
+            reference_hash=reference_hash,
         )
 
     start = time.perf_counter()
@@ -401,8 +534,10 @@ def pretrain_reference(config: PipelineConfig, home: Path, progress: bool = True
         seconds = time.perf_counter() - start
         meta = _reference_meta(config, key, accuracy, report, seconds)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-        (tmp / "DONE").touch()
-    return PretrainResult(final, accuracy, report.test_accuracy, seconds, cached=False, key=key)
+        _seal(tmp)
+    # ``final`` is ours, or a concurrent build's that won the race: the same model either way
+    reference_hash = content_hash(final)
+    return PretrainResult(final, accuracy, report.test_accuracy, seconds, False, key, reference_hash)
 
 
 def _evaluation_settings(config: PipelineConfig) -> dict:

@@ -281,9 +281,11 @@ def _import(name: str, module: str, package: str):
 
 
 def _load_or_fail(name: str, source: str, loader: Callable):
+    from safetensors import SafetensorError
+
     try:
         return loader(source)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise RewardError(f"reward '{name}': cannot load weights '{source}': {first}") from None
 
@@ -335,7 +337,7 @@ def laion_aesthetic(config, home, options) -> Reward:
         raise RewardError("reward 'laion_aesthetic' needs `options.head`: the predictor head as .safetensors")
     from safetensors.torch import load_file
 
-    state = load_file(str(Path(head_path).expanduser()))
+    state = _load_or_fail("laion_aesthetic", str(Path(head_path).expanduser()), load_file)
     layers = sorted({k.rsplit(".", 1)[0] for k in state})
 
     def head(embeds: torch.Tensor) -> torch.Tensor:

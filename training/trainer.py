@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import time
 import warnings
@@ -29,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from configs.errors import MsddaError, first_line
 from configs.schema import TrainConfig
 from training.chain import run_chain
 from training.kernel import GaussianStep, draw_noise
@@ -191,6 +193,8 @@ def rollout_states(problem: StepProblem, batch_size: int, steps: list[int], gene
 
 # ------------------------------------------------------------------------------------------- checkpointing
 
+CHECKPOINT_FILES = ("checkpoint.safetensors", "checkpoint.json")  # tensors; iteration, param groups, history
+
 
 def save_checkpoint(
     directory: Path, problem: StepProblem, optimizer, generator, iteration: int, history
@@ -208,24 +212,63 @@ def save_checkpoint(
         for g in opt_state["param_groups"]
     ]
     meta = {"iteration": iteration, "param_groups": groups, "history": [m.__dict__ for m in history]}
+    weights, info = CHECKPOINT_FILES
     with staged_directory(directory, prefix=".ckpt-") as tmp:
-        save_file(tensors, tmp / "checkpoint.safetensors")
-        (tmp / "checkpoint.json").write_text(json.dumps(meta))
+        save_file(tensors, tmp / weights)
+        (tmp / info).write_text(json.dumps(meta))
+
+
+class CheckpointError(MsddaError, RuntimeError):
+    """A training checkpoint that is missing a file, unreadable or does not fit the run (one line)."""
+
+
+def has_checkpoint(directory: Path) -> bool:
+    """Whether ``directory`` holds a checkpoint, or part of one."""
+    return any((directory / name).exists() for name in CHECKPOINT_FILES)
+
+
+def _read_checkpoint(directory: Path, problem: StepProblem) -> tuple[dict, dict, int, list]:
+    """``(tensors, metadata, iteration, history)`` of the checkpoint in ``directory``, checked against
+    ``problem``'s trainable state; anything missing, unreadable or of another shape raises
+    :class:`CheckpointError` naming the file."""
+    from safetensors import SafetensorError
+
+    weights, info = (directory / name for name in CHECKPOINT_FILES)
+    path = weights
+    try:
+        tensors = load_file(weights)
+        expected = {k: v.shape for k, v in problem.trainable_state().items()}
+        stored = {k[6:]: v.shape for k, v in tensors.items() if k.startswith("model.")}
+        if stored != expected or not {"rng.generator", "rng.torch"} <= tensors.keys():
+            raise ValueError("its tensors do not match this run's trainable state")
+        path = info
+        meta = json.loads(info.read_text())
+        history = [IterationMetrics(**m) for m in meta["history"]]
+        return tensors, meta, int(meta["iteration"]), history
+    except (OSError, ValueError, TypeError, KeyError, SafetensorError) as exc:
+        raise CheckpointError(f"the training checkpoint {path} is damaged ({first_line(exc)})") from None
 
 
 def load_checkpoint(directory: Path, problem: StepProblem, optimizer, generator) -> tuple[int, list]:
-    tensors = load_file(directory / "checkpoint.safetensors")
-    meta = json.loads((directory / "checkpoint.json").read_text())
+    """Restore the checkpoint in ``directory`` into ``problem``, ``optimizer`` and the RNGs; returns
+    ``(iteration, history)``. A damaged checkpoint raises :class:`CheckpointError` (one line); the state is
+    then only partly restored when the optimizer's or an RNG's state does not fit."""
+    tensors, meta, iteration, history = _read_checkpoint(directory, problem)
     problem.load_trainable_state({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
             _, index, name = key.split(".", 2)
             state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    generator.set_state(tensors["rng.generator"])
-    torch.set_rng_state(tensors["rng.torch"])
-    return meta["iteration"], [IterationMetrics(**m) for m in meta["history"]]
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        generator.set_state(tensors["rng.generator"])
+        torch.set_rng_state(tensors["rng.torch"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"the training checkpoint in {directory} does not fit this run ({first_line(exc)})"
+        ) from None
+    return iteration, history
 
 
 # -------------------------------------------------------------------------------------------------- trainer
@@ -277,14 +320,26 @@ def setup_run(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
     )
     # Each process draws its own states (seed + rank); gradients are averaged across processes.
-    torch.manual_seed(config.seed + accelerator.process_index)
-    generator = torch.Generator().manual_seed(config.seed + accelerator.process_index)
+    seed = config.seed + accelerator.process_index
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
     problem.to(accelerator.device)
     optimizer = make_optimizer(problem, config)
     start, history = 0, []
-    if checkpoint_dir is not None and (checkpoint_dir / "checkpoint.json").exists():
-        start, history = load_checkpoint(checkpoint_dir, problem, optimizer, generator)
-        print(f"resuming from the checkpoint at iteration {start} in {checkpoint_dir}", file=sys.stderr)
+    if checkpoint_dir is not None and has_checkpoint(checkpoint_dir):
+        initial = {k: v.detach().clone() for k, v in problem.trainable_state().items()}
+        try:
+            start, history = load_checkpoint(checkpoint_dir, problem, optimizer, generator)
+        except CheckpointError as exc:  # start over exactly as a run without it would
+            print(f"warning: {exc}; discarding it and training from scratch", file=sys.stderr)
+            if accelerator.is_main_process:
+                shutil.rmtree(checkpoint_dir, ignore_errors=True)
+            problem.load_trainable_state(initial)
+            torch.manual_seed(seed)
+            generator.manual_seed(seed)
+            optimizer = make_optimizer(problem, config)
+        else:
+            print(f"resuming from the checkpoint at iteration {start} in {checkpoint_dir}", file=sys.stderr)
         if history:
             problem.unet_evaluations = history[-1].unet_evaluations
     optimizer = accelerator.prepare(optimizer)
