@@ -16,7 +16,7 @@ import os
 import socket
 import sqlite3
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 from configs.errors import MsddaError, first_line
@@ -126,15 +126,14 @@ def check_store(home: Path) -> None:
         if database.stat().st_size == 0:
             raise _corrupt_store(database, "the file is empty")
         try:
-            with sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True, timeout=30) as connection:
+            with closing(sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True, timeout=30)) as connection:
                 verdict = connection.execute("PRAGMA quick_check(1)").fetchone()[0]
-            connection.close()
         except sqlite3.DatabaseError as exc:
             if not _is_corrupt(exc):
                 return  # locked, or unreadable: MLflow reports it
             verdict = str(exc)
     if verdict != "ok":
-        raise _corrupt_store(database, first_line(verdict))
+        raise _corrupt_store(database, f"integrity check: {first_line(verdict)}")
 
 
 def _is_corrupt(exc: BaseException) -> bool:
@@ -154,21 +153,13 @@ def _connection_failure(exc: BaseException) -> bool:
     return "API request to " in text and ("failed with exception" in text or "timeout exception" in text)
 
 
-def _causes(exc: BaseException) -> Iterator[BaseException]:
-    """``exc`` and the exceptions it was raised from or while handling."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        yield current
-        current = current.__cause__ or current.__context__
-
-
 def store_failure(home: Path, what: str, exc: BaseException) -> TrackingError | None:
     """The one-line error for ``exc``, raised while ``what``, if it says the store cannot be used: the
     tracking server stopped answering, or the SQLite file is corrupt; else ``None``."""
+    from flows.failures import causes
+
     uri = tracking_uri(home)
-    for cause in _causes(exc):
+    for cause in causes(exc):
         if is_remote(uri) and _connection_failure(cause):
             return TrackingError(
                 f"the MLflow tracking server at {uri} stopped answering while {what}: check that it runs, "
