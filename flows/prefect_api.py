@@ -68,16 +68,19 @@ def check_api(url: str, remedy: str = SERVER_REMEDY) -> str:
 
 
 def _start_temporary_server(timeout: int) -> str:
-    """Start Prefect's process-wide temporary server (a no-op if it runs) and return its API URL; a server
-    that did not start is stopped again, its process ended."""
+    """Start Prefect's process-wide temporary server (a no-op if it runs) and return its API URL, logging how
+    long it took; a server that did not start is stopped again, its process ended."""
+    from prefect.logging import get_logger
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()
+    start = time.perf_counter()
     try:
         server.start(timeout=timeout)
     except BaseException:
         server.stop()  # ends its process and forgets the instance: the next try starts a fresh one
         raise
+    get_logger(STARTED_LOGGER).info(f"temporary server up in {time.perf_counter() - start:.1f} s")
     return server.api_url
 
 
@@ -93,19 +96,13 @@ def ensure_api() -> str:
             url,
             remedy=f"{SERVER_REMEDY}, or unset PREFECT_API_URL to run flows on a temporary server",
         )
-    from prefect.logging import get_logger
-
     timeout = startup_timeout()
     failure: Exception | None = None
     for _ in range(START_ATTEMPTS):
-        start = time.perf_counter()
         try:
-            url = _start_temporary_server(timeout)
+            return _start_temporary_server(timeout)
         except Exception as exc:  # noqa: BLE001 - whatever stops it, the remedy is the same; named below
             failure = exc
-            continue
-        get_logger(STARTED_LOGGER).info(f"temporary server up in {time.perf_counter() - start:.1f} s")
-        return url
     raise PrefectApiError(
         f"Prefect's temporary server did not start within {timeout} s, {START_ATTEMPTS} tries "
         f"({first_line(failure)}): set {STARTUP_TIMEOUT_SETTING} higher, or run `prefect server start` and "
