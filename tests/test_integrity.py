@@ -98,6 +98,20 @@ def test_train_retrains_a_damaged_cached_model_instead_of_registering_it(
     assert not list(folder.parent.glob(".*")), "nothing is left aside"
 
 
+def test_train_never_overwrites_a_model_of_a_newer_card_format(pretrained_home, tiny_config_file, capfd):
+    """Not damaged, only newer: refused in one line, never retrained over (guards the retraining above)."""
+    args = ["train", "--objective", "ink_economy", "--config", str(tiny_config_file), "--no-mlflow", "--json"]
+    code, out, err = _cli(args, capfd)
+    assert code == 0, err
+    folder = Path(json.loads(out)["path"])
+    card = json.loads((folder / CARD_FILE).read_text())
+    (folder / CARD_FILE).write_text(json.dumps({**card, "format_version": 99}))
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    code, out, err = _cli(args, capfd)
+    assert code == 2 and "update msdda" in err and err.strip().count("\n") == 0, err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
 # ------------------------------------------------------------------------------- embedded reference and CNN
 
 

@@ -25,6 +25,7 @@ from training.card import (
     BaseModelCard,
     CardError,
     LoraSpec,
+    NewerFormatError,
     RewardScale,
     RewardSpec,
     load_base_model,
@@ -180,6 +181,8 @@ def _verified_cache(final: Path) -> BaseModelCard | None:
         return None
     try:
         return load_base_model(final).card
+    except NewerFormatError:
+        raise  # not damaged: another version's model, never overwritten
     except CardError as exc:
         print(f"warning: {exc} (retraining it now)", file=sys.stderr)
         return None

@@ -45,6 +45,10 @@ class CardError(MsddaError, ValueError):
     """A base-model folder or card that is missing, corrupt, invalid or not composable, as one line."""
 
 
+class NewerFormatError(CardError):
+    """A base-model folder written by a newer msdda: sound, but not readable by this code."""
+
+
 # --------------------------------------------------------------------------------------------------- the card
 
 
@@ -155,7 +159,7 @@ class BaseModelCard(BaseModel):
         data.setdefault("format_version", 1)  # format 1 had no version field
         version = data["format_version"]
         if isinstance(version, int) and version > FORMAT_VERSION:
-            raise CardError(
+            raise NewerFormatError(
                 f"base model at {folder} has card format {version}, newer than this code reads "
                 f"({FORMAT_VERSION}); update msdda"
             )
