@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 from composition.batched import compile_unet, load_adapter
-from composition.methods import METHODS, Batch, Composer, Method
+from composition.methods import METHODS, Batch, Composer, Method, check_finite
 from configs.errors import MsddaError
 from configs.schema import CompositionConfig, PipelineConfig
 from training.card import LoadedBaseModel, check_lineage, load_base_model
@@ -295,9 +296,11 @@ def generate(
                     torch.Generator().manual_seed(noise_seed),
                     score,
                 )
-        except ValueError as exc:  # e.g. a non-positive composed precision
+            decoded = ensemble.decode(chain.latents)
+            check_finite("the sampled latents or their images", chain.latents, decoded)  # every method
+        except ValueError as exc:  # e.g. a non-positive composed precision, a non-finite step
             raise CompositionError(f"{method} with weights {weights}: {exc}") from None
-        images.append(ensemble.decode(chain.latents).cpu())
+        images.append(decoded.cpu())
         latents.append(chain.latents.cpu())
         if chain.kl is not None:
             kls.append(chain.kl.detach().cpu())
@@ -332,19 +335,64 @@ def score_generated(ensemble: Ensemble, generated: Generated) -> dict[str, torch
     }
 
 
-def save_images(images: torch.Tensor, prompts: list[str], out_dir: Path, manifest: dict) -> Path:
-    """PNG files plus ``manifest.json``, written to a temporary folder and renamed into ``out_dir``."""
+IMAGES_MANIFEST = "manifest.json"
+GRID_FILE = "grid.png"
+WRITTEN_BY = "msdda compose"
+"""The manifest's ``written_by`` mark: a folder whose manifest carries it was written by ``msdda compose``."""
+
+
+def is_image_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds only what compose wrote there: a manifest with its mark, the images the
+    manifest lists and their grid. Only such a folder may be replaced by another compose."""
+    try:
+        manifest = json.loads((folder / IMAGES_MANIFEST).read_text(encoding="utf-8"))
+        written = {IMAGES_MANIFEST, GRID_FILE, *(image["file"] for image in manifest["images"])}
+        return manifest["written_by"] == WRITTEN_BY and all(
+            entry.name in written and entry.is_file() and not entry.is_symlink() for entry in folder.iterdir()
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def check_image_folder(folder: Path) -> Path:
+    """``folder`` made absolute (``.``, ``..`` and links resolved) once checked, before any sampling, that
+    compose can write it without losing anything: a one-line :class:`CompositionError` for a file, the current
+    folder or one above it, a non-empty folder compose did not write (:func:`is_image_folder`), a path under
+    a file, or a place this process cannot write."""
+    given = Path(folder).expanduser()
+    try:
+        folder = given.resolve()
+        here = Path.cwd().resolve()
+        if folder == here or folder in here.parents:
+            problem = "is the current folder or one above it"
+        elif folder.exists() and not folder.is_dir():
+            problem = "is a file"
+        elif folder.is_dir() and any(folder.iterdir()) and not is_image_folder(folder):
+            problem = "holds files that msdda compose did not write (it replaces only its own image folders)"
+        else:
+            problem = None
+        if problem:
+            raise CompositionError(f"image folder {given} {problem}: name a new or empty folder")
+        parent = next(p for p in folder.parents if p.exists())  # where the folder (and its parents) is made
+        if not parent.is_dir():
+            raise CompositionError(f"cannot create the image folder {given}: {parent} is a file")
+        Path(tempfile.mkdtemp(prefix=".probe-", dir=parent)).rmdir()  # writable (os.access ignores root)
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symbolic link loop
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise CompositionError(f"cannot write the image folder {given}: {reason}") from None
+    return folder
+
+
+def write_images(images: torch.Tensor, prompts: list[str], folder: Path, manifest: dict) -> None:
+    """PNG files plus ``manifest.json`` (``manifest`` with the mark :data:`WRITTEN_BY` and the files and their
+    prompts) in ``folder``, which the caller stages: see :func:`flows.jobs.compose_job`."""
     from PIL import Image
 
-    from training.models import staged_directory
-
-    out_dir = Path(out_dir)
-    with staged_directory(out_dir, prefix=".images-") as tmp:
-        array = (images.permute(0, 2, 3, 1).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-        files = []
-        for i, pixels in enumerate(array):
-            name = f"{i:04d}.png"
-            Image.fromarray(pixels).save(tmp / name)
-            files.append({"file": name, "prompt": prompts[i]})
-        (tmp / "manifest.json").write_text(json.dumps({**manifest, "images": files}, indent=2))
-    return out_dir
+    array = (images.permute(0, 2, 3, 1).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    files = []
+    for i, pixels in enumerate(array):
+        name = f"{i:04d}.png"
+        Image.fromarray(pixels).save(folder / name)
+        files.append({"file": name, "prompt": prompts[i]})
+    text = json.dumps({"written_by": WRITTEN_BY, **manifest, "images": files}, indent=2)
+    (folder / IMAGES_MANIFEST).write_text(text, encoding="utf-8")

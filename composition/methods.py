@@ -274,6 +274,13 @@ def reward_gradient_guidance(
 # ----------------------------------------------------------------------------------------------- the registry
 
 
+def check_finite(what: str, *tensors: torch.Tensor) -> None:
+    """A one-line ``ValueError`` naming ``what`` when any of ``tensors`` holds a NaN or an infinity (weights
+    of a huge magnitude overflow float32): one device synchronisation for all of them."""
+    if not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+        raise ValueError(f"{what} is not finite (NaN or infinity): use weights of a smaller magnitude")
+
+
 KernelFunction = Callable[[Composer, Sequence[float], Batch, torch.Tensor, int], GaussianStep]
 Search = Callable[[Composer, Sequence[float], torch.Tensor, Batch, torch.Generator, "Score | None"], Chain]
 
@@ -307,12 +314,13 @@ class Method:
         """A method whose every step is ``kernel``, run by :func:`training.chain.run_chain`."""
 
         def search(composer, weights, x_T, batch, generator, score=None) -> Chain:
+            def finite_kernel(x: torch.Tensor, step: int) -> GaussianStep:
+                composed = kernel(composer, weights, batch, x, step)
+                check_finite(f"composed step {step}", composed.mean, composed.variance)  # stop at the first
+                return composed
+
             return run_chain(
-                composer.schedule,
-                x_T,
-                lambda x, step: kernel(composer, weights, batch, x, step),
-                generator,
-                reference=composer.reference_kernel(batch),
+                composer.schedule, x_T, finite_kernel, generator, reference=composer.reference_kernel(batch)
             )
 
         search.__doc__ = kernel.__doc__

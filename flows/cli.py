@@ -18,7 +18,7 @@ import typer
 from composition.methods import MethodName
 from configs.errors import MsddaError
 from configs.schema import Device
-from flows.jobs import Runner
+from flows.jobs import MAX_IMAGES, Runner
 from training.rewards import RewardName
 
 app = typer.Typer(
@@ -260,7 +260,13 @@ def compose(
     models: ModelsOption = None,
     num_images: Annotated[
         int | None,
-        typer.Option("--num-images", "-n", min=1, help="Images (default: composition.num_images)."),
+        typer.Option(
+            "--num-images",
+            "-n",
+            min=1,
+            max=MAX_IMAGES,
+            help=f"Images, at most {MAX_IMAGES} (default: composition.num_images).",
+        ),
     ] = None,
     seed: Annotated[
         int | None, typer.Option("--seed", help="Seed of the initial noise (default: composition.seed).")
@@ -332,7 +338,8 @@ def sweep(
             "--num-images",
             "-n",
             min=2,
-            help="Images per method and weight (default: composition.num_images).",
+            max=MAX_IMAGES,
+            help=f"Images per method and weight, at most {MAX_IMAGES} (default: composition.num_images).",
         ),
     ] = None,
     models: ModelsOption = None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -140,14 +141,36 @@ def describe_models(models: list[ResolvedModel]) -> list[dict]:
 # ------------------------------------------------------------------------------------------------- compose
 
 
-def read_prompts(path: str | os.PathLike) -> list[str]:
-    """The prompts of a text file, one per line (surrounding spaces stripped, blank lines skipped)."""
+MAX_IMAGES = 10_000
+"""The most images one compose, or one sweep point, samples: more is a slip of the keyboard that would run
+for hours and hold every image in memory (a few GB at 512 pixels); several composes make more."""
+
+
+def check_num_images(num_images: int) -> int:
+    """``num_images`` when it is at most :data:`MAX_IMAGES` (``--num-images`` or ``composition.num_images``);
+    a one-line error otherwise."""
+    if num_images > MAX_IMAGES:
+        from composition.engine import CompositionError
+
+        raise CompositionError(f"{num_images} images asked for: at most {MAX_IMAGES} per run")
+    return num_images
+
+
+def read_prompts(path: str | os.PathLike, limit: int = MAX_IMAGES) -> list[str]:
+    """The prompts of a text file, one per line (surrounding spaces stripped, blank lines skipped). Reading
+    stops after ``limit`` prompts: the images cycle through the prompts, so no run uses more than
+    :data:`MAX_IMAGES` of them, and a huge file costs no more than that."""
+    prompts = []
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open(path, encoding="utf-8") as lines:
+            for line in lines:
+                if line.strip():
+                    prompts.append(line.strip())
+                    if len(prompts) == limit:
+                        break
     except (OSError, UnicodeDecodeError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
         raise PromptError(f"{path}: cannot read prompts ({reason})") from None
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise PromptError(f"{path}: no prompts (the file is empty or holds only blank lines)")
     return prompts
@@ -179,6 +202,14 @@ def _check_rewards_take_prompts(ensemble, prompts: list[str]) -> None:
     score_generated(ensemble, SimpleNamespace(latents=latents, images=images, prompts=distinct))
 
 
+def composition_folder_name(method: str, weights: list[float], seed: int) -> str:
+    """The default image folder's name: method, weights, seed, the time to the second and a random suffix, so
+    that composes started in the same second never share a folder (and publishing one never replaces
+    another's: see :func:`compose_job`)."""
+    tag = "_".join(f"{w:g}" for w in weights)
+    return f"{method}-w{tag}-seed{seed}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
 def compose_job(
     config: PipelineConfig,
     home: Path,
@@ -193,30 +224,44 @@ def compose_job(
     progress: bool = False,
 ) -> dict:
     """Sample images for one weight vector with ``method``, cycling through ``prompts`` (default: the config's
-    evaluation prompts); save them (PNG + manifest) and log an MLflow run with the weights, models and
-    versions, the prompts, the rewards, the NFE and an image grid."""
+    evaluation prompts; only the first ``num_images`` are used, and listed); save them (PNG + manifest + grid)
+    in ``out_dir`` (default: a new folder under ``$MSDDA_HOME/compositions``) and log an MLflow run with the
+    weights, models and versions, the prompts, the rewards, the NFE and the images.
+
+    ``out_dir`` is checked before any sampling (:func:`~composition.engine.check_image_folder`): an existing
+    one is replaced only when compose wrote it."""
     from composition.engine import (
+        GRID_FILE,
+        CompositionError,
+        check_image_folder,
         generate,
         get_method,
+        is_image_folder,
         load_ensemble,
         parse_weights,
-        save_images,
         score_generated,
+        write_images,
     )
     from composition.evaluation import image_grid
+    from training.models import staged_directory
     from training.rewards import mean_and_se
 
     get_method(method)  # a one-line error before any loading
     _check_runtime(config)
     prompts = check_prompts(prompts)
     options = config.composition
-    num_images = num_images or options.num_images
+    num_images = check_num_images(num_images or options.num_images)
     seed = options.seed if seed is None else seed
     weight_list = parse_weights(weights, len(specs or config.objective_names))  # before any download or load
+    default_dir = home / "compositions" / composition_folder_name(method, weight_list, seed)
+    image_dir = check_image_folder(out_dir or default_dir)  # before any sampling
     if mlflow:
         _reachable(home)
     resolved = resolve_models(config, home, specs)
-    ensemble = load_ensemble(config, home, [m.path for m in resolved], progress=progress, prompts=prompts)
+    ensemble = load_ensemble(
+        config, home, [m.path for m in resolved], progress=progress, prompts=prompts and prompts[:num_images]
+    )
+    ensemble.prompts = ensemble.prompts[:num_images]  # the prompts the images use (they cycle through them)
     _check_rewards_take_prompts(ensemble, ensemble.prompts)
     generated = generate(
         ensemble, method, weight_list, options, num_images=num_images, seed=seed, progress=progress
@@ -224,12 +269,6 @@ def compose_job(
     scores = score_generated(ensemble, generated)
     stats = {k: mean_and_se(v) for k, v in scores.items()}
     models = describe_models(resolved)
-    tag = "_".join(f"{w:g}" for w in weight_list)
-    out_dir = (
-        Path(out_dir)
-        if out_dir
-        else home / "compositions" / f"{method}-w{tag}-seed{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
-    )
     payload = {
         "method": method,
         "weights": weight_list,
@@ -244,18 +283,27 @@ def compose_job(
         "seed": seed,
         "seconds": round(generated.seconds, 3),
     }
-    save_images(generated.images, generated.prompts, out_dir, payload)
-    image_grid(
-        generated.images,
-        out_dir / "grid.png",
-        generated.prompts,
-        scores,
-        title=f"{method} w = {', '.join(f'{w:g}' for w in weight_list)} ({', '.join(ensemble.objectives)}), "
-        f"seed {seed}: {min(num_images, 64)} of {num_images} images",
+    # Images, manifest and grid are written into a staged folder that takes the place of image_dir only when
+    # all of them are there, and only if image_dir is free, empty, or a folder compose wrote (a default one:
+    # free). The MLflow run is logged after, from the published folder: a kill in between leaves a complete
+    # folder without a run, never a run whose images are missing (the other order could leave that, and a
+    # failed publish would leave a run for images nobody can see).
+    replaceable = is_image_folder if out_dir else (lambda folder: False)
+    title = (
+        f"{method} w = {', '.join(f'{w:g}' for w in weight_list)} ({', '.join(ensemble.objectives)}), "
+        f"seed {seed}: {min(num_images, 64)} of {num_images} images"
     )
-    payload.update(image_dir=str(out_dir), mlflow_run_id=None)
+    try:
+        with staged_directory(image_dir, prefix=".images-", replaceable=replaceable) as staged:
+            write_images(generated.images, generated.prompts, staged, payload)
+            image_grid(generated.images, staged / GRID_FILE, generated.prompts, scores, title=title)
+    except OSError as exc:  # e.g. the folder filled with other files while sampling, or a full disk
+        raise CompositionError(
+            f"cannot write the image folder {image_dir}: {exc.strerror or exc}; nothing there was replaced"
+        ) from None
+    payload.update(image_dir=str(image_dir), mlflow_run_id=None)
     if mlflow:
-        payload["mlflow_run_id"] = _log_compose(home, payload, out_dir)
+        payload["mlflow_run_id"] = _log_compose(home, payload, image_dir)
     return payload
 
 
@@ -356,7 +404,7 @@ def sweep_job(
     methods = [get_method(m).name for m in (methods or options.methods or METHODS)]
     _check_runtime(config)
     grid = grid or options.grid
-    num_images = num_images or options.num_images
+    num_images = check_num_images(num_images or options.num_images)
     if mlflow:
         _reachable(home)
     resolved = resolve_models(config, home, specs)

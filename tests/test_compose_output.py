@@ -1,0 +1,277 @@
+"""What `msdda compose` writes (issue 20): it never removes or replaces what it did not write, an unwritable
+`--out` fails before any sampling, default folders are unique per run, a folder appears only complete, and a
+result that is not finite fails in one line before anything is written. Also the bound on `-n` and on the
+prompts a run reads and lists."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from composition.engine import CompositionError
+
+
+@pytest.fixture(autouse=True)
+def _own_store(monkeypatch):
+    """This test's home's store: ``mlflow.set_tracking_uri`` exports ``MLFLOW_TRACKING_URI``, so an earlier
+    in-process run would otherwise send this test's runs to that run's store."""
+    home = Path(os.environ["MSDDA_HOME"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
+
+
+@pytest.fixture
+def compose(pretrained_home, tiny_base_models, tiny_config_file, capfd):
+    """Run ``msdda compose --models <the tiny base models> ... --json`` in-process: ``(exit code, stdout,
+    stderr)``."""
+    from flows.cli import main
+
+    models = ",".join(str(folder) for folder in tiny_base_models)
+
+    def run(*args: str) -> tuple[int, str, str]:
+        capfd.readouterr()
+        code = main(
+            ["compose", "--models", models, "--config", str(tiny_config_file), "--json", "-n", "2", *args]
+        )
+        out, err = capfd.readouterr()
+        return code, out, err
+
+    return run
+
+
+@pytest.fixture
+def job(pretrained_home, tiny_config, tiny_base_models):
+    """``compose_job`` on the tiny base models, 2 images, without MLflow unless asked (its store costs
+    seconds)."""
+    from flows.jobs import compose_job
+
+    def run(weights: str = "0.5,0.5", **options) -> dict:
+        options = {"num_images": 2, "mlflow": False, **options}
+        return compose_job(
+            tiny_config, pretrained_home, weights, [str(f) for f in tiny_base_models], **options
+        )
+
+    return run
+
+
+@pytest.fixture
+def no_sampling(monkeypatch):
+    """Sampling fails the test: what must be refused before it is refused before it."""
+    import composition.engine
+
+    def generate(*args, **kwargs):
+        raise AssertionError("sampled before refusing")
+
+    monkeypatch.setattr(composition.engine, "generate", generate)
+
+
+def one_line_error(code: int, out: str, err: str, message: str) -> None:
+    assert code == 2, err
+    assert err.startswith("error: ") and err.strip().count("\n") == 0, err
+    assert message in err and "Traceback" not in err and out == "", err
+
+
+def compose_runs(home: Path) -> int:
+    """MLflow runs in the home's local store (none when it was never created)."""
+    if not (home / "mlflow.db").exists():
+        return 0
+    import mlflow
+
+    from flows.tracking import tracking_uri
+
+    client = mlflow.MlflowClient(tracking_uri(home))
+    return sum(len(client.search_runs([e.experiment_id])) for e in client.search_experiments())
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ------------------------------------------------------------------------------------------ never lose a file
+
+
+def test_out_onto_a_folder_of_the_users_is_refused_before_sampling(compose, tmp_path, no_sampling):
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    (folder / "manifest.json").write_text('{"images": []}')  # a manifest compose did not write
+    before, beside = tree(folder), os.listdir(tmp_path)
+    one_line_error(*compose("--weights", "0.5,0.5", "--out", str(folder)), "did not write")
+    assert tree(folder) == before and os.listdir(tmp_path) == beside
+
+
+def test_out_onto_a_file_is_refused_and_the_file_kept(compose, tmp_path, no_sampling):
+    target = tmp_path / "result.png"
+    target.write_bytes(b"the user's picture")
+    beside = os.listdir(tmp_path)
+    one_line_error(*compose("--weights", "0.5,0.5", "--out", str(target)), "is a file")
+    assert target.read_bytes() == b"the user's picture"
+    assert os.listdir(tmp_path) == beside, "no hidden .old-* copy, nothing staged"
+
+
+def test_compose_replaces_only_a_folder_it_wrote(compose, job, tmp_path):
+    folder = tmp_path / "samples"
+    first = job(out_dir=folder, seed=1)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["written_by"] == "msdda compose" and manifest["seed"] == 1
+    assert sorted(p.name for p in folder.iterdir()) == ["0000.png", "0001.png", "grid.png", "manifest.json"]
+
+    second = job(out_dir=folder, seed=2)  # a folder compose wrote: replaced
+    assert json.loads((folder / "manifest.json").read_text())["seed"] == 2
+    assert second["image_dir"] == first["image_dir"] == str(folder.resolve())
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")], "no copy left aside"
+
+    (folder / "my-notes.txt").write_text("added by the user")  # now it holds a file compose did not write
+    before = tree(folder)
+    one_line_error(*compose("--weights", "0.5,0.5", "--out", str(folder)), "did not write")
+    assert tree(folder) == before
+
+
+def test_an_empty_folder_is_used(job, tmp_path):
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    job(out_dir=folder)
+    assert (folder / "grid.png").exists() and (folder / "0001.png").exists()
+
+
+# ------------------------------------------------------------------------- unwritable --out, before sampling
+
+
+def _read_only_folder(tmp_path: Path) -> Path:
+    """A folder this process cannot write: mode 0555, or for root (who ignores modes) a sysfs folder."""
+    if os.geteuid() != 0:
+        folder = tmp_path / "read-only"
+        folder.mkdir()
+        folder.chmod(0o555)
+        return folder
+    if sys.platform.startswith("linux") and Path("/sys/kernel").is_dir():
+        return Path("/sys/kernel")
+    pytest.skip("no folder that root cannot write")
+
+
+@pytest.mark.parametrize("case", ["read-only", "under a file", "dot", "dot-dot"])
+def test_unwritable_out_fails_in_one_line_before_sampling(compose, tmp_path, monkeypatch, no_sampling, case):
+    (tmp_path / "a-file").write_text("x")
+    monkeypatch.chdir(tmp_path / "msdda_home")
+    out = {
+        "read-only": lambda: str(_read_only_folder(tmp_path) / "images"),
+        "under a file": lambda: str(tmp_path / "a-file" / "images"),
+        "dot": lambda: ".",
+        "dot-dot": lambda: "..",
+    }[case]()
+    message = {
+        "read-only": "cannot write the image folder",
+        "under a file": "is a file",
+        "dot": "is the current folder or one above it",
+        "dot-dot": "is the current folder or one above it",
+    }[case]
+    one_line_error(*compose("--weights", "0.5,0.5", "--out", out), message)
+    assert (tmp_path / "a-file").read_text() == "x"
+    if case == "read-only" and os.geteuid() != 0:
+        (tmp_path / "read-only").chmod(0o755)
+
+
+# ---------------------------------------------------------------------------------- unique, published last
+
+
+def test_default_folders_are_unique_per_run(pretrained_home, job):
+    from flows.jobs import composition_folder_name
+
+    names = {composition_folder_name("msdda", [0.5, 0.5], 0) for _ in range(50)}  # the same second
+    assert len(names) == 50
+    first, second = job(), job()  # the same settings, most often the same second
+    assert first["image_dir"] != second["image_dir"]
+    for result in (first, second):
+        folder = Path(result["image_dir"])
+        assert folder.parent == pretrained_home / "compositions"
+        assert sorted(p.name for p in folder.iterdir()) == [
+            "0000.png",
+            "0001.png",
+            "grid.png",
+            "manifest.json",
+        ]
+
+
+def test_a_folder_appears_only_complete(pretrained_home, job, tmp_path, monkeypatch):
+    """A compose that dies after its images are written but before the grid publishes nothing and logs no
+    run (the folder is renamed into place when images, manifest and grid are all there)."""
+    import composition.evaluation
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # what a kill at this point leaves behind
+
+    monkeypatch.setattr(composition.evaluation, "image_grid", killed)
+    out = tmp_path / "images"
+    with pytest.raises(KeyboardInterrupt):
+        job(out_dir=out, mlflow=True)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".images-")], "the staged one is removed"
+    assert compose_runs(pretrained_home) == 0
+
+
+# ---------------------------------------------------------------------------------------- non-finite results
+
+
+@pytest.mark.parametrize("method", ["db", "rs", "rgg"])
+def test_a_result_that_is_not_finite_fails_before_anything_is_written(
+    compose, pretrained_home, tmp_path, method
+):
+    out = tmp_path / "images"
+    one_line_error(*compose("--weights", "1e30,1e30", "--method", method, "--out", str(out)), "not finite")
+    assert not out.exists() and not (pretrained_home / "compositions").exists()
+    assert compose_runs(pretrained_home) == 0
+
+
+def test_the_finite_check_stops_at_the_first_composed_step(pretrained_home, tiny_config, tiny_base_models):
+    from composition.engine import generate, load_ensemble
+
+    ensemble = load_ensemble(tiny_config, pretrained_home, tiny_base_models)
+    with pytest.raises(CompositionError, match=r"composed step \d is not finite"):
+        generate(ensemble, "db", [1e30, 1e30], tiny_config.composition, num_images=2)
+
+
+# ----------------------------------------------------------------------------------------- bounded work
+
+
+def test_num_images_is_bounded_on_compose_and_sweep(compose, tiny_config_file, capfd, no_sampling):
+    from flows.cli import main
+    from flows.jobs import MAX_IMAGES
+
+    one_line_error(
+        *compose("--weights", "0.5,0.5", "-n", "1000000000"), f"less than or equal to {MAX_IMAGES}"
+    )
+    capfd.readouterr()
+    code = main(["sweep", "-n", str(MAX_IMAGES + 1), "--config", str(tiny_config_file), "--json"])
+    out, err = capfd.readouterr()
+    assert code == 2 and f"less than or equal to {MAX_IMAGES}" in err and err.count("\n") == 1, err
+    # the config's composition.num_images is held to the same bound
+    code = main(
+        ["compose", "--weights", "0.5,0.5", "--config", str(tiny_config_file), "--json"]
+        + ["--set", f"composition.num_images={MAX_IMAGES + 1}"]
+    )
+    out, err = capfd.readouterr()
+    one_line_error(code, out, err, f"at most {MAX_IMAGES} per run")
+
+
+def test_only_the_prompts_used_are_read_and_listed(job, tmp_path):
+    from flows.jobs import MAX_IMAGES, read_prompts
+
+    digits = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"a handwritten digit {digits[i % 10]}\n\n" for i in range(3 * MAX_IMAGES)))
+    assert len(read_prompts(prompts)) == MAX_IMAGES and len(read_prompts(prompts, limit=3)) == 3
+    payload = job(num_images=3, prompts=read_prompts(prompts))
+    assert payload["prompts"] == [f"a handwritten digit {d}" for d in digits[:3]]
+    manifest = json.loads((Path(payload["image_dir"]) / "manifest.json").read_text())
+    assert [image["prompt"] for image in manifest["images"]] == payload["prompts"]
+    assert len(json.dumps(payload)) < 5000
+
+
+def test_fewer_prompts_than_images_still_cycle(job):
+    payload = job(num_images=3, prompts=["a handwritten digit one", "digit two"])
+    assert payload["prompts"] == ["a handwritten digit one", "digit two"]
+    manifest = json.loads((Path(payload["image_dir"]) / "manifest.json").read_text())
+    assert [image["prompt"] for image in manifest["images"]] == [*payload["prompts"], payload["prompts"][0]]
