@@ -130,6 +130,31 @@ def test_compose_replaces_only_a_folder_it_wrote(compose, job, tmp_path):
     assert tree(folder) == before
 
 
+def test_staged_directory_replaces_only_what_it_may(tmp_path):
+    """``replaceable``: the other callers keep replacing their own folders; a user's folder or file is never
+    replaced, only refused, and nothing staged is left behind."""
+    from training.models import staged_directory
+
+    def publish(final: Path, replaceable) -> None:
+        with staged_directory(final, prefix=".images-", replaceable=replaceable) as staged:
+            (staged / "new.txt").write_text("new")
+
+    users, a_file, empty = tmp_path / "users", tmp_path / "a-file", tmp_path / "empty"
+    users.mkdir()
+    (users / "mine.txt").write_text("mine")
+    a_file.write_text("mine")
+    empty.mkdir()
+    for final in (users, a_file):
+        with pytest.raises(OSError):
+            publish(final, lambda folder: False)
+    assert (users / "mine.txt").read_text() == "mine" and a_file.read_text() == "mine"
+    publish(empty, lambda folder: False)  # an empty folder loses nothing
+    publish(tmp_path / "new", lambda folder: False)
+    publish(users, lambda folder: True)  # one the caller recognises as its own
+    assert [p.name for p in users.iterdir()] == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "empty", "new", "users"]
+
+
 def test_an_empty_folder_is_used(job, tmp_path):
     folder = tmp_path / "empty"
     folder.mkdir()
