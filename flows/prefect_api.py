@@ -22,7 +22,8 @@ from configs.errors import MsddaError, first_line
 
 STARTUP_TIMEOUT_SECONDS = 180
 """How long the temporary server may take to start unless ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS``
-is set: a fresh ``PREFECT_HOME`` took 29 s beside other work on 2 cores (Prefect's default is 20 s)."""
+is set (Prefect's default is 20 s): a fresh ``PREFECT_HOME`` took 49-77 s on 2 cores beside three CPU-bound
+processes (``tests/test_prefect_api.py``, slow)."""
 STARTUP_TIMEOUT_SETTING = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 HEALTHCHECK_SECONDS = 5.0
 """How long a configured Prefect server (``PREFECT_API_URL``) may take to answer the health check."""
