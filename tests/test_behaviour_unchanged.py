@@ -26,6 +26,11 @@ CASES = [
 ]
 # The restructured kernels sample with sqrt(sigma^2) where the old loops used sigma: equal up to rounding.
 TOLERANCE = {"atol": 1e-5, "rtol": 1e-5}
+# Trained weights compound the rounding of every optimiser step, and the goldens were captured on another CPU,
+# whose SIMD kernels sum in another order: on an AMD EPYC the toy's weights differ by up to 5.7e-5 (one of
+# 4096) and the LoRA's by 1.0e-5. A real change is far larger: a learning rate 0.1% off moves the toy's
+# weights by 3.6e-4 and its losses by 1e-3 (relative).
+TRAINED_TOLERANCE = {"atol": 1e-4, "rtol": 1e-4}
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +65,19 @@ def test_base_model_training_unchanged(golden, tiny_config, tiny_home, tiny_refe
     result = train_base_model(tiny_config, "ink_economy", tiny_home, progress=False)
     model = load_base_model(result.path)
     for key, value in model.lora.items():
-        torch.testing.assert_close(value, tensors[f"train.lora.{key}"], **TOLERANCE)
-    torch.testing.assert_close(model.log_variance, tensors["train.log_variance"], **TOLERANCE)
-    for key, value in scalars["train.metrics"].items():
-        assert getattr(result, key) == pytest.approx(value, rel=1e-4, abs=1e-6), key
+        torch.testing.assert_close(value, tensors[f"train.lora.{key}"], **TRAINED_TOLERANCE)
+    torch.testing.assert_close(model.log_variance, tensors["train.log_variance"], **TRAINED_TOLERANCE)
+    expected = scalars["train.metrics"]
+    # The rises divide a difference of two float32 mean rewards by a standard error far smaller than the
+    # means: their resolution is the means' float32 rounding over that standard error (2e-3, 2.5e-5 here).
+    rounding = torch.finfo(torch.float32).eps * abs(expected["reward_before"])
+    unpaired_se = (expected["reward_se_before"] ** 2 + expected["reward_se_after"] ** 2) ** 0.5
+    resolution = {
+        "rise_in_se": rounding / expected["reward_se"],
+        "rise_in_unpaired_se": rounding / unpaired_se,
+    }
+    for key, value in expected.items():
+        assert getattr(result, key) == pytest.approx(value, rel=1e-4, abs=resolution.get(key, 1e-6)), key
 
 
 def test_toy_training_unchanged(golden):
@@ -85,7 +99,7 @@ def test_toy_training_unchanged(golden):
     )
     history = train(toy, config, None, progress=False).history
     for key, value in toy.trainable_state().items():
-        torch.testing.assert_close(value, tensors[f"toy.{key}"], **TOLERANCE)
+        torch.testing.assert_close(value, tensors[f"toy.{key}"], **TRAINED_TOLERANCE)
     for metrics, expected in zip(history, scalars["toy.history"]):
         assert metrics.loss == pytest.approx(expected["loss"], rel=1e-5)
         assert metrics.kl == pytest.approx(expected["kl"], rel=1e-5)
