@@ -24,6 +24,18 @@ def _isolated_home(tmp_path, monkeypatch):
 
 
 @pytest.fixture(autouse=True)
+def _no_leaked_tracking_uri():
+    """``mlflow.set_tracking_uri`` exports ``MLFLOW_TRACKING_URI``: without this, an in-process run would send
+    every later test's runs to its store."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+@pytest.fixture(autouse=True)
 def _reset_accelerate():
     """accelerate keeps process-wide singletons; each test starts from a clean slate."""
     yield

@@ -15,14 +15,6 @@ import pytest
 from composition.engine import CompositionError
 
 
-@pytest.fixture(autouse=True)
-def _own_store(monkeypatch):
-    """This test's home's store: ``mlflow.set_tracking_uri`` exports ``MLFLOW_TRACKING_URI``, so an earlier
-    in-process run would otherwise send this test's runs to that run's store."""
-    home = Path(os.environ["MSDDA_HOME"])
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
-
-
 @pytest.fixture
 def compose(pretrained_home, tiny_base_models, tiny_config_file, capfd):
     """Run ``msdda compose --models <the tiny base models> ... --json`` in-process: ``(exit code, stdout,
