@@ -462,6 +462,7 @@ def run(
     Every stage is cached."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    from flows.failures import prefect_console_without_tracebacks
     from flows.pipeline import pipeline
     from flows.prefect_api import ensure_api
     from flows.registry import check_reachable
@@ -482,6 +483,7 @@ def run(
     api_url = ensure_api()
     for spec in cfg.objectives:  # unknown objectives or missing weights fail before the flow starts
         load_reward(spec.name, cfg, home, spec.options)
+    prefect_console_without_tracebacks()  # a failure is one line (flows.failures)
     # every Prefect client of the flow, Dask workers included, talks to that one server
     with temporary_settings(updates={PREFECT_API_URL: api_url}):
         result = pipeline(str(config) if config else None, str(home), runner, overrides)

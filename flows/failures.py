@@ -17,7 +17,9 @@ instead.
 
 from __future__ import annotations
 
+import copy
 import errno
+import logging
 import os
 import sqlite3
 import sys
@@ -132,6 +134,33 @@ def close_progress_bars() -> None:
 
     for bar in list(getattr(tqdm, "_instances", ())):
         bar.close()
+
+
+class _WithoutTraceback(logging.Formatter):
+    """Formats a record as ``inner`` does, less its traceback (on a copy: other handlers still see it)."""
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        bare = copy.copy(record)
+        bare.exc_info, bare.exc_text, bare.stack_info = None, None, None
+        return self.inner.format(bare)
+
+
+def prefect_console_without_tracebacks() -> None:
+    """Prefect's console prints a failed flow or task run's message but not its traceback: the CLI's one line
+    and its log file say the rest, and Prefect's API still stores the full log for its UI."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [logging.getLogger(), *(logging.getLogger(name) for name in logging.root.manager.loggerDict)]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if isinstance(handler, PrefectConsoleHandler) and not isinstance(
+                handler.formatter, _WithoutTraceback
+            ):
+                handler.setFormatter(_WithoutTraceback(handler.formatter))
 
 
 def report_failure(exc: BaseException, argv: list[str], verbose: bool = False) -> int:

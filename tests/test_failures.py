@@ -156,3 +156,39 @@ def test_old_pretrain_num_threads_moves_to_runtime():
     config = parse_config({"pretrain": {"num_threads": 1}})
     assert config.runtime.num_threads == 1
     assert parse_config({}).runtime.num_threads == 0
+
+
+def test_prefect_console_logs_no_traceback():
+    """A failed flow run's error log shows its message on Prefect's console handler, not its traceback; other
+    handlers of the same record still get the traceback."""
+    import io
+    import logging
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    from flows.failures import prefect_console_without_tracebacks
+
+    console, full = io.StringIO(), io.StringIO()
+    logger = logging.getLogger("tests.prefect_console")
+    logger.propagate = False
+    logger.handlers = [PrefectConsoleHandler(stream=console), logging.StreamHandler(full)]
+    prefect_console_without_tracebacks()
+    try:
+        raise RuntimeError("inside a flow")
+    except RuntimeError:
+        logger.exception("Encountered exception during execution")
+    assert "Encountered exception during execution" in console.getvalue()
+    assert "Traceback" not in console.getvalue()
+    assert "Traceback" in full.getvalue() and "inside a flow" in full.getvalue()
+
+
+@pytest.mark.slow
+def test_run_failing_inside_the_flow_is_one_line(monkeypatch, capfd, pretrained_home, tiny_config_file):
+    """``msdda run`` whose sweep fails inside its Prefect flow: one line, no traceback from Prefect's log."""
+    import flows.jobs
+
+    monkeypatch.setattr(flows.jobs, "sweep_job", _crash)
+    assert main(["run", "-c", str(tiny_config_file)]) == 1
+    err = capfd.readouterr().err
+    assert "Traceback" not in err, err
+    assert "error: RuntimeError: an unforeseen failure (traceback: " in err
