@@ -36,6 +36,15 @@ def _no_leaked_tracking_uri():
 
 
 @pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """A command run in-process sets torch's thread count (``training.device.configure_threads``): later tests
+    keep torch's own, which the golden tests' rounding assumes."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
 def _reset_accelerate():
     """accelerate keeps process-wide singletons; each test starts from a clean slate."""
     yield

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -139,15 +142,21 @@ def test_error_starts_on_its_own_line_after_a_progress_bar(capsys):
 def test_threads_follow_the_config_and_the_machine(monkeypatch):
     from training.device import available_cpus, configure_threads
 
-    before = torch.get_num_threads()
+    assert available_cpus() == len(os.sched_getaffinity(0))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert 1 <= configure_threads(0) <= available_cpus()
+    assert configure_threads(1) == torch.get_num_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert configure_threads(0) == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(available_cpus())]
     try:
-        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-        assert configure_threads(0) == available_cpus() == len(os.sched_getaffinity(0))
-        assert configure_threads(1) == torch.get_num_threads() == 1
-        monkeypatch.setenv("OMP_NUM_THREADS", "1")
-        assert configure_threads(0) == 1
+        time.sleep(0.5)
+        assert configure_threads(0) == 1  # every CPU busy: one thread
     finally:
-        torch.set_num_threads(before)
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
 
 
 def test_old_pretrain_num_threads_moves_to_runtime():

@@ -53,14 +53,51 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def busy_cpus(cpus: set[int], seconds: float = 0.25) -> float:
+    """How many of ``cpus`` other work keeps busy: their non-idle share over ``seconds``, from ``/proc/stat``
+    (0 where there is none)."""
+    import time
+
+    def sample() -> dict[int, tuple[int, int]]:
+        times = {}
+        with open("/proc/stat") as stat:
+            for line in stat:
+                name, *fields = line.split()
+                if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+                    ticks = [int(field) for field in fields]
+                    times[int(name[3:])] = (sum(ticks), ticks[3] + ticks[4])  # total, idle + iowait
+        return times
+
+    try:
+        before = sample()
+        time.sleep(seconds)
+        after = sample()
+    except OSError:
+        return 0.0
+    busy = 0.0
+    for cpu, (total, idle) in after.items():
+        elapsed = total - before[cpu][0]
+        busy += (elapsed - (idle - before[cpu][1])) / elapsed if elapsed > 0 else 0.0
+    return busy
+
+
 def configure_threads(requested: int = 0) -> int:
     """Set torch's intra-op thread count and return it: ``requested`` when positive, else ``OMP_NUM_THREADS``
-    when set, else :func:`available_cpus`."""
+    when set, else one per available CPU that other work is not keeping busy right now (at least one).
+
+    On a busy machine fewer threads are faster: torch's threads wait for each other at every operation, and
+    one that has lost its core stalls the rest (``benchmarks/threads_under_load.py``; docs/operations.md).
+    """
     import os
 
     threads = requested
     if threads <= 0:
         from_env = os.environ.get("OMP_NUM_THREADS", "").strip()
-        threads = int(from_env) if from_env.isdigit() and int(from_env) > 0 else available_cpus()
+        if from_env.isdigit() and int(from_env) > 0:
+            threads = int(from_env)
+        else:
+            cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+            free = available_cpus() - busy_cpus(cpus) if cpus else available_cpus()
+            threads = max(1, min(available_cpus(), round(free)))
     torch.set_num_threads(threads)
     return threads
