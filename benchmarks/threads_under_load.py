@@ -1,6 +1,7 @@
 """Pretraining and training speed on the CPU, idle and beside CPU-bound processes, per thread setting:
 
-    python benchmarks/threads_under_load.py [--busy 0,2] [--settings default,1,passive] [--steps 12] [--json]
+    python benchmarks/threads_under_load.py [--busy 0,2] [--settings default,auto,1,passive] [--steps 12]
+        [--json] [--write-docs]
 
 Each measurement runs in a fresh process (OpenMP reads its settings when torch loads), while ``--busy`` other
 processes spin (``while True: pass``) beside it. The stages, on the embedded default's shapes
@@ -11,7 +12,8 @@ processes spin (``while True: pass``) beside it. The stages, on the embedded def
 * ``train``: the step-level trainer (``training.base_model.train_base_model``) for ``ink_economy`` on the same
   randomly initialised model, saved as a checkpoint folder and loaded as ``model.source: pretrained``.
 
-Seconds per iteration are medians over the iterations after the first two. The thread settings:
+Seconds per iteration are medians over the iterations after the first two. ``--write-docs`` puts the table
+in ``docs/operations.md`` and the JSON in ``benchmarks/results/threads_under_load.json``. The thread settings:
 
 * ``default``: what the CLI did before issue 20 (torch's own choice: one thread per core);
 * ``auto``: :func:`training.device.configure_threads` (what the CLI does now);
@@ -35,6 +37,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs" / "operations.md"
+RESULTS = REPO / "benchmarks" / "results" / "threads_under_load.json"
 STAGES = ("autoencoder", "denoiser", "train")
 
 
@@ -146,6 +150,7 @@ def main() -> None:
     parser.add_argument("--settings", default="default,auto,1,passive")
     parser.add_argument("--steps", type=int, default=12, help="iterations per stage")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--write-docs", action="store_true", help="write the table into docs/operations.md")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -165,9 +170,42 @@ def main() -> None:
                 flush=True,
             )
     cpus = len(os.sched_getaffinity(0))
-    summary = {"cpus": cpus, "steps": args.steps, "rows": rows}
+    summary = {"cpus": cpus, "steps": args.steps, "date": time.strftime("%Y-%m-%d"), "rows": rows}
     if args.json:
         print(json.dumps(summary, indent=1))
+    print(table(summary), file=sys.stderr)
+    if args.write_docs:
+        from readme_section import write_section  # benchmarks/ is on sys.path when run as a script
+
+        from training.models import atomic_file
+
+        with atomic_file(RESULTS) as tmp:
+            tmp.write_text(json.dumps(summary, indent=1))
+        write_section("threads-under-load", table(summary), readme=DOCS)
+
+
+def table(summary: dict) -> str:
+    """Markdown: seconds per iteration of each stage, per load and setting, and each over torch's default."""
+    lines = [
+        "| spinning processes beside it | threads setting | torch threads | "
+        + " | ".join(f"{stage} s/it (over default)" for stage in STAGES)
+        + " |",
+        "|---|---|---|" + "---|" * len(STAGES),
+    ]
+    for row in summary["rows"]:
+        default = next(
+            (r for r in summary["rows"] if r["busy"] == row["busy"] and r["setting"] == "default"), None
+        )
+        cells = [
+            f"{row[stage]:.3f}" + (f" ({row[stage] / default[stage]:.2f})" if default else "")
+            for stage in STAGES
+        ]
+        lines.append(f"| {row['busy']} | {row['setting']} | {row['threads']} | " + " | ".join(cells) + " |")
+    lines.append(
+        f"\n{summary['cpus']} CPUs, {summary['steps']} iterations per stage, {summary['date']}: "
+        "`python benchmarks/threads_under_load.py --write-docs`."
+    )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
