@@ -3,9 +3,12 @@
 =====================================  ===========  ==========================================================
 failure                                exit code    what the user sees
 =====================================  ===========  ==========================================================
-:class:`~configs.errors.MsddaError`    2            ``error: <its message>`` (bad input, a broken artefact)
-an operational failure (below)         1            ``error: <what failed>: <remedy>``
+:class:`~configs.errors.MsddaError`    2            ``error: <its message>``: bad input, a broken artefact,
+                                                    or a failure msdda checks for itself (a corrupt store, a
+                                                    server down or gone, the Prefect API)
+an operational failure (below)         1            ``error: <what failed>: <remedy> (traceback: <log file>)``
 anything else                          1            ``error: <Type>: <first line> (traceback: <log file>)``
+stdout's reader gone (broken pipe)     141          nothing (as for a process killed by ``SIGPIPE``)
 =====================================  ===========  ==========================================================
 
 Operational failures are those an operator meets and can act on: a full or read-only disk, a permission, a
@@ -17,6 +20,7 @@ instead.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import errno
 import logging
@@ -65,7 +69,7 @@ def _loaded(module: str, *names: str) -> tuple[type[BaseException], ...]:
 
 def _describe_one(exc: BaseException) -> str | None:
     if isinstance(exc, OSError) and exc.errno in DISK_ERRORS:
-        where = f" writing {exc.filename}" if exc.filename else ""
+        where = f" at {exc.filename}" if exc.filename else ""
         return f"{DISK_ERRORS[exc.errno]}{where}: free space or fix the permissions, then run it again"
     database_errors = (sqlite3.DatabaseError, *_loaded("sqlalchemy.exc", "DatabaseError", "OperationalError"))
     if isinstance(exc, database_errors):
@@ -80,7 +84,7 @@ def _describe_one(exc: BaseException) -> str | None:
         *_loaded("httpx", "ConnectError", "RemoteProtocolError"),
         *_loaded("urllib3.exceptions", "MaxRetryError", "NewConnectionError"),
     )
-    if isinstance(exc, connection_errors):
+    if isinstance(exc, connection_errors) and not isinstance(exc, BrokenPipeError):
         return f"a server could not be reached or went away ({first_line(exc)}): check that it is running"
     if isinstance(exc, _loaded("safetensors_rust", "SafetensorError")):
         return f"a weights file is corrupt or truncated ({first_line(exc)})"
@@ -166,6 +170,10 @@ def prefect_console_without_tracebacks() -> None:
 def report_failure(exc: BaseException, argv: list[str], verbose: bool = False) -> int:
     """Print ``exc`` as the table at the top of this module says; return the exit code."""
     close_progress_bars()
+    if isinstance(exc, BrokenPipeError):  # stdout's reader went away (`msdda models | head`): no failure
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 141  # what a shell reports for a process killed by SIGPIPE
     if isinstance(exc, MsddaError):
         print(f"error: {exc}", file=sys.stderr)
         return 2

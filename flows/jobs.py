@@ -414,7 +414,8 @@ def sweep_job(
     cached = (final / "sweep.json").exists()
     if not cached:
         ensemble = load_ensemble(config, home, folders, progress=progress)
-        with staged_directory(final, prefix=".sweep-") as tmp:
+        # keep_existing: the folder is content-addressed; a concurrent sweep that finished first is kept
+        with staged_directory(final, prefix=".sweep-", keep_existing=True) as tmp:
             rows: dict[str, list] = {}  # method -> (weights, first images, their rewards) per point
             prompts: list[str] = []  # every point samples the same prompts and initial noise
             columns = 6

@@ -120,7 +120,7 @@ def check_store(home: Path) -> None:
     intact database: garbage, empty, or truncated (SQLite's ``quick_check``, read-only). Nothing is
     changed; a store that does not exist yet, or another kind of store, passes."""
     database = local_store(home)
-    if database is None or not database.is_file():
+    if database is None or not database.is_file() or _identity(database) in _FOUND_INTACT:
         return
     with store_lock(home):  # not while another command creates the store (an empty file, for a moment)
         if database.stat().st_size == 0:
@@ -134,6 +134,17 @@ def check_store(home: Path) -> None:
             verdict = str(exc)
     if verdict != "ok":
         raise _corrupt_store(database, f"integrity check: {first_line(verdict)}")
+    _FOUND_INTACT.add(_identity(database))
+
+
+_FOUND_INTACT: set[tuple[str, int]] = set()
+"""Stores :func:`check_store` found intact in this process: the whole-file check runs once per store and
+process (a store damaged later fails MLflow's own calls, which :func:`store_errors` reports)."""
+
+
+def _identity(database: Path) -> tuple[str, int]:
+    """A store file's path and inode: a file moved aside and replaced is checked again."""
+    return str(database.resolve()), database.stat().st_ino
 
 
 def _is_corrupt(exc: BaseException) -> bool:
@@ -315,5 +326,7 @@ def mlflow_run(home: Path, run_name: str, params: dict | None = None, tags: dict
 
             try:
                 yield run, log_iteration
+                if pending:
+                    pending.pop().wait()  # the last iteration's write fails the run too
             finally:
                 mlflow.flush_async_logging()

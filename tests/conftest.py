@@ -24,15 +24,15 @@ def _isolated_home(tmp_path, monkeypatch):
 
 
 @pytest.fixture(autouse=True)
-def _no_leaked_tracking_uri():
-    """``mlflow.set_tracking_uri`` exports ``MLFLOW_TRACKING_URI``: without this, an in-process run would send
-    every later test's runs to its store."""
-    before = os.environ.get("MLFLOW_TRACKING_URI")
+def _no_leaked_mlflow_settings():
+    """``mlflow.set_tracking_uri`` exports ``MLFLOW_TRACKING_URI`` and ``flows.tracking`` sets MLflow's
+    defaults in the environment: without this, an in-process run would send every later test's runs to its
+    store and keep its settings."""
+    before = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
     yield
-    if before is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = before
+    for name in [k for k in os.environ if k.startswith("MLFLOW_") and k not in before]:
+        del os.environ[name]
+    os.environ.update(before)
 
 
 @pytest.fixture(autouse=True)

@@ -140,23 +140,28 @@ def test_error_starts_on_its_own_line_after_a_progress_bar(capsys):
 
 
 def test_threads_follow_the_config_and_the_machine(monkeypatch):
-    from training.device import available_cpus, configure_threads
+    from training.device import configure_threads, free_cpus, usable_cpus
 
-    assert available_cpus() == len(os.sched_getaffinity(0))
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert 1 <= configure_threads(0) <= available_cpus()
+    assert usable_cpus() == os.sched_getaffinity(0)
     assert configure_threads(1) == torch.get_num_threads() == 1
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    assert configure_threads(0) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert configure_threads(0) == 3
+    assert configure_threads(2) == 2  # the config wins over the environment
     monkeypatch.delenv("OMP_NUM_THREADS")
-    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(available_cpus())]
+    free_cpus.cache_clear()
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in usable_cpus()]
     try:
         time.sleep(0.5)
-        assert configure_threads(0) == 1  # every CPU busy: one thread
+        assert configure_threads(0) == 1  # every CPU busy with other work: one thread
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+        assert configure_threads(0) == 1  # decided once per process
     finally:
         for spinner in spinners:
             spinner.kill()
             spinner.wait()
+        free_cpus.cache_clear()
 
 
 def test_old_pretrain_num_threads_moves_to_runtime():

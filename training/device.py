@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import torch
@@ -43,14 +44,13 @@ def place_pipeline(pipe, device: torch.device, dtype: torch.dtype = torch.float3
     return pipe.to(device=device, dtype=dtype)
 
 
-def available_cpus() -> int:
+def usable_cpus() -> set[int]:
     """The CPUs this process may run on (its affinity mask, which container limits and ``taskset`` set)."""
     import os
 
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+    if hasattr(os, "sched_getaffinity"):
+        return os.sched_getaffinity(0)
+    return set(range(os.cpu_count() or 1))  # not on Linux
 
 
 def busy_cpus(cpus: set[int], seconds: float = 0.25) -> float:
@@ -81,23 +81,28 @@ def busy_cpus(cpus: set[int], seconds: float = 0.25) -> float:
     return busy
 
 
+@functools.cache
+def free_cpus() -> int:
+    """The usable CPUs that other work is not keeping busy, measured once per process (at least one)."""
+    cpus = usable_cpus()
+    return max(1, round(len(cpus) - busy_cpus(cpus)))
+
+
 def configure_threads(requested: int = 0) -> int:
     """Set torch's intra-op thread count and return it: ``requested`` when positive, else ``OMP_NUM_THREADS``
-    when set, else one per available CPU that other work is not keeping busy right now (at least one).
+    when set, else :func:`free_cpus` (decided once per process, so every stage of a run uses the same count).
 
     On a busy machine fewer threads are faster: torch's threads wait for each other at every operation, and
     one that has lost its core stalls the rest (``benchmarks/threads_under_load.py``; docs/operations.md).
     """
     import os
 
-    threads = requested
-    if threads <= 0:
-        from_env = os.environ.get("OMP_NUM_THREADS", "").strip()
-        if from_env.isdigit() and int(from_env) > 0:
-            threads = int(from_env)
-        else:
-            cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
-            free = available_cpus() - busy_cpus(cpus) if cpus else available_cpus()
-            threads = max(1, min(available_cpus(), round(free)))
+    from_env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if requested > 0:
+        threads = requested
+    elif from_env.isdigit() and int(from_env) > 0:
+        threads = int(from_env)
+    else:
+        threads = free_cpus()
     torch.set_num_threads(threads)
     return threads

@@ -172,7 +172,12 @@ def staged_directory(
         aside = final.with_name(f".old-{final.name}-{secrets.token_hex(4)}")
         if final.exists():
             final.rename(aside)  # a crash from here on leaves the old copy aside, never a half-written one
-        tmp.rename(final)
+        try:
+            tmp.rename(final)
+        except BaseException:
+            if aside.exists() and not final.exists():
+                aside.rename(final)  # the old copy back in place
+            raise
         shutil.rmtree(aside, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
