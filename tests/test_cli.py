@@ -44,7 +44,8 @@ def test_pretrain_json_then_cached(tmp_path, tiny_config_file):
 
 def test_run_is_the_whole_pipeline_and_is_cached(tmp_path, tiny_config_file, pretrained_home):
     """`msdda run` (the Prefect flow `msdda-pipeline`, ephemeral mode): pretrain (here: the cached reference),
-    train, register, sweep."""
+    train, register, sweep; run again with `--set ... --device cpu`: the base models come from the cache and
+    the overrides reach the sweep's flow."""
     from flows.cli import PRIVATE_DEFAULTS
 
     home = pretrained_home
@@ -82,29 +83,19 @@ def test_run_is_the_whole_pipeline_and_is_cached(tmp_path, tiny_config_file, pre
     assert all(len(m["points"]) == 3 for m in sweep["methods"].values())
     assert Path(sweep["plot"]).is_file() and Path(sweep["plot"]).is_relative_to(home)
 
-    second = run_cli(["run", "--config", str(tiny_config_file), "--json"], tmp_path, home)
+    # again, with overrides for the sweep (they reach its flow, which loads the config again from its path):
+    # the base models come from the cache and are not registered again
+    overrides = ["--set", "composition.methods=[msdda]", "--set", "composition.grid=2", "--device", "cpu"]
+    second = run_cli(["run", "--config", str(tiny_config_file), *overrides, "--json"], tmp_path, home)
     assert second.returncode == 0, second.stderr[-3000:]
     again = json.loads(second.stdout)
-    assert again["sweep"]["cached"] is True and again["sweep"]["methods"] == sweep["methods"]
+    assert (
+        list(again["sweep"]["methods"]) == ["msdda"]
+        and len(again["sweep"]["methods"]["msdda"]["points"]) == 2
+    )
     assert all(m["cached"] for m in again["base_models"].values())
     assert all(not m["registered"]["created"] for m in again["base_models"].values()), "no duplicate versions"
     assert not (tmp_path / ".msdda").exists()
-
-
-def test_run_takes_overrides_and_device(tmp_path, tiny_config_file, pretrained_home):
-    """`msdda run --set ... --device cpu`: the overrides reach every flow of the pipeline (which load the
-    config again from its path): one training iteration, one method over a 2-point grid."""
-    from training.card import BaseModelCard
-
-    overrides = ["--set", "train.iterations=1", "--set", "composition.methods=[msdda]"]
-    args = ["run", "--config", str(tiny_config_file), *overrides, "--set", "composition.grid=2"]
-    result = run_cli([*args, "--device", "cpu", "--json"], tmp_path, pretrained_home)
-    assert result.returncode == 0, result.stderr[-3000:]
-    payload = json.loads(result.stdout)
-    for model in payload["base_models"].values():
-        assert len(BaseModelCard.read(Path(model["path"])).history) == 1, "train.iterations=1"
-    sweep = payload["sweep"]
-    assert list(sweep["methods"]) == ["msdda"] and len(sweep["methods"]["msdda"]["points"]) == 2
 
 
 def _mlflow_run_names(home: Path) -> set[str]:
