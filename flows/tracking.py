@@ -152,6 +152,23 @@ def _is_corrupt(exc: BaseException) -> bool:
     return "file is not a database" in text or "malformed" in text
 
 
+def _names_the_server(exc: BaseException, uri: str) -> bool:
+    """Whether a failed request in ``exc`` went to the tracking server at ``uri`` (its request's URL, or its
+    text, names the server's host and port, or an MLflow API path), not to another host (a model hub)."""
+    from urllib.parse import urlsplit
+
+    server = urlsplit(uri)
+    port = server.port or (443 if server.scheme == "https" else 80)
+    request = getattr(exc, "request", None)
+    text = f"{getattr(request, 'url', '') or ''} {exc}"
+    return (
+        f"{server.hostname}:{port}" in text
+        or f"host='{server.hostname}', port={port}" in text
+        or "/api/2.0/mlflow/" in text
+        or "API request to " in text
+    )
+
+
 def _connection_failure(exc: BaseException) -> bool:
     """Whether ``exc`` is a request that got no answer (refused, reset, timed out, retries spent): the error
     itself, or MLflow's report of it (also when a background write failed, which keeps only the text)."""
@@ -171,7 +188,7 @@ def store_failure(home: Path, what: str, exc: BaseException) -> TrackingError | 
 
     uri = tracking_uri(home)
     for cause in causes(exc):
-        if is_remote(uri) and _connection_failure(cause):
+        if is_remote(uri) and _connection_failure(cause) and _names_the_server(cause, uri):
             return TrackingError(
                 f"the MLflow tracking server at {uri} stopped answering while {what}: check that it runs, "
                 "or unset MLFLOW_TRACKING_URI to use the local store"

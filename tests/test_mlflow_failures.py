@@ -305,3 +305,22 @@ def test_a_server_that_goes_away_is_one_line_within_a_minute(
     with pytest.raises(RegistryError, match="unreachable"):
         register_base_model(pretrained_home, folder)
     assert time.monotonic() - start < 30
+
+
+def test_a_failed_request_to_another_host_is_not_blamed_on_the_tracking_server(monkeypatch, tmp_path):
+    """With a tracking server configured, a connection failure of another request made during a run (a model
+    hub download) keeps its own error; one to the server becomes the server's one line."""
+    import requests
+
+    from flows.tracking import store_failure
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+
+    def refused(url: str) -> requests.ConnectionError:
+        return requests.ConnectionError("connection refused", request=requests.Request("GET", url).prepare())
+
+    elsewhere = refused("https://huggingface.co/api/models/some/model")
+    assert store_failure(tmp_path, "training", elsewhere) is None
+    to_server = refused("http://127.0.0.1:5999/api/2.0/mlflow/runs/log-batch")
+    error = store_failure(tmp_path, "training", to_server)
+    assert error is not None and "tracking server at http://127.0.0.1:5999 stopped answering" in str(error)
