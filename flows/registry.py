@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from configs.errors import MsddaError
+from configs.errors import MsddaError, first_line
 from flows.tracking import (
     check_store,
     ensure_experiment,
@@ -113,11 +113,6 @@ def check_reachable(home: Path) -> None:
         raise RegistryError(f"MLflow tracking server at {uri} is unreachable: {reason}") from None
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(getattr(exc, "message", None) or exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 @contextmanager
 def _registry_errors(home: Path, what: str) -> Iterator[None]:
     """Turn MLflow's (often multi-line) exceptions into one line: a store that cannot be used is a
@@ -129,7 +124,7 @@ def _registry_errors(home: Path, what: str) -> Iterator[None]:
         with store_errors(home, what):
             yield
     except MlflowException as exc:
-        raise RegistryError(f"{what} failed: {_one_line(exc)}") from exc
+        raise RegistryError(f"{what} failed: {first_line(exc)}") from exc
 
 
 def _retrying(

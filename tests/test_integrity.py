@@ -1,8 +1,11 @@
 """Damaged cached artefacts (issue 20) are never trusted: a base model whose weights no longer match its card
 is retrained (never registered as it is), a damaged embedded reference or evaluator CNN is rebuilt, a damaged
-training checkpoint is discarded with a warning, and what cannot be repaired is refused in one line."""
+training checkpoint is discarded with a warning, and what cannot be repaired is refused in one line. A file
+the OS cannot read now (permission denied, an I/O error) is no damage: one line, and nothing is removed."""
 
+import errno
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -24,6 +27,44 @@ def _flip_last_byte(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[-4] ^= 0x01
     path.write_bytes(bytes(data))
+
+
+def _refuse_to_open(monkeypatch, path: Path, error: int = errno.EACCES) -> None:
+    """Make the sound file at ``path`` unreadable as the OS would (tests run as root, so ``chmod`` cannot):
+    opening it raises ``OSError(error)``, and safetensors, which reports any file it cannot open as missing,
+    raises its ``FileNotFoundError``."""
+    import safetensors
+    import safetensors.torch
+
+    open_path, safe_open = Path.open, safetensors.safe_open
+
+    def refusing_open(self, *args, **kwargs):
+        if self == path:
+            raise OSError(error, os.strerror(error), str(self))
+        return open_path(self, *args, **kwargs)
+
+    def refusing_safe_open(filename, *args, **kwargs):
+        if Path(filename) == path:
+            raise FileNotFoundError(f"No such file or directory: {str(filename)!r}")
+        return safe_open(filename, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", refusing_open)
+    monkeypatch.setattr(safetensors, "safe_open", refusing_safe_open)
+    monkeypatch.setattr(safetensors.torch, "safe_open", refusing_safe_open)
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` by relative path, with its bytes (read past :func:`_refuse_to_open`)."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        with open(path, "rb") as handle:  # the builtin, not Path.open
+            files[path.relative_to(folder).as_posix()] = handle.read()
+    return files
+
+
+def _assert_unreadable_file_error(message: str, path: Path, error: int) -> None:
+    assert f"cannot read {path} ({os.strerror(error)})" in message, message
+    assert "nothing was changed" in message and message.strip().count("\n") == 0, message
 
 
 def _cli(args: list[str], capfd) -> tuple[int, str, str]:
@@ -112,6 +153,36 @@ def test_train_never_overwrites_a_model_of_a_newer_card_format(pretrained_home, 
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
 
 
+UNREADABLE_BASE_MODEL = {CARD_FILE: errno.EACCES, LORA_FILE: errno.EACCES, VARIANCE_FILE: errno.EIO}
+
+
+@pytest.mark.parametrize("name", UNREADABLE_BASE_MODEL)
+def test_a_base_model_the_os_cannot_read_is_no_card_error(tiny_base_models, tmp_path, monkeypatch, name):
+    """A :class:`CardError` has the model retrained over; a file the OS cannot read says nothing of it."""
+    folder = shutil.copytree(tiny_base_models[0], tmp_path / "model")
+    _refuse_to_open(monkeypatch, folder / name, UNREADABLE_BASE_MODEL[name])
+    with pytest.raises(ModelLoadError) as info:
+        load_base_model(folder)
+    assert not isinstance(info.value, CardError)
+    _assert_unreadable_file_error(str(info.value), folder / name, UNREADABLE_BASE_MODEL[name])
+
+
+def test_train_never_retrains_over_a_model_it_cannot_read(
+    pretrained_home, tiny_config_file, capfd, monkeypatch
+):
+    """It used to take a permission problem for damage and train a new model over the old one."""
+    args = ["train", "--objective", "ink_economy", "--config", str(tiny_config_file), "--no-mlflow", "--json"]
+    code, out, err = _cli(args, capfd)
+    assert code == 0, err
+    folder = Path(json.loads(out)["path"])
+    before = _snapshot(folder)
+    _refuse_to_open(monkeypatch, folder / LORA_FILE)
+    code, out, err = _cli(args, capfd)
+    assert code == 2 and out == "" and err.startswith("error: "), err
+    _assert_unreadable_file_error(err, folder / LORA_FILE, errno.EACCES)
+    assert _snapshot(folder) == before and sorted(folder.parent.iterdir()) == [folder]
+
+
 # ------------------------------------------------------------------------------- embedded reference and CNN
 
 
@@ -181,8 +252,12 @@ def test_the_reference_cache_records_its_files_and_hash(tiny_reference):
     assert "unet/diffusion_pytorch_model.safetensors" in manifest["files"]
 
 
-def test_pretrain_rebuilds_a_damaged_reference(pretrained_home, tiny_reference, tiny_config_file, capfd):
+def test_pretrain_rebuilds_a_damaged_reference(
+    pretrained_home, tiny_reference, tiny_config_file, capfd, monkeypatch
+):
     """`msdda pretrain` used to report a damaged cache as cached; the next command then crashed."""
+    # the rebuilt model is byte-identical for a thread count: the session's, not one from the machine's load
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
     folder = _reference_folder(pretrained_home)
     _truncate(folder / "unet" / "diffusion_pytorch_model.safetensors")
     code, out, err = _cli(["pretrain", "--config", str(tiny_config_file), "--json"], capfd)
@@ -195,6 +270,28 @@ def test_pretrain_rebuilds_a_damaged_reference(pretrained_home, tiny_reference, 
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")], "nothing is left aside"
     code, out, err = _cli(["pretrain", "--config", str(tiny_config_file), "--json"], capfd)
     assert code == 0 and json.loads(out)["cached"] is True and "warning" not in err, err
+
+
+UNREADABLE_REFERENCE = {
+    "DONE": errno.EACCES,
+    "unet/diffusion_pytorch_model.safetensors": errno.EACCES,
+    "unet/config.json": errno.EIO,
+    "tokenizer/merges.txt": errno.EIO,  # read by the content hash alone
+}
+
+
+@pytest.mark.parametrize("name", UNREADABLE_REFERENCE)
+def test_pretrain_leaves_a_reference_it_cannot_read_as_it_is(
+    pretrained_home, tiny_config_file, capfd, monkeypatch, name
+):
+    """It used to take a permission problem for damage: the cache was removed and pretrained again."""
+    folder = _reference_folder(pretrained_home)
+    before = _snapshot(folder)
+    _refuse_to_open(monkeypatch, folder / name, UNREADABLE_REFERENCE[name])
+    code, out, err = _cli(["pretrain", "--config", str(tiny_config_file), "--json"], capfd)
+    assert code == 2 and out == "" and err.startswith("error: "), err
+    _assert_unreadable_file_error(err, folder / name, UNREADABLE_REFERENCE[name])
+    assert _snapshot(folder) == before and sorted(folder.parent.iterdir()) == [folder]
 
 
 CLASSIFIER_DAMAGE = {
@@ -280,20 +377,27 @@ CHECKPOINT_DAMAGE = {
 }
 
 
+def _toy():
+    from training.toy import ToyProblem
+
+    torch.manual_seed(0)
+    return ToyProblem(num_inference_steps=5)
+
+
+def _toy_config():
+    from configs import TrainConfig
+
+    return TrainConfig(
+        iterations=4, checkpoint_every=2, seed=0, batch_size=16, states_per_trajectory=3, num_actions=8
+    )
+
+
 @pytest.mark.parametrize("case", CHECKPOINT_DAMAGE)
 def test_a_damaged_checkpoint_is_discarded_and_training_starts_over(tmp_path, capfd, case):
     """The run then trains exactly what a run without the checkpoint trains."""
-    from configs import TrainConfig
-    from training.toy import ToyProblem
     from training.trainer import train
 
-    def toy():
-        torch.manual_seed(0)
-        return ToyProblem(num_inference_steps=5)
-
-    config = TrainConfig(
-        iterations=4, checkpoint_every=2, seed=0, batch_size=16, states_per_trajectory=3, num_actions=8
-    )
+    toy, config = _toy, _toy_config()
     straight = toy()
     expected = train(straight, config, progress=False)
     checkpoint = tmp_path / "ckpt"
@@ -327,3 +431,23 @@ def test_train_cli_with_a_truncated_checkpoint_warns_and_trains(
     assert code == 0, err
     assert "checkpoint.safetensors is damaged" in err and "training from scratch" in err, err
     assert json.loads(out)["cached"] is False and "Traceback" not in err
+
+
+UNREADABLE_CHECKPOINT = {"checkpoint.safetensors": errno.EACCES, "checkpoint.json": errno.EIO}
+
+
+@pytest.mark.parametrize("name", UNREADABLE_CHECKPOINT)
+def test_a_checkpoint_the_os_cannot_read_is_kept(tmp_path, capfd, monkeypatch, name):
+    """It used to take an I/O error for damage: the checkpoint was removed and training started over."""
+    from training.trainer import train
+
+    checkpoint = tmp_path / "ckpt"
+    train(_toy(), _toy_config(), checkpoint_dir=checkpoint, progress=False, stop_after=3)
+    before = _snapshot(checkpoint)
+    _refuse_to_open(monkeypatch, checkpoint / name, UNREADABLE_CHECKPOINT[name])
+    capfd.readouterr()
+    with pytest.raises(ModelLoadError) as info:
+        train(_toy(), _toy_config(), checkpoint_dir=checkpoint, progress=False)
+    _assert_unreadable_file_error(str(info.value), checkpoint / name, UNREADABLE_CHECKPOINT[name])
+    assert "training from scratch" not in capfd.readouterr().err
+    assert _snapshot(checkpoint) == before

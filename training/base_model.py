@@ -176,7 +176,9 @@ def train_base_model(
 def _verified_cache(final: Path) -> BaseModelCard | None:
     """The card of the cached base model in ``final`` once its files load and match the card's hashes;
     ``None`` when there is none, or when it is damaged (said on stderr): it is then retrained, and the new
-    folder replaces the damaged one by a rename (:func:`training.card.save_base_model`)."""
+    folder replaces the damaged one by a rename (:func:`training.card.save_base_model`). A folder the OS
+    cannot read now is no damage: its :class:`~training.models.ModelLoadError` passes, and nothing is
+    retrained over it."""
     if not final.exists():
         return None
     try:

@@ -13,10 +13,12 @@ A base-model folder (format 2) holds
 
 The card records the SHA-256 of each weights file (``weights_sha256``), checked on every load, so a damaged or
 altered file is refused even when it still parses; cards written before it (no hashes) are checked by parsing.
+A file the OS cannot read now (permission denied, an I/O error) is not damage: it raises
+:class:`training.models.ModelLoadError` instead (:func:`training.models.raise_unless_content_fault`).
 
 Format 1 folders (``adapter_model.safetensors`` with unprefixed peft keys, a card without ``format_version``)
-are still read. Everything is read with safetensors (never pickle); every problem is a one-line
-:class:`CardError`.
+are still read. Everything is read with safetensors (never pickle); every problem with the content is a
+one-line :class:`CardError`.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from typing import Annotated, Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from configs.errors import MsddaError
+from configs.errors import MsddaError, first_line
+from training.models import raise_unless_content_fault, staged_directory
 
 CARD_FILE = "base_model.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers LoRA format: keys "unet.<peft key>"
@@ -153,7 +156,8 @@ class BaseModelCard(BaseModel):
         try:
             data = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise _broken(folder, f"{CARD_FILE} is not valid JSON ({_one_line(exc)})") from None
+            raise_unless_content_fault(exc, path)
+            raise _broken(folder, f"{CARD_FILE} is not valid JSON ({first_line(exc)})") from None
         if not isinstance(data, dict):
             raise _broken(folder, f"{CARD_FILE} holds a {type(data).__name__}, not an object")
         data.setdefault("format_version", 1)  # format 1 had no version field
@@ -169,11 +173,6 @@ class BaseModelCard(BaseModel):
             raise _broken(
                 folder, f"{CARD_FILE} is invalid ({_validation_message(exc)})", data.get("objective")
             ) from None
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _validation_message(exc: ValidationError) -> str:
@@ -264,8 +263,9 @@ def _read_safetensors(folder: Path, name: str, objective: str) -> dict[str, torc
     try:
         return load_file(path)
     except (OSError, SafetensorError, ValueError, RuntimeError) as exc:
+        raise_unless_content_fault(exc, path)
         raise _broken(
-            folder, f"{name} is not a readable safetensors file ({_one_line(exc)})", objective
+            folder, f"{name} is not a readable safetensors file ({first_line(exc)})", objective
         ) from None
 
 
@@ -282,9 +282,12 @@ def _weights_hash_problem(folder: Path, card: BaseModelCard) -> str | None:
     """Which weights file differs from the SHA-256 the card recorded for it, or ``None``."""
     for name, expected in card.weights_sha256.items():
         path = folder / name
-        if not path.is_file():
+        try:
+            actual = _sha256(path)
+        except OSError as exc:
+            raise_unless_content_fault(exc, path)
             return f"{name} is missing"
-        if _sha256(path) != expected:
+        if actual != expected:
             return f"{name} does not match the SHA-256 recorded in its card (damaged or altered since saved)"
     return None
 
@@ -332,8 +335,6 @@ def save_base_model(
     """
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
     from safetensors.torch import save_file
-
-    from training.models import staged_directory
 
     folder = Path(folder)
     card = card.model_copy(update={"format_version": FORMAT_VERSION})

@@ -108,7 +108,7 @@ def load_classifier(directory: Path) -> tuple[DigitCNN, ClassifierReport]:
     :class:`training.models.ModelLoadError` naming it (one line)."""
     from safetensors import SafetensorError
 
-    from training.models import ModelLoadError
+    from training.models import ModelLoadError, raise_unless_content_fault
 
     model = DigitCNN()
     path = directory / "model.safetensors"
@@ -117,6 +117,7 @@ def load_classifier(directory: Path) -> tuple[DigitCNN, ClassifierReport]:
         path = directory / "classifier.json"
         report = ClassifierReport(**json.loads(path.read_text()))
     except (OSError, ValueError, TypeError, RuntimeError, SafetensorError) as exc:
+        raise_unless_content_fault(exc, path)  # removing the folder is advice for damaged content only
         raise ModelLoadError(
             f"cannot load the evaluator CNN from {path}: {first_line(exc)}; remove {directory} to retrain it"
         ) from None

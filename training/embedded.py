@@ -9,7 +9,9 @@ format.
 A cached folder (the reference, or the evaluator CNN under ``$MSDDA_HOME/classifiers/<key>``) is complete
 once its ``DONE`` file is there; ``DONE`` lists its files and their :func:`training.models.content_hash`.
 Every reuse checks them (and that each JSON file and safetensors header parses): a damaged cache is said on
-stderr, removed and rebuilt. Caches from before ``DONE`` held a manifest are checked by parsing alone.
+stderr, removed and rebuilt. Caches from before ``DONE`` held a manifest are checked by parsing alone. Only
+the content counts as damage: a file the OS cannot read now (permission denied, an I/O error) fails in one
+line and nothing is removed (:func:`training.models.raise_unless_content_fault`).
 """
 
 from __future__ import annotations
@@ -47,7 +49,14 @@ from training.digits import (
     prompt_vocabulary,
     train_test_split,
 )
-from training.models import ModelLoadError, atomic_file, check_checkpoint, content_hash, staged_directory
+from training.models import (
+    ModelLoadError,
+    atomic_file,
+    check_checkpoint,
+    content_hash,
+    raise_unless_content_fault,
+    staged_directory,
+)
 from training.tokenizer import build_tokenizer, save_tokenizer
 
 FORMAT_VERSION = 1
@@ -186,13 +195,14 @@ def _seal(folder: Path) -> None:
 
 def _manifest(folder: Path) -> dict:
     """``folder``'s ``DONE`` manifest; ``{}`` for an empty ``DONE`` (a cache from before the manifest)."""
+    path = folder / DONE_FILE
     try:
-        text = (folder / DONE_FILE).read_text().strip()
+        text = path.read_text().strip()
         manifest = json.loads(text) if text else {}
-    except FileNotFoundError:
-        raise CacheError(f"{DONE_FILE} is missing") from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise CacheError(f"{DONE_FILE} is unreadable ({first_line(exc)})") from None
+        raise_unless_content_fault(exc, path)
+        problem = "is missing" if isinstance(exc, FileNotFoundError) else f"is unreadable ({first_line(exc)})"
+        raise CacheError(f"{DONE_FILE} {problem}") from None
     files = manifest.get("files", []) if isinstance(manifest, dict) else None
     if not isinstance(files, list) or not all(isinstance(name, str) for name in files):
         raise CacheError(f"{DONE_FILE} is not a manifest of the folder's files")
@@ -200,7 +210,9 @@ def _manifest(folder: Path) -> dict:
 
 
 def _unreadable(path: Path) -> str | None:
-    """Why the JSON file or safetensors file at ``path`` does not parse (headers only), or ``None``."""
+    """Why the JSON file or safetensors file at ``path`` does not parse (headers only), or ``None``; a file
+    the OS cannot read now raises :class:`ModelLoadError` (see
+    :func:`training.models.raise_unless_content_fault`)."""
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -210,6 +222,7 @@ def _unreadable(path: Path) -> str | None:
             with safe_open(path, framework="pt"):
                 pass
     except (OSError, UnicodeDecodeError, ValueError, SafetensorError) as exc:
+        raise_unless_content_fault(exc, path)
         return first_line(exc)
     return None
 
@@ -217,7 +230,8 @@ def _unreadable(path: Path) -> str | None:
 def _checked_cache(folder: Path, required: tuple[str, ...]) -> str:
     """The content hash of the cached ``folder`` once it checks out: every file its manifest lists (and
     ``required``) is there, every JSON file and safetensors header parses, and the content hash is the one
-    recorded at build time. Raises :class:`CacheError` naming what is wrong."""
+    recorded at build time. Raises :class:`CacheError` naming what is wrong, or :class:`ModelLoadError` for a
+    file the OS cannot read now (that is no damage)."""
     manifest = _manifest(folder)
     for name in (*required, *manifest.get("files", [])):
         if not (folder / name).is_file():
@@ -226,7 +240,12 @@ def _checked_cache(folder: Path, required: tuple[str, ...]) -> str:
         reason = _unreadable(path)
         if reason:
             raise CacheError(f"{path.relative_to(folder).as_posix()} is unreadable ({reason})")
-    digest = content_hash(folder)
+    try:
+        digest = content_hash(folder)
+    except OSError as exc:  # a file gone since, or one the OS cannot read now
+        path = Path(exc.filename or folder)
+        raise_unless_content_fault(exc, path)
+        raise CacheError(f"{path.relative_to(folder).as_posix()} is missing") from None
     if manifest.get("content_hash", digest) != digest:
         raise CacheError("its files differ from the content hash recorded when it was built")
     return digest
@@ -235,7 +254,8 @@ def _checked_cache(folder: Path, required: tuple[str, ...]) -> str:
 def _reusable_cache(folder: Path, what: str, check) -> str | None:
     """The content hash of the cached ``folder`` when ``check`` (raising :class:`CacheError`) trusts it;
     ``None`` when there is none, or when it is damaged: that is said on stderr and the folder removed, so
-    that the caller rebuilds it."""
+    that the caller rebuilds it. A folder the OS cannot read is left as it is (``check`` raises
+    :class:`ModelLoadError`)."""
     if not folder.exists():
         return None
     try:

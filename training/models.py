@@ -11,14 +11,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from configs.errors import MsddaError
+from configs.errors import MsddaError, first_line
 from configs.schema import PipelineConfig
 
 SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
 class ModelLoadError(MsddaError, RuntimeError):
-    """A reference model's weights or files are missing or unreadable (the message is one line)."""
+    """A saved model's or checkpoint's files are missing or unreadable (the message is one line)."""
 
 
 class HomeError(MsddaError, ValueError):
@@ -201,3 +201,23 @@ def atomic_file(path: Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def raise_unless_content_fault(exc: BaseException, path: Path) -> None:
+    """Return when ``exc``, raised reading the saved file at ``path``, shows that the file is damaged: it does
+    not parse, is truncated or holds the wrong tensors (any exception but an ``OSError``), or it is not there.
+    Anything else the OS says (permission denied, an I/O error, too many open files) tells nothing about the
+    file, which must then be neither deleted nor rebuilt over: this raises :class:`ModelLoadError`, one line
+    naming the file and the OS's reason."""
+    if not isinstance(exc, OSError):
+        return
+    try:  # ask the OS: safetensors says "No such file or directory" of any file it cannot open
+        Path(path).open("rb").close()
+    except FileNotFoundError:
+        return
+    except OSError as refusal:
+        exc = refusal
+    raise ModelLoadError(
+        f"cannot read {path} ({exc.strerror or first_line(exc)}); nothing was changed: "
+        f"check its permissions and the disk, then rerun"
+    ) from None

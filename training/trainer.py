@@ -34,7 +34,7 @@ from configs.errors import MsddaError, first_line
 from configs.schema import TrainConfig
 from training.chain import run_chain
 from training.kernel import GaussianStep, draw_noise
-from training.models import staged_directory
+from training.models import raise_unless_content_fault, staged_directory
 from training.policy import GaussianStepPolicy
 
 
@@ -229,8 +229,9 @@ def has_checkpoint(directory: Path) -> bool:
 
 def _read_checkpoint(directory: Path, problem: StepProblem) -> tuple[dict, dict, int, list]:
     """``(tensors, metadata, iteration, history)`` of the checkpoint in ``directory``, checked against
-    ``problem``'s trainable state; anything missing, unreadable or of another shape raises
-    :class:`CheckpointError` naming the file."""
+    ``problem``'s trainable state; a file that is missing, does not parse or holds other shapes raises
+    :class:`CheckpointError` naming it, one the OS cannot read now (permission denied, an I/O error) a
+    :class:`~training.models.ModelLoadError`: that is no damage, and the checkpoint must be kept."""
     from safetensors import SafetensorError
 
     weights, info = (directory / name for name in CHECKPOINT_FILES)
@@ -246,6 +247,7 @@ def _read_checkpoint(directory: Path, problem: StepProblem) -> tuple[dict, dict,
         history = [IterationMetrics(**m) for m in meta["history"]]
         return tensors, meta, int(meta["iteration"]), history
     except (OSError, ValueError, TypeError, KeyError, SafetensorError) as exc:
+        raise_unless_content_fault(exc, path)
         raise CheckpointError(f"the training checkpoint {path} is damaged ({first_line(exc)})") from None
 
 
