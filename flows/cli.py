@@ -466,21 +466,21 @@ def run(
     from flows.pipeline import pipeline
     from flows.prefect_api import ensure_api
     from flows.registry import check_reachable
-    from training.models import msdda_home
+    from training.models import check_checkpoint, load_reference_pipeline, msdda_home
     from training.rewards import load_reward
 
     cfg, overrides = _config(config, overrides, device)
     home = msdda_home()
-    if cfg.model.source == "pretrained":  # a missing checkpoint fails here, in one line
-        from training.models import load_reference_pipeline
-
-        load_reference_pipeline(cfg)
+    if cfg.model.source == "pretrained":  # a missing checkpoint fails here, in one line, loading nothing
+        check_checkpoint(cfg.model.pretrained)
     if not cfg.objectives:
         raise UsageError("the config lists no objectives: nothing to train or compose")
     check_reachable(home)
-    # the Prefect API before the rewards (one may train its classifier for minutes): a server that is down,
-    # or one that does not start, costs seconds
+    # the Prefect API before the reference and the rewards (a whole checkpoint to load; a reward may train its
+    # classifier for minutes): a server that is down, or one that does not start, costs seconds
     api_url = ensure_api()
+    if cfg.model.source == "pretrained":  # a checkpoint that does not load fails here, in one line
+        load_reference_pipeline(cfg)
     for spec in cfg.objectives:  # unknown objectives or missing weights fail before the flow starts
         load_reward(spec.name, cfg, home, spec.options)
     prefect_console_without_tracebacks()  # a failure is one line (flows.failures)

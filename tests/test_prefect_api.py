@@ -25,9 +25,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _msdda_run(config: Path, home: Path, prefect_home: Path, **extra: str) -> subprocess.CompletedProcess:
+def _msdda_run(
+    config: Path, home: Path, prefect_home: Path, timeout: float = 900, **extra: str
+) -> subprocess.CompletedProcess:
     """`msdda run --config CONFIG --json` as a user runs it: a subprocess with its own homes, no Prefect or
-    MLflow settings from this environment but ``extra``."""
+    MLflow settings from this environment but ``extra``, killed after ``timeout`` seconds."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     env.update(
         MSDDA_HOME=str(home),
@@ -44,7 +46,7 @@ def _msdda_run(config: Path, home: Path, prefect_home: Path, **extra: str) -> su
         env=env,
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=timeout,
     )
 
 
@@ -114,6 +116,37 @@ def test_temporary_server_that_cannot_start_is_retried_once_then_one_line(
     for remedy in ("STARTUP_TIMEOUT_SECONDS higher", "prefect server start", "PREFECT_API_URL"):
         assert remedy in result.stderr
     assert result.stderr.count("Starting temporary server") == 2, result.stderr[-3000:]
+    assert _files(pretrained_home) == before, "nothing was trained or written"
+    assert _servers_of(prefect_home) == []
+
+
+@pytest.mark.slow  # two servers that fail to start: 20-27 s on 2 busy cores
+def test_temporary_server_on_a_corrupt_database_is_one_line_within_seconds(
+    tmp_path, tiny_config_file, pretrained_home
+):
+    """A PREFECT_HOME whose prefect.db is not a database: the temporary server exits at start (uvicorn's exit
+    code 3, which Prefect takes for a port in use and answers with a new server on a new port, for ever). The
+    command stops within seconds with one line naming the database and the remedy, the server's traceback
+    kept off the terminal; the database is left as it was and no server process outlives the command."""
+    before = _files(pretrained_home)
+    prefect_home = tmp_path / "prefect"
+    prefect_home.mkdir()
+    database = prefect_home / "prefect.db"
+    database.write_bytes(b"not a database\n" * 1000)
+    start = time.monotonic()
+    temporary = tmp_path / "tmp"  # where the server's stderr goes
+    temporary.mkdir()
+    result = _msdda_run(tiny_config_file, pretrained_home, prefect_home, timeout=120, TMPDIR=str(temporary))
+    seconds = time.monotonic() - start
+    cause = "exit code 3: sqlalchemy.exc.DatabaseError"
+    _assert_one_line_error(result, f"Prefect's temporary server exited at start, 2 tries ({cause}")
+    assert f"is its database {database} corrupt or locked? Move it aside" in result.stderr, result.stderr
+    assert "prefect server start" in result.stderr and "PREFECT_API_URL" in result.stderr
+    assert seconds < 60, seconds
+    (log,) = temporary.glob("msdda-prefect-server-*.log")
+    assert f"its log: {log})" in result.stderr  # both tries' tracebacks
+    assert log.read_text().count("Application startup failed") == 2
+    assert database.read_bytes() == b"not a database\n" * 1000
     assert _files(pretrained_home) == before, "nothing was trained or written"
     assert _servers_of(prefect_home) == []
 
