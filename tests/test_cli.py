@@ -112,6 +112,8 @@ def _mlflow_run_names(home: Path) -> set[str]:
 def _run_names(prefect_home: Path) -> set[str]:
     """The names of the flow and task runs recorded in ``prefect_home``'s database, read back through
     Prefect's own client."""
+    from flows.prefect_api import STARTUP_TIMEOUT_SECONDS, STARTUP_TIMEOUT_SETTING
+
     script = (
         "import asyncio, json\n"
         "from prefect import get_client\n"
@@ -123,6 +125,8 @@ def _run_names(prefect_home: Path) -> set[str]:
     )
     env = {**os.environ, "PREFECT_HOME": str(prefect_home), "DO_NOT_TRACK": "true"}
     env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    # Prefect's own client starts the temporary server here: with msdda's startup timeout, not its 20 s
+    env.setdefault(STARTUP_TIMEOUT_SETTING, str(STARTUP_TIMEOUT_SECONDS))
     result = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300, check=False
     )
