@@ -67,6 +67,12 @@ def _loaded(module: str, *names: str) -> tuple[type[BaseException], ...]:
     return tuple(getattr(loaded, name) for name in names if hasattr(loaded, name)) if loaded else ()
 
 
+def is_corrupt_sqlite(exc: BaseException) -> bool:
+    """Whether a database error says its SQLite file is not an intact database."""
+    text = str(exc)
+    return "file is not a database" in text or "malformed" in text
+
+
 def _describe_one(exc: BaseException) -> str | None:
     if isinstance(exc, OSError) and exc.errno in DISK_ERRORS:
         where = f" at {exc.filename}" if exc.filename else ""
@@ -76,7 +82,7 @@ def _describe_one(exc: BaseException) -> str | None:
         text = first_line(exc)
         if "locked" in text:
             return f"a SQLite store is locked by another process ({text}): run the command again when it ends"
-        if "not a database" in text or "malformed" in text:
+        if is_corrupt_sqlite(exc):
             return f"a SQLite store is corrupt ({text}): move the file aside (nothing reads it again)"
     connection_errors = (
         ConnectionError,

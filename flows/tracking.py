@@ -20,6 +20,7 @@ from contextlib import closing, contextmanager
 from pathlib import Path
 
 from configs.errors import MsddaError, first_line
+from flows.failures import causes, is_corrupt_sqlite
 
 EXPERIMENT = "msdda"
 HOST_TAG = "msdda.host"
@@ -129,7 +130,7 @@ def check_store(home: Path) -> None:
             with closing(sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True, timeout=30)) as connection:
                 verdict = connection.execute("PRAGMA quick_check(1)").fetchone()[0]
         except sqlite3.DatabaseError as exc:
-            if not _is_corrupt(exc):
+            if not is_corrupt_sqlite(exc):
                 return  # locked, or unreadable: MLflow reports it
             verdict = str(exc)
     if verdict != "ok":
@@ -145,11 +146,6 @@ process (a store damaged later fails MLflow's own calls, which :func:`store_erro
 def _identity(database: Path) -> tuple[str, int]:
     """A store file's path and inode: a file moved aside and replaced is checked again."""
     return str(database.resolve()), database.stat().st_ino
-
-
-def _is_corrupt(exc: BaseException) -> bool:
-    text = str(exc)
-    return "file is not a database" in text or "malformed" in text
 
 
 def _names_the_server(exc: BaseException, uri: str) -> bool:
@@ -184,8 +180,6 @@ def _connection_failure(exc: BaseException) -> bool:
 def store_failure(home: Path, what: str, exc: BaseException) -> TrackingError | None:
     """The one-line error for ``exc``, raised while ``what``, if it says the store cannot be used: the
     tracking server stopped answering, or the SQLite file is corrupt; else ``None``."""
-    from flows.failures import causes
-
     uri = tracking_uri(home)
     for cause in causes(exc):
         if is_remote(uri) and _connection_failure(cause) and _names_the_server(cause, uri):
@@ -194,7 +188,7 @@ def store_failure(home: Path, what: str, exc: BaseException) -> TrackingError | 
                 "or unset MLFLOW_TRACKING_URI to use the local store"
             )
         database = local_store(home)
-        if database is not None and isinstance(cause, sqlite3.DatabaseError) and _is_corrupt(cause):
+        if database is not None and isinstance(cause, sqlite3.DatabaseError) and is_corrupt_sqlite(cause):
             return _corrupt_store(database, first_line(cause))
     return None
 
