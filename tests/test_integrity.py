@@ -255,14 +255,20 @@ def test_the_reference_cache_records_its_files_and_hash(tiny_reference):
 def test_pretrain_rebuilds_a_damaged_reference(
     pretrained_home, tiny_reference, tiny_config_file, capfd, monkeypatch
 ):
-    """`msdda pretrain` used to report a damaged cache as cached; the next command then crashed."""
-    # the rebuilt model is byte-identical for a thread count: the session's, not one from the machine's load
-    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    """`msdda pretrain` used to report a damaged cache as cached; the next command then crashed. It rebuilds
+    with the thread count the damaged one was built with, whatever this process's: the model is byte-identical
+    only for a thread count (at 1 and 2 threads the tiny reference differs), and another count used to strand
+    every base model trained on the old reference (``reference_hash``)."""
     folder = _reference_folder(pretrained_home)
+    built_with = json.loads((folder / "msdda_reference.json").read_text())["torch_threads"]
+    other = 1 if built_with > 1 else 2
+    monkeypatch.setenv("OMP_NUM_THREADS", str(other))  # the CLI runs with another count
     _truncate(folder / "unet" / "diffusion_pytorch_model.safetensors")
     code, out, err = _cli(["pretrain", "--config", str(tiny_config_file), "--json"], capfd)
     assert code == 0, err
     assert f"the cached reference model at {folder} is damaged" in err and "rebuilding it" in err, err
+    assert f"with the {built_with} torch threads it was built with" in err, err
+    assert torch.get_num_threads() == other, "the process's own count is restored"
     assert "unet/diffusion_pytorch_model.safetensors is unreadable" in err and "Traceback" not in err
     payload = json.loads(out)
     assert payload["cached"] is False and payload["trained"] is True and payload["path"] == str(folder)
@@ -270,6 +276,48 @@ def test_pretrain_rebuilds_a_damaged_reference(
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")], "nothing is left aside"
     code, out, err = _cli(["pretrain", "--config", str(tiny_config_file), "--json"], capfd)
     assert code == 0 and json.loads(out)["cached"] is True and "warning" not in err, err
+
+
+@pytest.mark.parametrize("metadata", ["sound", "broken"])
+def test_a_damaged_reference_is_rebuilt_with_the_thread_count_it_records(
+    tiny_config, tiny_reference, tmp_path, capfd, monkeypatch, metadata
+):
+    """What the rebuild runs with (the build itself replaced): the recorded count, or, when the metadata
+    cannot say, this process's count and a warning that base models on the old reference need retraining."""
+    from training import embedded
+
+    home = tmp_path / "home"
+    folder = shutil.copytree(tiny_reference.path, home / "reference" / tiny_reference.path.name)
+    built_with = json.loads((folder / "msdda_reference.json").read_text())["torch_threads"]
+    other = 1 if built_with > 1 else 2
+    if metadata == "sound":
+        _truncate(folder / "unet" / "diffusion_pytorch_model.safetensors")
+    else:
+        (folder / "msdda_reference.json").write_text("{broken")
+    used = []
+    monkeypatch.setattr(embedded, "_build_reference", lambda *args: used.append(torch.get_num_threads()))
+    torch.set_num_threads(other)
+    capfd.readouterr()
+    embedded.pretrain_reference(tiny_config, home, progress=False)
+    (warning,) = capfd.readouterr().err.splitlines()
+    assert used == [built_with if metadata == "sound" else other]
+    assert torch.get_num_threads() == other, "the process's own count is restored"
+    if metadata == "sound":
+        assert f"rebuilding it with the {built_with} torch threads it was built with" in warning, warning
+    else:
+        assert f"rebuilding it with {other} torch threads (its metadata does not say" in warning, warning
+        assert "base models trained on the old reference need retraining" in warning, warning
+
+
+def test_the_recorded_thread_count_is_read_only_when_sound(tiny_reference, tmp_path):
+    from training.embedded import _recorded_threads
+
+    folder = shutil.copytree(tiny_reference.path, tmp_path / "reference")
+    recorded = json.loads((folder / "msdda_reference.json").read_text())["torch_threads"]
+    assert _recorded_threads(folder) == recorded
+    for broken in ("{broken", "[]", '{"torch_threads": "2"}', '{"torch_threads": 0}', "{}"):
+        (folder / "msdda_reference.json").write_text(broken)
+        assert _recorded_threads(folder) is None, broken
 
 
 UNREADABLE_REFERENCE = {

@@ -24,6 +24,7 @@ import secrets
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -251,18 +252,19 @@ def _checked_cache(folder: Path, required: tuple[str, ...]) -> str:
     return digest
 
 
-def _reusable_cache(folder: Path, what: str, check) -> str | None:
+def _reusable_cache(folder: Path, what: str, check, how: str = "") -> str | None:
     """The content hash of the cached ``folder`` when ``check`` (raising :class:`CacheError`) trusts it;
-    ``None`` when there is none, or when it is damaged: that is said on stderr and the folder removed, so
-    that the caller rebuilds it. A folder the OS cannot read is left as it is (``check`` raises
-    :class:`ModelLoadError`)."""
+    ``None`` when there is none, or when it is damaged: that is said on stderr (ending with ``how`` it is
+    rebuilt) and the folder removed, so that the caller rebuilds it. A folder the OS cannot read is left as
+    it is (``check`` raises :class:`ModelLoadError`)."""
     if not folder.exists():
         return None
     try:
         return check(folder)
     except CacheError as exc:
         problem = str(exc)
-    print(f"warning: the cached {what} at {folder} is damaged ({problem}); rebuilding it", file=sys.stderr)
+    warning = f"warning: the cached {what} at {folder} is damaged ({problem}); rebuilding it{how}"
+    print(warning, file=sys.stderr)
     aside = folder.with_name(f".damaged-{folder.name}-{secrets.token_hex(4)}")
     try:
         folder.rename(aside)  # a concurrent reader sees the old folder or none, never a half-removed one
@@ -507,11 +509,20 @@ def classifier_input_size(pipe) -> int:
 def pretrain_reference(config: PipelineConfig, home: Path, progress: bool = True) -> PretrainResult:
     """Build (or reuse from the cache) the embedded reference model on ``config.runtime.device``; see the
     module docstring. The device is not part of the key: what is saved is the same model (fp32 weights; on
-    the CPU byte-identical for a seed and thread count)."""
+    the CPU byte-identical for a seed and thread count). A damaged cache is rebuilt with the thread count its
+    metadata records, so that base models trained on it still match (``reference_hash``)."""
     device = resolve_device(config.runtime.device)  # a missing device fails here, in one line
     key = reference_key(config)
     final = home / "reference" / key
-    reference_hash = _reusable_cache(final, "reference model", check_reference_cache)
+    threads = _recorded_threads(final) if final.exists() else None  # read before a damaged one is removed
+    if threads:
+        how = f" with the {threads} torch threads it was built with"
+    else:
+        how = (
+            f" with {torch.get_num_threads()} torch threads (its metadata does not say how many it was built "
+            f"with): if that differs, base models trained on the old reference need retraining"
+        )
+    reference_hash = _reusable_cache(final, "reference model", check_reference_cache, how)
     if reference_hash is not None:
         meta = _current_evaluation(config, home, final, progress)
         return PretrainResult(
@@ -524,6 +535,33 @@ def pretrain_reference(config: PipelineConfig, home: Path, progress: bool = True
             reference_hash=reference_hash,
         )
 
+    # the same thread count as the damaged build, so the same model and hash as base models recorded
+    with _torch_threads(threads):
+        return _build_reference(config, home, final, key, device, progress)
+
+
+def _recorded_threads(folder: Path) -> int | None:
+    """The torch thread count the cached reference in ``folder`` records it was built with, or ``None``."""
+    try:
+        threads = json.loads((folder / META_FILE).read_text()).get("torch_threads")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None
+    return threads if isinstance(threads, int) and not isinstance(threads, bool) and threads > 0 else None
+
+
+@contextmanager
+def _torch_threads(count: int | None):
+    """Run with ``count`` torch threads (the current count when ``None``), restoring the count after."""
+    before = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _build_reference(config: PipelineConfig, home: Path, final: Path, key: str, device, progress: bool):
     start = time.perf_counter()
     pretrain, cfg = config.pretrain, config.model.embedded
     classifier, report = digit_classifier(config, home, progress)
