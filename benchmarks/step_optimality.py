@@ -2,6 +2,7 @@
 
     python benchmarks/step_optimality.py [--states 16] [--actions 256] [--json] [--write-readme]
     python benchmarks/step_optimality.py --profile digit_alignment,prototype_match:4 --betas 0.01,0.1
+    python benchmarks/step_optimality.py --config configs/quadratic.yaml --fit-ceiling   (fit_ceiling.py)
 
 1. Trains (or reuses) the config's base models and the oracles (the same trainer on ``w_1 R_1 + w_2 R_2``)
    at w = (0.25, 0.75), (0.5, 0.5), (0.75, 0.25).
@@ -72,6 +73,7 @@ from training.trainer import (
 )
 
 RESULTS = Path(__file__).parent / "results"
+DESIGN = Path(__file__).resolve().parents[1] / "docs" / "design.md"
 STATE_SEED = 20_261_126
 
 
@@ -650,6 +652,23 @@ def _nan_for_none(value):
     return value
 
 
+def fit_ceiling_main(args) -> None:
+    """``--fit-ceiling``: measure (or re-render ``--from-json``), print, and with ``--write-readme`` save the
+    JSON and write the table into docs/design.md §5.7."""
+    from fit_ceiling import fit_ceiling, render
+
+    if args.from_json:
+        report = json.loads(Path(args.from_json).read_text())
+    else:
+        report = fit_ceiling(load_config(args.config), msdda_home(), args)
+    if args.write_readme:
+        RESULTS.mkdir(exist_ok=True)
+        with atomic_file(RESULTS / "fit_ceiling.json") as tmp:
+            tmp.write_text(json.dumps(finite_or_none(report), indent=1))
+        write_section("fit-ceiling", render(report), DESIGN)
+    print(json.dumps(finite_or_none(report)) if args.json else render(report))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None)
@@ -686,7 +705,23 @@ def main() -> None:
     parser.add_argument("--proposal-actions", type=int, default=8, help="the trainer's actions per state")
     parser.add_argument("--proposal-draws", type=int, default=4, help="draws averaged per kappa")
     parser.add_argument("--from-json", default=None, help="re-render a report saved by --json (no measuring)")
+    ceiling = parser.add_argument_group("--fit-ceiling (benchmarks/fit_ceiling.py)")
+    ceiling.add_argument(
+        "--fit-ceiling",
+        action="store_true",
+        help="regress each LoRA target set onto the exact optimum (latent quadratic objectives only)",
+    )
+    ceiling.add_argument("--pool", type=int, default=512, help="reference chains the adapter is fitted on")
+    ceiling.add_argument("--held-out", type=int, default=128, help="reference chains it is scored on")
+    ceiling.add_argument("--iterations", type=int, default=400)
+    ceiling.add_argument("--eval-every", type=int, default=100)
+    ceiling.add_argument("--chains", type=int, default=32, help="pool chains per iteration")
+    ceiling.add_argument("--steps", type=int, default=4, help="random steps per chain and iteration")
+    ceiling.add_argument("--lr", type=float, default=3e-3)
     args = parser.parse_args()
+    if args.fit_ceiling:
+        fit_ceiling_main(args)
+        return
     if args.profile:
         rows = (
             _nan_for_none(json.loads(Path(args.from_json).read_text())) if args.from_json else profile(args)

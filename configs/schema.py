@@ -23,6 +23,22 @@ class ConfigError(MsddaError, ValueError):
     """A config file is missing, is not YAML, or does not match the schema."""
 
 
+_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+_RESNET = ("conv1", "conv2", "time_emb_proj", "conv_shortcut")
+_TRANSFORMER = ("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
+LORA_TARGET_SETS: dict[str, tuple[str, ...]] = {
+    "attention": _ATTENTION,  # the attention projections only
+    "attention_resnet": _ATTENTION + _RESNET,  # plus the ResNet blocks' convolutions and time projections
+    "broad": _ATTENTION + _RESNET + _TRANSFORMER + ("conv_in", "conv_out"),  # plus feed-forward, in and out
+}
+"""Named LoRA target sets (``train.lora_targets``): module-name suffixes in peft's ``target_modules`` sense
+(a module is adapted when its name is a target or ends with ``.<target>``). docs/design.md §5.7 gives the
+fit each set reaches (``benchmarks/step_optimality.py --fit-ceiling``)."""
+
+
+_ModuleName = Annotated[str, Field(min_length=1)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -132,12 +148,25 @@ class TrainConfig(_Strict):
     seed: int = 0
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     lora_rank: Annotated[int, Field(ge=1)] = 4
+    lora_targets: str | Annotated[list[_ModuleName], Field(min_length=1)] = "attention"
+    """What the LoRA adapts: a :data:`LORA_TARGET_SETS` name or a list of module names (peft
+    ``target_modules``; checked against the UNet when training starts)."""
     learn_variance: Literal["none", "step", "step_channel"] = "step"
     x0_estimate: Literal["next_state", "current_eps"] = "next_state"
     eval_samples: Annotated[int, Field(ge=2)] = 256
     eval_seed: int = 1234
     prompts: list[str] | None = None
     """Training and evaluation prompts; ``None`` uses the digit prompts of the embedded default."""
+
+    @field_validator("lora_targets")
+    @classmethod
+    def _known_target_set(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, str) and value not in LORA_TARGET_SETS:
+            sets = ", ".join(LORA_TARGET_SETS)
+            raise ValueError(
+                f"unknown LoRA target set {value!r}: the sets are {sets}, or a list of module names"
+            )
+        return value
 
     @model_validator(mode="after")
     def _check_antithetic(self) -> TrainConfig:

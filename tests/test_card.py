@@ -333,15 +333,19 @@ def test_reward_scale_and_lora_scaling():
 
 
 @torch.no_grad()
-def test_diffusers_load_lora_weights_applies_the_saved_adapter(tiny_reference, tmp_path):
+@pytest.mark.parametrize("target_set", ["attention", "broad"])
+def test_diffusers_load_lora_weights_applies_the_saved_adapter(tiny_reference, tmp_path, target_set):
     """The saved folder is a standard diffusers LoRA: ``pipe.load_lora_weights(folder)`` on a fresh reference
-    gives the same UNet output as our adapter loaded with peft (same weights, same alpha/rank scaling)."""
+    gives the same UNet output as our adapter loaded with peft (same weights, same alpha/rank scaling), for
+    the attention projections and for a set that adapts the convolutions too."""
     from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 
     from training.embedded import load_embedded_pipeline
 
-    spec = LoraSpec(rank=4, alpha=8.0, targets=LORA_TARGETS)  # scaling 2: the metadata must carry alpha
     ours = load_embedded_pipeline(tiny_reference.path)
+    spec = LoraSpec.resolve(
+        ours.unet, target_set, rank=4, alpha=8.0
+    )  # scaling 2: the metadata must carry alpha
     ours.unet.add_adapter(LoraConfig(**spec.lora_config_kwargs()), adapter_name="ours")
     g = torch.Generator().manual_seed(0)
     lora = {

@@ -21,10 +21,8 @@ import torch
 
 from configs.schema import PipelineConfig
 from training.card import (
-    LORA_TARGETS,
     BaseModelCard,
     CardError,
-    LoraSpec,
     NewerFormatError,
     RewardScale,
     RewardSpec,
@@ -73,7 +71,12 @@ def reference_identity(config: PipelineConfig, home: Path, progress: bool):
 # trained before they existed keep their keys (and their caches).
 ADDED_SETTINGS = {
     "objective": {"scale": 1.0, "train": {}},
-    "train": {"antithetic": False, "gradient_proposal": 0.0, "curvature_proposal": False},
+    "train": {
+        "antithetic": False,
+        "gradient_proposal": 0.0,
+        "curvature_proposal": False,
+        "lora_targets": "attention",
+    },
 }
 
 
@@ -209,7 +212,7 @@ def save_trained(final: Path, problem, config, spec, beta, reference_hash, metri
         beta=beta,
         trainer=config.train.method,
         train=config.train.model_dump(mode="json"),
-        lora=LoraSpec(rank=config.train.lora_rank, targets=LORA_TARGETS),
+        lora=problem.lora_spec,
         learn_variance=config.train.learn_variance,
         reference_hash=reference_hash,
         reference=config.model.model_dump(mode="json"),
@@ -232,7 +235,13 @@ def evaluation_problem(config: PipelineConfig, home: Path, base_model: Path | No
     loaded = load_base_model(base_model) if base_model is not None else None
     pipe, _ = reference_identity(config, home, progress)
     no_reward = Reward("none", False, lambda images, prompts: torch.zeros(len(images)))
-    overrides = {"lora_rank": loaded.rank, "learn_variance": loaded.card.learn_variance} if loaded else {}
+    overrides = {}
+    if loaded is not None:
+        overrides = {
+            "lora_rank": loaded.rank,
+            "lora_targets": loaded.targets,
+            "learn_variance": loaded.card.learn_variance,
+        }
     problem = DiffusionStepProblem.from_config(pipe, no_reward, config, **overrides)
     if loaded is not None:
         state = {f"lora.{k}": v for k, v in loaded.lora.items()}

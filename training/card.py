@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -33,6 +35,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from configs.errors import MsddaError, first_line
+from configs.schema import LORA_TARGET_SETS
 from training.models import raise_unless_content_fault, staged_directory
 
 CARD_FILE = "base_model.json"
@@ -40,7 +43,7 @@ LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers LoRA format: keys "u
 VARIANCE_FILE = "variance.safetensors"  # {"log_variance": [S, C]}
 LEGACY_LORA_FILE = "adapter_model.safetensors"  # format 1: peft keys without prefix
 FORMAT_VERSION = 2
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # the UNet attention projections a base model adapts
+LORA_TARGETS = list(LORA_TARGET_SETS["attention"])  # what cards from before ``train.lora_targets`` adapt
 UNET_PREFIX = "unet."
 
 
@@ -64,6 +67,11 @@ class LoraSpec(BaseModel):
     rank: Annotated[int, Field(ge=1)]
     alpha: Annotated[float, Field(gt=0)] | None = None
     targets: Annotated[list[str], Field(min_length=1)]
+    target_set: str = "attention"
+    """The :data:`LORA_TARGET_SETS` name ``targets`` came from, or ``"custom"`` for an explicit list (cards
+    written before ``train.lora_targets`` adapted the attention projections)."""
+    modules: list[str] = []
+    """The UNet modules ``targets`` resolved to when the model was trained (empty in older cards)."""
 
     @property
     def scaling(self) -> float:
@@ -78,6 +86,80 @@ class LoraSpec(BaseModel):
             "lora_alpha": self.rank if self.alpha is None else self.alpha,
             "target_modules": list(self.targets),
         }
+
+    @classmethod
+    def resolve(cls, unet, targets: str | Sequence[str], rank: int, alpha: float | None = None) -> LoraSpec:
+        """The spec of a fresh LoRA on ``unet`` for ``train.lora_targets``: a :data:`LORA_TARGET_SETS` name
+        (those of its names that ``unet`` has) or an explicit list of module names (each must name a layer).
+        Raises :class:`LoraTargetError` naming the valid names."""
+        layers = adaptable_modules(unet)
+        if isinstance(targets, str):
+            if targets not in LORA_TARGET_SETS:
+                raise LoraTargetError(f"unknown LoRA target set {targets!r}; {_valid_targets(layers)}")
+            target_set, wanted = targets, list(LORA_TARGET_SETS[targets])
+        else:
+            wanted = list(targets)
+            target_set = next((k for k, v in LORA_TARGET_SETS.items() if list(v) == wanted), "custom")
+        matched = {name: [m for m in layers if _adapts(m, name)] for name in wanted}
+        absent = [name for name, modules in matched.items() if not modules]
+        if absent and (target_set == "custom" or len(absent) == len(wanted)):
+            what = f"{absent[0]!r} names" if target_set == "custom" else f"target set {target_set!r} matches"
+            raise LoraTargetError(
+                f"LoRA {what} no linear or convolution layer of this UNet; {_valid_targets(layers)}"
+            )
+        modules = {m for found in matched.values() for m in found}
+        return cls(
+            rank=rank,
+            alpha=alpha,
+            targets=[name for name in wanted if matched[name]],
+            target_set=target_set,
+            modules=[m for m in layers if m in modules],
+        )
+
+
+class LoraTargetError(MsddaError, ValueError):
+    """``train.lora_targets`` names a set or module the UNet lacks, or a card adapts a module it lacks."""
+
+
+def _adapts(module: str, target: str) -> bool:
+    """peft's ``target_modules`` rule: the module's name is the target or ends with ``.<target>``."""
+    return module == target or module.endswith("." + target)
+
+
+_CONTAINER = re.compile(
+    r"^(?:.*\.(?:attn\d+|resnets\.\d+|transformer_blocks\.\d+|attentions\.\d+|downsamplers\.\d+"
+    r"|upsamplers\.\d+|time_embedding|add_embedding)\.)?(?P<short>.+)$"
+)
+
+
+def adaptable_modules(unet) -> dict[str, str]:
+    """The linear and 2-D convolution layers of ``unet`` a LoRA can adapt, in module order: full name -> short
+    name (the part after its block, e.g. ``to_q``, ``conv1``, ``ff.net.0.proj``). LoRA layers already on
+    ``unet`` count as the layer they wrap."""
+    from torch import nn
+
+    layers = {}
+    for name, module in unet.named_modules():
+        name = name.removesuffix(".base_layer")
+        if type(module) in (nn.Linear, nn.Conv2d) and ".lora_" not in name:
+            layers[name] = _CONTAINER.match(name).group("short")
+    return layers
+
+
+def _valid_targets(layers: dict[str, str]) -> str:
+    shorts = sorted(set(layers.values()), key=lambda s: (s.count("."), s))
+    return f"the sets are {', '.join(LORA_TARGET_SETS)}; the module names are {', '.join(shorts)}"
+
+
+def check_adapted_modules(unet, card: BaseModelCard) -> None:
+    """Refuse, in one line, a base model whose card adapts modules that ``unet`` (the reference) lacks."""
+    layers = adaptable_modules(unet)
+    missing = [m for m in card.lora.modules if m not in layers]
+    if missing:
+        raise LoraTargetError(
+            f"base model '{card.objective}' adapts {len(missing)} module(s) this reference lacks, such as "
+            f"{missing[0]!r}: it was trained on another reference architecture"
+        )
 
 
 class RewardSpec(BaseModel):

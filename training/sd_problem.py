@@ -1,8 +1,8 @@
 """The trainer's :class:`~training.trainer.StepProblem` for a Stable Diffusion pipeline with a LoRA base
 model.
 
-* Policy: the reference UNet with a peft LoRA adapter on its attention projections, classifier-free guidance,
-  and the optional learned log-variance offset.
+* Policy: the reference UNet with a peft LoRA adapter on the modules ``train.lora_targets`` names (the
+  attention projections by default), classifier-free guidance, and the optional learned log-variance offset.
 * Step reward: ``r(s, a) = R(decode(x0_hat(a, t_prev)), c)``, the reward of the reference model's clean
   estimate at the next state (``x0_estimate="next_state"``, one reference UNet call per action), or of the
   cheaper estimate that reuses the current state's epsilon (``"current_eps"``). At the last step
@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from training.card import LORA_TARGETS
+from training.card import LoraSpec
 from training.chain import run_chain
 from training.kernel import DDIMSchedule, GaussianStep, LogVarianceOffset, tilted_gaussian
 from training.policy import GaussianStepPolicy, GuidedEpsilon
@@ -25,17 +25,14 @@ from training.rewards import Reward
 ADAPTER = "default"
 
 
-def add_lora(unet, rank: int, seed: int) -> None:
-    """A fresh LoRA adapter (``B = 0``, so the policy starts at the reference) on the attention
-    projections."""
+def add_lora(unet, spec: LoraSpec, seed: int) -> None:
+    """A fresh LoRA adapter with ``spec``'s rank and targets (``B = 0``, so the policy starts at the
+    reference)."""
     from peft import LoraConfig
 
     torch.manual_seed(seed)
     unet.requires_grad_(False)
-    unet.add_adapter(
-        LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True, target_modules=LORA_TARGETS),
-        adapter_name=ADAPTER,
-    )
+    unet.add_adapter(LoraConfig(init_lora_weights=True, **spec.lora_config_kwargs()), adapter_name=ADAPTER)
 
 
 def lora_state_dict(unet) -> dict[str, torch.Tensor]:
@@ -96,6 +93,7 @@ class DiffusionStepProblem(nn.Module):
         eta: float,
         guidance_scale: float,
         lora_rank: int = 4,
+        lora_targets: str | list[str] = "attention",
         learn_variance: str = "step",
         x0_estimate: str = "next_state",
         seed: int = 0,
@@ -105,7 +103,8 @@ class DiffusionStepProblem(nn.Module):
         self.unet, self.vae = pipe.unet, pipe.vae
         self.vae.requires_grad_(False)
         pipe.text_encoder.requires_grad_(False)
-        add_lora(self.unet, lora_rank, seed)
+        self.lora_spec = LoraSpec.resolve(self.unet, lora_targets, lora_rank)
+        add_lora(self.unet, self.lora_spec, seed)
         self.reward = reward
         self.prompts = list(prompts)
         prompt_embeds, uncond_embeds = encode_prompts(pipe, self.prompts)
@@ -133,6 +132,7 @@ class DiffusionStepProblem(nn.Module):
         train = config.train
         settings = {
             "lora_rank": train.lora_rank,
+            "lora_targets": train.lora_targets,
             "learn_variance": train.learn_variance,
             "x0_estimate": train.x0_estimate,
             "seed": train.seed,
