@@ -120,6 +120,9 @@ def _quiet_libraries() -> None:
         transformers_logging.disable_progress_bar()
     except ImportError:  # pragma: no cover - both are hard dependencies
         pass
+    from flows.failures import console_without_tracebacks
+
+    console_without_tracebacks()
 
 
 def _overrides(sets: list[str] | None, device: str | None) -> list[str]:
@@ -462,7 +465,7 @@ def run(
     Every stage is cached."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.failures import prefect_console_without_tracebacks
+    from flows.failures import console_without_tracebacks
     from flows.pipeline import pipeline
     from flows.prefect_api import ensure_api
     from flows.registry import check_reachable
@@ -483,7 +486,7 @@ def run(
         load_reference_pipeline(cfg)
     for spec in cfg.objectives:  # unknown objectives or missing weights fail before the flow starts
         load_reward(spec.name, cfg, home, spec.options)
-    prefect_console_without_tracebacks()  # a failure is one line (flows.failures)
+    console_without_tracebacks()  # Prefect's console too: a failure is one line (flows.failures)
     # every Prefect client of the flow, Dask workers included, talks to that one server
     with temporary_settings(updates={PREFECT_API_URL: api_url}):
         result = pipeline(str(config) if config else None, str(home), runner, overrides)
@@ -617,11 +620,20 @@ def _global_verbose(args: list[str]) -> bool:
 def main(argv: list[str] | None = None) -> int:
     """Console entry point. Bad input (:class:`MsddaError`) is one line on stderr and exit code 2; any other
     failure one line and exit code 1, its traceback in a log file (``flows.failures``)."""
-    from flows.failures import report_failure
+    from flows.failures import command_logging, console_without_tracebacks
 
     _private_by_default()
     _quiet_warnings()
     args = sys.argv[1:] if argv is None else list(argv)
+    with command_logging(_global_verbose(args)):
+        console_without_tracebacks()
+        return _run(args)
+
+
+def _run(args: list[str]) -> int:
+    """The command ``args`` names, its failures reported as :func:`main` says; the exit code."""
+    from flows.failures import report_failure
+
     command = typer.main.get_command(app)
     try:
         code = command.main(args=args or ["--help"], prog_name="msdda", standalone_mode=False)

@@ -20,7 +20,7 @@ from contextlib import closing, contextmanager
 from pathlib import Path
 
 from configs.errors import MsddaError, first_line
-from flows.failures import causes, is_corrupt_sqlite
+from flows.failures import causes, console_without_tracebacks, is_corrupt_sqlite
 
 EXPERIMENT = "msdda"
 HOST_TAG = "msdda.host"
@@ -47,7 +47,9 @@ class TrackingError(MsddaError, RuntimeError):
 def configure_mlflow() -> None:
     """Apply :data:`MLFLOW_DEFAULTS` (MLflow reads them per request) and set MLflow's and alembic's log
     levels to ``MLFLOW_LOGGING_LEVEL`` (MLflow applies it only when first imported; alembic at least
-    WARNING). MLflow's complaint about a failed background write is dropped: :func:`mlflow_run` raises it."""
+    WARNING). MLflow's complaint about a failed background write is dropped: :func:`mlflow_run` raises it.
+    A record MLflow logs with a traceback is one line on the terminal
+    (:func:`flows.failures.console_without_tracebacks`)."""
     for name, value in MLFLOW_DEFAULTS.items():
         os.environ.setdefault(name, value)
     import mlflow  # noqa: F401 - configures MLflow's loggers on first import
@@ -57,6 +59,7 @@ def configure_mlflow() -> None:
     logging.getLogger("mlflow").setLevel(level)
     logging.getLogger("alembic").setLevel(max(level, logging.WARNING))
     logging.getLogger("mlflow.utils.async_logging.async_logging_queue").setLevel(logging.CRITICAL)
+    console_without_tracebacks()  # MLflow logs a failed SQLAlchemy call with ~90 lines of traceback
 
 
 def mlflow_client(home: Path):

@@ -172,27 +172,30 @@ def test_old_pretrain_num_threads_moves_to_runtime():
     assert parse_config({}).runtime.num_threads == 0
 
 
-def test_prefect_console_logs_no_traceback():
-    """A failed flow run's error log shows its message on Prefect's console handler, not its traceback; other
-    handlers of the same record still get the traceback."""
+def test_prefect_console_logs_no_traceback(tmp_path):
+    """A failed flow run's error log shows its message's first line on Prefect's console handler, and the log
+    file that holds its traceback; other handlers of the same record still get the traceback."""
     import io
     import logging
 
     from prefect.logging.handlers import PrefectConsoleHandler
 
-    from flows.failures import prefect_console_without_tracebacks
+    from flows.failures import command_logging, console_without_tracebacks
 
     console, full = io.StringIO(), io.StringIO()
     logger = logging.getLogger("tests.prefect_console")
     logger.propagate = False
     logger.handlers = [PrefectConsoleHandler(stream=console), logging.StreamHandler(full)]
-    prefect_console_without_tracebacks()
-    try:
-        raise RuntimeError("inside a flow")
-    except RuntimeError:
-        logger.exception("Encountered exception during execution")
-    assert "Encountered exception during execution" in console.getvalue()
-    assert "Traceback" not in console.getvalue()
+    console_without_tracebacks()
+    with command_logging(verbose=False):
+        try:
+            raise RuntimeError("inside a flow")
+        except RuntimeError:
+            logger.exception("Encountered exception during execution\nsecond line")
+    assert "Encountered exception during execution (traceback: " in console.getvalue()
+    assert "Traceback" not in console.getvalue() and "second line" not in console.getvalue()
+    log = Path(console.getvalue().strip().rsplit("traceback: ", 1)[1].removesuffix(")"))
+    assert "Traceback" in log.read_text() and "inside a flow" in log.read_text()
     assert "Traceback" in full.getvalue() and "inside a flow" in full.getvalue()
 
 
@@ -206,3 +209,78 @@ def test_run_failing_inside_the_flow_is_one_line(monkeypatch, capfd, pretrained_
     err = capfd.readouterr().err
     assert "Traceback" not in err, err
     assert "error: RuntimeError: an unforeseen failure (traceback: " in err
+
+
+SAFETENSORS_DISK_FULL = "Error while serializing: I/O error: No space left on device (os error 28)"
+"""What safetensors 0.8 raises when its (Rust) writer meets a full disk: the ``errno`` only in the text."""
+
+
+def test_disk_full_in_a_library_message_is_named(tmp_path, capsys):
+    """safetensors' and SQLite's disk-full errors carry no ``errno``: their text says it. Both are the
+    disk-full line with its remedy, not "a weights file is corrupt" nor a bare exception name."""
+    from safetensors import SafetensorError
+
+    from flows.failures import report_failure
+
+    database = sqlite3.connect(tmp_path / "small.db")
+    database.execute("pragma max_page_count = 2")  # SQLite's own SQLITE_FULL, as on a full disk
+    try:
+        database.execute("create table t (x)")
+        database.executemany("insert into t values (?)", [("x" * 1000,)] * 100)
+    except sqlite3.OperationalError as exc:
+        sqlite_full = exc
+    finally:
+        database.close()
+    rust = SafetensorError(SAFETENSORS_DISK_FULL)
+    read_only = SafetensorError("Error while serializing: I/O error: Read-only file system (os error 30)")
+    for failure, words in (
+        (rust, "no space left on the device"),
+        (sqlite_full, "no space left on the device"),
+        (read_only, "the file system is read-only"),
+    ):
+        assert report_failure(failure, ["train"]) == 1
+        line = _one_error_line(capsys.readouterr().err)
+        assert words in line and "run the command again" in line, line
+        assert "corrupt" not in line
+    corrupt = SafetensorError("Error while deserializing header: header too large")
+    report_failure(corrupt, ["train"])
+    assert "a weights file is corrupt or truncated" in _one_error_line(capsys.readouterr().err)
+
+
+_IN_A_TINY_FILESYSTEM = """
+import sys, torch
+from safetensors.torch import save_file
+from flows.failures import report_failure
+try:
+    save_file({"w": torch.zeros(100_000)}, sys.argv[1] + "/weights.safetensors")
+except Exception as exc:
+    sys.exit(report_failure(exc, ["train"]))
+"""
+
+
+@pytest.mark.parametrize("mount", ["size=16k", "ro"])
+def test_safetensors_on_a_full_or_read_only_filesystem(mount, tmp_path):
+    """The real error: safetensors saves to a 16 KiB (or a read-only) tmpfs, mounted in a user and mount
+    namespace of its own (no root needed; gone with the process)."""
+    folder = tmp_path / "tiny_fs"
+    folder.mkdir()
+    namespace = ["unshare", "--user", "--map-root-user", "--mount"]
+    try:
+        probe = subprocess.run([*namespace, "true"], capture_output=True, timeout=30, check=False)
+    except FileNotFoundError:
+        probe = None
+    if probe is None or probe.returncode != 0:
+        pytest.skip("no unshare, or user namespaces are off")
+    script = f'mount -t tmpfs -o {mount} none "$1" && exec "$2" -c "$3" "$1"'
+    done = subprocess.run(
+        [*namespace, "sh", "-c", script, "sh", str(folder), sys.executable, _IN_A_TINY_FILESYSTEM],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    line = _one_error_line(done.stderr)
+    expected = "no space left on the device" if mount.startswith("size") else "the file system is read-only"
+    assert expected in line and "os error" in line, line

@@ -82,6 +82,41 @@ def test_corrupt_store_is_one_line_naming_the_file_and_left_as_is(
     assert sorted(p.name for p in store_home.iterdir()) == ["mlflow.db", "mlflow.db.lock"]
 
 
+# ---------------------------------------------------------------------------------- a traceback MLflow logs
+
+
+def test_a_traceback_mlflow_logs_stays_off_the_terminal(store_home, tiny_config_file, capfd):
+    """MLflow logs a failed SQLAlchemy call (a full disk: "database or disk is full") at ERROR with about 90
+    lines of traceback, then raises. Here a real one: the store refuses to create the experiment (a trigger
+    that writes to a missing table). The terminal gets MLflow's first line and the command's own, both naming
+    one log file that holds both tracebacks; a line MLflow logs without a traceback is left as it is."""
+    import logging
+    import sqlite3
+
+    from flows.cli import main
+
+    with sqlite3.connect(store_home / "mlflow.db") as database:
+        database.execute(
+            "create trigger refuse before insert on experiments "
+            "begin insert into missing_table values (1); end"
+        )
+    capfd.readouterr()
+    code = main(["train", "--objective", "ink_economy", "--config", str(tiny_config_file)])
+    logging.getLogger("mlflow.tracking").warning("an ordinary line\nwith a second")
+    err = capfd.readouterr().err
+    assert code == 1 and "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 4, err
+    logged, failure = lines[0], lines[1]
+    assert "ERROR mlflow" in logged and "SQLAlchemy database error" in logged, logged
+    assert failure.startswith("error: ") and "no such table: main.missing_table" in failure, failure
+    log = logged.rsplit("(traceback: ", 1)[1].removesuffix(")")
+    assert failure.endswith(f"(traceback: {log})")
+    text = Path(log).read_text()
+    assert text.count("Traceback (most recent call last)") >= 2 and "msdda train --objective" in text
+    assert lines[2].endswith("an ordinary line") and lines[3] == "with a second"
+
+
 # ------------------------------------------------------------------------------------------- empty home, INFO
 
 
