@@ -5,8 +5,9 @@ Every MLflow client the project makes comes from :func:`mlflow_client`, which fi
 :data:`MLFLOW_DEFAULTS` (each unless the user set it): a tracking server that goes away fails a request in
 seconds rather than minutes, MLflow prints no "View run" links on stdout (a command's ``--json`` output is one
 JSON object) and no INFO lines (database migrations) on the terminal. Failures of the store are one line
-(:class:`TrackingError`, see :func:`store_errors`): a corrupt SQLite file is named and left as it is, a server
-that stopped answering is named by its URL.
+(:class:`TrackingError`, see :func:`store_errors`): a corrupt SQLite file, or a store path that is no file (a
+directory) or may not be read, is named at once and left as it is; a server that stopped answering is named by
+its URL.
 """
 
 from __future__ import annotations
@@ -119,12 +120,39 @@ def _corrupt_store(database: Path, reason: str) -> TrackingError:
     )
 
 
+def _unopenable(database: Path) -> TrackingError | None:
+    """The one-line error for a store path that SQLite cannot open as a database file: a directory (or a
+    pipe, a device) or a file this process may not read and write. MLflow would retry it for minutes."""
+    if database.is_dir():
+        kind = "a directory"
+    elif not database.is_file():
+        kind = "not a regular file"
+    elif not os.access(database, os.R_OK | os.W_OK):
+        return TrackingError(
+            f"the MLflow store {database} cannot be read and written by this user (permission denied): "
+            f"fix its permissions (chmod u+rw {database}), or set MSDDA_HOME to another folder"
+        )
+    else:
+        return None
+    return TrackingError(
+        f"the MLflow store {database} is {kind}, not a SQLite file: move it aside (mv {database} "
+        f"{database}.aside) and run the command again (a new, empty store is then created), or set "
+        "MSDDA_HOME to another folder"
+    )
+
+
 def check_store(home: Path) -> None:
-    """Raise :class:`TrackingError` (one line naming the file) if ``home``'s SQLite store exists but is not an
-    intact database: garbage, empty, or truncated (SQLite's ``quick_check``, read-only). Nothing is
-    changed; a store that does not exist yet, or another kind of store, passes."""
+    """Raise :class:`TrackingError` (one line naming the file) if ``home``'s SQLite store exists but cannot
+    be used: not a file (a directory), not readable and writable, or not an intact database (garbage, empty,
+    or truncated: SQLite's ``quick_check``, read-only). Nothing is changed; a store that does not exist yet,
+    or another kind of store, passes."""
     database = local_store(home)
-    if database is None or not database.is_file() or _identity(database) in _FOUND_INTACT:
+    if database is None or not database.exists():
+        return
+    error = _unopenable(database)
+    if error is not None:
+        raise error
+    if _identity(database) in _FOUND_INTACT:
         return
     with store_lock(home):  # not while another command creates the store (an empty file, for a moment)
         if database.stat().st_size == 0:

@@ -82,6 +82,50 @@ def test_corrupt_store_is_one_line_naming_the_file_and_left_as_is(
     assert sorted(p.name for p in store_home.iterdir()) == ["mlflow.db", "mlflow.db.lock"]
 
 
+@pytest.mark.parametrize("kind", ["directory", "fifo"])
+@pytest.mark.parametrize("command", ["models", "train"])
+def test_a_store_that_is_not_a_file_is_one_line_at_once(store_home, tiny_config_file, capfd, command, kind):
+    """``mlflow.db`` a directory (or a named pipe): one line naming it, at once. Before, MLflow retried
+    opening it for about 106 s, printing 37 warnings, then failed with a traceback."""
+    from flows.cli import main
+
+    database = store_home / "mlflow.db"
+    database.unlink()
+    if kind == "directory":
+        database.mkdir()
+        (database / "the user's file").write_text("kept")
+    else:
+        os.mkfifo(database)
+    args = COMMANDS[command] + ([] if command == "models" else ["--config", str(tiny_config_file)])
+    capfd.readouterr()
+    start = time.monotonic()
+    code = main(args)
+    seconds = time.monotonic() - start
+    out, err = capfd.readouterr()
+    line = one_line_error(err)
+    assert code == 2 and out == ""
+    assert f"the MLflow store {database} is " in line and "move it aside" in line, line
+    assert ("a directory" if kind == "directory" else "not a regular file") in line
+    assert seconds < 60, seconds
+    if kind == "directory":
+        assert [p.name for p in database.iterdir()] == ["the user's file"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads and writes any file")
+def test_a_store_this_user_may_not_read_is_one_line(store_home, capfd):
+    from flows.cli import main
+
+    database = store_home / "mlflow.db"
+    database.chmod(0)
+    try:
+        capfd.readouterr()
+        assert main(["models"]) == 2
+        line = one_line_error(capfd.readouterr().err)
+        assert "cannot be read and written" in line and "chmod u+rw" in line
+    finally:
+        database.chmod(0o644)
+
+
 # ---------------------------------------------------------------------------------- a traceback MLflow logs
 
 
