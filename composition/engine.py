@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -341,46 +345,122 @@ WRITTEN_BY = "msdda compose"
 """The manifest's ``written_by`` mark: a folder whose manifest carries it was written by ``msdda compose``."""
 
 
-def is_image_folder(folder: Path) -> bool:
-    """Whether ``folder`` holds only what compose wrote there: a manifest with its mark, the images the
-    manifest lists and their grid. Only such a folder may be replaced by another compose."""
+STAGING_PREFIX = ".images-"
+"""Compose stages its files in a hidden folder so named: beside a new image folder, inside an existing one."""
+
+
+def _entries(folder: Path) -> list[Path]:
+    """``folder``'s entries, but the staging folders composes in flight (or killed) keep inside it."""
+    return [
+        entry
+        for entry in folder.iterdir()
+        if not (entry.name.startswith(STAGING_PREFIX) and entry.is_dir() and not entry.is_symlink())
+    ]
+
+
+def _written(folder: Path) -> set[str] | None:
+    """The files compose wrote in ``folder`` (its manifest with the mark, the images it lists, their grid)
+    when that is all the folder holds; ``None`` otherwise."""
     try:
         manifest = json.loads((folder / IMAGES_MANIFEST).read_text(encoding="utf-8"))
         written = {IMAGES_MANIFEST, GRID_FILE, *(image["file"] for image in manifest["images"])}
-        return manifest["written_by"] == WRITTEN_BY and all(
-            entry.name in written and entry.is_file() and not entry.is_symlink() for entry in folder.iterdir()
-        )
+        if manifest["written_by"] == WRITTEN_BY and all(
+            entry.name in written and entry.is_file() and not entry.is_symlink() for entry in _entries(folder)
+        ):
+            return written
     except (OSError, ValueError, KeyError, TypeError):
-        return False
+        pass
+    return None
 
 
-def check_image_folder(folder: Path) -> Path:
-    """``folder`` made absolute (``.``, ``..`` and links resolved) once checked, before any sampling, that
-    compose can write it without losing anything: a one-line :class:`CompositionError` for a file, the current
-    folder or one above it, a non-empty folder compose did not write (:func:`is_image_folder`), a path under
-    a file, or a place this process cannot write."""
+def is_image_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds only what compose wrote there: a manifest with its mark, the images the
+    manifest lists and their grid. Only such a folder may be replaced by another compose."""
+    return _written(folder) is not None
+
+
+def folder_state(folder: Path) -> str:
+    """What is at ``folder``: ``absent``, ``empty`` (nothing but compose's staging folders), ``compose``
+    (:func:`is_image_folder`) or ``other`` (a file, or a folder holding anything else)."""
+    if not folder.exists():
+        return "absent"
+    if not folder.is_dir():
+        return "other"
+    if not _entries(folder):
+        return "empty"
+    return "compose" if is_image_folder(folder) else "other"
+
+
+@dataclass(frozen=True)
+class ImageFolder:
+    """Where compose publishes its images (absolute), and what :func:`check_image_folder` found there."""
+
+    path: Path
+    found: str
+    """:func:`folder_state` at the check: ``absent``, ``empty`` or ``compose``."""
+
+
+def check_image_folder(folder: Path) -> ImageFolder:
+    """``folder`` made absolute (``.``, ``..`` and links resolved), and what is there, once checked before
+    any sampling that compose can write it without losing anything: a one-line :class:`CompositionError` for
+    a file, the current folder or one above it, a non-empty folder compose did not write
+    (:func:`is_image_folder`), a path under a file, or a place this process cannot write (where the files are
+    staged: inside an existing folder, beside a new one; see :func:`staged_images`)."""
     given = Path(folder).expanduser()
     try:
         folder = given.resolve()
         here = Path.cwd().resolve()
+        found = folder_state(folder)
         if folder == here or folder in here.parents:
             problem = "is the current folder or one above it"
-        elif folder.exists() and not folder.is_dir():
+        elif found == "other" and not folder.is_dir():
             problem = "is a file"
-        elif folder.is_dir() and any(folder.iterdir()) and not is_image_folder(folder):
+        elif found == "other":
             problem = "holds files that msdda compose did not write (it replaces only its own image folders)"
         else:
             problem = None
         if problem:
             raise CompositionError(f"image folder {given} {problem}: name a new or empty folder")
-        parent = next(p for p in folder.parents if p.exists())  # where the folder (and its parents) is made
-        if not parent.is_dir():
-            raise CompositionError(f"cannot create the image folder {given}: {parent} is a file")
-        Path(tempfile.mkdtemp(prefix=".probe-", dir=parent)).rmdir()  # writable (os.access ignores root)
+        # where the files are staged: inside an existing folder, else where it (and its parents) is made
+        stage = folder if found != "absent" else next(p for p in folder.parents if p.exists())
+        if not stage.is_dir():
+            raise CompositionError(f"cannot create the image folder {given}: {stage} is a file")
+        Path(tempfile.mkdtemp(prefix=".probe-", dir=stage)).rmdir()  # writable (os.access ignores root)
     except (OSError, RuntimeError) as exc:  # RuntimeError: a symbolic link loop
         reason = getattr(exc, "strerror", None) or str(exc)
         raise CompositionError(f"cannot write the image folder {given}: {reason}") from None
-    return folder
+    return ImageFolder(folder, found)
+
+
+@contextmanager
+def staged_images(target: ImageFolder) -> Iterator[Path]:
+    """Yield a staging folder for compose's files; when the block succeeds they are published at
+    ``target.path``, when it fails the staging folder is removed.
+
+    A new folder is staged beside ``target.path`` and renamed into place: it appears complete. An existing
+    one (empty, or an earlier compose's) is kept as it is, with its mode and owner; it may be a mount point,
+    or sit in a folder this process cannot write: the files are staged inside it and moved in, the manifest
+    last, and then the earlier compose's files the new manifest does not list are removed."""
+    final, new = target.path, target.found == "absent"
+    if new:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=final.parent if new else final))
+    try:
+        yield staged
+        if new:
+            staged.chmod(0o755)  # mkdtemp's 0700 would hide the folder from the rest of a team
+            staged.rename(final)  # takes a free name or an empty folder, raises on anything else
+            return
+        earlier = _written(final) or set()
+        files = sorted(staged.iterdir(), key=lambda path: path.name == IMAGES_MANIFEST)  # the manifest last
+        for path in files:
+            os.replace(path, final / path.name)
+        for name in earlier - {path.name for path in files}:
+            (final / name).unlink(missing_ok=True)
+        staged.rmdir()
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
 
 
 def write_images(images: torch.Tensor, prompts: list[str], folder: Path, manifest: dict) -> None:

@@ -236,14 +236,13 @@ def compose_job(
         check_image_folder,
         generate,
         get_method,
-        is_image_folder,
         load_ensemble,
         parse_weights,
         score_generated,
+        staged_images,
         write_images,
     )
     from composition.evaluation import image_grid
-    from training.models import staged_directory
     from training.rewards import mean_and_se
 
     get_method(method)  # a one-line error before any loading
@@ -254,7 +253,8 @@ def compose_job(
     seed = options.seed if seed is None else seed
     weight_list = parse_weights(weights, len(specs or config.objective_names))  # before any download or load
     default_dir = home / "compositions" / composition_folder_name(method, weight_list, seed)
-    image_dir = check_image_folder(out_dir or default_dir)  # before any sampling
+    target = check_image_folder(out_dir or default_dir)  # before any sampling
+    image_dir = target.path
     if mlflow:
         _reachable(home)
     resolved = resolve_models(config, home, specs)
@@ -283,18 +283,16 @@ def compose_job(
         "seed": seed,
         "seconds": round(generated.seconds, 3),
     }
-    # Images, manifest and grid are written into a staged folder that takes the place of image_dir only when
-    # all of them are there, and only if image_dir is free, empty, or a folder compose wrote (a default one:
-    # free). The MLflow run is logged after, from the published folder: a kill in between leaves a complete
-    # folder without a run, never a run whose images are missing (the other order could leave that, and a
-    # failed publish would leave a run for images nobody can see).
-    replaceable = is_image_folder if out_dir else (lambda folder: False)
+    # Images, manifest and grid are written into a staged folder and published at image_dir only when all of
+    # them are there (staged_images). The MLflow run is logged after, from the published folder: a kill in
+    # between leaves a complete folder without a run, never a run whose images are missing (the other order
+    # could leave that, and a failed publish would leave a run for images nobody can see).
     title = (
         f"{method} w = {', '.join(f'{w:g}' for w in weight_list)} ({', '.join(ensemble.objectives)}), "
         f"seed {seed}: {min(num_images, 64)} of {num_images} images"
     )
     try:
-        with staged_directory(image_dir, prefix=".images-", replaceable=replaceable) as staged:
+        with staged_images(target) as staged:
             write_images(generated.images, generated.prompts, staged, payload)
             image_grid(generated.images, staged / GRID_FILE, generated.prompts, scores, title=title)
     except OSError as exc:  # e.g. the folder filled with other files while sampling, or a full disk

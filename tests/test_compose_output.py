@@ -7,10 +7,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import stat
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from composition.engine import CompositionError
 
@@ -122,29 +127,32 @@ def test_compose_replaces_only_a_folder_it_wrote(compose, job, tmp_path):
     assert tree(folder) == before
 
 
-def test_staged_directory_replaces_only_what_it_may(tmp_path):
-    """``replaceable``: the other callers keep replacing their own folders; a user's folder or file is never
-    replaced, only refused, and nothing staged is left behind."""
-    from training.models import staged_directory
+def test_staged_images_publish_only_where_they_may(tmp_path):
+    """What the check found decides how the files are published: a new folder is renamed into place; an
+    empty one, or compose's own, is kept and written into (the earlier compose's files it no longer lists
+    removed); a user's folder or file is refused by the check, before anything is staged."""
+    from composition.engine import check_image_folder, staged_images, write_images
 
-    def publish(final: Path, replaceable) -> None:
-        with staged_directory(final, prefix=".images-", replaceable=replaceable) as staged:
-            (staged / "new.txt").write_text("new")
+    def publish(final: Path, images: int) -> None:
+        with staged_images(check_image_folder(final)) as staged:
+            write_images(torch.zeros(images, 3, 4, 4), ["a digit"] * images, staged, {"seed": images})
 
-    users, a_file, empty = tmp_path / "users", tmp_path / "a-file", tmp_path / "empty"
+    users, a_file, empty, new = tmp_path / "users", tmp_path / "a-file", tmp_path / "empty", tmp_path / "new"
     users.mkdir()
     (users / "mine.txt").write_text("mine")
     a_file.write_text("mine")
     empty.mkdir()
     for final in (users, a_file):
-        with pytest.raises(OSError):
-            publish(final, lambda folder: False)
+        with pytest.raises(CompositionError):
+            publish(final, 1)
     assert (users / "mine.txt").read_text() == "mine" and a_file.read_text() == "mine"
-    publish(empty, lambda folder: False)  # an empty folder loses nothing
-    publish(tmp_path / "new", lambda folder: False)
-    publish(users, lambda folder: True)  # one the caller recognises as its own
-    assert [p.name for p in users.iterdir()] == ["new.txt"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "empty", "new", "users"]
+    publish(empty, 3)
+    publish(new, 1)
+    publish(empty, 2)  # compose's own: the third image goes with the manifest that listed it
+    assert sorted(p.name for p in empty.iterdir()) == ["0000.png", "0001.png", "manifest.json"]
+    assert json.loads((empty / "manifest.json").read_text())["seed"] == 2
+    assert sorted(p.name for p in new.iterdir()) == ["0000.png", "manifest.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "empty", "new", "users"], "nothing staged"
 
 
 def test_an_empty_folder_is_used(job, tmp_path):
@@ -152,6 +160,75 @@ def test_an_empty_folder_is_used(job, tmp_path):
     folder.mkdir()
     job(out_dir=folder)
     assert (folder / "grid.png").exists() and (folder / "0001.png").exists()
+
+
+def test_an_existing_folder_is_kept_with_its_mode(job, tmp_path):
+    """The images used to go into a new folder renamed over the empty one: mode 0700 became 0755."""
+    folder = tmp_path / "private"
+    folder.mkdir()
+    folder.chmod(0o700)
+    before = folder.stat()
+    job(out_dir=folder, num_images=3)
+    job(out_dir=folder, seed=2)  # compose's own folder: replaced in place
+    after = folder.stat()
+    assert (after.st_ino, after.st_dev) == (before.st_ino, before.st_dev), "the folder itself is kept"
+    assert stat.S_IMODE(after.st_mode) == 0o700
+    assert sorted(p.name for p in folder.iterdir()) == ["0000.png", "0001.png", "grid.png", "manifest.json"]
+
+
+def test_an_empty_folder_in_a_read_only_folder_gets_the_images(job, tmp_path):
+    """It used to be refused: compose staged its files beside the folder, in the read-only parent."""
+    parent = tmp_path / "read-only"
+    folder = parent / "images"
+    folder.mkdir(parents=True)
+    parent.chmod(0o555)
+    try:
+        try:
+            os.rmdir(tempfile.mkdtemp(dir=parent))
+            pytest.skip("the mode does not bind here (root): see test_an_empty_mount_point_gets_the_images")
+        except PermissionError:
+            pass
+        job(out_dir=folder)
+    finally:
+        parent.chmod(0o755)
+    assert (folder / "grid.png").exists() and (folder / "0001.png").exists()
+
+
+COMPOSE_SCRIPT = """
+import sys
+from pathlib import Path
+from configs import load_config
+from flows.jobs import compose_job
+from training.models import msdda_home
+config, out, *models = sys.argv[1:]
+options = {"num_images": 2, "out_dir": Path(out), "mlflow": False}
+compose_job(load_config(config), msdda_home(), "0.5,0.5", models, **options)
+"""
+
+
+@pytest.mark.slow
+def test_an_empty_mount_point_gets_the_images(pretrained_home, tiny_base_models, tiny_config_file, tmp_path):
+    """A mount point cannot be renamed (EBUSY), even by root: publishing used to rename the staged folder
+    over it, which failed after sampling. Here the folder is bind-mounted on itself in a private mount
+    namespace (``unshare``), where compose runs."""
+    unshare = shutil.which("unshare")
+    probe = unshare and subprocess.run([unshare, "-rm", "true"], check=False, capture_output=True)
+    if not probe or probe.returncode != 0:
+        pytest.skip("no private mount namespace (unshare -rm) here")
+    folder = tmp_path / "mount-point"
+    folder.mkdir()
+    mounted = 'mount --bind "$1" "$1" && mountpoint -q "$1" && shift && exec "$@"'
+    command = [unshare, "-rm", "sh", "-c", mounted, "sh", str(folder), sys.executable, "-c", COMPOSE_SCRIPT]
+    done = subprocess.run(
+        [*command, str(tiny_config_file), str(folder), *map(str, tiny_base_models)],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[1],
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(p.name for p in folder.iterdir()) == ["0000.png", "0001.png", "grid.png", "manifest.json"]
 
 
 # ------------------------------------------------------------------------- unwritable --out, before sampling

@@ -7,7 +7,7 @@ import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -134,12 +134,7 @@ def content_hash(directory: Path) -> str:
 
 
 @contextmanager
-def staged_directory(
-    final: Path,
-    prefix: str = ".build-",
-    keep_existing: bool = False,
-    replaceable: Callable[[Path], bool] | None = None,
-) -> Iterator[Path]:
+def staged_directory(final: Path, prefix: str = ".build-", keep_existing: bool = False) -> Iterator[Path]:
     """Yield a temporary folder next to ``final``; when the block succeeds it replaces ``final`` by a rename,
     when it fails it is removed. Readers never see a half-written ``final``.
 
@@ -147,10 +142,8 @@ def staged_directory(
     ``final`` exists by then, a concurrent build of the same content won the race; it is kept, the staged
     one discarded.
 
-    With ``replaceable`` (folders a user names, which may hold the user's files): an existing ``final`` is
-    replaced only when it is a folder and ``replaceable(final)`` is true. Otherwise the staged folder takes
-    ``final``'s place only if that is free or an empty folder; anything else there raises ``OSError`` (the
-    rename refuses a non-empty folder or a file), the staged folder is removed and nothing of ``final`` lost.
+    For folders a user names, which may hold the user's files, see
+    :func:`composition.engine.staged_images`.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -165,9 +158,6 @@ def staged_directory(
                 if not final.exists():
                     raise
                 shutil.rmtree(tmp, ignore_errors=True)
-            return
-        if replaceable is not None and not (final.is_dir() and not final.is_symlink() and replaceable(final)):
-            tmp.rename(final)  # takes a free name or an empty folder, raises on anything else
             return
         aside = final.with_name(f".old-{final.name}-{secrets.token_hex(4)}")
         if final.exists():
