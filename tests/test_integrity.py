@@ -413,6 +413,17 @@ def test_a_corrupt_reward_head_is_one_line(tiny_config, tmp_path):
 # ------------------------------------------------------------------------------------- training checkpoints
 
 
+def _rewrite_iteration(directory: Path, iteration: int, history_length: int | None = None) -> None:
+    """Make the checkpoint claim ``iteration``, with a history of ``history_length`` iterations (the one it
+    has, its last entry repeated)."""
+    meta = json.loads((directory / "checkpoint.json").read_text())
+    history = meta["history"]
+    if history_length is not None:
+        history = [{**history[min(i, len(history) - 1)], "iteration": i + 1} for i in range(history_length)]
+    meta.update(iteration=iteration, history=history)
+    (directory / "checkpoint.json").write_text(json.dumps(meta))
+
+
 CHECKPOINT_DAMAGE = {
     "tensors truncated": lambda d: _truncate(d / "checkpoint.safetensors"),
     "tensors missing": lambda d: (d / "checkpoint.safetensors").unlink(),
@@ -422,6 +433,11 @@ CHECKPOINT_DAMAGE = {
         {"model.x": torch.zeros(1), "rng.generator": torch.zeros(1), "rng.torch": torch.zeros(1)},
         d / "checkpoint.safetensors",
     ),
+    # these used to resume "finished" (or further on than trained) and so register an undertrained model
+    "iteration past the run": lambda d: _rewrite_iteration(d, 9, history_length=9),
+    "iteration past its history": lambda d: _rewrite_iteration(d, 4),
+    "iteration negative": lambda d: _rewrite_iteration(d, -1, history_length=0),
+    "iteration not a whole number": lambda d: _rewrite_iteration(d, 2.5),
 }
 
 

@@ -227,9 +227,10 @@ def has_checkpoint(directory: Path) -> bool:
     return any((directory / name).exists() for name in CHECKPOINT_FILES)
 
 
-def _read_checkpoint(directory: Path, problem: StepProblem) -> tuple[dict, dict, int, list]:
+def _read_checkpoint(directory: Path, problem: StepProblem, iterations: int) -> tuple[dict, dict, int, list]:
     """``(tensors, metadata, iteration, history)`` of the checkpoint in ``directory``, checked against
-    ``problem``'s trainable state; a file that is missing, does not parse or holds other shapes raises
+    ``problem``'s trainable state and the run's ``iterations``; a file that is missing, does not parse, holds
+    other shapes, or an iteration outside ``0..iterations`` or other than its history's, raises
     :class:`CheckpointError` naming it, one the OS cannot read now (permission denied, an I/O error) a
     :class:`~training.models.ModelLoadError`: that is no damage, and the checkpoint must be kept."""
     from safetensors import SafetensorError
@@ -245,17 +246,31 @@ def _read_checkpoint(directory: Path, problem: StepProblem) -> tuple[dict, dict,
         path = info
         meta = json.loads(info.read_text())
         history = [IterationMetrics(**m) for m in meta["history"]]
-        return tensors, meta, int(meta["iteration"]), history
+        iteration = _checked_iteration(meta["iteration"], history, iterations)
+        return tensors, meta, iteration, history
     except (OSError, ValueError, TypeError, KeyError, SafetensorError) as exc:
         raise_unless_content_fault(exc, path)
         raise CheckpointError(f"the training checkpoint {path} is damaged ({first_line(exc)})") from None
 
 
-def load_checkpoint(directory: Path, problem: StepProblem, optimizer, generator) -> tuple[int, list]:
+def _checked_iteration(iteration, history: list[IterationMetrics], iterations: int) -> int:
+    """The checkpoint's ``iteration`` when it is one a run of ``iterations`` saves: within
+    ``0..iterations`` and the count of its history's iterations ``1..iteration``; else ``ValueError``."""
+    if type(iteration) is not int or not 0 <= iteration <= iterations:
+        raise ValueError(f"its iteration {iteration!r} is not one of this run's 0..{iterations}")
+    if [m.iteration for m in history] != list(range(1, iteration + 1)):
+        raise ValueError(f"its iteration {iteration} does not match its history of {len(history)} iterations")
+    return iteration
+
+
+def load_checkpoint(
+    directory: Path, problem: StepProblem, optimizer, generator, iterations: int
+) -> tuple[int, list]:
     """Restore the checkpoint in ``directory`` into ``problem``, ``optimizer`` and the RNGs; returns
-    ``(iteration, history)``. A damaged checkpoint raises :class:`CheckpointError` (one line); the state is
-    then only partly restored when the optimizer's or an RNG's state does not fit."""
-    tensors, meta, iteration, history = _read_checkpoint(directory, problem)
+    ``(iteration, history)``. A damaged checkpoint (one that also names an iteration a run of ``iterations``
+    never saves) raises :class:`CheckpointError` (one line); the state is then only partly restored when the
+    optimizer's or an RNG's state does not fit."""
+    tensors, meta, iteration, history = _read_checkpoint(directory, problem, iterations)
     problem.load_trainable_state({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     state: dict[int, dict] = {}
     for key, value in tensors.items():
@@ -331,7 +346,7 @@ def setup_run(
     if checkpoint_dir is not None and has_checkpoint(checkpoint_dir):
         initial = {k: v.detach().clone() for k, v in problem.trainable_state().items()}
         try:
-            start, history = load_checkpoint(checkpoint_dir, problem, optimizer, generator)
+            start, history = load_checkpoint(checkpoint_dir, problem, optimizer, generator, config.iterations)
         except CheckpointError as exc:  # start over exactly as a run without it would
             print(f"warning: {exc}; discarding it and training from scratch", file=sys.stderr)
             if accelerator.is_main_process:
