@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from configs.schema import ConfigError
+from configs.schema import TOO_DEEP, ConfigError
 
 
 class OverrideError(ConfigError):
@@ -43,6 +43,8 @@ def parse_override(text: str) -> Override:
     except yaml.YAMLError as exc:
         reason = str(exc).splitlines()[0]
         raise OverrideError(f"--set {text}: the value is not YAML ({reason})") from None
+    except RecursionError:
+        raise OverrideError(f"--set {key}=...: the value is {TOO_DEEP}") from None
     return Override(text, path, value)
 
 

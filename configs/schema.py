@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from configs.errors import MsddaError
 
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
+TOO_DEEP = "nested too deeply to read (a config is a few levels of sections and lists)"
+"""The error for YAML nested deeper than Python's recursion limit lets it be read."""
 
 
 class ConfigError(MsddaError, ValueError):
@@ -338,12 +340,14 @@ def parse_config(data: object, source: str = "<config>", overrides: Sequence[str
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: top level must be a mapping, got {type(data).__name__}")
-    data = apply_overrides(data, overrides) if overrides else data
     try:
+        data = apply_overrides(data, overrides) if overrides else data
         return PipelineConfig.model_validate(data)
     except ValidationError as exc:
         error = exc.errors()[0]
         raise ConfigError(_format_error(error, source_of(error["loc"], overrides, source))) from None
+    except RecursionError:
+        raise ConfigError(f"{source}: {TOO_DEEP}") from None
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> PipelineConfig:
@@ -362,4 +366,6 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except RecursionError:  # PyYAML reads nested collections recursively: a few hundred levels exhaust Python
+        raise ConfigError(f"{path}: {TOO_DEEP}") from None
     return parse_config(data, str(path), overrides)

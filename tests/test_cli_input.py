@@ -83,6 +83,13 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has
         (["train", "-o", "ink_economy", "--config", "DIRECTORY"], "cannot read config"),
         (["train", "-o", "ink_economy", "--config", "INVALID"], "train.iterations: Input should be"),
         (["train", "-o", "ink_economy", "--config", "NOT_YAML"], "not valid YAML"),
+        (["train", "-o", "ink_economy", "--config", "DEEP_LISTS"], "nested too deeply to read"),
+        (["train", "-o", "ink_economy", "--config", "DEEP_MAPPINGS"], "nested too deeply to read"),
+        pytest.param(
+            ["train", "-o", "ink_economy", "--set", "train.prompts=" + "[" * 3000 + "]" * 3000],
+            "--set train.prompts=...: the value is nested too deeply to read",
+            id="deep-set",
+        ),
         pytest.param(["train", "-o", "ink_economy", "--device", "cuda"], "no CUDA device", marks=NO_CUDA),
         (["train", "-o", "ink_economy", "--device", "tpu"], "'tpu' is not one of 'auto', 'cpu', 'cuda'"),
         # sweep
@@ -113,6 +120,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(fresh, tmp_path, capfd,
         "DIRECTORY": str(tmp_path),
         "INVALID": _write(tmp_path / "invalid.yaml", "train:\n  iterations: many\n"),
         "NOT_YAML": _write(tmp_path / "not_yaml.yaml", "train: [oops\n"),
+        "DEEP_LISTS": _write(tmp_path / "deep.yaml", "train:\n  prompts: " + "[" * 3000 + "]" * 3000),
+        "DEEP_MAPPINGS": _write(tmp_path / "deep_maps.yaml", "a: " + "{b: " * 3000 + "1" + "}" * 3000),
         "EMPTY": _write(tmp_path / "empty.txt", "\n  \n\n"),
     }
     code, out, err = cli([files.get(a, a) for a in args], capfd)

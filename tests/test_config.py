@@ -128,3 +128,17 @@ def test_unreadable_and_non_yaml_files(tmp_path):
     scalar.write_text("42\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(scalar)
+
+
+def test_nesting_past_the_recursion_limit_is_a_config_error(tmp_path):
+    """YAML (or data) nested a few thousand levels deep exhausts Python's recursion in the YAML reader or in
+    copying the data for ``--set``: a one-line :class:`ConfigError`, not a ``RecursionError``."""
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("train:\n  prompts: " + "[" * 3000 + "]" * 3000)
+    with pytest.raises(ConfigError, match="deep.yaml: nested too deeply to read"):
+        load_config(deep)
+    options: object = 1
+    for _ in range(5000):
+        options = {"b": options}
+    with pytest.raises(ConfigError, match="<data>: nested too deeply to read"):
+        parse_config({"objectives": [{"name": "x", "options": options}]}, "<data>", ["train.iterations=3"])
