@@ -54,6 +54,7 @@ from training.models import (
     ModelLoadError,
     atomic_file,
     check_checkpoint,
+    check_writable,
     content_hash,
     raise_unless_content_fault,
     staged_directory,
@@ -306,6 +307,7 @@ def digit_classifier(config: PipelineConfig, home: Path, progress: bool = True):
     size = config.model.embedded.image_size
     final = home / "classifiers" / classifier_key(size, config.pretrain)
     if _reusable_cache(final, "evaluator CNN", check_classifier_cache) is None:
+        check_writable(final.parent)  # before the training, not after
         train, test = train_test_split(size, config.pretrain.test_fraction, seed=0)
         model, report = train_classifier(
             train,
@@ -562,6 +564,7 @@ def _torch_threads(count: int | None):
 
 
 def _build_reference(config: PipelineConfig, home: Path, final: Path, key: str, device, progress: bool):
+    check_writable(final.parent)  # before the pretraining, not after
     start = time.perf_counter()
     pretrain, cfg = config.pretrain, config.model.embedded
     classifier, report = digit_classifier(config, home, progress)

@@ -34,6 +34,22 @@ def msdda_home() -> Path:
     return home
 
 
+def check_writable(folder: Path) -> Path:
+    """Create ``folder`` (under ``$MSDDA_HOME``) if need be and write a file there, before work whose results
+    land there: one the OS refuses (read-only, no permission, a path that cannot be created) raises
+    :class:`HomeError` (one line) instead of failing after the work."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise HomeError(
+            f"cannot write to {folder} ({exc.strerror or first_line(exc)}): set MSDDA_HOME to a folder "
+            f"you can write to"
+        ) from None
+    return folder
+
+
 def _missing_components(directory: Path) -> list[str]:
     """SD components whose folder, config or weights are absent from a local pipeline directory."""
     missing = []
