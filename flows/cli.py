@@ -619,7 +619,8 @@ def _global_verbose(args: list[str]) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point. Bad input (:class:`MsddaError`) is one line on stderr and exit code 2; any other
-    failure one line and exit code 1, its traceback in a log file (``flows.failures``)."""
+    failure one line and exit code 1, its traceback in a log file; Ctrl-C ``Aborted!`` and exit code 130
+    (``flows.failures``)."""
     from flows.failures import command_logging, console_without_tracebacks
 
     _private_by_default()
@@ -631,12 +632,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: list[str]) -> int:
-    """The command ``args`` names, its failures reported as :func:`main` says; the exit code."""
+    """The command ``args`` names, its failures reported as :func:`main` says; the exit code.
+
+    The command is parsed and invoked here rather than by typer's ``main``, which would answer Ctrl-C with a
+    silent exit 130 and a broken pipe with exit 1: :func:`flows.failures.report_failure` reports both."""
     from flows.failures import report_failure
 
     command = typer.main.get_command(app)
     try:
-        code = command.main(args=args or ["--help"], prog_name="msdda", standalone_mode=False)
+        with command.make_context("msdda", list(args) or ["--help"]) as context:  # it consumes the list
+            command.invoke(context)
+        sys.stdout.flush()  # a reader of stdout that went away fails here, not at the interpreter's exit
+    except typer.Exit as exc:  # --help, --version
+        return exc.exit_code
     except typer.TyperException as exc:  # a usage error (unknown option, bad choice or value): one line too
         context = getattr(exc, "ctx", None)
         where = f" (see '{context.command_path} --help')" if context is not None else ""
@@ -644,11 +652,10 @@ def _run(args: list[str]) -> int:
         typer.echo(f"error: {message}{where}", err=True)
         return exc.exit_code
     except (typer.Abort, KeyboardInterrupt):
-        typer.echo("\nAborted!", err=True)
-        return 130
+        return report_failure(KeyboardInterrupt(), args)
     except Exception as exc:  # noqa: BLE001 - the last resort: one line, the traceback in a log file
         return report_failure(exc, args, verbose=_global_verbose(args))
-    return code if isinstance(code, int) else 0
+    return 0
 
 
 if __name__ == "__main__":

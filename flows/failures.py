@@ -9,6 +9,7 @@ failure                                exit code    what the user sees
 an operational failure (below)         1            ``error: <what failed>: <remedy> (traceback: <log file>)``
 anything else                          1            ``error: <Type>: <first line> (traceback: <log file>)``
 stdout's reader gone (broken pipe)     141          nothing (as for a process killed by ``SIGPIPE``)
+Ctrl-C (``KeyboardInterrupt``)         130          ``Aborted!`` (as for a process killed by ``SIGINT``)
 =====================================  ===========  ==========================================================
 
 Operational failures are those an operator meets and can act on: a full or read-only disk, a permission, a
@@ -209,12 +210,15 @@ def write_traceback(exc: BaseException, argv: list[str]) -> Path | None:
     return _log.keep(f"msdda {' '.join(argv)}\n\n" + "".join(traceback.format_exception(exc)).rstrip())
 
 
-def close_progress_bars() -> None:
-    """Close the progress bars a failure left open, so that the error starts on a line of its own."""
+def close_progress_bars() -> bool:
+    """Close the progress bars a failure left open, so that the error starts on a line of its own; whether
+    there were any."""
     from tqdm import tqdm
 
-    for bar in list(getattr(tqdm, "_instances", ())):
+    bars = list(getattr(tqdm, "_instances", ()))
+    for bar in bars:
         bar.close()
+    return bool(bars)
 
 
 class _WithoutTraceback(logging.Formatter):
@@ -276,7 +280,12 @@ def console_without_tracebacks() -> None:
 
 def report_failure(exc: BaseException, argv: list[str], verbose: bool = False) -> int:
     """Print ``exc`` as the table at the top of this module says; return the exit code."""
-    close_progress_bars()
+    bars = close_progress_bars()
+    if isinstance(exc, KeyboardInterrupt):  # no traceback: the user stopped it
+        # on a terminal the ^C it echoed ends no line (a closed progress bar ends its own)
+        newline = "\n" if sys.stderr.isatty() and not bars else ""
+        print(f"{newline}Aborted!", file=sys.stderr)
+        return 130  # what a shell reports for a process killed by SIGINT
     if isinstance(exc, BrokenPipeError):  # stdout's reader went away (`msdda models | head`): no failure
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit

@@ -284,3 +284,65 @@ def test_safetensors_on_a_full_or_read_only_filesystem(mount, tmp_path):
     line = _one_error_line(done.stderr)
     expected = "no space left on the device" if mount.startswith("size") else "the file system is read-only"
     assert expected in line and "os error" in line, line
+
+
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize(
+    ("args", "module", "name"),
+    [
+        (["pretrain"], "training.embedded", "pretrain_reference"),
+        (["train", "-o", "ink_economy"], "flows.jobs", "train_job"),
+        (["compose", "-w", "0.5,0.5"], "flows.jobs", "compose_job"),
+        (["models"], "flows.registry", "list_models"),
+    ],
+)
+def test_ctrl_c_is_aborted_and_exit_130(args, module, name, monkeypatch, capfd, tiny_config_file):
+    """docs/operations.md: Ctrl-C prints ``Aborted!`` and exits with 130, no traceback, in every command
+    (typer's own handling exited 130 without a word)."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module(module), name, _interrupt)
+    config = [] if args == ["models"] else ["-c", str(tiny_config_file)]
+    capfd.readouterr()
+    assert main([*args, *config]) == 130
+    out, err = capfd.readouterr()
+    assert err == "Aborted!\n" and out == ""
+
+
+def test_sigint_to_a_waiting_command(tmp_path):
+    """A real SIGINT to an ``msdda compose`` process waiting to read its prompts (a named pipe no one writes
+    yet): ``Aborted!``, exit code 130, nothing else on stderr."""
+    import errno
+    import signal
+
+    prompts = tmp_path / "prompts"
+    os.mkfifo(prompts)
+    command = [sys.executable, "-m", "flows.cli", "compose", "-w", "0.5,0.5", "--prompts-file", str(prompts)]
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    writer = None
+    try:
+        deadline = time.monotonic() + 240
+        while writer is None:  # opens once the command has the pipe open for reading: it then waits in read
+            try:
+                writer = os.open(prompts, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as exc:
+                assert exc.errno == errno.ENXIO and process.poll() is None, process.communicate()
+                assert time.monotonic() < deadline, "the command never opened its prompts file"
+                time.sleep(0.1)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+        if writer is not None:
+            os.close(writer)
+    assert process.returncode == 130, err
+    assert err == "Aborted!\n" and out == ""
