@@ -19,6 +19,12 @@ from configs.errors import MsddaError
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
 TOO_DEEP = "nested too deeply to read (a config is a few levels of sections and lists)"
 """The error for YAML nested deeper than Python's recursion limit lets it be read."""
+MAX_PROMPT_CHARS = 2000
+"""The longest prompt taken (config, ``--prompt``, ``--prompts-file``), checked before any model loads. The
+text encoders read at most 77 tokens (CLIP; the embedded model: ``max_prompt_tokens``) and truncate the rest;
+a far longer prompt only costs time and breaks the image grid's captions (PIL: "too many characters")."""
+
+Prompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
 
 
 class ConfigError(MsddaError, ValueError):
@@ -157,8 +163,9 @@ class TrainConfig(_Strict):
     x0_estimate: Literal["next_state", "current_eps"] = "next_state"
     eval_samples: Annotated[int, Field(ge=2)] = 256
     eval_seed: int = 1234
-    prompts: list[str] | None = None
-    """Training and evaluation prompts; ``None`` uses the digit prompts of the embedded default."""
+    prompts: list[Prompt] | None = None
+    """Training and evaluation prompts (each at most :data:`MAX_PROMPT_CHARS` characters); ``None`` uses the
+    digit prompts of the embedded default."""
 
     @field_validator("lora_targets")
     @classmethod

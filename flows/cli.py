@@ -17,7 +17,7 @@ import typer
 
 from composition.methods import MethodName
 from configs.errors import MsddaError
-from configs.schema import Device
+from configs.schema import MAX_PROMPT_CHARS, Device
 from flows.jobs import MAX_IMAGES, Runner
 from training.rewards import RewardName
 
@@ -281,13 +281,17 @@ def compose(
             "--prompt",
             "-p",
             metavar="TEXT",
-            help="A prompt (repeatable); the images cycle through the prompts "
-            "(default: the config's evaluation prompts).",
+            help=f"A prompt (repeatable; at most {MAX_PROMPT_CHARS:,} characters; text encoders read at most "
+            "77 tokens); the images cycle through the prompts (default: the config's evaluation prompts).",
         ),
     ] = None,
     prompts_file: Annotated[
         Path | None,
-        typer.Option("--prompts-file", help="A text file of prompts, one per line (blank lines skipped)."),
+        typer.Option(
+            "--prompts-file",
+            help=f"A text file of prompts, one per line (blank lines skipped; at most {MAX_PROMPT_CHARS:,} "
+            "characters each).",
+        ),
     ] = None,
     out: Annotated[
         Path | None, typer.Option("--out", help="Image folder (default: under $MSDDA_HOME).")

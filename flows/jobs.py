@@ -17,7 +17,7 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING, Literal
 
 from configs.errors import MsddaError
-from configs.schema import PipelineConfig
+from configs.schema import MAX_PROMPT_CHARS, PipelineConfig
 
 if TYPE_CHECKING:
     from flows.registry import ResolvedModel
@@ -27,7 +27,8 @@ Runner = Literal["sequential", "dask"]
 
 
 class PromptError(MsddaError, ValueError):
-    """Prompts that cannot be used: an empty or unreadable prompts file, a blank prompt (one line)."""
+    """Prompts that cannot be used: an empty or unreadable prompts file, a blank or too long prompt (one
+    line)."""
 
 
 def _check_runtime(config: PipelineConfig) -> None:
@@ -178,12 +179,19 @@ def read_prompts(path: str | os.PathLike, limit: int = MAX_IMAGES) -> list[str]:
 
 def check_prompts(prompts: list[str] | None) -> list[str] | None:
     """``prompts`` with surrounding spaces stripped; ``None`` (the config's prompts) stays ``None``. An empty
-    list or a blank prompt is a :class:`PromptError`."""
+    list, a blank prompt or one longer than :data:`~configs.schema.MAX_PROMPT_CHARS` is a :class:`PromptError`
+    (before any model loads)."""
     if prompts is None:
         return None
     cleaned = [str(p).strip() for p in prompts]
     if not cleaned or not all(cleaned):
         raise PromptError("prompts must be non-empty text (got an empty list or a blank prompt)")
+    for number, prompt in enumerate(cleaned, 1):
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise PromptError(
+                f"prompt {number} ({prompt[:24]!r}...) is {len(prompt):,} characters long; a prompt takes "
+                f"at most {MAX_PROMPT_CHARS:,} (text encoders read only its first 77 tokens, or fewer)"
+            )
     return cleaned
 
 

@@ -101,6 +101,18 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has
         (["compose", "-w", "0.5,0.5", "--prompts-file", "EMPTY"], "no prompts"),
         (["compose", "-w", "0.5,0.5", "--prompts-file", "MISSING"], "cannot read prompts"),
         (["compose", "-w", "0.5,0.5", "--prompt", " "], "prompts must be non-empty text"),
+        pytest.param(
+            ["compose", "-w", "0.5,0.5", "--prompt", "seven", "--prompt", "7" * 2001],
+            "prompt 2 ('" + "7" * 24 + "'...) is 2,001 characters long; a prompt takes at most 2,000",
+            id="long-prompt",
+        ),
+        (["compose", "-w", "0.5,0.5", "--prompts-file", "LONG_LINE"], "is 5,000,000 characters long"),
+        (["compose", "-w", "0.5,0.5", "-c", "LONG_CONFIG"], "train.prompts.0: String should have at most"),
+        pytest.param(
+            ["compose", "-w", "0.5,0.5", "--set", f"train.prompts=[{'x' * 2001}]"],
+            "train.prompts.0: String should have at most 2000 characters",
+            id="long-prompt-set",
+        ),
         (["compose", "-w", "0.5,0.5", "--set", "composition.seed=x"], "--set composition.seed=x:"),
         (["compose", "-w", "0.5,0.5", "--method", "magic"], "'magic' is not one of 'msdda', 'db'"),
         pytest.param(["compose", "-w", "0.5,0.5", "--device", "cuda"], "no CUDA device", marks=NO_CUDA),
@@ -123,6 +135,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(fresh, tmp_path, capfd,
         "DEEP_LISTS": _write(tmp_path / "deep.yaml", "train:\n  prompts: " + "[" * 3000 + "]" * 3000),
         "DEEP_MAPPINGS": _write(tmp_path / "deep_maps.yaml", "a: " + "{b: " * 3000 + "1" + "}" * 3000),
         "EMPTY": _write(tmp_path / "empty.txt", "\n  \n\n"),
+        "LONG_LINE": _write(tmp_path / "long.txt", "a seven\n" + "7" * 5_000_000 + "\n"),
+        "LONG_CONFIG": _write(tmp_path / "long.yaml", f"train:\n  prompts: ['{'7' * 5000}']\n"),
     }
     code, out, err = cli([files.get(a, a) for a in args], capfd)
     assert_one_line_error(code, out, err, message, fresh)
