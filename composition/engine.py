@@ -165,6 +165,43 @@ class Ensemble:
                 )
 
 
+def check_reference_settings(models: list[LoadedBaseModel], config: PipelineConfig) -> None:
+    """Refuse, in one line and before the reference is built or loaded, base models whose card says they were
+    trained on a reference that cannot be ``config``'s. A hub checkpoint is named by its id and revision, any
+    other reference by a content hash (a SHA-256); every ``model.embedded`` setting is in the embedded
+    reference's files, so a card that recorded another value names other files. Only what certainly differs
+    is refused: a model trained elsewhere on the same settings passes, and its ``reference_hash`` is compared
+    with the reference's once that is there."""
+    from training.models import pretrained_identity
+
+    model = config.model
+    if model.source == "pretrained" and not Path(model.pretrained).expanduser().exists():
+        check_lineage(models, pretrained_identity(config))  # a hub id: its identity costs nothing
+        return
+    ours = model.embedded.model_dump(mode="json")
+    for m in models:
+        where, recorded = f"base model '{m.objective}' ({m.path})", m.card.reference
+        if not _is_content_hash(m.card.reference_hash):
+            reference = model.pretrained if model.source == "pretrained" else "the embedded model"
+            raise CompositionError(
+                f"{where} was trained on the hub checkpoint {m.card.reference_hash}, but this config's "
+                f"reference is {reference}: compose with the config it was trained with (its model section)"
+            )
+        theirs = recorded.get("embedded") if model.source == recorded.get("source") == "embedded" else None
+        differing = sorted(k for k in ours.keys() & (theirs or {}).keys() if theirs[k] != ours[k])
+        if differing:
+            said = ", ".join(f"{k} {theirs[k]} (this config: {ours[k]})" for k in differing)
+            raise CompositionError(
+                f"{where} was trained on an embedded reference with other model.embedded settings ({said}): "
+                f"compose with the config it was trained with, or train base models for this one"
+            )
+
+
+def _is_content_hash(value: str) -> bool:
+    """Whether ``value`` can be a :func:`training.models.content_hash` (a SHA-256 in hex)."""
+    return len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
 def load_ensemble(
     config: PipelineConfig,
     home: Path,
@@ -184,6 +221,7 @@ def load_ensemble(
 
     models = [load_base_model(Path(p)) for p in model_dirs]
     check_lineage(models)
+    check_reference_settings(models, config)  # before the reference is loaded, or pretrained
     pipe, reference_hash = reference_identity(config, home, progress)
     check_lineage(models, reference_hash)
     pipe.unet.requires_grad_(False)
