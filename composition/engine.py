@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import shutil
 import tempfile
 import time
@@ -396,16 +397,17 @@ def _entries(folder: Path) -> list[Path]:
     ]
 
 
-def _written(folder: Path) -> set[str] | None:
-    """The files compose wrote in ``folder`` (its manifest with the mark, the images it lists, their grid)
-    when that is all the folder holds; ``None`` otherwise."""
+def _written(folder: Path) -> tuple[str, set[str]] | None:
+    """The manifest's ``compose_id`` (empty in manifests older than it) and the files compose wrote in
+    ``folder`` (its manifest with the mark, the images it lists, their grid) when that is all the folder
+    holds; ``None`` otherwise."""
     try:
         manifest = json.loads((folder / IMAGES_MANIFEST).read_text(encoding="utf-8"))
         written = {IMAGES_MANIFEST, GRID_FILE, *(image["file"] for image in manifest["images"])}
         if manifest["written_by"] == WRITTEN_BY and all(
             entry.name in written and entry.is_file() and not entry.is_symlink() for entry in _entries(folder)
         ):
-            return written
+            return str(manifest.get("compose_id", "")), written
     except (OSError, ValueError, KeyError, TypeError):
         pass
     return None
@@ -418,24 +420,48 @@ def is_image_folder(folder: Path) -> bool:
 
 
 def folder_state(folder: Path) -> str:
-    """What is at ``folder``: ``absent``, ``empty`` (nothing but compose's staging folders), ``compose``
-    (:func:`is_image_folder`) or ``other`` (a file, or a folder holding anything else)."""
+    """What is at ``folder``: ``absent``, ``empty`` (nothing but compose's staging folders), ``compose <id>``
+    (:func:`is_image_folder`, with its manifest's ``compose_id``) or ``other`` (a file, or a folder holding
+    anything else)."""
     if not folder.exists():
         return "absent"
     if not folder.is_dir():
         return "other"
     if not _entries(folder):
         return "empty"
-    return "compose" if is_image_folder(folder) else "other"
+    written = _written(folder)
+    return "other" if written is None else f"compose {written[0]}"
 
 
 @dataclass(frozen=True)
 class ImageFolder:
-    """Where compose publishes its images (absolute), and what :func:`check_image_folder` found there."""
+    """Where compose publishes its images (absolute), and what :func:`check_image_folder` found there: it
+    publishes only if that is still there (:func:`staged_images`)."""
 
     path: Path
     found: str
-    """:func:`folder_state` at the check: ``absent``, ``empty`` or ``compose``."""
+    """:func:`folder_state` at the check: ``absent``, ``empty`` or ``compose <id>``."""
+    identity: tuple[int, int] | None = None
+    """``(device, inode)`` of the folder found, if any."""
+
+
+@contextmanager
+def _locked(folder: Path, wait: bool = True) -> Iterator[tuple[int, int]]:
+    """Hold an exclusive lock on ``folder`` itself (``flock``, released when the process dies); yields the
+    ``(device, inode)`` of the folder locked. With ``wait=False``, only check that it can be locked."""
+    import fcntl
+
+    handle = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            if wait:
+                raise
+        status = os.fstat(handle)
+        yield status.st_dev, status.st_ino
+    finally:
+        os.close(handle)  # releases the lock
 
 
 def check_image_folder(folder: Path) -> ImageFolder:
@@ -464,10 +490,21 @@ def check_image_folder(folder: Path) -> ImageFolder:
         if not stage.is_dir():
             raise CompositionError(f"cannot create the image folder {given}: {stage} is a file")
         Path(tempfile.mkdtemp(prefix=".probe-", dir=stage)).rmdir()  # writable (os.access ignores root)
+        identity = None
+        if found != "absent":
+            with _locked(folder, wait=False) as identity:  # the file system takes the lock publishing takes
+                pass
     except (OSError, RuntimeError) as exc:  # RuntimeError: a symbolic link loop
         reason = getattr(exc, "strerror", None) or str(exc)
         raise CompositionError(f"cannot write the image folder {given}: {reason}") from None
-    return ImageFolder(folder, found)
+    return ImageFolder(folder, found, identity)
+
+
+def _changed(target: ImageFolder) -> CompositionError:
+    return CompositionError(
+        f"image folder {target.path} changed while this compose ran (another command wrote there): what is "
+        f"there now is left as it is, and these images were not saved; rerun with another --out"
+    )
 
 
 @contextmanager
@@ -478,7 +515,11 @@ def staged_images(target: ImageFolder) -> Iterator[Path]:
     A new folder is staged beside ``target.path`` and renamed into place: it appears complete. An existing
     one (empty, or an earlier compose's) is kept as it is, with its mode and owner; it may be a mount point,
     or sit in a folder this process cannot write: the files are staged inside it and moved in, the manifest
-    last, and then the earlier compose's files the new manifest does not list are removed."""
+    last, and then the earlier compose's files the new manifest does not list are removed.
+
+    Only what was there at the check is replaced: if another command published there meanwhile (the folder
+    appeared, or holds another compose's manifest), its files are kept and a :class:`CompositionError` says
+    so. Publishers into an existing folder take turns on a lock on it (:func:`_locked`)."""
     final, new = target.path, target.found == "absent"
     if new:
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -487,14 +528,22 @@ def staged_images(target: ImageFolder) -> Iterator[Path]:
         yield staged
         if new:
             staged.chmod(0o755)  # mkdtemp's 0700 would hide the folder from the rest of a team
-            staged.rename(final)  # takes a free name or an empty folder, raises on anything else
+            try:
+                staged.rename(final)  # takes a free name or an empty folder, raises on anything else
+            except OSError:
+                if final.exists():
+                    raise _changed(target) from None
+                raise
             return
-        earlier = _written(final) or set()
-        files = sorted(staged.iterdir(), key=lambda path: path.name == IMAGES_MANIFEST)  # the manifest last
-        for path in files:
-            os.replace(path, final / path.name)
-        for name in earlier - {path.name for path in files}:
-            (final / name).unlink(missing_ok=True)
+        with _locked(final) as identity:
+            if identity != target.identity or folder_state(final) != target.found:
+                raise _changed(target)
+            earlier = (_written(final) or ("", set()))[1]
+            files = sorted(staged.iterdir(), key=lambda path: path.name == IMAGES_MANIFEST)  # manifest last
+            for path in files:
+                os.replace(path, final / path.name)
+            for name in earlier - {path.name for path in files}:
+                (final / name).unlink(missing_ok=True)
         staged.rmdir()
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
@@ -502,8 +551,8 @@ def staged_images(target: ImageFolder) -> Iterator[Path]:
 
 
 def write_images(images: torch.Tensor, prompts: list[str], folder: Path, manifest: dict) -> None:
-    """PNG files plus ``manifest.json`` (``manifest`` with the mark :data:`WRITTEN_BY` and the files and their
-    prompts) in ``folder``, which the caller stages: see :func:`flows.jobs.compose_job`."""
+    """PNG files plus ``manifest.json`` (``manifest`` with the mark :data:`WRITTEN_BY`, a new ``compose_id``,
+    and the files and their prompts) in ``folder``, which the caller stages: see :func:`staged_images`."""
     from PIL import Image
 
     array = (images.permute(0, 2, 3, 1).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
@@ -512,5 +561,6 @@ def write_images(images: torch.Tensor, prompts: list[str], folder: Path, manifes
         name = f"{i:04d}.png"
         Image.fromarray(pixels).save(folder / name)
         files.append({"file": name, "prompt": prompts[i]})
-    text = json.dumps({"written_by": WRITTEN_BY, **manifest, "images": files}, indent=2)
+    mark = {"written_by": WRITTEN_BY, "compose_id": secrets.token_hex(8)}  # each publication its own id
+    text = json.dumps({**mark, **manifest, "images": files}, indent=2)
     (folder / IMAGES_MANIFEST).write_text(text, encoding="utf-8")

@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -229,6 +230,101 @@ def test_an_empty_mount_point_gets_the_images(pretrained_home, tiny_base_models,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert sorted(p.name for p in folder.iterdir()) == ["0000.png", "0001.png", "grid.png", "manifest.json"]
+
+
+# --------------------------------------------------------------------- concurrent composes into one folder
+
+
+def _publish_both(targets, images: list[int]) -> dict[int, str]:
+    """Publish into both checked ``targets`` at once, from two threads, each once its files are staged:
+    ``{index: "published" or the error}``."""
+    from composition.engine import staged_images, write_images
+
+    staged_both = threading.Barrier(2, timeout=60)
+    outcomes: dict[int, str] = {}
+
+    def publish(i: int) -> None:
+        try:
+            with staged_images(targets[i]) as staged:
+                n = images[i]
+                write_images(torch.full((n, 3, 4, 4), i / 2), ["a digit"] * n, staged, {"seed": 10 + i})
+                staged_both.wait()
+            outcomes[i] = "published"
+        except CompositionError as exc:
+            outcomes[i] = str(exc)
+
+    threads = [threading.Thread(target=publish, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return outcomes
+
+
+@pytest.mark.parametrize("before", ["absent", "empty", "compose"])
+def test_only_one_of_two_composes_into_one_folder_publishes(tmp_path, before):
+    """Each command may replace only what was there when it checked the folder: the second to publish finds
+    the first one's output there instead, keeps it, and fails in one line."""
+    from composition.engine import check_image_folder, staged_images, write_images
+
+    folder = tmp_path / "images"
+    if before != "absent":
+        folder.mkdir()
+    if before == "compose":
+        with staged_images(check_image_folder(folder)) as staged:
+            write_images(torch.zeros(5, 3, 4, 4), ["a digit"] * 5, staged, {"seed": 0})
+    targets = [check_image_folder(folder) for _ in range(2)]  # both check before either publishes
+    outcomes = _publish_both(targets, images=[2, 3])
+    winner = next(i for i, outcome in outcomes.items() if outcome == "published")
+    loser = outcomes[1 - winner]
+    assert "changed while this compose ran" in loser and "another --out" in loser and "\n" not in loser
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["seed"] == 10 + winner, "the first output is left as it was published"
+    images = [f"{i:04d}.png" for i in range((2, 3)[winner])]
+    assert sorted(p.name for p in folder.iterdir()) == [*images, "manifest.json"]
+    assert [image["file"] for image in manifest["images"]] == images
+    assert [p.name for p in tmp_path.iterdir()] == ["images"], "nothing staged is left"
+
+
+def test_of_two_composes_into_one_new_out_the_second_fails(job, tmp_path, monkeypatch):
+    """Both used to succeed, the second replacing the first one's images (it found a folder compose wrote).
+    Two threads stand for two commands; they take turns loading the models (loading is not thread-safe)."""
+    import composition.engine
+
+    load, sample = composition.engine.load_ensemble, composition.engine.generate
+    one_loader, both_checked = threading.Lock(), threading.Barrier(2, timeout=300)
+
+    def load_ensemble(*args, **kwargs):
+        with one_loader:
+            return load(*args, **kwargs)
+
+    def generate(*args, **kwargs):
+        both_checked.wait()  # the folder is checked before loading: by now both commands found it absent
+        return sample(*args, **kwargs)
+
+    monkeypatch.setattr(composition.engine, "load_ensemble", load_ensemble)
+    monkeypatch.setattr(composition.engine, "generate", generate)
+    folder = tmp_path / "images"
+    outcomes: dict[int, object] = {}
+
+    def compose(seed: int) -> None:
+        try:
+            outcomes[seed] = job(out_dir=folder, seed=seed)
+        except CompositionError as exc:
+            outcomes[seed] = exc
+        finally:
+            if seed not in outcomes:  # failed otherwise: the other thread need not wait
+                both_checked.abort()
+
+    threads = [threading.Thread(target=compose, args=(seed,)) for seed in (1, 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    failed = [seed for seed, outcome in outcomes.items() if isinstance(outcome, CompositionError)]
+    assert len(failed) == 1 and len(outcomes) == 2, outcomes
+    assert "changed while this compose ran" in str(outcomes[failed[0]])
+    assert json.loads((folder / "manifest.json").read_text())["seed"] == 3 - failed[0]
 
 
 # ------------------------------------------------------------------------- unwritable --out, before sampling
