@@ -132,11 +132,30 @@ def test_train_retrains_a_damaged_cached_model_instead_of_registering_it(
     again = json.loads(out)
     assert again["cached"] is False and again["path"] == str(folder)
     assert "warning: " in err and LORA_FILE in err and "retraining it now" in err and "Traceback" not in err
+    assert "retrain it with" not in err, "no remedy for what is being done"
     load_base_model(folder)  # whole again
     registered = again["registered"]
     assert registered["content_hash"] == content_hash(folder), "what is registered is the retrained folder"
     assert [v["content_hash"] for v in list_models(pretrained_home)] == [content_hash(folder)]
     assert not list(folder.parent.glob(".*")), "nothing is left aside"
+
+
+@pytest.mark.parametrize("damage", ["card missing", "weights truncated"])
+def test_the_retraining_warning_says_only_what_happens(tiny_base_models, tmp_path, capsys, damage):
+    """It used to add the remedy to the warning, "retrain it with `msdda train --objective <objective>`
+    (retraining it now)": a remedy for what is being done, with a placeholder for the name being trained."""
+    from training.base_model import _verified_cache
+
+    folder = shutil.copytree(tiny_base_models[0], tmp_path / "model")
+    if damage == "card missing":
+        (folder / CARD_FILE).unlink()
+    else:
+        _truncate(folder / LORA_FILE)
+    assert _verified_cache(folder) is None
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: base model at {folder} is corrupt or incomplete: "), err
+    assert err.endswith("; retraining it now\n") and err.count("\n") == 1, err
+    assert "retrain it with" not in err and "<objective>" not in err, err
 
 
 def test_train_never_overwrites_a_model_of_a_newer_card_format(pretrained_home, tiny_config_file, capfd):

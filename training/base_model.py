@@ -22,8 +22,7 @@ import torch
 from configs.schema import PipelineConfig
 from training.card import (
     BaseModelCard,
-    CardError,
-    NewerFormatError,
+    DamagedModelError,
     RewardScale,
     RewardSpec,
     load_base_model,
@@ -186,10 +185,8 @@ def _verified_cache(final: Path) -> BaseModelCard | None:
         return None
     try:
         return load_base_model(final).card
-    except NewerFormatError:
-        raise  # not damaged: another version's model, never overwritten
-    except CardError as exc:
-        print(f"warning: {exc} (retraining it now)", file=sys.stderr)
+    except DamagedModelError as exc:  # a newer format's model (NewerFormatError) passes: never overwritten
+        print(f"warning: {exc.problem}; retraining it now", file=sys.stderr)  # the remedy, being applied
         return None
 
 

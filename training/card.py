@@ -55,6 +55,13 @@ class NewerFormatError(CardError):
     """A base-model folder written by a newer msdda: sound, but not readable by this code."""
 
 
+class DamagedModelError(CardError):
+    """A base-model folder whose files are missing or damaged (:func:`_broken`)."""
+
+    problem: str = ""
+    """What is wrong, without the remedy (retraining it) that the message adds."""
+
+
 # --------------------------------------------------------------------------------------------------- the card
 
 
@@ -266,13 +273,13 @@ def _validation_message(exc: ValidationError) -> str:
     return f"{where}: {first['msg']}{more}"
 
 
-def _broken(folder: Path, what: str, objective: object = None) -> CardError:
-    """A :class:`CardError` for an unreadable folder, saying how to rebuild it."""
-    name = objective if isinstance(objective, str) and objective else "<objective>"
-    return CardError(
-        f"base model at {folder} is corrupt or incomplete: {what}; "
-        f"retrain it with `msdda train --objective {name}`"
-    )
+def _broken(folder: Path, what: str, objective: object = None) -> DamagedModelError:
+    """A :class:`DamagedModelError` for an unreadable folder, saying how to rebuild it."""
+    name = objective if isinstance(objective, str) and objective else "<objective>"  # the card is unreadable
+    problem = f"base model at {folder} is corrupt or incomplete: {what}"
+    error = DamagedModelError(f"{problem}; retrain it with `msdda train --objective {name}`")
+    error.problem = problem
+    return error
 
 
 # --------------------------------------------------------------------------------------------- loaded models
