@@ -33,6 +33,7 @@ from composition.batched import (
     REFERENCE,
     clear_stacked,
     load_adapter,
+    lora_ranks,
     merge_lora_states,
     mixed_adapter_batch,
     routing,
@@ -151,9 +152,11 @@ class Composer:
         if SOUP_ADAPTER in getattr(self.unet, "peft_config", {}):
             clear_stacked(self.unet)
             set_peft_model_state_dict(self.unet, merged, adapter_name=SOUP_ADAPTER)
-        else:
-            spec = LoraSpec(rank=sum(m.rank for m in self.models), targets=self.models[0].targets)
-            load_adapter(self.unet, SOUP_ADAPTER, merged, spec)
+        else:  # the models' target sets may differ: each module's rank is the sum over the models adapting it
+            ranks = lora_ranks(merged)
+            targets = list(dict.fromkeys(t for m in self.models for t in m.targets))
+            spec = LoraSpec(rank=max(ranks.values()), targets=targets)
+            load_adapter(self.unet, SOUP_ADAPTER, merged, spec, ranks)
 
 
 # ------------------------------------------------------------------------------------------ kernel methods

@@ -224,3 +224,58 @@ def test_routes_follow_new_adapters_and_moved_weights(unet_with_two_adapters, co
     routed64 = _routed(unet, routing(["gamma", "alpha"], 2), x.double(), t, context.double())
     assert routed64.dtype == torch.float64
     torch.testing.assert_close(routed64.float(), routed, rtol=1e-4, atol=1e-5)
+
+
+def test_soup_merge_of_conv_entries_and_modules_some_models_lack():
+    """``merge_lora_states`` over conv entries (``A [r, in, 3, 3]``, ``B [out, r, 1, 1]``) and modules only
+    some models adapt: each module's merged delta is the weighted sum over the models holding it, its rank
+    the sum of their ranks; an ``A`` without its ``B`` is refused."""
+    import torch.nn.functional as F
+
+    from composition.batched import lora_ranks, merge_lora_states
+
+    g = torch.Generator().manual_seed(0)
+
+    def conv(r):
+        return {
+            "c.lora_A.weight": torch.randn(r, 5, 3, 3, generator=g),
+            "c.lora_B.weight": torch.randn(6, r, 1, 1, generator=g),
+        }
+
+    def linear(r):
+        return {
+            "m.lora_A.weight": torch.randn(r, 7, generator=g),
+            "m.lora_B.weight": torch.randn(3, r, generator=g),
+        }
+
+    def conv_delta(state):  # peft's get_delta_weight for a 3x3 conv LoRA (scaling 1)
+        return F.conv2d(state["c.lora_A.weight"].transpose(0, 1), state["c.lora_B.weight"]).transpose(0, 1)
+
+    states = [{**conv(2), **linear(2)}, conv(3), linear(4)]
+    weights = [0.5, -1.0, 2.0]
+    merged = merge_lora_states(states, weights)
+    assert lora_ranks(merged) == {"c": 5, "m": 6}
+    expected = 0.5 * conv_delta(states[0]) - conv_delta(states[1])
+    torch.testing.assert_close(conv_delta(merged), expected, rtol=1e-5, atol=1e-5)
+    expected = sum(
+        w * s["m.lora_B.weight"] @ s["m.lora_A.weight"]
+        for w, s in zip(weights, states)
+        if "m.lora_A.weight" in s
+    )
+    torch.testing.assert_close(merged["m.lora_B.weight"] @ merged["m.lora_A.weight"], expected)
+    with pytest.raises(ValueError, match="without m.lora_B.weight"):
+        merge_lora_states([linear(2), {"m.lora_A.weight": torch.zeros(2, 7)}], [1.0, 1.0])
+
+
+def test_routing_refuses_layers_it_cannot_compute_exactly():
+    """A dilated convolution's LoRA (peft builds ``A`` undilated) has no exact merged kernel: a TypeError."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from composition.batched import lora_layers
+
+    model = inject_adapter_in_model(
+        LoraConfig(r=2, target_modules=["0"]),
+        torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, dilation=2, padding=2)),
+    )
+    with pytest.raises(TypeError, match="undilated"):
+        lora_layers(model)
