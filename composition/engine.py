@@ -30,7 +30,7 @@ from composition.batched import compile_unet, load_adapter
 from composition.methods import METHODS, Batch, Composer, Method, check_finite
 from configs.errors import MsddaError
 from configs.schema import CompositionConfig, PipelineConfig
-from training.card import LoadedBaseModel, check_lineage, load_base_model
+from training.card import LoadedBaseModel, check_adapted_modules, check_lineage, load_base_model
 from training.kernel import DDIMSchedule
 from training.sd_problem import decode_latents
 
@@ -229,6 +229,7 @@ def load_ensemble(
     pipe.vae.requires_grad_(False)
     pipe.text_encoder.requires_grad_(False)
     for m in models:
+        check_adapted_modules(pipe.unet, m.card)
         try:
             load_adapter(pipe.unet, m.objective, m.lora, m.card.lora)
         except (ValueError, RuntimeError, KeyError) as exc:
