@@ -4,7 +4,7 @@
 
 For each latent quadratic objective of the config (its optimum ``pi* ∝ p_ref exp(r / beta)`` is a Gaussian
 known in closed form, :meth:`~training.sd_problem.DiffusionStepProblem.quadratic_optimum`) and each target
-set and rank of :data:`SETS`:
+set and rank of ``--sets`` (default :data:`SETS`):
 
 1. A fixed pool of ``--pool`` reference chains (every state of every DDIM step) and ``--held-out`` other
    reference chains, drawn from seeds apart from training's and evaluation's.
@@ -133,7 +133,7 @@ def fit_ceiling(config, home, args) -> dict:
         beta = config.objective(objective).beta or config.train_for(objective).beta
         pools = None
         report[objective] = {}
-        for target_set, rank in SETS:
+        for target_set, rank in args.sets:
             pipe, _ = reference_identity(config, home, progress=False)
             torch.manual_seed(POOL_SEED)
             problem = DiffusionStepProblem.from_config(
@@ -163,15 +163,29 @@ def fit_ceiling(config, home, args) -> dict:
         "fit_ceiling": report,
         "sets": {name: list(targets) for name, targets in LORA_TARGET_SETS.items()},
         "settings": {k: getattr(args, k) for k in SETTINGS},
+        "measured": [f"{name}:{rank}" for name, rank in args.sets],
         "seconds": time.perf_counter() - started,
     }
+
+
+def parse_sets(text: str) -> list[tuple[str, int]]:
+    """``"attention:4,broad:8"`` -> ``[("attention", 4), ("broad", 8)]`` (``--sets``)."""
+    pairs = []
+    for item in text.split(","):
+        name, _, rank = item.strip().partition(":")
+        if name not in LORA_TARGET_SETS or not rank.isdigit() or int(rank) < 1:
+            raise ValueError(
+                f"--sets takes SET:RANK pairs with SET one of {', '.join(LORA_TARGET_SETS)}: {item!r}"
+            )
+        pairs.append((name, int(rank)))
+    return pairs
 
 
 def _or_inf(value: float) -> float:
     return math.inf if value is None or math.isnan(value) else value
 
 
-def render(report: dict) -> str:
+def render_fit_ceiling(report: dict) -> str:
     """The README/docs table: one row per objective and set, the best budget's figures."""
     settings = report["settings"]
     lines = [

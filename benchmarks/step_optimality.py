@@ -40,6 +40,7 @@ from types import SimpleNamespace
 
 import torch
 from composition_results import ORACLE_WEIGHTS, oracle_config
+from fit_ceiling import SETS, fit_ceiling, parse_sets, render_fit_ceiling
 from readme_section import write_section  # benchmarks/ is on sys.path when run as a script
 from tqdm.auto import tqdm
 
@@ -655,8 +656,6 @@ def _nan_for_none(value):
 def fit_ceiling_main(args) -> None:
     """``--fit-ceiling``: measure (or re-render ``--from-json``), print, and with ``--write-readme`` save the
     JSON and write the table into docs/design.md §5.7."""
-    from fit_ceiling import fit_ceiling, render
-
     if args.from_json:
         report = json.loads(Path(args.from_json).read_text())
     else:
@@ -665,8 +664,8 @@ def fit_ceiling_main(args) -> None:
         RESULTS.mkdir(exist_ok=True)
         with atomic_file(RESULTS / "fit_ceiling.json") as tmp:
             tmp.write_text(json.dumps(finite_or_none(report), indent=1))
-        write_section("fit-ceiling", render(report), DESIGN)
-    print(json.dumps(finite_or_none(report)) if args.json else render(report))
+        write_section("fit-ceiling", render_fit_ceiling(report), DESIGN)
+    print(json.dumps(finite_or_none(report)) if args.json else render_fit_ceiling(report))
 
 
 def main() -> None:
@@ -718,8 +717,17 @@ def main() -> None:
     ceiling.add_argument("--chains", type=int, default=32, help="pool chains per iteration")
     ceiling.add_argument("--steps", type=int, default=4, help="random steps per chain and iteration")
     ceiling.add_argument("--lr", type=float, default=3e-3)
+    ceiling.add_argument(
+        "--sets",
+        default=",".join(f"{name}:{rank}" for name, rank in SETS),
+        help="LoRA target sets and ranks to fit, SET:RANK comma-separated",
+    )
     args = parser.parse_args()
     if args.fit_ceiling:
+        try:
+            args.sets = parse_sets(args.sets)
+        except ValueError as exc:
+            parser.error(str(exc))
         fit_ceiling_main(args)
         return
     if args.profile:

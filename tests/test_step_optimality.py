@@ -71,3 +71,33 @@ def test_exact_check_on_latent_quadratics(tmp_path, pretrained_home):
         assert exact_msdda["variance_ratio"] == pytest.approx(1.0, abs=1e-3)
         assert exact_db["path_relative_error"] > 0.05 and exact_db["variance_ratio"] > 1.05
         assert math.isfinite(row["msdda"]["relative_drift_error"])  # the trained models' kernel
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_fit_ceiling_on_latent_quadratics(tmp_path, pretrained_home):
+    """``--fit-ceiling`` on the tiny model: its JSON contract, and a regression that learns (an adapter
+    that stays at the reference has path error exactly 1)."""
+    import yaml
+
+    from tests.conftest import TINY_CONFIG
+
+    quadratic = yaml.safe_load((ROOT / "configs" / "quadratic.yaml").read_text())
+    config = {**TINY_CONFIG, "objectives": quadratic["objectives"]}
+    config["train"] = {**TINY_CONFIG["train"], **quadratic["train"]}
+    path = tmp_path / "quadratic-tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    small = ["--pool", "8", "--held-out", "4", "--iterations", "20", "--eval-every", "10", "--chains", "4"]
+    sets = ["--sets", "attention:2,broad:2", "--steps", "2"]
+    report = run_step_optimality(
+        ["--config", str(path), "--fit-ceiling", *small, *sets, "--json"], pretrained_home
+    )
+    assert set(report["fit_ceiling"]) == {"latent_prototype", "latent_blank"}
+    for fits in report["fit_ceiling"].values():
+        assert set(fits) == {"attention_r2", "broad_r2"}
+        for row in fits.values():
+            assert [point["iterations"] for point in row["curve"]] == [10, 20]
+            assert row["path_error"] == min(point["path_error"] for point in row["curve"])
+            assert 0 < row["path_error"] < 1 and 0 < row["path_cosine"] <= 1
+        assert fits["broad_r2"]["params"] > fits["attention_r2"]["params"] > 0
+        assert fits["broad_r2"]["modules"] > fits["attention_r2"]["modules"] > 0
