@@ -45,31 +45,36 @@ SETS = (("attention", 4), ("attention", 16), ("attention_resnet", 4), ("broad", 
 @dataclass
 class StatePool:
     """States ``x [S, N, ...]`` of ``N`` chains at each of ``S`` steps, their prompt indices ``[N]``, and the
-    optimum's mean there ``[S, N, ...]``."""
+    reference's and the optimum's mean there ``[S, N, ...]``."""
 
     x: torch.Tensor
     index: torch.Tensor
+    reference: torch.Tensor
     target: torch.Tensor
 
 
 @torch.no_grad()
 def reference_pool(problem, chains: int, beta: float, seed: int, chunk: int) -> StatePool:
-    """Every state of ``chains`` reference chains, and the exact optimum's mean at each."""
+    """Every state of ``chains`` reference chains, and the reference's and the exact optimum's mean at
+    each."""
     generator = torch.Generator().manual_seed(seed)
-    xs, targets, indices = [], [], []
+    xs, references, targets, indices = [], [], [], []
     for first in range(0, chains, chunk):
         index = torch.randint(0, len(problem.prompts), (min(chunk, chains - first),), generator=generator)
         x = torch.randn((len(index), *problem.latent_shape), generator=generator)
         cond = problem.make_cond(index)
-        states, means = [], []
+        states, reference_means, means = [], [], []
         for step in range(len(problem.schedule)):
             states.append(x)
             means.append(problem.quadratic_optimum(x, step, cond, beta).mean)
-            x = problem.reference(x, step, cond).sample(generator)
+            reference = problem.reference(x, step, cond)
+            reference_means.append(reference.mean)
+            x = reference.sample(generator)
         xs.append(torch.stack(states))
+        references.append(torch.stack(reference_means))
         targets.append(torch.stack(means))
         indices.append(index)
-    return StatePool(torch.cat(xs, 1), torch.cat(indices), torch.cat(targets, 1))
+    return StatePool(torch.cat(xs, 1), torch.cat(indices), torch.cat(references, 1), torch.cat(targets, 1))
 
 
 @torch.no_grad()
@@ -78,15 +83,13 @@ def held_out_errors(problem: DiffusionStepProblem, pool: StatePool, beta: float,
     the last two)."""
     energies = []
     for step in range(len(problem.schedule)):
-        drift, reference, optimum = [], [], []
+        reference = pool.reference[step].flatten(1)
+        drift = []
         for first in range(0, pool.x.shape[1], chunk):
             part = slice(first, first + chunk)
             x, cond = pool.x[step, part], problem.make_cond(pool.index[part])
-            reference.append(problem.reference(x, step, cond).mean.flatten(1))
-            drift.append(problem.policy(x, step, cond).mean.flatten(1) - reference[-1])
-            optimum.append(pool.target[step, part].flatten(1))
-        reference_mean = torch.cat(reference)
-        exact = exact_optimum(torch.cat(optimum), torch.zeros(()), reference_mean)
+            drift.append(problem.policy(x, step, cond).mean.flatten(1) - reference[part])
+        exact = exact_optimum(pool.target[step].flatten(1), torch.zeros(()), reference)
         energies.append(drift_energies(torch.cat(drift), exact, float(problem.schedule.sigma[step])))
     everything, early = path_errors(energies), path_errors(energies[:-2])
     return {

@@ -9,6 +9,21 @@ from tests._benchmark_runner import ROOT, run_benchmark
 ERR_KEYS = {"relative_drift_error", "cosine", "drift_ratio", "variance_ratio", "mc_se"}
 
 
+def quadratic_tiny_config(folder):
+    """The tiny config with configs/quadratic.yaml's objectives and train settings, as a file in
+    ``folder``."""
+    import yaml
+
+    from tests.conftest import TINY_CONFIG
+
+    quadratic = yaml.safe_load((ROOT / "configs" / "quadratic.yaml").read_text())
+    config = {**TINY_CONFIG, "objectives": quadratic["objectives"]}
+    config["train"] = {**TINY_CONFIG["train"], **quadratic["train"]}
+    path = folder / "quadratic-tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 def run_step_optimality(args, home):
     return run_benchmark("step_optimality.py", [*args, "--quiet"], home, timeout=1500)
 
@@ -52,15 +67,7 @@ def test_exact_check_on_latent_quadratics(tmp_path, pretrained_home):
     """``--exact`` on the tiny model with the two latent quadratic objectives: every figure is exact (no
     Monte-Carlo error), MSDDA's closed form applied to the exact base optima *is* the combined optimum, and
     DB's blend of the same optima is not (their curvatures differ tenfold)."""
-    import yaml
-
-    from tests.conftest import TINY_CONFIG
-
-    quadratic = yaml.safe_load((ROOT / "configs" / "quadratic.yaml").read_text())
-    config = {**TINY_CONFIG, "objectives": quadratic["objectives"]}
-    config["train"] = {**TINY_CONFIG["train"], **quadratic["train"]}
-    path = tmp_path / "quadratic-tiny.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = quadratic_tiny_config(tmp_path)
     args = ["--config", str(path), "--exact", "--no-oracle", "--states", "2", "--json"]
     report = run_step_optimality(args, pretrained_home)
     assert report["exact"] is True and set(report["base_models"]) == {"latent_prototype", "latent_blank"}
@@ -78,15 +85,7 @@ def test_exact_check_on_latent_quadratics(tmp_path, pretrained_home):
 def test_fit_ceiling_on_latent_quadratics(tmp_path, pretrained_home):
     """``--fit-ceiling`` on the tiny model: its JSON contract, and a regression that learns (an adapter
     that stays at the reference has path error exactly 1)."""
-    import yaml
-
-    from tests.conftest import TINY_CONFIG
-
-    quadratic = yaml.safe_load((ROOT / "configs" / "quadratic.yaml").read_text())
-    config = {**TINY_CONFIG, "objectives": quadratic["objectives"]}
-    config["train"] = {**TINY_CONFIG["train"], **quadratic["train"]}
-    path = tmp_path / "quadratic-tiny.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = quadratic_tiny_config(tmp_path)
     small = ["--pool", "8", "--held-out", "4", "--iterations", "20", "--eval-every", "10", "--chains", "4"]
     sets = ["--sets", "attention:2,broad:2", "--steps", "2"]
     report = run_step_optimality(
