@@ -67,6 +67,18 @@ def test_second_call_reuses_the_model(trained, tiny_home):
     assert again.cached and again.path == result.path and again.reward_after == result.reward_after
 
 
+def test_an_unwritable_model_folder_fails_before_training(trained, pretrained_home, monkeypatch):
+    """It used to train in full and only then fail to save (a read-only home with a cached reference)."""
+    import training.base_model
+    from training.models import HomeError
+
+    config, _ = trained
+    (pretrained_home / "base_models").write_text("a file where the models folder belongs")
+    monkeypatch.setattr(training.base_model, "train", lambda *a, **k: pytest.fail("trained before failing"))
+    with pytest.raises(HomeError, match=r"cannot write to .*base_models"):
+        train_base_model(config, "ink_economy", pretrained_home, progress=False)
+
+
 def test_cli_unknown_objective_is_one_line(tmp_path, tiny_config_file):
     from tests.test_cli import run_cli
 

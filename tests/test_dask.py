@@ -32,6 +32,7 @@ def dask_home(tmp_path, tiny_home, tiny_reference):
     return home
 
 
+@pytest.mark.slow  # end to end, in the slow suite (the fast suite's 10-minute budget)
 def test_train_base_models_on_dask_two_workers(
     prefect_harness, dask_home, tmp_path, tiny_config_file, monkeypatch
 ):

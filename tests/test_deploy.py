@@ -236,6 +236,7 @@ def _check_composition(url: str, registry: dict, weights: list[float], log: Path
     return run
 
 
+@pytest.mark.slow  # end to end, in the slow suite (the fast suite's 10-minute budget)
 def test_serve_schedules_training_and_composes_on_demand(prefect_server, registry, tmp_path):
     """`msdda deploy` (serve mode) registers both deployments; the server schedules training at 03:00 UTC; a
     triggered composition runs in the served process with its prompts and the deployment's overrides and

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from safetensors import safe_open
@@ -36,6 +37,7 @@ def _bytes(tensor: torch.Tensor) -> bytes:
     return tensor.contiguous().view(torch.uint8).numpy().tobytes()
 
 
+@pytest.mark.slow  # end to end, in the slow suite (the fast suite's 10-minute budget)
 def test_killed_training_process_resumes(tmp_path, tiny_home, pretrained_home):
     config = {**TINY_CONFIG, "train": {**TINY_CONFIG["train"], "iterations": 40, "checkpoint_every": 2}}
     config_file = tmp_path / "tiny.yaml"

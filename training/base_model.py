@@ -29,6 +29,7 @@ from training.card import (
     save_base_model,
 )
 from training.digits import default_prompts
+from training.models import check_writable
 from training.rewards import load_reward, mean_and_se, rescaled
 from training.trainer import IterationMetrics, train
 
@@ -118,6 +119,7 @@ def train_base_model(
     cached = _verified_cache(final)
     if cached is not None:
         return BaseModelResult(**{**cached.metrics, "path": final, "cached": True})
+    check_writable(final.parent)  # before the training, not after it
 
     train_cfg = config.train
     beta = spec.beta or train_cfg.beta
