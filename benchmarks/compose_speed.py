@@ -1,6 +1,7 @@
 """How close is MSDDA sampling to the physical floor? Side by side, in one run, same batch and steps:
 
     python benchmarks/compose_speed.py [--batches 128] [--repeats 5] [--device auto] [--modes eager] [--json]
+        [--lora-targets attention,attention_resnet,broad]
     python benchmarks/compose_speed.py --unet sd15 --device cuda --dtype fp16 [--batches 1,4,16,32]
         [--models 2,3] [--modes eager,compiled] [--repeats 15] --json
 
@@ -18,6 +19,11 @@ whole chains, per batch size:
 
 Prints ``msdda_over_floor`` (goal <= 1.10), ``compose_math_fraction`` (DDIM means + closed form over the whole
 step; goal < 0.02), and the same figures for the sequential switches. Medians over --repeats chains.
+
+``--lora-targets SET,...``: the same figures for base models adapting each target set
+(``train.lora_targets``; the config's own first). The config's own set uses its trained models; for another
+set, speed does not depend on the adapter's values, so its models are trained for one iteration (two
+evaluation samples): the same layers, ranks and routing as fully trained ones, at a fraction of the cost.
 
 ``--unet sd15``: a randomly initialised ``UNet2DConditionModel`` with Stable Diffusion 1.5's config (860 M
 parameters, 64x64 latents, 77x768 text states; no weights needed) carrying K rank-4 LoRA adapters on
@@ -50,6 +56,7 @@ from composition.engine import load_ensemble
 from composition.methods import METHODS, Batch
 from composition.msdda import compose_gaussian
 from configs import load_config
+from configs.schema import LORA_TARGET_SETS
 from training.base_model import reference_identity, train_base_model
 from training.device import place_pipeline, resolve_device, resolve_dtype, resolve_runtime
 from training.kernel import GaussianStep
@@ -101,6 +108,11 @@ def main() -> None:
         help="sd15: routed variants to time (merged, lora, per_model)",
     )
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--lora-targets",
+        default=None,
+        help="embedded: target sets to time, e.g. attention,attention_resnet,broad (default: the config's)",
+    )
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--write-readme", action="store_true")
     parser.add_argument(
@@ -129,28 +141,67 @@ def main() -> None:
         config, home = load_config(args.config), msdda_home()
         runtime = config.runtime.model_copy(update={"device": args.device, "dtype": args.dtype})
         config = config.model_copy(update={"runtime": runtime})
-        # Training (on a fresh home) needs gradients: only the measurement below runs without them.
-        base_dirs = [
-            train_base_model(config, name, home, progress=False).path for name in config.objective_names
-        ]
-        with torch.no_grad():
-            results = [
-                measure(config, home, base_dirs, b, args.repeats, compiled=mode == "compiled")
-                for mode in modes
-                for b in _numbers(args.batches or "128")
+        results = []
+        for target_set in _target_sets(config, args.lora_targets, parser):
+            set_config = _with_targets(config, target_set)
+            # Training (on a fresh home) needs gradients: only the measurement below runs without them.
+            base_dirs = [
+                train_base_model(set_config, name, home, progress=False).path
+                for name in set_config.objective_names
             ]
+            with torch.no_grad():
+                results += [
+                    {
+                        "target_set": target_set,
+                        **measure(set_config, home, base_dirs, b, args.repeats, compiled=mode == "compiled"),
+                    }
+                    for mode in modes
+                    for b in _numbers(args.batches or "128")
+                ]
         report = {"unet": "embedded", "results": results}
     report = {"device": device_name(device), "dtype": args.dtype, "torch": torch.__version__, **report}
     if args.write_readme:
         if args.unet != "embedded" or modes != ["eager"]:
             parser.error("--write-readme writes the embedded eager table only")
-        write_section("compose-speed", render(report["results"][0]))
+        write_section("compose-speed", render(report["results"]))
     if args.json:
         print(json.dumps(report))
     else:
         print(f"device: {report['device']}, dtype {args.dtype}, torch {torch.__version__}")
         for row in report["results"]:
             print(json.dumps(row))
+
+
+def _target_sets(config, text: str | None, parser) -> list[str]:
+    """``--lora-targets``: the config's own set first, then the others named (each once)."""
+    own = config.train.lora_targets
+    own = own if isinstance(own, str) else "custom"
+    named = [t.strip() for t in (text or own).split(",") if t.strip()]
+    unknown = [t for t in named if t not in LORA_TARGET_SETS and t != own]
+    if unknown:
+        parser.error(
+            f"--lora-targets takes sets of {', '.join(LORA_TARGET_SETS)}; unknown: {', '.join(unknown)}"
+        )
+    return [own] + [t for t in dict.fromkeys(named) if t != own]
+
+
+def _with_targets(config, target_set: str):
+    """``config`` with its base models adapting ``target_set``; for a set that is not the config's own,
+    trained for one iteration (module docstring: the structure is what is timed)."""
+    if target_set == config.train.lora_targets or target_set == "custom":
+        return config
+    update = {"lora_targets": target_set, "iterations": 1, "eval_samples": 2, "checkpoint_every": 1}
+    objectives = [o.model_copy(update={"train": {**o.train, **update}}) for o in config.objectives]
+    return config.model_copy(
+        update={"train": config.train.model_copy(update=update), "objectives": objectives}
+    )
+
+
+def _adapted_layers(unet, adapter: str) -> int:
+    """How many of ``unet``'s layers carry a LoRA named ``adapter``."""
+    from peft.tuners.lora import LoraLayer
+
+    return sum(1 for m in unet.modules() if isinstance(m, LoraLayer) and adapter in m.lora_A)
 
 
 def device_name(device: torch.device) -> str:
@@ -244,6 +295,7 @@ def measure(config, home, base_dirs, batch_size: int, repeats: int, compiled: bo
         "steps": len(schedule),
         "repeats": repeats,
         "torch_threads": torch.get_num_threads(),
+        "adapted_layers": _adapted_layers(unet, ensemble.models[0].objective),
         "floor_one_call_seconds": t_one_call,
         "floor_per_model_seconds": t_per_model,
         "floor_seconds": t_floor,
@@ -407,7 +459,28 @@ def render_sd15(report: dict, source: str) -> str:
     return "\n".join(lines)
 
 
-def render(r: dict) -> str:
+def render(results: list[dict]) -> str:
+    """The README table of the first result (the config's own target set) and, when several sets were
+    measured, one row per set."""
+    lines = [_render_one(results[0])]
+    if len(results) > 1:
+        lines += [
+            "",
+            "Per LoRA target set (`--lora-targets`; same run, same batch):",
+            "",
+            "| target set | adapted layers | floor (s) | MSDDA as configured (s) | over the floor | "
+            "sequential over the floor |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| `{r['target_set']}` | {r['adapted_layers']} | {r['floor_seconds']:.3f} | "
+            f"{r['msdda_seconds']:.3f} | **{r['msdda_over_floor']:.3f}** | {r['sequential_over_floor']:.3f} |"
+            for r in results
+        ]
+    return "\n".join(lines)
+
+
+def _render_one(r: dict) -> str:
     return "\n".join(
         [
             f"`python benchmarks/compose_speed.py --write-readme`: {r['models']} base models, "
