@@ -18,7 +18,7 @@ set and rank of ``--sets`` (default :data:`SETS`):
 
 The JSON's ``fit_ceiling`` maps ``objective -> set -> {"rank", "params", "path_error", "path_cosine",
 "iterations", "curve"}``: the best budget tried (lowest path error) and the whole curve. That best is the
-ceiling a trainer with that adapter is judged against (docs/design.md §5.7).
+ceiling a trainer with that adapter is judged against (docs/design.md §5.8).
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ LORA_TARGET_SETS: dict[str, tuple[str, ...]] = {
     "broad": _ATTENTION + _RESNET + _TRANSFORMER + ("conv_in", "conv_out"),  # plus feed-forward, in and out
 }
 """Named LoRA target sets (``train.lora_targets``): module-name suffixes in peft's ``target_modules`` sense
-(a module is adapted when its name is a target or ends with ``.<target>``). docs/design.md §5.7 gives the
+(a module is adapted when its name is a target or ends with ``.<target>``). docs/design.md §5.8 gives the
 fit each set reaches (``benchmarks/step_optimality.py --fit-ceiling``)."""
 
 
@@ -155,10 +155,11 @@ class TrainConfig(_Strict):
     checkpoint_every: Annotated[int, Field(ge=0)] = 10
     seed: int = 0
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    lora_rank: Annotated[int, Field(ge=1)] = 4
-    lora_targets: str | Annotated[list[_ModuleName], Field(min_length=1)] = "attention"
+    lora_rank: Annotated[int, Field(ge=1)] = 8
+    lora_targets: str | Annotated[list[_ModuleName], Field(min_length=1)] = "broad"
     """What the LoRA adapts: a :data:`LORA_TARGET_SETS` name or a list of module names (peft
-    ``target_modules``; checked against the UNet when training starts)."""
+    ``target_modules``; checked against the UNet when training starts). The default, ``broad`` at rank 8, is
+    the only set whose fit ceiling reaches the exact step optimum within 0.25 (docs/design.md §5.8)."""
     learn_variance: Literal["none", "step", "step_channel"] = "step"
     x0_estimate: Literal["next_state", "current_eps"] = "next_state"
     eval_samples: Annotated[int, Field(ge=2)] = 256
