@@ -2,7 +2,8 @@
 model.
 
 * Policy: the reference UNet with a peft LoRA adapter on the modules ``train.lora_targets`` names (the
-  attention projections by default), classifier-free guidance, and the optional learned log-variance offset.
+  config's default: the ``broad`` set at rank 8), classifier-free guidance, and the optional learned
+  log-variance offset.
 * Step reward: ``r(s, a) = R(decode(x0_hat(a, t_prev)), c)``, the reward of the reference model's clean
   estimate at the next state (``x0_estimate="next_state"``, one reference UNet call per action), or of the
   cheaper estimate that reuses the current state's epsilon (``"current_eps"``). At the last step
