@@ -93,10 +93,12 @@ def train_job(
             mlflow_lib.log_metrics(
                 {f"eval_{k}": v for k, v in result.as_dict().items() if isinstance(v, float)}
             )
-        if register:
-            from flows.registry import register_base_model
+    # Registered only once its run is closed: a store failure while closing it must not leave a new version
+    # (and the champion alias) pointing at a run that reports failure.
+    if register:
+        from flows.registry import register_base_model
 
-            registered = register_base_model(home, result.path, run_id=run_id)
+        registered = register_base_model(home, result.path, run_id=run_id)
     return {**result.as_dict(), "mlflow_run_id": run_id, "registered": registered}
 
 

@@ -118,6 +118,7 @@ def test_train_retrains_a_damaged_cached_model_instead_of_registering_it(
 ):
     """`msdda train` used to report the damaged folder as cached and register its files as a new version."""
     from flows.registry import list_models
+    from flows.tracking import mlflow_client
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the home's own SQLite store
 
@@ -138,6 +139,12 @@ def test_train_retrains_a_damaged_cached_model_instead_of_registering_it(
     assert registered["content_hash"] == content_hash(folder), "what is registered is the retrained folder"
     assert [v["content_hash"] for v in list_models(pretrained_home)] == [content_hash(folder)]
     assert not list(folder.parent.glob(".*")), "nothing is left aside"
+    # Registered after its training run closed: a store failure while closing the run used to leave a new
+    # champion version whose run stayed RUNNING and the command reporting failure.
+    client = mlflow_client(pretrained_home)
+    run = client.get_run(registered["run_id"]).info
+    version = client.get_model_version(registered["name"], registered["version"])
+    assert run.status == "FINISHED" and version.creation_timestamp >= run.end_time
 
 
 @pytest.mark.parametrize("damage", ["card missing", "weights truncated"])
