@@ -80,6 +80,10 @@ class EmbeddedModelConfig(_Strict):
                 )
         if self.image_size % 2 ** (len(self.vae_channels) - 1):
             raise ValueError("image_size must be divisible by the VAE's downsampling factor")
+        if self.text_hidden_size % self.text_heads:
+            raise ValueError(
+                f"text_hidden_size={self.text_hidden_size} must be a multiple of text_heads={self.text_heads}"
+            )
         return self
 
 

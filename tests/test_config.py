@@ -98,6 +98,8 @@ def test_shipped_configs_name_registered_rewards(name):
         ("model:\n  source: pretrained\n", "model"),
         ("objectives:\n  - {options: {}}\n", "objectives.0.name"),
         ("train:\n  antithetic: true\n  num_actions: 7\n", "train"),
+        # the probe: diffusers' own architecture check, at pretraining, used to be cut off and exit 1
+        ("model:\n  embedded:\n    text_heads: 3\n", "model.embedded"),
     ],
 )
 def test_bad_fields_are_named_with_the_file(tmp_path, yaml_text, field):
