@@ -253,8 +253,14 @@ MethodOption = Annotated[
 ]
 
 
-def _split(text: str | None) -> list[str] | None:
-    return [part.strip() for part in text.split(",") if part.strip()] if text else None
+def _split(text: str | None, option: str) -> list[str] | None:
+    """The comma-separated names of ``option``; ``None`` when it was not given."""
+    if text is None:
+        return None
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise UsageError(f"{option} names nothing: give comma-separated names, or leave it out")
+    return names
 
 
 @app.command()
@@ -311,7 +317,7 @@ def compose(
         cfg,
         msdda_home(),
         weights,
-        _split(models),
+        _split(models, "--models"),
         method,
         num_images,
         seed,
@@ -363,8 +369,8 @@ def sweep(
     result = sweep_job(
         cfg,
         msdda_home(),
-        _split(models),
-        _split(methods),
+        _split(models, "--models"),
+        _split(methods, "--methods"),
         grid,
         num_images,
         progress=sys.stderr.isatty() or not json_output,

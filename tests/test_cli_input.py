@@ -115,6 +115,8 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has
         ),
         (["compose", "-w", "0.5,0.5", "--set", "composition.seed=x"], "--set composition.seed=x:"),
         (["compose", "-w", "0.5,0.5", "--method", "magic"], "'magic' is not one of 'msdda', 'db'"),
+        (["compose", "-w", "0.5,0.5", "-m", ",,"], "--models names nothing"),  # was: the default models
+        (["sweep", "--methods", " , "], "--methods names nothing"),
         pytest.param(["compose", "-w", "0.5,0.5", "--device", "cuda"], "no CUDA device", marks=NO_CUDA),
         # pretrain, run, deploy
         (["pretrain", "--set", "pretrain.unet_steps=0"], "pretrain.unet_steps: Input should be greater"),
