@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TINY_CONFIG = yaml.safe_load((Path(__file__).parents[1] / "configs" / "tiny.yaml").read_text())
 """``configs/tiny.yaml``: a very small embedded model, pretrained in seconds."""
+
+
+def pytest_configure(config):
+    """A test runner started in the background (``make test &`` in a script, ``nohup``) ignores SIGINT, and
+    the commands it starts inherit that: the Ctrl-C tests would wait for a signal that never arrives. The
+    commands started from here get the default again."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
