@@ -462,7 +462,11 @@ def render_sd15(report: dict, source: str) -> str:
 def render(results: list[dict]) -> str:
     """The README table of the first result (the config's own target set) and, when several sets were
     measured, one row per set."""
-    lines = [_render_one(results[0])]
+    command = "python benchmarks/compose_speed.py --write-readme"
+    if len(results) > 1:
+        sets = ",".join(r["target_set"] for r in results)
+        command = f"python benchmarks/compose_speed.py --lora-targets {sets} --write-readme"
+    lines = [_render_one(results[0], command)]
     if len(results) > 1:
         lines += [
             "",
@@ -480,10 +484,10 @@ def render(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _render_one(r: dict) -> str:
+def _render_one(r: dict, command: str) -> str:
     return "\n".join(
         [
-            f"`python benchmarks/compose_speed.py --write-readme`: {r['models']} base models, "
+            f"`{command}`: {r['models']} base models, "
             f"batch {r['batch_size']}, {r['steps']} steps, median of {r['repeats']} chains, "
             f"{r['torch_threads']} torch threads, same run:",
             "",
