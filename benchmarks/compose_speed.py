@@ -51,7 +51,7 @@ from pathlib import Path
 import torch
 from readme_section import write_section  # benchmarks/ is on sys.path when run as a script
 
-from composition.batched import compile_unet, mixed_adapter_batch, routing
+from composition.batched import compile_unet, lora_layers, mixed_adapter_batch, routing
 from composition.engine import load_ensemble
 from composition.methods import METHODS, Batch
 from composition.msdda import compose_gaussian
@@ -198,10 +198,8 @@ def _with_targets(config, target_set: str):
 
 
 def _adapted_layers(unet, adapter: str) -> int:
-    """How many of ``unet``'s layers carry a LoRA named ``adapter``."""
-    from peft.tuners.lora import LoraLayer
-
-    return sum(1 for m in unet.modules() if isinstance(m, LoraLayer) and adapter in m.lora_A)
+    """How many of ``unet``'s LoRA layers (:func:`~composition.batched.lora_layers`) carry ``adapter``."""
+    return sum(1 for m in lora_layers(unet) if adapter in m.lora_A)
 
 
 def device_name(device: torch.device) -> str:
@@ -462,25 +460,23 @@ def render_sd15(report: dict, source: str) -> str:
 def render(results: list[dict]) -> str:
     """The README table of the first result (the config's own target set) and, when several sets were
     measured, one row per set."""
-    command = "python benchmarks/compose_speed.py --write-readme"
-    if len(results) > 1:
-        sets = ",".join(r["target_set"] for r in results)
-        command = f"python benchmarks/compose_speed.py --lora-targets {sets} --write-readme"
-    lines = [_render_one(results[0], command)]
-    if len(results) > 1:
-        lines += [
-            "",
-            "Per LoRA target set (`--lora-targets`; same run, same batch):",
-            "",
-            "| target set | adapted layers | floor (s) | MSDDA as configured (s) | over the floor | "
-            "sequential over the floor |",
-            "|---|---|---|---|---|---|",
-        ]
-        lines += [
-            f"| `{r['target_set']}` | {r['adapted_layers']} | {r['floor_seconds']:.3f} | "
-            f"{r['msdda_seconds']:.3f} | **{r['msdda_over_floor']:.3f}** | {r['sequential_over_floor']:.3f} |"
-            for r in results
-        ]
+    if len(results) == 1:
+        return _render_one(results[0], "python benchmarks/compose_speed.py --write-readme")
+    sets = ",".join(r["target_set"] for r in results)
+    lines = [
+        _render_one(results[0], f"python benchmarks/compose_speed.py --lora-targets {sets} --write-readme"),
+        "",
+        "Per LoRA target set (`--lora-targets`; same run, same batch):",
+        "",
+        "| target set | adapted layers | floor (s) | MSDDA as configured (s) | over the floor | "
+        "sequential over the floor |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| `{r['target_set']}` | {r['adapted_layers']} | {r['floor_seconds']:.3f} | "
+        f"{r['msdda_seconds']:.3f} | **{r['msdda_over_floor']:.3f}** | {r['sequential_over_floor']:.3f} |"
+        for r in results
+    ]
     return "\n".join(lines)
 
 
