@@ -152,6 +152,11 @@ class TrainConfig(_Strict):
     ``N(mu_ref + kappa v g / beta, v)``, ``v = 1 / (1 / sigma_t^2 + h / beta)``. For a reward quadratic in
     the action (a latent quadratic with ``x0_estimate: current_eps``) that is ``pi*`` itself at
     ``kappa = 1``: uniform weights, an exact target (docs/design.md §1.5)."""
+    target_loss: Literal["likelihood", "regression"] = "likelihood"
+    """Target matching only: how the policy is fitted to the weighted actions. ``likelihood``: their
+    weighted log-likelihood, whose mean gradient scales with ``1 / sigma_theta^2`` (the learned variance);
+    ``regression``: the mean regressed onto their weighted mean with weight ``1 / sigma_t^2`` (the path KL's),
+    the variance fitted by the likelihood with the mean held fixed (docs/design.md §1.5)."""
     learning_rate: Annotated[float, Field(gt=0)] = 3e-3
     variance_lr_scale: Annotated[float, Field(gt=0)] = 10.0
     gradient_accumulation_steps: Annotated[int, Field(ge=1)] = 1
@@ -186,6 +191,8 @@ class TrainConfig(_Strict):
     def _check_antithetic(self) -> TrainConfig:
         if self.antithetic and self.num_actions % 2:
             raise ValueError(f"antithetic pairs need an even num_actions, got {self.num_actions}")
+        if self.target_loss != "likelihood" and self.method != "target_matching":
+            raise ValueError("target_loss is an option of method target_matching")
         if self.gradient_proposal and self.method != "target_matching":
             raise ValueError("gradient_proposal is an option of method target_matching")
         if self.curvature_proposal and not self.gradient_proposal:

@@ -4,8 +4,15 @@ import pytest
 import torch
 
 from configs import TrainConfig
+from training.kernel import GaussianStep
 from training.toy import ToyProblem, evaluate_against_optimum
-from training.trainer import linearised_proposal, step_reward_gradient, target_weights, train
+from training.trainer import (
+    linearised_proposal,
+    step_reward_gradient,
+    target_matching_loss,
+    target_weights,
+    train,
+)
 
 FAST = {"beta": 1.0, "batch_size": 128, "states_per_trajectory": 10, "num_actions": 32, "learning_rate": 3e-3}
 
@@ -27,6 +34,39 @@ def test_antithetic_target_matching_reaches_the_analytic_optimum():
     after = evaluate_against_optimum(problem, beta=1.0, num_states=500)
     assert after["mean_error_over_sigma"] <= 0.1, after
     assert after["variance_rel_error"] <= 0.1, after
+
+
+def test_regression_target_loss_reaches_the_analytic_optimum():
+    problem = ToyProblem(num_inference_steps=10)
+    train(problem, TrainConfig(iterations=150, target_loss="regression", **FAST), progress=False)
+    after = evaluate_against_optimum(problem, beta=1.0, num_states=500)
+    assert after["mean_error_over_sigma"] <= 0.1, after
+    assert after["variance_rel_error"] <= 0.1, after
+
+
+def test_regression_weighs_a_mean_error_by_the_reference_variance_not_the_learned_one():
+    """Likelihood: the mean's gradient is ``(mu - sum w a) / sigma_theta^2``; regression: ``/ sigma_t^2``,
+    whatever the learned variance; both fit the same variance."""
+    generator = torch.Generator().manual_seed(0)
+    actions = torch.randn(6, 3, 2, generator=generator)
+    weights = torch.softmax(torch.randn(6, 3, generator=generator), 0)
+    reference = GaussianStep(torch.zeros(3, 2), torch.full((1, 1), 0.5))
+    target = (weights.unsqueeze(-1) * actions).sum(0)
+    for regress, variance in ((False, 0.02), (True, 0.5)):
+        mean = torch.ones(3, 2, requires_grad=True)
+        log_variance = torch.tensor(-4.0, requires_grad=True)  # sigma_theta^2 = e^-4, 25x narrower
+        policy = GaussianStep(mean, log_variance.exp().expand(3, 2))
+        target_matching_loss(policy, actions, weights, reference if regress else None).backward()
+        expected = (mean.detach() - target) / (variance if regress else log_variance.exp().item())
+        torch.testing.assert_close(mean.grad * 3 * 2, expected, rtol=1e-4, atol=1e-5)
+        if not regress:
+            likelihood_variance_gradient = log_variance.grad.clone()
+    torch.testing.assert_close(log_variance.grad, likelihood_variance_gradient)
+
+
+def test_target_loss_is_a_target_matching_option():
+    with pytest.raises(ValueError, match="target_loss"):
+        TrainConfig(method="policy_gradient", target_loss="regression")
 
 
 def _target_mean(problem, x, step, beta, kappa, num, generator, antithetic=False):

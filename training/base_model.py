@@ -76,6 +76,7 @@ ADDED_SETTINGS = {
         "gradient_proposal": 0.0,
         "curvature_proposal": False,
         "lora_targets": "attention",
+        "target_loss": "likelihood",
     },
 }
 

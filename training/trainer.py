@@ -157,11 +157,30 @@ def step_reward_gradient(problem: StepProblem, x_t, action: torch.Tensor, step: 
     return gradient[0]
 
 
-def target_matching_loss(policy: GaussianStep, actions, weights: torch.Tensor) -> torch.Tensor:
+def target_matching_loss(
+    policy: GaussianStep, actions, weights: torch.Tensor, reference: GaussianStep | None = None
+) -> torch.Tensor:
     """``-sum_j w_j log pi_theta(a_j|s)`` with the :func:`target_weights` ``w`` ``[N, B]``, averaged over
-    states, per action dimension."""
-    log_probs = torch.stack([policy.log_prob(action) for action in actions])
-    return -(weights.detach() * log_probs).sum(0).mean() / policy.mean[0].numel()
+    states, per action dimension (``train.target_loss: likelihood``). Its gradient in the mean is
+    ``(mu_theta - sum_j w_j a_j) / sigma_theta^2``: a step whose learned variance is narrow pulls hardest.
+
+    With a ``reference`` (``train.target_loss: regression``) the mean is regressed with the reference's
+    variance instead, and the variance fitted by the likelihood at the mean held fixed:
+
+        sum_j w_j |a_j - mu_theta|^2 / (2 sigma_t^2)  +  (-sum_j w_j log N(a_j; sg(mu_theta), sigma_theta^2))
+
+    whose mean gradient ``(mu_theta - sum_j w_j a_j) / sigma_t^2`` is that of the path KL's weighting of a
+    mean error (docs/design.md §1.5), whatever the learned variance."""
+    weights = weights.detach()
+    if reference is None:
+        log_probs = torch.stack([policy.log_prob(action) for action in actions])
+        return -(weights * log_probs).sum(0).mean() / policy.mean[0].numel()
+    fixed_mean = GaussianStep(policy.mean.detach(), policy.variance)
+    squared = torch.stack([(action - policy.mean).pow(2).flatten(1).sum(1) for action in actions])
+    variance = reference.variance.expand_as(policy.mean).flatten(1)[:, 0]  # sigma_t^2 is one per row
+    mean_term = (weights * squared).sum(0) / (2 * variance)
+    variance_term = -(weights * torch.stack([fixed_mean.log_prob(action) for action in actions])).sum(0)
+    return (mean_term + variance_term).mean() / policy.mean[0].numel()
 
 
 def policy_gradient_loss(policy: GaussianStep, actions, rewards, reference: GaussianStep, beta: float):
@@ -405,7 +424,8 @@ def step_loss(problem: StepProblem, config: TrainConfig, run: TrainingRun, x_t, 
         return None
     weights = target_weights(rewards, config.beta, log_ratio)
     if config.method == "target_matching":
-        loss = target_matching_loss(policy, actions, weights)
+        regress = config.target_loss == "regression"
+        loss = target_matching_loss(policy, actions, weights, reference if regress else None)
     else:
         loss = policy_gradient_loss(policy, actions, rewards, reference, config.beta)
     return StepOutcome(loss, rewards, policy.detach().kl(reference).mean().item(), weights)
