@@ -271,6 +271,12 @@ def _publish_version_links(results: list[dict], home: str | None) -> None:
     )
 
 
+# Dask's nanny sets MALLOC_TRIM_THRESHOLD_=65536 in each worker it spawns (and in its own process), so glibc
+# hands freed memory back to the OS at once; torch's training then spends much of its time faulting pages
+# back in (docs/operations.md). The local cluster leaves glibc's default; a value the user set still wins.
+LOCAL_WORKER_ENVIRON = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+
+
 @flow(name="fan-out-training", flow_run_name=_run_name("train {objectives} in parallel"))
 def _fan_out(
     objectives: list[str],
@@ -308,6 +314,7 @@ def train_base_models(
             train_task(objective, config_path, str(root), overrides=overrides) for objective in objectives
         ]
     else:
+        import dask
         from prefect_dask import DaskTaskRunner
 
         task_runner = (
@@ -322,9 +329,10 @@ def train_base_models(
                 }
             )
         )
-        results = _fan_out.with_options(task_runner=task_runner)(
-            objectives, config_path, str(root), 1, overrides
-        )
+        with dask.config.set(LOCAL_WORKER_ENVIRON):
+            results = _fan_out.with_options(task_runner=task_runner)(
+                objectives, config_path, str(root), 1, overrides
+            )
     _publish_training(results, str(root))
     return {r["objective"]: r for r in results}
 

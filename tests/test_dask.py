@@ -42,6 +42,8 @@ def test_train_base_models_on_dask_two_workers(
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # before the cluster starts: its workers inherit it
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    for name in ("MALLOC_TRIM_THRESHOLD_", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "PYTHONHASHSEED"):
+        monkeypatch.delenv(name, raising=False)  # the nanny sets its spawn environment here too: undone after
 
     results = train_base_models(
         objectives=None, runner="dask", config_path=str(tiny_config_file), home=str(dask_home)
@@ -50,6 +52,10 @@ def test_train_base_models_on_dask_two_workers(
     assert set(results) == {"digit_alignment", "ink_economy"}
     pids = {r["pid"] for r in results.values()}
     assert len(pids) == 2 and os.getpid() not in pids, f"tasks ran in {pids}: not two Dask worker processes"
+    # What the nanny gave its workers it also set in this process: not Dask's MALLOC_TRIM_THRESHOLD_=65536,
+    # under which glibc returns freed memory at once and training ran 1.6x slower (docs/operations.md).
+    assert "MALLOC_TRIM_THRESHOLD_" not in os.environ
+    assert os.environ.get("MKL_NUM_THREADS") == "1"  # the nanny's spawn environment did reach here
     for objective, result in results.items():
         assert result["cached"] is False and result["registered"]["name"] == f"msdda-{objective}"
         assert result["registered"]["version"] == 1 and result["mlflow_run_id"]
