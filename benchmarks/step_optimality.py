@@ -20,7 +20,8 @@
 ``--json`` prints ``{"base_models": {objective: err}, "rgg": {"scale", "single": {objective: err}},
 "composition": [{"weights": [w1, w2], "msdda": err, "db": err, "oracle": err, "rgg": err}], ...}`` with
 ``err = {"relative_drift_error", "cosine", "drift_ratio", "variance_ratio", "path_relative_error",
-"path_cosine", "path_drift_ratio", "mc_se", "per_step": [...]}``: means over steps and path-pooled figures
+"path_cosine", "path_drift_ratio", "path_error_without_last_two", "path_cosine_without_last_two", "mc_se",
+"per_step": [...]}``: means over steps and path-pooled figures, also without the last two steps (§5.8)
 (``mc_se``: the Monte-Carlo standard error of the relative drift error; ``mc_se_all`` has all of them).
 ``--write-readme`` writes the README section and the plot ``benchmarks/results/step_optimality.png``.
 ``--profile`` measures only the optimum of the named rewards at reference states (no base models), to
@@ -196,6 +197,11 @@ def aggregate(per_step: list[dict], replicates: list[list[dict]]) -> dict:
 
     result = {name: mean_over_steps(per_step, name) for name in FIELDS}
     result.update(path(per_step))
+    early = path(per_step[:-2])  # the last two steps' tiny drift can dominate the pooled error (§5.8)
+    result.update(
+        path_error_without_last_two=early["path_relative_error"],
+        path_cosine_without_last_two=early["path_cosine"],
+    )
     se = {}
     for name in (*FIELDS, *PATH_FIELDS):
         values = [

@@ -158,6 +158,9 @@ class TrainConfig(_Strict):
     ``regression``: the mean regressed onto their weighted mean with weight ``1 / sigma_t^2`` (the path KL's),
     the variance fitted by the likelihood with the mean held fixed (docs/design.md §1.5)."""
     learning_rate: Annotated[float, Field(gt=0)] = 3e-3
+    learning_rate_schedule: Literal["constant", "cosine"] = "constant"
+    """``cosine``: the learning rate at iteration ``i`` of ``n`` is ``lr (1 + cos(pi i / n)) / 2``, from
+    ``lr`` to 0 (both parameter groups); ``constant``: ``lr`` throughout."""
     variance_lr_scale: Annotated[float, Field(gt=0)] = 10.0
     gradient_accumulation_steps: Annotated[int, Field(ge=1)] = 1
     max_grad_norm: Annotated[float, Field(gt=0)] = 1.0

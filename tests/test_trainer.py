@@ -7,6 +7,7 @@ from configs import TrainConfig
 from training.kernel import GaussianStep
 from training.toy import ToyProblem, evaluate_against_optimum
 from training.trainer import (
+    learning_rate_factor,
     linearised_proposal,
     step_reward_gradient,
     target_matching_loss,
@@ -131,8 +132,15 @@ def _toy(seed: int, **kwargs) -> ToyProblem:
     return ToyProblem(**kwargs)
 
 
-def test_killed_training_resumes_exactly(tmp_path):
-    config = TrainConfig(iterations=6, checkpoint_every=3, seed=0, **{**FAST, "batch_size": 16})
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_killed_training_resumes_exactly(tmp_path, schedule):
+    config = TrainConfig(
+        iterations=6,
+        checkpoint_every=3,
+        seed=0,
+        learning_rate_schedule=schedule,
+        **{**FAST, "batch_size": 16},
+    )
     straight = _toy(0, num_inference_steps=5)
     expected = train(straight, config, progress=False)
 
@@ -146,6 +154,24 @@ def test_killed_training_resumes_exactly(tmp_path):
     assert [m.loss for m in result.history] == [m.loss for m in expected.history]
     for key, value in straight.trainable_state().items():
         torch.testing.assert_close(fresh.trainable_state()[key], value, rtol=0, atol=0)
+
+
+def test_cosine_schedule_decays_the_learning_rate_to_zero():
+    config = TrainConfig(iterations=10, learning_rate_schedule="cosine")
+    factors = [learning_rate_factor(config, i) for i in range(10)]
+    assert factors[0] == 1.0 and factors[5] == pytest.approx(0.5) and 0 < factors[-1] < 0.03
+    assert factors == sorted(factors, reverse=True)
+    assert learning_rate_factor(TrainConfig(iterations=10), 9) == 1.0
+    runs = {}
+    for schedule in ("constant", "cosine"):
+        config = TrainConfig(
+            iterations=3, seed=0, learning_rate_schedule=schedule, **{**FAST, "batch_size": 16}
+        )
+        runs[schedule] = [
+            m.loss for m in train(_toy(0, num_inference_steps=5), config, progress=False).history
+        ]
+    assert runs["constant"][:2] == runs["cosine"][:2]  # the first update is at the full rate in both
+    assert runs["constant"][2] != runs["cosine"][2]
 
 
 class FlakyRewardToy(ToyProblem):

@@ -77,6 +77,7 @@ ADDED_SETTINGS = {
         "curvature_proposal": False,
         "lora_targets": "attention",
         "target_loss": "likelihood",
+        "learning_rate_schedule": "constant",
     },
 }
 

@@ -329,10 +329,20 @@ def make_optimizer(problem: StepProblem, config: TrainConfig) -> torch.optim.Opt
     )
     ids = {id(p) for p in variance}
     others = [p for p in problem.parameters() if p.requires_grad and id(p) not in ids]
-    groups = [{"params": others, "lr": config.learning_rate}]
+    groups = [{"params": others, "lr": config.learning_rate, "base_lr": config.learning_rate}]
     if variance:
-        groups.append({"params": variance, "lr": config.learning_rate * config.variance_lr_scale})
+        scaled = config.learning_rate * config.variance_lr_scale
+        groups.append({"params": variance, "lr": scaled, "base_lr": scaled})
     return torch.optim.AdamW(groups, weight_decay=0.0)
+
+
+def learning_rate_factor(config: TrainConfig, iteration: int) -> float:
+    """The schedule's share of each group's learning rate at ``iteration`` (0-based):
+    ``(1 + cos(pi i / n)) / 2`` for ``cosine``, 1 for ``constant``. A function of the iteration alone, so a
+    resumed run continues it exactly."""
+    if config.learning_rate_schedule == "constant":
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * iteration / config.iterations))
 
 
 def setup_run(
@@ -467,6 +477,9 @@ def train_iteration(
             run.optimizer.zero_grad(set_to_none=True)
         else:
             total = sum(outcome.loss / len(steps) for outcome in outcomes)
+            factor = learning_rate_factor(config, iteration)
+            for group in run.optimizer.param_groups:  # a checkpoint from before schedules: constant
+                group["lr"] = group.setdefault("base_lr", group["lr"]) * factor
             apply_update(run, total, config)
     return _metrics(problem, iteration, outcomes, None if skipped else total.detach().item(), clock)
 
