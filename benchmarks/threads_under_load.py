@@ -19,7 +19,10 @@ in ``docs/operations.md`` and the JSON in ``benchmarks/results/threads_under_loa
 * ``auto``: :func:`training.device.configure_threads` (what the CLI does now);
 * a number: that many torch threads;
 * ``passive``: torch's own choice with ``OMP_WAIT_POLICY=PASSIVE`` (idle OpenMP threads sleep instead of
-  spinning).
+  spinning);
+* ``dask-trim``: one thread with ``MALLOC_TRIM_THRESHOLD_=65536``, the environment a Dask nanny gives its
+  workers by default (``distributed.nanny.pre-spawn-environ``); glibc then returns freed memory to the OS at
+  once. Every other setting runs with glibc's default.
 """
 
 from __future__ import annotations
@@ -74,8 +77,8 @@ def worker(setting: str, steps: int) -> dict:
 
     if setting == "auto":
         configure_threads(0)
-    elif setting.isdigit():
-        torch.set_num_threads(int(setting))
+    elif setting.isdigit() or setting == "dask-trim":
+        torch.set_num_threads(1 if setting == "dask-trim" else int(setting))
     config = load_config(None)
     pretrain = config.pretrain.model_copy(update={"vae_steps": steps, "unet_steps": steps})
     components = embedded.build_components(config.model.embedded)
@@ -126,8 +129,11 @@ def measure(setting: str, busy: int, steps: int) -> dict:
     """Run :func:`worker` in a fresh process beside ``busy`` spinning processes."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     env.pop("OMP_NUM_THREADS", None)
+    env.pop("MALLOC_TRIM_THRESHOLD_", None)
     if setting == "passive":
         env["OMP_WAIT_POLICY"] = "PASSIVE"
+    if setting == "dask-trim":
+        env["MALLOC_TRIM_THRESHOLD_"] = "65536"
     spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy)]
     try:
         done = subprocess.run(
