@@ -165,10 +165,12 @@ def render(report: dict) -> str:
             f"{row['variance_ratio']:.2f} | {limit} |"
         )
     first = report["rows"][0]
+    variants = list(dict.fromkeys(row["variant"] for row in report["rows"]))
+    chosen = "" if variants == list(VARIANTS) else f" --variants {','.join(variants)}"
     lines.append(
         f"\n`{first['target_set']}` LoRA at rank {first['rank']}, {first['iterations']} iterations, "
         f"exact check (`step_optimality.py --exact`), {report['date']}: "
-        f"`python benchmarks/trainer_ablation.py --config {report['config']} --write-docs`."
+        f"`python benchmarks/trainer_ablation.py --config {report['config']}{chosen} --write-docs`."
     )
     return "\n".join(lines)
 
