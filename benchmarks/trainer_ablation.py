@@ -111,8 +111,9 @@ def measure(args) -> dict:
         jobs = [(v, objective) for v in variants for objective in base.objective_names]
         spawn = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=args.parallel, mp_context=spawn) as pool:
-            trained = list(pool.map(train_one, *zip(*[(str(files[v]), o, str(home)) for v, o in jobs])))
-        for (variant, objective), run in zip(jobs, trained):
+            runs = pool.map(train_one, *zip(*[(str(files[v]), o, str(home)) for v, o in jobs]))
+            trained = dict(zip(jobs, runs))
+        for (variant, objective), run in trained.items():
             print(f"{variant} {objective}: {run['seconds']:.0f} s (cached: {run['cached']})", file=sys.stderr)
         for variant in variants:
             errors = exact_check(files[variant])
@@ -136,9 +137,7 @@ def measure(args) -> dict:
                         "target_set": target_set,
                         "rank": train.lora_rank,
                         "iterations": train.iterations,
-                        "train_seconds": next(
-                            r["seconds"] for (v, o), r in zip(jobs, trained) if (v, o) == (variant, objective)
-                        ),
+                        "train_seconds": trained[variant, objective]["seconds"],
                     }
                 )
     return {"config": args.config, "date": time.strftime("%Y-%m-%d"), "parallel": args.parallel, "rows": rows}

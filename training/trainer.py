@@ -329,11 +329,16 @@ def make_optimizer(problem: StepProblem, config: TrainConfig) -> torch.optim.Opt
     )
     ids = {id(p) for p in variance}
     others = [p for p in problem.parameters() if p.requires_grad and id(p) not in ids]
-    groups = [{"params": others, "lr": config.learning_rate, "base_lr": config.learning_rate}]
+    rates = group_learning_rates(config)
+    groups = [{"params": others, "lr": rates[0]}]
     if variance:
-        scaled = config.learning_rate * config.variance_lr_scale
-        groups.append({"params": variance, "lr": scaled, "base_lr": scaled})
+        groups.append({"params": variance, "lr": rates[1]})
     return torch.optim.AdamW(groups, weight_decay=0.0)
+
+
+def group_learning_rates(config: TrainConfig) -> tuple[float, float]:
+    """Unscheduled learning rates of :func:`make_optimizer`'s groups: the rest, the log-variance offset."""
+    return config.learning_rate, config.learning_rate * config.variance_lr_scale
 
 
 def learning_rate_factor(config: TrainConfig, iteration: int) -> float:
@@ -478,8 +483,8 @@ def train_iteration(
         else:
             total = sum(outcome.loss / len(steps) for outcome in outcomes)
             factor = learning_rate_factor(config, iteration)
-            for group in run.optimizer.param_groups:  # a checkpoint from before schedules: constant
-                group["lr"] = group.setdefault("base_lr", group["lr"]) * factor
+            for group, rate in zip(run.optimizer.param_groups, group_learning_rates(config)):
+                group["lr"] = rate * factor
             apply_update(run, total, config)
     return _metrics(problem, iteration, outcomes, None if skipped else total.detach().item(), clock)
 
