@@ -1,7 +1,7 @@
 """The trainer against the fit ceiling: each trainer change alone and together, by the exact kernel check.
 
     python benchmarks/trainer_ablation.py [--config configs/quadratic.yaml]
-        [--variants likelihood,regression,cosine,regression+cosine] [--parallel 2] [--json] [--write-docs]
+        [--variants likelihood,regression,reference_pool,...] [--parallel 2] [--json] [--write-docs]
 
 1. For each variant (``VARIANTS``: overrides of the config's ``train`` section) and each of the config's
    objectives, trains (or reuses) the base model in ``MSDDA_HOME``, ``--parallel`` trainings at once, one
@@ -41,6 +41,8 @@ VARIANTS = {
     "regression": ["train.target_loss=regression"],
     "cosine": ["train.learning_rate_schedule=cosine"],
     "regression+cosine": ["train.target_loss=regression", "train.learning_rate_schedule=cosine"],
+    "reference_pool": ["train.states=reference_pool"],
+    "reference_pool+regression": ["train.states=reference_pool", "train.target_loss=regression"],
 }
 
 

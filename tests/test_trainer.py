@@ -45,6 +45,15 @@ def test_regression_target_loss_reaches_the_analytic_optimum():
     assert after["variance_rel_error"] <= 0.1, after
 
 
+def test_reference_pool_states_reach_the_analytic_optimum():
+    problem = ToyProblem(num_inference_steps=10)
+    config = TrainConfig(iterations=150, states="reference_pool", pool_batches=4, **FAST)
+    train(problem, config, progress=False)
+    after = evaluate_against_optimum(problem, beta=1.0, num_states=500)
+    assert after["mean_error_over_sigma"] <= 0.1, after
+    assert after["variance_rel_error"] <= 0.1, after
+
+
 def test_regression_weighs_a_mean_error_by_the_reference_variance_not_the_learned_one():
     """Likelihood: the mean's gradient is ``(mu - sum w a) / sigma_theta^2``; regression: ``/ sigma_t^2``,
     whatever the learned variance; both fit the same variance."""
@@ -132,15 +141,13 @@ def _toy(seed: int, **kwargs) -> ToyProblem:
     return ToyProblem(**kwargs)
 
 
-@pytest.mark.parametrize("schedule", ["constant", "cosine"])
-def test_killed_training_resumes_exactly(tmp_path, schedule):
-    config = TrainConfig(
-        iterations=6,
-        checkpoint_every=3,
-        seed=0,
-        learning_rate_schedule=schedule,
-        **{**FAST, "batch_size": 16},
-    )
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"learning_rate_schedule": "cosine"}, {"states": "reference_pool", "pool_batches": 3}],
+    ids=["constant", "cosine", "reference_pool"],
+)
+def test_killed_training_resumes_exactly(tmp_path, settings):
+    config = TrainConfig(iterations=6, checkpoint_every=3, seed=0, **{**FAST, "batch_size": 16, **settings})
     straight = _toy(0, num_inference_steps=5)
     expected = train(straight, config, progress=False)
 

@@ -78,6 +78,8 @@ ADDED_SETTINGS = {
         "lora_targets": "attention",
         "target_loss": "likelihood",
         "learning_rate_schedule": "constant",
+        "states": "rollouts",
+        "pool_batches": 16,
     },
 }
 

@@ -9,7 +9,8 @@ estimators:
 * ``policy_gradient``: draw ``G`` actions from ``pi_theta``, ``A_j = r_j - mean(r)`` and minimise
   ``-mean_j A_j log pi_theta(a_j|s) + beta * KL(pi_theta(.|s) || p_ref(.|s))`` with the analytic Gaussian KL.
 
-States come from rollouts of the current policy. Losses are divided by the action dimension so learning rates
+States come from rollouts of the current policy, or from a fixed pool of reference chains
+(``train.states``). Losses are divided by the action dimension so learning rates
 transfer across problem sizes.
 """
 
@@ -210,6 +211,31 @@ def rollout_states(problem: StepProblem, batch_size: int, steps: list[int], gene
     return chain.states, cond
 
 
+POOL_SEED_OFFSET = 7_919
+"""The reference pool's generator is seeded ``train.seed + POOL_SEED_OFFSET`` (+ the process index)."""
+
+
+@torch.no_grad()
+def reference_pool(problem: StepProblem, config: TrainConfig, seed: int) -> list[tuple[dict, object]]:
+    """``train.states: reference_pool``: ``pool_batches`` batches of ``batch_size`` reference chains, each as
+    ``({step: x_t} for every step, cond)``; drawn from a generator of its own seeded with ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    schedule = problem.policy.schedule
+    pool = []
+    for _ in tqdm(range(config.pool_batches), desc="reference pool", leave=False, disable=None):
+        x_T, cond = problem.initial_states(config.batch_size, generator)
+        chain = run_chain(
+            schedule,
+            x_T,
+            lambda x, step, cond=cond: problem.reference(x, step, cond),
+            generator,
+            keep=range(len(schedule)),
+            diagnose=False,
+        )
+        pool.append((chain.states, cond))
+    return pool
+
+
 # ------------------------------------------------------------------------------------------- checkpointing
 
 CHECKPOINT_FILES = ("checkpoint.safetensors", "checkpoint.json")  # tensors; iteration, param groups, history
@@ -320,6 +346,8 @@ class TrainingRun:
     trainable: list[torch.nn.Parameter]
     start_iteration: int
     history: list[IterationMetrics]
+    pool: list[tuple[dict, object]] | None = None
+    """The reference pool of ``train.states: reference_pool`` (:func:`reference_pool`), else ``None``."""
 
 
 def make_optimizer(problem: StepProblem, config: TrainConfig) -> torch.optim.Optimizer:
@@ -393,6 +421,9 @@ def setup_run(
             print(f"resuming from the checkpoint at iteration {start} in {checkpoint_dir}", file=sys.stderr)
         if history:
             problem.unet_evaluations = history[-1].unet_evaluations
+    pool = None
+    if config.states == "reference_pool":
+        pool = reference_pool(problem, config, config.seed + POOL_SEED_OFFSET + accelerator.process_index)
     optimizer = accelerator.prepare(optimizer)
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
     if accelerator.num_processes > 1 and start == 0:  # every process starts from rank 0's weights
@@ -401,7 +432,7 @@ def setup_run(
         with torch.no_grad():
             for parameter in trainable:
                 parameter.copy_(broadcast(parameter.detach().clone(), from_process=0))
-    return TrainingRun(accelerator, optimizer, generator, trainable, start, history)
+    return TrainingRun(accelerator, optimizer, generator, trainable, start, history, pool)
 
 
 class StepOutcome(NamedTuple):
@@ -463,12 +494,16 @@ def apply_update(run: TrainingRun, total: torch.Tensor, config: TrainConfig) -> 
 def train_iteration(
     problem: StepProblem, config: TrainConfig, run: TrainingRun, iteration: int, clock: float
 ) -> IterationMetrics:
-    """One iteration: roll out states, sum the step losses over the sampled steps, update."""
+    """One iteration: roll out states (or take a batch of the reference pool), sum the step losses over the
+    sampled steps, update."""
     num_steps = len(problem.policy.schedule)
     steps = sorted(
         torch.randperm(num_steps, generator=run.generator)[: config.states_per_trajectory].tolist()
     )
-    states, cond = rollout_states(problem, config.batch_size, steps, run.generator)
+    if run.pool is None:
+        states, cond = rollout_states(problem, config.batch_size, steps, run.generator)
+    else:
+        states, cond = run.pool[int(torch.randint(len(run.pool), (), generator=run.generator))]
     outcomes = []
     with run.accelerator.accumulate(problem):
         for step in steps:
