@@ -23,6 +23,8 @@
 "path_cosine", "path_drift_ratio", "path_error_without_last_two", "path_cosine_without_last_two", "mc_se",
 "per_step": [...]}``: means over steps and path-pooled figures, also without the last two steps (§5.8)
 (``mc_se``: the Monte-Carlo standard error of the relative drift error; ``mc_se_all`` has all of them).
+A base model's ``err`` also has ``on_reference_chains``: its path figures at the reference's chains alone,
+the states the fit ceiling is scored on.
 ``--write-readme`` writes the README section and the plot ``benchmarks/results/step_optimality.png``.
 ``--profile`` measures only the optimum of the named rewards at reference states (no base models), to
 choose a reward's scale and beta.
@@ -35,7 +37,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -59,6 +61,7 @@ from training.rewards import combine_quadratics
 from training.step_optimum import (
     FIELDS,
     PATH_FIELDS,
+    StepOptimum,
     bootstrap_counts,
     drift_energies,
     estimate_optimum,
@@ -303,6 +306,7 @@ def measure(args) -> dict:
     rows = {name: [] for name in names}
     replicate_rows = {name: [[] for _ in range(args.bootstrap)] for name in names}
     optimum_rows = {name: [] for name in targets}
+    reference_energies = {name: [] for name in kernels if name.startswith("base:")}
     for step in tqdm(range(len(schedule)), desc="steps", disable=args.quiet):
         x, index = states[step]
         batch = Batch(embeds[index], uncond)
@@ -338,6 +342,10 @@ def measure(args) -> dict:
                 variance = kernel_steps[name].variance.expand_as(ref.mean).flatten(1).mean(1)
                 energy = drift_energies(drift, optimum, sigma)
                 rows[name].append({"step": step, **kernel_errors(drift, variance, optimum), "energy": energy})
+                if name.startswith("base:"):  # the reference's chains alone: the fit ceiling's states
+                    first = slice(0, args.states)
+                    part = StepOptimum(*(getattr(optimum, f.name)[first] for f in fields(StepOptimum)))
+                    reference_energies[name].append(drift_energies(drift[first], part, sigma))
                 for r, replica in enumerate(replicas):
                     replicate_rows[name][r].append(
                         {
@@ -346,6 +354,11 @@ def measure(args) -> dict:
                         }
                     )
     results = {name: aggregate(rows[name], [] if args.exact else replicate_rows[name]) for name in names}
+
+    def on_reference(name: str) -> dict:
+        everything, early = path_errors(reference_energies[name]), path_errors(reference_energies[name][:-2])
+        return {**everything, "path_error_without_last_two": early["path_relative_error"]}
+
     return {
         "objectives": objectives,
         "beta": beta,
@@ -355,7 +368,10 @@ def measure(args) -> dict:
         "bootstrap": 0 if args.exact else args.bootstrap,
         "seconds": time.perf_counter() - started,
         "optimum": optimum_rows,
-        "base_models": {name: results[f"base:{name}"] for name in objectives},
+        "base_models": {
+            name: {**results[f"base:{name}"], "on_reference_chains": on_reference(f"base:{name}")}
+            for name in objectives
+        },
         "rgg": {
             "scale": config.composition.rgg_scale,
             "single": {name: results[f"rgg:{name}"] for name in objectives if f"rgg:{name}" in results},

@@ -71,6 +71,10 @@ def test_exact_check_on_latent_quadratics(tmp_path, pretrained_home):
     args = ["--config", str(path), "--exact", "--no-oracle", "--states", "2", "--json"]
     report = run_step_optimality(args, pretrained_home)
     assert report["exact"] is True and set(report["base_models"]) == {"latent_prototype", "latent_blank"}
+    for err in report["base_models"].values():  # the reference's chains are a part of all the states
+        on_reference = err["on_reference_chains"]
+        assert 0 <= on_reference["path_relative_error"] < math.inf
+        assert on_reference["path_relative_error"] != pytest.approx(err["path_relative_error"], abs=1e-9)
     for row in report["composition"]:
         exact_msdda, exact_db = row["msdda_exact_bases"], row["db_exact_bases"]
         assert exact_msdda["mc_se"] == 0.0
