@@ -44,6 +44,8 @@ VARIANTS = {
     "regression+cosine": ["train.target_loss=regression", "train.learning_rate_schedule=cosine"],
     "reference_pool": ["train.states=reference_pool"],
     "reference_pool+regression": ["train.states=reference_pool", "train.target_loss=regression"],
+    "mixed": ["train.states=mixed"],
+    "mixed+regression": ["train.states=mixed", "train.target_loss=regression"],
 }
 
 

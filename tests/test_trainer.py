@@ -45,9 +45,10 @@ def test_regression_target_loss_reaches_the_analytic_optimum():
     assert after["variance_rel_error"] <= 0.1, after
 
 
-def test_reference_pool_states_reach_the_analytic_optimum():
+@pytest.mark.parametrize("states", ["reference_pool", "mixed"])
+def test_pooled_states_reach_the_analytic_optimum(states):
     problem = ToyProblem(num_inference_steps=10)
-    config = TrainConfig(iterations=150, states="reference_pool", pool_batches=4, **FAST)
+    config = TrainConfig(iterations=150, states=states, pool_batches=4, **FAST)
     train(problem, config, progress=False)
     after = evaluate_against_optimum(problem, beta=1.0, num_states=500)
     assert after["mean_error_over_sigma"] <= 0.1, after
@@ -143,8 +144,8 @@ def _toy(seed: int, **kwargs) -> ToyProblem:
 
 @pytest.mark.parametrize(
     "settings",
-    [{}, {"learning_rate_schedule": "cosine"}, {"states": "reference_pool", "pool_batches": 3}],
-    ids=["constant", "cosine", "reference_pool"],
+    [{}, {"learning_rate_schedule": "cosine"}, {"states": "mixed", "pool_batches": 3}],
+    ids=["constant", "cosine", "mixed"],
 )
 def test_killed_training_resumes_exactly(tmp_path, settings):
     config = TrainConfig(iterations=6, checkpoint_every=3, seed=0, **{**FAST, "batch_size": 16, **settings})

@@ -347,7 +347,8 @@ class TrainingRun:
     start_iteration: int
     history: list[IterationMetrics]
     pool: list[tuple[dict, object]] | None = None
-    """The reference pool of ``train.states: reference_pool`` (:func:`reference_pool`), else ``None``."""
+    """The reference pool of ``train.states: reference_pool`` or ``mixed`` (:func:`reference_pool`), else
+    ``None``."""
 
 
 def make_optimizer(problem: StepProblem, config: TrainConfig) -> torch.optim.Optimizer:
@@ -422,7 +423,7 @@ def setup_run(
         if history:
             problem.unet_evaluations = history[-1].unet_evaluations
     pool = None
-    if config.states == "reference_pool":
+    if config.states in ("reference_pool", "mixed"):
         pool = reference_pool(problem, config, config.seed + POOL_SEED_OFFSET + accelerator.process_index)
     optimizer = accelerator.prepare(optimizer)
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
@@ -494,13 +495,13 @@ def apply_update(run: TrainingRun, total: torch.Tensor, config: TrainConfig) -> 
 def train_iteration(
     problem: StepProblem, config: TrainConfig, run: TrainingRun, iteration: int, clock: float
 ) -> IterationMetrics:
-    """One iteration: roll out states (or take a batch of the reference pool), sum the step losses over the
-    sampled steps, update."""
+    """One iteration: roll out states or take a batch of the reference pool (``train.states``), sum the step
+    losses over the sampled steps, update."""
     num_steps = len(problem.policy.schedule)
     steps = sorted(
         torch.randperm(num_steps, generator=run.generator)[: config.states_per_trajectory].tolist()
     )
-    if run.pool is None:
+    if run.pool is None or (config.states == "mixed" and iteration % 2 == 0):
         states, cond = rollout_states(problem, config.batch_size, steps, run.generator)
     else:
         states, cond = run.pool[int(torch.randint(len(run.pool), (), generator=run.generator))]
