@@ -187,6 +187,18 @@ class TrainConfig(_Strict):
     x0_estimate: Literal["next_state", "current_eps"] = "next_state"
     eval_samples: Annotated[int, Field(ge=2)] = 256
     eval_seed: int = 1234
+    eval_every: Annotated[int, Field(ge=0)] = 20
+    """Iterations between held-out kernel checks (and after the last one); 0: none. Each check measures the
+    policy's path error and cosine against the step optimum at ``kernel_check_chains`` fixed reference chains
+    (training/kernel_check.py). They are logged (``kernel_error``, ``kernel_cosine``), and the weights saved
+    are those of the checked iteration with the lowest error."""
+    kernel_check_chains: Annotated[int, Field(ge=1)] = 8
+    kernel_check_actions: Annotated[int, Field(ge=4, multiple_of=4)] = 64
+    """Reference actions per held-out state for a Monte-Carlo optimum (an exact one needs none): in
+    antithetic pairs, split into two halves for the noise correction."""
+    max_kernel_error: Annotated[float, Field(gt=0)] = 1.0
+    """The ``champion`` alias's bound on the kept weights' kernel error (flows/registry.py
+    ``champion_verdict``). 1.0: closer to the step optimum than the reference itself."""
     prompts: list[Prompt] | None = None
     """Training and evaluation prompts (each at most :data:`MAX_PROMPT_CHARS` characters); ``None`` uses the
     digit prompts of the embedded default."""

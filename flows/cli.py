@@ -228,9 +228,10 @@ def train(
         f"({result['rise_in_se']:+.1f} SE, SE {result['reward_se']:.4f}); KL/step {result['kl']:.4f}; "
         f"{result['unet_evaluations']} UNet evaluations; {result['seconds']:.0f} s"
         + (" (cached)" if result["cached"] else "")
+        + _kernel_line(result)
         + (
             f"\nregistered {registered['name']} v{registered['version']}"
-            + (" @champion" if registered["champion"] else " (not champion: reward rise <= 3 SE)")
+            + (" @champion" if registered["champion"] else _not_champion(registered))
             if registered
             else ""
         )
@@ -426,9 +427,27 @@ def sweep_table(result: dict) -> str:
     return buffer.getvalue().rstrip()
 
 
+def _kernel_line(result: dict) -> str:
+    """The kernel check's line of ``msdda train`` (docs/design.md §5.10)."""
+    check = result.get("kernel_check", "off")
+    if check in ("exact", "monte_carlo"):
+        return (
+            f"\nkernel check ({check}): error {result['kernel_error']:.3f}, "
+            f"cosine {result['kernel_cosine']:.3f} at iteration {result['kernel_check_iteration']} "
+            "(the weights kept)"
+        )
+    return "" if check == "off" else f"\nkernel check {check}"
+
+
+def _not_champion(registered: dict) -> str:
+    reason = registered.get("champion_reason")
+    return f" (not champion: {reason})" if reason else " (not champion)"
+
+
 @app.command()
 def models(json_output: JsonOption = False) -> None:
-    """List the registered base models: name, version, aliases, objective, reward, beta, reference hash."""
+    """List the registered base models: name, version, aliases, objective, reward, kernel error, beta,
+    reference hash, and why each did or did not take ``champion``."""
     from flows.registry import list_models
     from training.models import msdda_home
 
@@ -443,7 +462,8 @@ def models(json_output: JsonOption = False) -> None:
     from rich.table import Table
 
     table = Table()
-    for column in ("name", "version", "aliases", "objective", "reward", "rise (SE)", "beta", "reference"):
+    columns = ("name", "version", "aliases", "objective", "reward", "rise (SE)", "kernel error", "beta")
+    for column in (*columns, "reference", "champion because"):
         table.add_column(column)
     for row in rows:
         table.add_row(
@@ -453,8 +473,10 @@ def models(json_output: JsonOption = False) -> None:
             row["objective"],
             f"{row['reward_after']:.4f}",
             f"{row['rise_in_se']:.1f}",
+            "-" if row["kernel_error"] is None else f"{row['kernel_error']:.3f}",
             f"{row['beta']:g}",
             str(row["reference_hash"])[:12],
+            row["champion_reason"],
         )
     Console(width=None if sys.stdout.isatty() else 160).print(table)
 

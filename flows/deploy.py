@@ -128,7 +128,7 @@ def training_deployment(
         parameters=_parameters(config_path, home, overrides),
         tags=TAGS,
         description="Retrain and register a base model per objective (the champion alias moves when the "
-        "reward rose by more than 3 standard errors).",
+        "reward rose by more than 3 standard errors and the kernel check passed).",
         **extra,
     )
 

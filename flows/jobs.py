@@ -62,7 +62,7 @@ def train_job(
     progress: bool = True,
 ) -> dict:
     """Train (or reuse) the base model for ``objective``, log the run to MLflow and register the model version
-    (the ``champion`` alias moves to it when its reward rose by more than 3 standard errors)."""
+    (the ``champion`` alias moves to it when it passes :func:`flows.registry.champion_verdict`)."""
     from contextlib import nullcontext
 
     import mlflow as mlflow_lib

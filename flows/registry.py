@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from configs.errors import MsddaError, first_line
+from configs.schema import TrainConfig
 from flows.tracking import (
     check_store,
     ensure_experiment,
@@ -57,8 +58,18 @@ CHAMPION = "champion"
 ARTIFACT_PATH = "base_model"
 LINEAGE_JSON_KEYS = ("reward", "reward_scale", "scheduler", "sampling")
 LINEAGE_KEYS = ("objective", "beta", "trainer", "reference_hash")
-METRIC_KEYS = ("reward_before", "reward_after", "reward_se", "rise_in_se", "kl")
+METRIC_KEYS = (
+    "reward_before",
+    "reward_after",
+    "reward_se",
+    "rise_in_se",
+    "kl",
+    "kernel_error",
+    "kernel_cosine",
+)
 RUN_HASH_TAG = "msdda.base_model.content_hash"
+CHAMPION_REASON_TAG = "champion_reason"
+"""Version tag: why the version did or did not take ``champion`` (:func:`champion_verdict`)."""
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _TRANSIENT = ("database is locked", "database table is locked", "Giving up after")
 RETRY_SECONDS = 60.0
@@ -222,11 +233,37 @@ def lineage_tags(card: BaseModelCard, content_hash: str) -> dict[str, str]:
     return tags
 
 
-def version_description(card: BaseModelCard, champion: bool, forced: bool, min_rise_se: float) -> str:
-    """The model version's description: the held-out metrics, and why it did or did not take ``champion``.
+def champion_verdict(card: BaseModelCard, min_rise_se: float) -> tuple[bool, str]:
+    """Whether a base model earns ``champion`` by its card, and why.
+
+    Two checks: the held-out reward rose by more than ``min_rise_se`` paired SE; and, when training ran the
+    held-out kernel check (``train.eval_every``, :mod:`training.kernel_check`), its path error is at most
+    ``train.max_kernel_error``. A check that was configured but could not run fails the second; a model
+    trained without it is judged by the reward alone (and its verdict says so)."""
+    metrics = card.metrics
+    rise = _float(metrics.get("rise_in_se"))
+    if math.isnan(rise) or rise <= min_rise_se:
+        return False, f"the reward did not rise by more than {min_rise_se:g} SE"
+    reward = f"the reward rose by more than {min_rise_se:g} SE"
+    check = str(metrics.get("kernel_check", "off"))
+    if check == "off":
+        return True, f"{reward} (no kernel check: train.eval_every was 0)"
+    if check.startswith("missing"):
+        return False, f"the kernel check is {check}"
+    error = _float(metrics.get("kernel_error"))
+    bound = _float(card.train.get("max_kernel_error", TrainConfig.model_fields["max_kernel_error"].default))
+    if not error <= bound:  # NaN fails too
+        return False, f"kernel error {error:.3f} > {bound:g} ({check} check)"
+    return True, f"{reward} and kernel error {error:.3f} <= {bound:g} ({check} check)"
+
+
+def version_description(card: BaseModelCard, champion: bool, forced: bool, reason: str) -> str:
+    """The model version's description: the held-out metrics, and why it did or did not take ``champion``
+    (``reason``, from :func:`champion_verdict` unless ``forced``).
 
     E.g. ``ink_economy base model (beta 0.01, target_matching): held-out reward -0.2996 -> -0.2564 (rise
-    +75.0 SE, paired SE 0.00058); KL/step 0.2210. champion: the reward rose by more than 3 SE.``
+    +75.0 SE, paired SE 0.00058); KL/step 0.2210; kernel error 0.312, cosine 0.951. champion: the reward rose
+    by more than 3 SE and kernel error 0.312 <= 1 (exact check).``
     """
     metrics = card.metrics
 
@@ -238,20 +275,23 @@ def version_description(card: BaseModelCard, champion: bool, forced: bool, min_r
         f"{card.objective} base model (beta {card.beta:g}, {card.trainer}): held-out reward "
         f"{number('reward_before', '.4f')} -> {number('reward_after', '.4f')} "
         f"(rise {number('rise_in_se', '+.1f')} SE, paired SE {number('reward_se', '.2g')}); "
-        f"KL/step {number('kl', '.4f')}."
+        f"KL/step {number('kl', '.4f')}"
     )
-    if forced:
-        return text + (" champion: set explicitly." if champion else " not champion: set explicitly.")
-    if champion:
-        return text + f" champion: the reward rose by more than {min_rise_se:g} SE."
-    return text + f" not champion: the reward did not rise by more than {min_rise_se:g} SE."
+    if not math.isnan(_float(metrics.get("kernel_error"))):
+        text += f"; kernel error {number('kernel_error', '.3f')}, cosine {number('kernel_cosine', '.3f')}"
+    verdict = "champion" if champion else "not champion"
+    return f"{text}. {verdict}: {'set explicitly' if forced else reason}."
 
 
-def _is_champion(card: BaseModelCard, champion: bool | None, min_rise_se: float) -> bool:
+def _is_champion(card: BaseModelCard, champion: bool | None, min_rise_se: float) -> tuple[bool, str]:
     if champion is not None:
-        return champion
-    rise = _float(card.metrics.get("rise_in_se"))
-    return not math.isnan(rise) and rise > min_rise_se
+        return champion, "set explicitly"
+    return champion_verdict(card, min_rise_se)
+
+
+def _finite_or_none(value: Any) -> float | None:
+    number = _float(value)
+    return number if math.isfinite(number) else None
 
 
 def _float(value: Any) -> float:
@@ -344,6 +384,8 @@ def _version_dict(version) -> dict:
         "reward_after": _float(tags.get("reward_after")),
         "reward_se": _float(tags.get("reward_se")),
         "rise_in_se": _float(tags.get("rise_in_se")),
+        "kernel_error": _finite_or_none(tags.get("kernel_error")),
+        "champion_reason": tags.get(CHAMPION_REASON_TAG, ""),
         "beta": _float(tags.get("beta")),
         "reference_hash": tags.get("reference_hash", ""),
         "content_hash": tags.get("content_hash", ""),
@@ -363,11 +405,12 @@ def register_base_model(
 
     Its files are logged as artifacts (under ``base_model``) of run ``run_id``, or of a new run in the
     ``msdda`` experiment. The version's tags carry its lineage (see :func:`lineage_tags`). The alias
-    ``champion`` moves to it when ``champion`` is true, or when ``champion`` is ``None`` and its
-    ``rise_in_se`` exceeds ``min_rise_se``. A folder whose content hash is already registered is not
-    registered again: that version is returned (with ``created`` false), and it only takes the alias when
-    ``champion`` is explicitly true. The version's description states its held-out metrics and why it did or
-    did not take the alias (:func:`version_description`).
+    ``champion`` moves to it when ``champion`` is true, or when ``champion`` is ``None`` and it passes
+    :func:`champion_verdict` (reward rise above ``min_rise_se``, kernel check within its bound). A folder
+    whose content hash is already registered is not registered again: that version is returned (with
+    ``created`` false), and it only takes the alias when ``champion`` is explicitly true. The version's
+    description states its held-out metrics and why it did or did not take the alias
+    (:func:`version_description`).
 
     Returns ``{"name", "version", "aliases", "run_id", "source", "content_hash", "objective", "champion",
     "created", ...}``.
@@ -384,14 +427,14 @@ def register_base_model(
         created = existing is None
         if created:
             new_run = run_id is None
-            make_champion = _is_champion(card, champion, min_rise_se)
+            make_champion, reason = _is_champion(card, champion, min_rise_se)
             run_id, source = _log_files(client, home, model_dir, objective, run_id, card, digest)
             version = client.create_model_version(
                 name,
                 source,
                 run_id=run_id,
-                tags=lineage_tags(card, digest),
-                description=version_description(card, make_champion, champion is not None, min_rise_se),
+                tags={**lineage_tags(card, digest), CHAMPION_REASON_TAG: reason},
+                description=version_description(card, make_champion, champion is not None, reason),
             )
             if new_run:
                 client.set_terminated(run_id)
@@ -409,8 +452,9 @@ def register_base_model(
 def list_models(home: Path) -> list[dict]:
     """One dict per version of every ``msdda-*`` registered model, sorted by name and version.
 
-    Keys: name, version, aliases, objective, reward_after, reward_se, rise_in_se, beta, reference_hash,
-    content_hash, run_id, source. A local store that does not exist yet holds none (and is not created).
+    Keys: name, version, aliases, objective, reward_after, reward_se, rise_in_se, kernel_error (``None``
+    without a kernel check), champion_reason, beta, reference_hash, content_hash, run_id, source. A local
+    store that does not exist yet holds none (and is not created).
     """
     database = local_store(home)
     if database is not None and not database.exists():

@@ -13,6 +13,7 @@ its URL.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import sqlite3
@@ -360,6 +361,14 @@ def mlflow_run(home: Path, run_name: str, params: dict | None = None, tags: dict
                         "seconds": metrics.seconds,
                         "ess_share": metrics.ess_share,
                         "reward_spread": metrics.reward_spread,
+                        **{
+                            name: value  # only at the iterations the kernel check ran
+                            for name, value in (
+                                ("kernel_error", metrics.kernel_error),
+                                ("kernel_cosine", metrics.kernel_cosine),
+                            )
+                            if math.isfinite(value)
+                        },
                     },
                     step=metrics.iteration,
                     synchronous=False,  # a background thread writes; training does not wait on the store

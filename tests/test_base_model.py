@@ -39,6 +39,9 @@ def test_base_model_is_saved_with_its_lineage(trained, tiny_reference):
     assert len(card.history) == 2 and card.history[-1]["unet_evaluations"] > 0
     assert all(0.5 <= h["ess_share"] <= 1 and h["reward_spread"] >= 0 for h in card.history)
     assert card.metrics["reward_after"] == result.reward_after
+    # eval_every 20 > 2 iterations: the kernel check runs after the last one (Monte Carlo: not a quadratic)
+    assert card.metrics["kernel_check"] == "monte_carlo" and card.metrics["kernel_check_iteration"] == 2
+    assert card.history[-1]["kernel_error"] == card.metrics["kernel_error"] > 0
     model = load_base_model(result.path)
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in model.lora.items()), "LoRA moved off zero"
     assert model.log_variance.shape == (4, 1)
@@ -128,3 +131,10 @@ def test_cli_train_logs_every_iteration_to_mlflow(tmp_path, tiny_config_file, pr
     assert evaluations[1] > evaluations[0] > 0
     ess = [m.value for m in client.get_metric_history(payload["mlflow_run_id"], "ess_share")]
     assert all(1 / 2 <= value <= 1 for value in ess)  # N = 2 actions (tiny.yaml): one action .. both
+    for metric in ("kernel_error", "kernel_cosine"):  # logged at the iterations checked: the last one here
+        history = client.get_metric_history(payload["mlflow_run_id"], metric)
+        assert [m.step for m in history] == [2] and history[0].value == payload[metric], metric
+    registered = payload["registered"]
+    version = client.get_model_version(registered["name"], str(registered["version"]))
+    assert f"kernel error {payload['kernel_error']:.3f}" in version.description
+    assert version.tags["champion_reason"] in version.description

@@ -51,8 +51,16 @@ SCHEDULER = {
 
 
 def fake_card(
-    objective: str, rise_in_se: float = 5.0, reference_hash: str = "ref-aaaa", scheduler: dict | None = None
+    objective: str,
+    rise_in_se: float = 5.0,
+    reference_hash: str = "ref-aaaa",
+    scheduler: dict | None = None,
+    kernel: dict | None = None,
 ) -> BaseModelCard:
+    """A card whose metrics say ``rise_in_se``; ``kernel`` adds the kernel check's fields (and
+    ``max_kernel_error`` goes to the card's ``train``)."""
+    kernel = dict(kernel or {})
+    train = {"max_kernel_error": kernel.pop("max_kernel_error")} if "max_kernel_error" in kernel else {}
     return BaseModelCard(
         objective=objective,
         reward=RewardSpec(name=objective),
@@ -75,7 +83,9 @@ def fake_card(
             "kl": 0.05,
             "seconds": 1.0,
             "unet_evaluations": 10,
+            **kernel,
         },
+        train=train,
     )
 
 
@@ -95,10 +105,11 @@ def fake_base_model(
     rise_in_se: float = 5.0,
     reference_hash: str = "ref-aaaa",
     scheduler: dict | None = None,
+    kernel: dict | None = None,
 ) -> Path:
     """A base-model folder written by the card's ``save_base_model``, with small random weights."""
     return save_base_model(
-        folder, fake_card(objective, rise_in_se, reference_hash, scheduler), *fake_weights(seed)
+        folder, fake_card(objective, rise_in_se, reference_hash, scheduler, kernel), *fake_weights(seed)
     )
 
 
@@ -406,9 +417,36 @@ def test_versions_describe_the_metrics_that_earned_the_alias(home, tmp_path):
     }
     assert text[1] == (
         "ink_economy base model (beta 0.1, step_level): held-out reward 0.2000 -> 0.2600 "
-        "(rise +6.0 SE, paired SE 0.01); KL/step 0.0500. champion: the reward rose by more than 3 SE."
+        "(rise +6.0 SE, paired SE 0.01); KL/step 0.0500. champion: the reward rose by more than 3 SE "
+        "(no kernel check: train.eval_every was 0)."
     )
     assert "rise +2.5 SE" in text[2] and text[2].endswith(
         "not champion: the reward did not rise by more than 3 SE."
     )
     assert "rise +1.0 SE" in text[3] and text[3].endswith(" champion: set explicitly.")
+
+
+def test_the_alias_needs_the_kernel_check_too_and_the_listing_says_why(home, tmp_path):
+    """With a kernel check on the card, ``champion`` needs its error within ``train.max_kernel_error`` as well
+    as the reward's rise; a check that could not run fails it; each version's reason is listed."""
+    checked = {"kernel_check": "exact", "kernel_cosine": 0.9, "kernel_check_iteration": 40}
+    cases = {
+        "within": {**checked, "kernel_error": 0.3},
+        "above": {**checked, "kernel_error": 1.4},
+        "tighter": {**checked, "kernel_error": 0.3, "max_kernel_error": 0.25},
+        "missing": {"kernel_check": "missing: the reward is not finite at a held-out action of step 3"},
+    }
+    registered = {
+        name: register_base_model(home, fake_base_model(tmp_path / name, "ink_economy", seed, 6.0, kernel=k))
+        for seed, (name, k) in enumerate(cases.items())
+    }
+    assert [registered[name]["champion"] for name in cases] == [True, False, False, False]
+    reasons = {row["version"]: row["champion_reason"] for row in list_models(home)}
+    assert reasons[1] == "the reward rose by more than 3 SE and kernel error 0.300 <= 1 (exact check)"
+    assert reasons[2] == "kernel error 1.400 > 1 (exact check)"
+    assert reasons[3] == "kernel error 0.300 > 0.25 (exact check)"
+    assert reasons[4] == (
+        "the kernel check is missing: the reward is not finite at a held-out action of step 3"
+    )
+    assert resolve(home, "ink_economy").version == 1
+    assert [row["kernel_error"] for row in list_models(home)][:3] == [0.3, 1.4, 0.3]

@@ -144,8 +144,13 @@ def _toy(seed: int, **kwargs) -> ToyProblem:
 
 @pytest.mark.parametrize(
     "settings",
-    [{}, {"learning_rate_schedule": "cosine"}, {"states": "mixed", "pool_batches": 3}],
-    ids=["constant", "cosine", "mixed"],
+    [
+        {},
+        {"learning_rate_schedule": "cosine"},
+        {"states": "mixed", "pool_batches": 3},
+        {"eval_every": 2, "kernel_check_chains": 4},
+    ],
+    ids=["constant", "cosine", "mixed", "kernel_check"],
 )
 def test_killed_training_resumes_exactly(tmp_path, settings):
     config = TrainConfig(iterations=6, checkpoint_every=3, seed=0, **{**FAST, "batch_size": 16, **settings})
@@ -160,6 +165,7 @@ def test_killed_training_resumes_exactly(tmp_path, settings):
     result = train(fresh, config, checkpoint_dir=tmp_path / "ckpt", progress=False)
     assert [m.iteration for m in result.history] == [1, 2, 3, 4, 5, 6]
     assert [m.loss for m in result.history] == [m.loss for m in expected.history]
+    assert result.kernel_check == expected.kernel_check  # the best checked weights survive the kill
     for key, value in straight.trainable_state().items():
         torch.testing.assert_close(fresh.trainable_state()[key], value, rtol=0, atol=0)
 

@@ -49,6 +49,14 @@ class BaseModelResult:
     seconds: float
     unet_evaluations: int
     cached: bool
+    kernel_check: str = "off"
+    """The held-out kernel check of ``train.eval_every`` (:mod:`training.kernel_check`): ``exact``,
+    ``monte_carlo``, ``missing: <why>``, or ``off``."""
+    kernel_error: float = math.nan
+    """Its path error at the iteration kept (the best checked), NaN when it did not run."""
+    kernel_cosine: float = math.nan
+    kernel_check_iteration: int | None = None
+    """The checked iteration whose weights were kept."""
 
     def as_dict(self) -> dict:
         return {**asdict(self), "path": str(self.path)}
@@ -80,6 +88,10 @@ ADDED_SETTINGS = {
         "learning_rate_schedule": "constant",
         "states": "rollouts",
         "pool_batches": 16,
+        "eval_every": 0,
+        "kernel_check_chains": 8,
+        "kernel_check_actions": 64,
+        "max_kernel_error": 1.0,
     },
 }
 
@@ -172,6 +184,7 @@ def train_base_model(
         seconds=seconds,
         unet_evaluations=train_evaluations,
         cached=False,
+        **kernel_check_fields(result.kernel_check),
     )
     from accelerate import PartialState
 
@@ -179,6 +192,20 @@ def train_base_model(
         save_trained(final, problem, config, spec, beta, reference_hash, metrics, result.history)
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return metrics
+
+
+def kernel_check_fields(kernel_check: dict | None) -> dict:
+    """:class:`BaseModelResult`'s kernel-check fields from :attr:`TrainResult.kernel_check`."""
+    if kernel_check is None:
+        return {}
+    if kernel_check["missing"] is not None:
+        return {"kernel_check": f"missing: {kernel_check['missing']}"}
+    return {
+        "kernel_check": "exact" if kernel_check["exact"] else "monte_carlo",
+        "kernel_error": kernel_check["kernel_error"],
+        "kernel_cosine": kernel_check["kernel_cosine"],
+        "kernel_check_iteration": kernel_check["iteration"],
+    }
 
 
 def _verified_cache(final: Path) -> BaseModelCard | None:

@@ -227,6 +227,13 @@ class DiffusionStepProblem(nn.Module):
             target = alpha_prev.sqrt() * center + (1 - alpha_prev).sqrt() * eps
         return tilted_gaussian(reference, target, quadratic.curvature / (alpha_prev * beta))
 
+    def exact_step_optimum(self, x_t, step: int, cond, beta: float) -> GaussianStep | None:
+        """:meth:`quadratic_optimum` where it is exact (a latent quadratic reward, ``current_eps``); else
+        ``None``."""
+        if self.reward.quadratic is None or self.x0_estimate != "current_eps":
+            return None
+        return self.quadratic_optimum(x_t, step, cond, beta)
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
         state = {f"lora.{k}": v for k, v in lora_state_dict(self.unet).items()}
         if self.policy.log_variance is not None:

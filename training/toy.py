@@ -120,6 +120,9 @@ class ToyProblem(nn.Module):
         precision = 1 / reference.variance + self.quadratic / beta
         return (reference.mean / reference.variance + self.linear / beta) / precision, 1 / precision
 
+    def exact_step_optimum(self, x_t, step: int, cond, beta: float) -> GaussianStep:
+        return GaussianStep(*self.optimum(x_t, step, beta))
+
     def trainable_state(self):
         return {k: v for k, v in self.policy.state_dict().items() if not k.startswith("eps_model.reference")}
 

@@ -59,6 +59,12 @@ class StepProblem(Protocol):
         ``[N, B]``."""
         ...
 
+    def exact_step_optimum(
+        self, x_t: torch.Tensor, step: int, cond: object, beta: float
+    ) -> GaussianStep | None:
+        """``pi*`` in closed form at the states ``x_t``, where the problem knows it; else ``None``."""
+        ...
+
     def trainable_state(self) -> dict[str, torch.Tensor]: ...
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None: ...
@@ -83,6 +89,20 @@ class IterationMetrics:
     over states: near 1, the target is a mild tilt of the actions; near ``1/N``, one action carries it."""
     reward_spread: float = math.nan
     """Standard deviation of the step reward over the ``N`` actions of a state, mean over states."""
+    kernel_error: float = math.nan
+    """The held-out kernel check's path error (:mod:`training.kernel_check`) after this iteration; NaN at
+    iterations it did not run."""
+    kernel_cosine: float = math.nan
+
+
+@dataclass
+class BestKernel:
+    """The checked iteration with the lowest kernel error so far, and its trainable weights."""
+
+    iteration: int
+    kernel_error: float
+    kernel_cosine: float
+    state: dict[str, torch.Tensor]
 
 
 @dataclass
@@ -90,6 +110,9 @@ class TrainResult:
     iterations: int
     history: list[IterationMetrics] = field(default_factory=list)
     seconds: float = 0.0
+    kernel_check: dict | None = None
+    """With ``train.eval_every``: ``{"kernel_error", "kernel_cosine", "iteration", "exact", "missing"}`` of
+    the weights returned (the best checked iteration's), else ``None``."""
 
 
 # ----------------------------------------------------------------------------------------------- the losses
@@ -242,10 +265,19 @@ CHECKPOINT_FILES = ("checkpoint.safetensors", "checkpoint.json")  # tensors; ite
 
 
 def save_checkpoint(
-    directory: Path, problem: StepProblem, optimizer, generator, iteration: int, history
+    directory: Path,
+    problem: StepProblem,
+    optimizer,
+    generator,
+    iteration: int,
+    history,
+    best: BestKernel | None = None,
 ) -> None:
-    """Atomically write trainable weights, optimizer moments and RNG state (safetensors + JSON, no pickle)."""
+    """Atomically write trainable weights, optimizer moments, RNG state and the best checked weights
+    (safetensors + JSON, no pickle)."""
     tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in problem.trainable_state().items()}
+    if best is not None:
+        tensors.update({f"best.{k}": v.contiguous().cpu() for k, v in best.state.items()})
     opt_state = optimizer.state_dict()
     for index, state in opt_state["state"].items():
         for name, value in state.items():
@@ -257,6 +289,8 @@ def save_checkpoint(
         for g in opt_state["param_groups"]
     ]
     meta = {"iteration": iteration, "param_groups": groups, "history": [m.__dict__ for m in history]}
+    if best is not None:
+        meta["best"] = {k: getattr(best, k) for k in ("iteration", "kernel_error", "kernel_cosine")}
     weights, info = CHECKPOINT_FILES
     with staged_directory(directory, prefix=".ckpt-") as tmp:
         save_file(tensors, tmp / weights)
@@ -310,13 +344,18 @@ def _checked_iteration(iteration, history: list[IterationMetrics], iterations: i
 
 def load_checkpoint(
     directory: Path, problem: StepProblem, optimizer, generator, iterations: int
-) -> tuple[int, list]:
+) -> tuple[int, list, BestKernel | None]:
     """Restore the checkpoint in ``directory`` into ``problem``, ``optimizer`` and the RNGs; returns
-    ``(iteration, history)``. A damaged checkpoint (one that also names an iteration a run of ``iterations``
-    never saves) raises :class:`CheckpointError` (one line); the state is then only partly restored when the
-    optimizer's or an RNG's state does not fit."""
+    ``(iteration, history, the best checked weights or None)``. A damaged checkpoint (one that also names an
+    iteration a run of ``iterations`` never saves) raises :class:`CheckpointError` (one line); the state is
+    then only partly restored when the optimizer's or an RNG's state does not fit."""
     tensors, meta, iteration, history = _read_checkpoint(directory, problem, iterations)
     problem.load_trainable_state({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    best = None
+    if "best" in meta:
+        best = BestKernel(
+            **meta["best"], state={k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+        )
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
@@ -330,7 +369,7 @@ def load_checkpoint(
         raise CheckpointError(
             f"the training checkpoint in {directory} does not fit this run ({first_line(exc)})"
         ) from None
-    return iteration, history
+    return iteration, history, best
 
 
 # -------------------------------------------------------------------------------------------------- trainer
@@ -349,6 +388,8 @@ class TrainingRun:
     pool: list[tuple[dict, object]] | None = None
     """The reference pool of ``train.states: reference_pool`` or ``mixed`` (:func:`reference_pool`), else
     ``None``."""
+    best: BestKernel | None = None
+    """The best checked weights so far (``train.eval_every``), restored on resuming."""
 
 
 def make_optimizer(problem: StepProblem, config: TrainConfig) -> torch.optim.Optimizer:
@@ -405,11 +446,13 @@ def setup_run(
     generator = torch.Generator().manual_seed(seed)
     problem.to(accelerator.device)
     optimizer = make_optimizer(problem, config)
-    start, history = 0, []
+    start, history, best = 0, [], None
     if checkpoint_dir is not None and has_checkpoint(checkpoint_dir):
         initial = {k: v.detach().clone() for k, v in problem.trainable_state().items()}
         try:
-            start, history = load_checkpoint(checkpoint_dir, problem, optimizer, generator, config.iterations)
+            start, history, best = load_checkpoint(
+                checkpoint_dir, problem, optimizer, generator, config.iterations
+            )
         except CheckpointError as exc:  # start over exactly as a run without it would
             print(f"warning: {exc}; discarding it and training from scratch", file=sys.stderr)
             if accelerator.is_main_process:
@@ -433,7 +476,7 @@ def setup_run(
         with torch.no_grad():
             for parameter in trainable:
                 parameter.copy_(broadcast(parameter.detach().clone(), from_process=0))
-    return TrainingRun(accelerator, optimizer, generator, trainable, start, history, pool)
+    return TrainingRun(accelerator, optimizer, generator, trainable, start, history, pool, best)
 
 
 class StepOutcome(NamedTuple):
@@ -568,21 +611,71 @@ def train(
     ``device`` (see :func:`setup_run`); the problem is moved there."""
     run = setup_run(problem, config, checkpoint_dir, device)
     history, start = run.history, run.start_iteration
+    check = held_out_check(problem, config)
     clock = time.perf_counter() - (history[-1].seconds if history else 0.0)
     end = config.iterations if stop_after is None else min(config.iterations, start + stop_after)
     bar = tqdm(range(start, end), desc="train", disable=not progress, initial=start, total=config.iterations)
     for iteration in bar:
         metrics = train_iteration(problem, config, run, iteration, clock)
+        if check is not None and _check_due(config, iteration + 1):
+            _run_check(problem, check, run, metrics)
         history.append(metrics)
         if log_metrics is not None:
             log_metrics(metrics)
-        bar.set_postfix(reward=f"{metrics.reward_mean:.3f}", kl=f"{metrics.kl:.3g}", refresh=False)
+        bar.set_postfix(_postfix(metrics, run.best), refresh=False)
         due = config.checkpoint_every and (iteration + 1) % config.checkpoint_every == 0
         if checkpoint_dir is not None and due and run.accelerator.is_main_process:
-            save_checkpoint(checkpoint_dir, problem, run.optimizer, run.generator, iteration + 1, history)
+            save_checkpoint(
+                checkpoint_dir, problem, run.optimizer, run.generator, iteration + 1, history, run.best
+            )
     bar.close()
     _release_accelerate_state()
-    return TrainResult(iterations=len(history), history=history, seconds=time.perf_counter() - clock)
+    kernel_check = None
+    if check is not None and len(history) == config.iterations:
+        kernel_check = {"exact": check.exact, "missing": check.missing, "iteration": None}
+        kernel_check |= {"kernel_error": math.nan, "kernel_cosine": math.nan}
+        if run.best is not None:  # the weights kept are the best checked iteration's
+            problem.load_trainable_state(run.best.state)
+            kernel_check |= {k: getattr(run.best, k) for k in ("iteration", "kernel_error", "kernel_cosine")}
+    seconds = time.perf_counter() - clock
+    return TrainResult(len(history), history, seconds, kernel_check)
+
+
+def held_out_check(problem: StepProblem, config: TrainConfig):
+    """The :class:`~training.kernel_check.KernelCheck` of ``train.eval_every`` (``None`` when 0); a check
+    that cannot run is said once on stderr, and training goes on."""
+    if not config.eval_every:
+        return None
+    from training.kernel_check import CHECK_SEED_OFFSET, KernelCheck
+
+    seed = config.eval_seed + CHECK_SEED_OFFSET
+    check = KernelCheck.build(
+        problem, config.kernel_check_chains, config.kernel_check_actions, config.beta, seed
+    )
+    if check.missing is not None:
+        print(f"warning: the kernel check is missing ({check.missing}); training goes on", file=sys.stderr)
+    return check
+
+
+def _check_due(config: TrainConfig, done: int) -> bool:
+    return done % config.eval_every == 0 or done == config.iterations
+
+
+def _run_check(problem: StepProblem, check, run: TrainingRun, metrics: IterationMetrics) -> None:
+    """Run the kernel check into ``metrics``; keep the weights when they are the best so far."""
+    figures = check(problem)
+    metrics.kernel_error, metrics.kernel_cosine = figures["kernel_error"], figures["kernel_cosine"]
+    error = metrics.kernel_error
+    if math.isfinite(error) and (run.best is None or error < run.best.kernel_error):
+        state = {k: v.detach().clone() for k, v in problem.trainable_state().items()}
+        run.best = BestKernel(metrics.iteration, error, metrics.kernel_cosine, state)
+
+
+def _postfix(metrics: IterationMetrics, best: BestKernel | None) -> dict[str, str]:
+    postfix = {"reward": f"{metrics.reward_mean:.3f}", "kl": f"{metrics.kl:.3g}"}
+    if best is not None:
+        postfix["kernel"] = f"{best.kernel_error:.3f}@{best.iteration}"
+    return postfix
 
 
 def _release_accelerate_state() -> None:
