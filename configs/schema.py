@@ -157,14 +157,15 @@ class TrainConfig(_Strict):
     weighted log-likelihood, whose mean gradient scales with ``1 / sigma_theta^2`` (the learned variance);
     ``regression``: the mean regressed onto their weighted mean with weight ``1 / sigma_t^2`` (the path KL's),
     the variance fitted by the likelihood with the mean held fixed (docs/design.md §1.5)."""
-    states: Literal["rollouts", "reference_pool", "mixed"] = "rollouts"
+    states: Literal["rollouts", "reference_pool", "mixed"] = "mixed"
     """Where the trained states come from. ``rollouts``: each iteration rolls out the current policy from
     fresh noise. ``reference_pool``: a fixed pool of ``pool_batches`` batches of reference chains, drawn
     once when training starts (seeded apart from the rollouts, so a resumed run rebuilds it exactly); each
     iteration takes one batch and its ``states_per_trajectory`` random steps. ``mixed``: the two in turn
     (rollouts at even iterations, the pool at odd ones), so the fit covers the reference's states and the
-    policy's own. The step optimum does not
-    depend on the policy (docs/design.md §1.3), so either set of states has the same target."""
+    policy's own: the default, the closest to the fit ceiling and the cheapest (docs/design.md §5.9). The
+    step optimum does not depend on the policy (docs/design.md §1.3), so either set of states has the same
+    target."""
     pool_batches: Annotated[int, Field(ge=1)] = 16
     """``states: reference_pool`` or ``mixed``: batches of ``batch_size`` reference chains in the pool (every
     step of each is kept: ``pool_batches * batch_size * num_inference_steps`` states)."""

@@ -62,7 +62,11 @@ def test_base_model_training_unchanged(golden, tiny_config, tiny_home, tiny_refe
     from training.card import load_base_model
 
     tensors, scalars = golden
-    result = train_base_model(tiny_config, "ink_economy", tiny_home, progress=False)
+    # The goldens were captured when every iteration rolled out the policy (`states: rollouts`).
+    config = tiny_config.model_copy(
+        update={"train": tiny_config.train.model_copy(update={"states": "rollouts"})}
+    )
+    result = train_base_model(config, "ink_economy", tiny_home, progress=False)
     model = load_base_model(result.path)
     for key, value in model.lora.items():
         torch.testing.assert_close(value, tensors[f"train.lora.{key}"], **TRAINED_TOLERANCE)
@@ -96,6 +100,7 @@ def test_toy_training_unchanged(golden):
         learning_rate=1e-2,
         checkpoint_every=0,
         beta=1.0,
+        states="rollouts",  # as when the goldens were captured
     )
     history = train(toy, config, None, progress=False).history
     for key, value in toy.trainable_state().items():
