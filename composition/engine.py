@@ -203,6 +203,19 @@ def _is_content_hash(value: str) -> bool:
     return len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
+def attach_base_model(unet, model: LoadedBaseModel) -> None:
+    """Put ``model``'s LoRA on ``unet`` (the reference's) as the adapter named ``model.objective``; a model
+    adapting modules the reference lacks, or whose weights do not fit it, is a one-line error."""
+    check_adapted_modules(unet, model.card)
+    try:
+        load_adapter(unet, model.objective, model.lora, model.card.lora)
+    except (ValueError, RuntimeError, KeyError) as exc:
+        raise CompositionError(
+            f"base model '{model.objective}' at {model.path} does not fit the reference: "
+            f"{str(exc).splitlines()[0]}"
+        ) from None
+
+
 def load_ensemble(
     config: PipelineConfig,
     home: Path,
@@ -229,14 +242,7 @@ def load_ensemble(
     pipe.vae.requires_grad_(False)
     pipe.text_encoder.requires_grad_(False)
     for m in models:
-        check_adapted_modules(pipe.unet, m.card)
-        try:
-            load_adapter(pipe.unet, m.objective, m.lora, m.card.lora)
-        except (ValueError, RuntimeError, KeyError) as exc:
-            raise CompositionError(
-                f"base model '{m.objective}' at {m.path} does not fit the reference: "
-                f"{str(exc).splitlines()[0]}"
-            ) from None
+        attach_base_model(pipe.unet, m)
     place_pipeline(pipe, device, dtype)
     rewards = {
         m.objective: load_reward(m.card.reward.name, config, home, m.card.reward.options) for m in models
