@@ -114,13 +114,17 @@ def main() -> None:
         help="embedded: target sets to time, e.g. attention,attention_resnet,broad (default: the config's)",
     )
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--write-readme", action="store_true")
+    parser.add_argument(
+        "--write-readme", action="store_true", help="write the table into the docs (docs/performance.md)"
+    )
     parser.add_argument(
         "--from-json",
         default=None,
-        help="sd15: write the README table of a report saved earlier (on a GPU machine); measures nothing",
+        help="sd15: write the docs table of a report saved earlier (on a GPU machine); measures nothing",
     )
-    parser.add_argument("--section", default="compose-speed-sd15", help="README section --from-json writes")
+    parser.add_argument(
+        "--section", default="compose-speed-sd15", help="the docs/performance.md block --from-json writes"
+    )
     args = parser.parse_args()
     if args.from_json:
         report = json.loads(Path(args.from_json).read_text())
@@ -458,7 +462,7 @@ def render_sd15(report: dict, source: str) -> str:
 
 
 def render(results: list[dict]) -> str:
-    """The README table of the first result (the config's own target set) and, when several sets were
+    """The docs table of the first result (the config's own target set) and, when several sets were
     measured, one row per set."""
     if len(results) == 1:
         return _render_one(results[0], "python benchmarks/compose_speed.py --write-readme")

@@ -14,7 +14,7 @@
    standard error (both samplers start from the same x_T and draw the same noise stream).
 4. The learned variances, and where MSDDA and the epsilon blend part ways (same weights, paired).
 Writes ``benchmarks/results/composition.json``, ``pareto.png``, ``reward_kl.png`` and ``variances.png``
-there and, with --write-readme, the README section between the ``composition-results`` markers
+there and, with --write-readme, the docs/results.md block between the ``composition-results`` markers
 (``--from-json`` re-renders them from the saved JSON without sampling).
 """
 
@@ -288,9 +288,9 @@ def render(report: dict) -> str:
         + "; ".join(f"`{k}` {g['difference']:+.4f} (paired SE {g['paired_se']:.4f})" for k, g in gap.items())
         + f"; mean image L2 distance {v['image_l2_distance']:.3f}.",
         "",
-        "![Pareto fronts](benchmarks/results/pareto.png)",
-        "![Reward against KL](benchmarks/results/reward_kl.png)",
-        "![Learned variances](benchmarks/results/variances.png)",
+        "![Pareto fronts](../benchmarks/results/pareto.png)",
+        "![Reward against KL](../benchmarks/results/reward_kl.png)",
+        "![Learned variances](../benchmarks/results/variances.png)",
     ]
     return "\n".join(lines)
 
@@ -400,7 +400,9 @@ def main() -> None:
         "--no-curves", action="store_true", help="only the main sweep (no target betas, N, scales)"
     )
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--write-readme", action="store_true")
+    parser.add_argument(
+        "--write-readme", action="store_true", help="write the tables into the docs (docs/results.md)"
+    )
     parser.add_argument("--from-json", action="store_true", help="re-render from results/composition.json")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the JSON and the figures")
     args = parser.parse_args()

@@ -189,7 +189,7 @@ def _or_inf(value: float) -> float:
 
 
 def render_fit_ceiling(report: dict) -> str:
-    """The README/docs table: one row per objective and set, the best budget's figures."""
+    """The docs table: one row per objective and set, the best budget's figures."""
     settings = report["settings"]
     lines = [
         f"Fit ceiling: noise-free regression onto the exact step optimum's mean ({settings['pool']} pool "

@@ -138,7 +138,9 @@ def main() -> None:
     )
     parser.add_argument("--beta", type=float, default=None, help="KL coefficient of the step-level trainer")
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--write-readme", action="store_true")
+    parser.add_argument(
+        "--write-readme", action="store_true", help="write the tables into the docs (docs/results.md)"
+    )
     args = parser.parse_args()
     config, home = load_config(args.config), msdda_home()
     if config.train.lora_rank != DDPO_LORA_RANK:

@@ -25,7 +25,8 @@
 (``mc_se``: the Monte-Carlo standard error of the relative drift error; ``mc_se_all`` has all of them).
 A base model's ``err`` also has ``on_reference_chains``: its path figures at the reference's chains alone,
 the states the fit ceiling is scored on.
-``--write-readme`` writes the README section and the plot ``benchmarks/results/step_optimality.png``.
+``--write-readme`` writes its block into docs/results.md (``benchmarks/readme_section.py`` finds the file that
+holds the markers) and the plot ``benchmarks/results/step_optimality.png``.
 ``--profile`` measures only the optimum of the named rewards at reference states (no base models), to
 choose a reward's scale and beta.
 """
@@ -700,7 +701,9 @@ def main() -> None:
     parser.add_argument("--bootstrap", type=int, default=32, help="bootstrap replicates for the MC errors")
     parser.add_argument("--chunk", type=int, default=16, help="states per UNet call when scoring actions")
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--write-readme", action="store_true")
+    parser.add_argument(
+        "--write-readme", action="store_true", help="write the tables into the docs (docs/results.md)"
+    )
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--no-oracle", action="store_true", help="skip the oracles (no training of them)")
     parser.add_argument(
@@ -708,7 +711,7 @@ def main() -> None:
         action="store_true",
         help="the optimum in closed form instead of Monte Carlo: latent quadratic rewards with "
         "train.x0_estimate current_eps only (configs/quadratic.yaml); results go to the "
-        "step-optimality-exact README section",
+        "step-optimality-exact block of docs/results.md",
     )
     parser.add_argument(
         "--profile",

@@ -187,7 +187,7 @@ def main() -> None:
 
         with atomic_file(RESULTS) as tmp:
             tmp.write_text(json.dumps(summary, indent=1))
-        write_section("threads-under-load", table(summary), readme=DOCS)
+        write_section("threads-under-load", table(summary), target=DOCS)
 
 
 def table(summary: dict) -> str:

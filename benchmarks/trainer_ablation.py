@@ -201,7 +201,7 @@ def main() -> None:
 
         with atomic_file(RESULTS / "trainer_ablation.json") as tmp:
             tmp.write_text(json.dumps(report, indent=1))
-        write_section("trainer-ablation", render(report), readme=DOCS)
+        write_section("trainer-ablation", render(report), target=DOCS)
     print(json.dumps(report, indent=1) if args.json else render(report))
 
 

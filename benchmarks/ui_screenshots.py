@@ -1,5 +1,5 @@
-"""Screenshots of the MLflow UI for the README, from a real run: start `msdda ui` on a home that holds a
-registry (e.g. after `msdda run`), open its pages in headless Chromium, write PNGs.
+"""Screenshots of the MLflow UI for docs/operations.md, from a real run: start `msdda ui` on a home that
+holds a registry (e.g. after `msdda run`), open its pages in headless Chromium, write PNGs.
 
     MSDDA_HOME=/tmp/demo msdda run --config configs/tiny.yaml     # or any home with a registry
     python benchmarks/ui_screenshots.py --home /tmp/demo          # writes docs/img/*.png

@@ -285,8 +285,8 @@ class CompositionConfig(_Strict):
     or ``lora``, the base output plus the low-rank deltas (no extra weights, more activation traffic)."""
     plan: Literal["auto", "one_call", "per_model"] = "auto"
     """How a composed step runs its K UNet evaluations: one routed call of ``K * B`` rows, or K calls of ``B``
-    rows each. ``auto``: K calls on the CPU (faster there, README "Speed"), one call on a GPU. Same outputs up
-    to float rounding; neither this nor ``routed_weights`` is part of the sweep's cache key."""
+    rows each. ``auto``: K calls on the CPU (faster there, docs/performance.md), one call on a GPU. Same
+    outputs up to float rounding; neither this nor ``routed_weights`` is part of the sweep's cache key."""
 
 
 Device = Literal["auto", "cpu", "cuda"]

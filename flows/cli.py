@@ -87,7 +87,8 @@ PRIVATE_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # the Prefect server's telemetry heartbeat
     "MLFLOW_DISABLE_TELEMETRY": "true",
 }
-"""Telemetry of Prefect and MLflow is off unless the user's environment sets these otherwise (README)."""
+"""Telemetry of Prefect and MLflow is off unless the user's environment sets these otherwise
+(docs/operations.md)."""
 
 
 def _private_by_default() -> None:
