@@ -42,6 +42,7 @@ def test_pretrain_json_then_cached(tmp_path, tiny_config_file):
     assert not (tmp_path / ".msdda").exists(), "MSDDA_HOME is honoured"
 
 
+@pytest.mark.slow  # the whole main job, twice: about 80 s, beyond the fast suite's budget
 def test_run_is_the_whole_pipeline_and_is_cached(tmp_path, tiny_config_file, pretrained_home):
     """`msdda run` (the Prefect flow `msdda-pipeline`, ephemeral mode): pretrain (here: the cached reference),
     train, register, sweep; run again with `--set ... --device cpu`: the base models come from the cache and
