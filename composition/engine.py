@@ -280,6 +280,17 @@ class Generated:
     """The final latents the images decode from (what latent rewards score)."""
 
 
+def prepare_composer(composer, chosen: Method, method: str, weights: list[float]) -> None:
+    """Check that ``weights`` give the composer its coefficients (differing betas need a target beta), in one
+    line, and let the method prepare it."""
+    try:
+        composer.coefficients(weights)
+    except ValueError as exc:
+        raise CompositionError(f"{method} with weights {weights}: {exc}") from None
+    if chosen.prepare is not None:
+        chosen.prepare(composer, weights)
+
+
 def batch_seeds(seed: int, batch_index: int) -> tuple[int, int]:
     """Independent seeds for a batch's initial noise and its step noise (the same for every method)."""
     base = (seed * 1_000_003 + batch_index * 7919) % (2**62)
@@ -308,12 +319,7 @@ def generate(
     ensemble.check_scores(chosen)
     embeds, uncond = ensemble.embeddings()
     composer = ensemble.composer(options)
-    try:
-        composer.coefficients(weights)  # differing betas need a target beta
-    except ValueError as exc:
-        raise CompositionError(f"{method} with weights {weights}: {exc}") from None
-    if chosen.prepare is not None:
-        chosen.prepare(composer, weights)
+    prepare_composer(composer, chosen, method, weights)
     unet = ensemble.pipe.unet
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     images, latents, prompts, diagnostics, nfe, calls, kls = [], [], [], [], 0.0, RewardCalls(), []

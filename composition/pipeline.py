@@ -34,6 +34,7 @@ from composition.engine import (
     batch_seeds,
     get_method,
     parse_weights,
+    prepare_composer,
 )
 from composition.methods import SOUP_ADAPTER, Batch, Composer, check_finite
 from configs.errors import MsddaError, first_line
@@ -651,12 +652,7 @@ class MSDDAPipeline(StableDiffusionPipeline):
             composer = _SteppedComposer(
                 unet, schedule, ensemble.guidance_scale, ensemble.models, options, forward, on_step=step_done
             )
-            try:
-                composer.coefficients(weights)  # differing betas need a target beta
-            except ValueError as exc:
-                raise CompositionError(f"{method} with weights {weights}: {exc}") from None
-            if chosen.prepare is not None:
-                chosen.prepare(composer, weights)
+            prepare_composer(composer, chosen, method, weights)
             calls = RewardCalls()
             score = None
             if scored:
