@@ -463,11 +463,11 @@ def setup_run(
             optimizer = make_optimizer(problem, config)
         else:
             print(f"resuming from the checkpoint at iteration {start} in {checkpoint_dir}", file=sys.stderr)
-        if history:
-            problem.unet_evaluations = history[-1].unet_evaluations
     pool = None
     if config.states in ("reference_pool", "mixed"):
         pool = reference_pool(problem, config, config.seed + POOL_SEED_OFFSET + accelerator.process_index)
+    if history:  # the count so far, the pool's cost included once (a resumed run rebuilds the same pool)
+        problem.unet_evaluations = history[-1].unet_evaluations
     optimizer = accelerator.prepare(optimizer)
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
     if accelerator.num_processes > 1 and start == 0:  # every process starts from rank 0's weights
