@@ -52,7 +52,7 @@ import torch
 from readme_section import write_section  # benchmarks/ is on sys.path when run as a script
 
 from composition.batched import compile_unet, lora_layers, mixed_adapter_batch, routing
-from composition.engine import load_ensemble
+from composition.engine import load_ensemble, sample_batch
 from composition.methods import METHODS, Batch
 from composition.msdda import compose_gaussian
 from configs import load_config
@@ -249,8 +249,10 @@ def measure(config, home, base_dirs, batch_size: int, repeats: int, compiled: bo
 
     def msdda(plan):
         def run():
-            chain, _ = METHODS["msdda"].sample(
-                composers[plan], weights, x_T, Batch(embeds, uncond), torch.Generator().manual_seed(1)
+            generator = torch.Generator().manual_seed(1)
+            batch = Batch(embeds, uncond)  # composition's one core, latents only (no decode)
+            chain, _, _ = sample_batch(
+                composers[plan], METHODS["msdda"], weights, x_T, batch, generator, None, None
             )
             diagnostics[plan].append(chain.diagnostics)
 

@@ -18,7 +18,7 @@ import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -156,6 +156,16 @@ class Ensemble:
 
         return score
 
+    def method_score(
+        self, method: Method, weights: list[float], prompts: list[str], calls: RewardCalls, beta: float | None
+    ):
+        """The combined reward a search method calls (:meth:`score_fn` with the method's needs), or ``None``
+        for a method that calls none."""
+        if method.score is None:
+            return None
+        needs = method.score
+        return self.score_fn(weights, prompts, needs.per_beta, needs.differentiable, calls, beta)
+
     def check_scores(self, method: Method) -> None:
         """Refuse a method that needs reward gradients when a reward has none."""
         if method.score is not None and method.score.differentiable:
@@ -291,6 +301,34 @@ def prepare_composer(composer, chosen: Method, method: str, weights: list[float]
         chosen.prepare(composer, weights)
 
 
+@torch.no_grad()
+def sample_batch(
+    composer,
+    chosen: Method,
+    weights: list[float],
+    x_T: torch.Tensor,
+    batch: Batch,
+    generator: torch.Generator,
+    score,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None,
+):
+    """The one sampling core of :func:`generate` and :class:`composition.pipeline.MSDDAPipeline`: the method's
+    kernel (or search) through the chain runner for one batch, then ``decode`` (``None``: latents only).
+
+    Returns ``(chain, nfe, images)``; a non-finite result or a failing step (e.g. a non-positive composed
+    precision) is one :class:`CompositionError` line."""
+    try:
+        chain, nfe = chosen.sample(composer, weights, x_T, batch, generator, score)
+        images = None if decode is None else decode(chain.latents)
+        outputs = [chain.latents] if images is None else [chain.latents, images]
+        check_finite("the sampled latents or their images", *outputs)
+    except MsddaError:
+        raise
+    except ValueError as exc:
+        raise CompositionError(f"{chosen.name} with weights {weights}: {exc}") from None
+    return chain, nfe, images
+
+
 def batch_seeds(seed: int, batch_index: int) -> tuple[int, int]:
     """Independent seeds for a batch's initial noise and its step noise (the same for every method)."""
     base = (seed * 1_000_003 + batch_index * 7919) % (2**62)
@@ -332,30 +370,11 @@ def generate(
         x_T = torch.randn((len(index), *shape), generator=torch.Generator().manual_seed(x_seed)).to(
             unet.device
         )
-        score = None
-        if chosen.score is not None:
-            score = ensemble.score_fn(
-                weights,
-                batch_prompts,
-                chosen.score.per_beta,
-                chosen.score.differentiable,
-                calls,
-                options.beta,
-            )
-        try:
-            with torch.no_grad():
-                chain, nfe = chosen.sample(
-                    composer,
-                    weights,
-                    x_T,
-                    Batch(embeds[index], uncond),
-                    torch.Generator().manual_seed(noise_seed),
-                    score,
-                )
-            decoded = ensemble.decode(chain.latents)
-            check_finite("the sampled latents or their images", chain.latents, decoded)  # every method
-        except ValueError as exc:  # e.g. a non-positive composed precision, a non-finite step
-            raise CompositionError(f"{method} with weights {weights}: {exc}") from None
+        score = ensemble.method_score(chosen, weights, batch_prompts, calls, options.beta)
+        generator = torch.Generator().manual_seed(noise_seed)
+        chain, nfe, decoded = sample_batch(
+            composer, chosen, weights, x_T, Batch(embeds[index], uncond), generator, score, ensemble.decode
+        )
         images.append(decoded.cpu())
         latents.append(chain.latents.cpu())
         if chain.kl is not None:

@@ -18,6 +18,7 @@ import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from types import MappingProxyType
 
@@ -35,8 +36,9 @@ from composition.engine import (
     get_method,
     parse_weights,
     prepare_composer,
+    sample_batch,
 )
-from composition.methods import SOUP_ADAPTER, Batch, Composer, check_finite
+from composition.methods import SOUP_ADAPTER, Batch, Composer
 from configs.errors import MsddaError, first_line
 from configs.schema import CompositionConfig, PipelineConfig
 from training.card import LoadedBaseModel, check_lineage, load_base_model, scheduler_identity
@@ -654,26 +656,13 @@ class MSDDAPipeline(StableDiffusionPipeline):
             )
             prepare_composer(composer, chosen, method, weights)
             calls = RewardCalls()
-            score = None
-            if scored:
-                differentiable = chosen.score.differentiable
-                score = ensemble.score_fn(
-                    weights, rows, chosen.score.per_beta, differentiable, calls, options.beta
-                )
+            score = ensemble.method_score(chosen, weights, rows, calls, options.beta)
 
-            # 6. Denoise: the method's kernel (or search) through the chain runner, one step at a time.
-            try:
-                chain, nfe = chosen.sample(
-                    composer, weights, x_T, Batch(embeds[index], uncond), generator, score
-                )
-                check_finite("the sampled latents", chain.latents)
-                if output_type != "latent":
-                    images = decode_latents(self.vae, chain.latents)
-                    check_finite("the sampled images", images)
-            except MsddaError:
-                raise
-            except ValueError as exc:  # e.g. a non-positive composed precision, a non-finite step
-                raise CompositionError(f"{method} with weights {weights}: {exc}") from None
+            # 6. Denoise: the method's kernel (or search) through the chain runner, one step at a time, then
+            # decode; the one core that `composition.engine.generate` runs for each of its batches.
+            decode = None if output_type == "latent" else partial(decode_latents, self.vae)
+            batch = Batch(embeds[index], uncond)
+            chain, nfe, images = sample_batch(composer, chosen, weights, x_T, batch, generator, score, decode)
             step_done(len(schedule) - 1, chain.latents.detach())
             bar.update(len(schedule) - bar.n)
 
