@@ -287,14 +287,15 @@ def _reward_lines(rewards: dict[str, torch.Tensor] | None, index: int) -> list[s
 def _labelled_grid(
     cells: list[list[tuple[object, list[str], list[str]]]],
     row_labels: list[str] | None = None,
-    column_labels: list[str] | None = None,
+    column_labels: list[str | list[str]] | None = None,
     title: str | None = None,
 ):
     """Draw a grid of cells; each cell is ``(tile, texts, lines)``: under the tile, ``texts`` wrapped to the
     cell's width, then ``lines`` as they are (the cell is as wide as the widest of them).
 
-    Rows may have labels on the left, columns a header on top (wrapped to the cell width, two lines at
-    most), the whole a title. Returns the PIL image (white background, black text).
+    Rows may have labels on the left, columns a header on top (a string: wrapped to the cell width, two
+    lines at most; a list: its lines as they are), the whole a title. Returns the PIL image (white
+    background, black text).
     """
     from PIL import Image, ImageDraw
 
@@ -303,6 +304,7 @@ def _labelled_grid(
     tile_w = max(tile.width for row in cells for tile, _, _ in row)
     tile_h = max(tile.height for row in cells for tile, _, _ in row)
     plain = [line for row in cells for _, _, lines in row for line in lines]
+    plain += [line for label in column_labels or [] if isinstance(label, list) for line in label]
     cell_w = max([tile_w, 120] + [math.ceil(font.getlength(line)) for line in plain])
     # each cell's caption: its wrapped texts (the prompt), then its plain lines (the rewards)
     captions = [
@@ -312,7 +314,9 @@ def _labelled_grid(
     caption_lines = max((len(caption) for row in captions for caption in row), default=0)
     cell_h = tile_h + (caption_lines * line_height + 4 if caption_lines else 0)
     label_w = max([0] + [math.ceil(font.getlength(label)) + pad for label in row_labels or []])
-    headers = [_wrap(label, font, cell_w) for label in column_labels or []]
+    headers = [
+        label if isinstance(label, list) else _wrap(label, font, cell_w) for label in column_labels or []
+    ]
     header_h = max([0] + [len(h) * line_height + 4 for h in headers])
     title_h = line_height + 8 if title else 0
     columns = max(len(row) for row in cells)
@@ -385,6 +389,28 @@ def sweep_grid(
     labels = ["w = " + ", ".join(f"{w:g}" for w in weights) for weights, _, _ in points]
     headers = [f"#{i}: {prompts[i]}" for i in range(count)]
     return _save_image(_labelled_grid(rows, labels, headers, title), path)
+
+
+def weight_row(
+    points: Sequence[tuple[Sequence[float], torch.Tensor, dict[str, torch.Tensor]]],
+    path: Path,
+    rows: int = 3,
+    min_tile: int = GRID_MIN_TILE,
+    title: str | None = None,
+) -> Path:
+    """One prompt across the weight vectors (the README's picture): a column per weight vector, headed by
+    ``w = ...`` and the mean of each reward over all of the column's images, and a row per image index (the
+    points share the initial noise and the step noise: a row is one seed). ``points``: ``(weights, images,
+    rewards)`` with ``rewards`` name -> per-image values."""
+    count = min(rows, min(len(images) for _, images, _ in points))
+    columns = [_tiles(images[:count], min_tile) for _, images, _ in points]
+    cells = [[(column[r], [], []) for column in columns] for r in range(count)]
+    headers = [
+        ["w = " + ", ".join(f"{w:g}" for w in weights)]
+        + [f"{name} {float(values.mean()):+.3f}" for name, values in rewards.items()]
+        for weights, _, rewards in points
+    ]
+    return _save_image(_labelled_grid(cells, None, headers, title), path)
 
 
 def _save_figure(fig, path: Path) -> Path:

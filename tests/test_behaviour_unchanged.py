@@ -31,6 +31,9 @@ TOLERANCE = {"atol": 1e-5, "rtol": 1e-5}
 # 4096) and the LoRA's by 1.0e-5. A real change is far larger: a learning rate 0.1% off moves the toy's
 # weights by 3.6e-4 and its losses by 1e-3 (relative).
 TRAINED_TOLERANCE = {"atol": 1e-4, "rtol": 1e-4}
+# The training settings the goldens were captured with, where the defaults have moved since: every iteration
+# rolled out the policy, the actions were independent draws, the clean estimate was the next state's.
+CAPTURED_TRAINING = {"states": "rollouts", "antithetic": False, "x0_estimate": "next_state"}
 
 
 @pytest.fixture(scope="module")
@@ -82,10 +85,8 @@ def test_base_model_training_unchanged(golden, tiny_config, tiny_home, tiny_refe
     from training.card import load_base_model
 
     tensors, scalars = golden
-    # The goldens were captured when every iteration rolled out the policy (`states: rollouts`).
-    config = tiny_config.model_copy(
-        update={"train": tiny_config.train.model_copy(update={"states": "rollouts"})}
-    )
+    # The goldens were captured with the trainer's settings of then, since changed by default.
+    config = tiny_config.model_copy(update={"train": tiny_config.train.model_copy(update=CAPTURED_TRAINING)})
     result = train_base_model(config, "ink_economy", tiny_home, progress=False)
     model = load_base_model(result.path)
     for key, value in model.lora.items():
@@ -120,7 +121,7 @@ def test_toy_training_unchanged(golden):
         learning_rate=1e-2,
         checkpoint_every=0,
         beta=1.0,
-        states="rollouts",  # as when the goldens were captured
+        **CAPTURED_TRAINING,
     )
     history = train(toy, config, None, progress=False).history
     for key, value in toy.trainable_state().items():

@@ -81,3 +81,26 @@ def test_sweep_grid_has_a_row_per_weight_vector(tmp_path):
         [([0.2, 0.8], *p[1:]) for p in points], PROMPTS * 3, tmp_path / "other.png", columns=4, title="msdda"
     )
     assert not np.array_equal(np.asarray(Image.open(relabelled).convert("RGB")), grid)
+
+
+def test_weight_row_has_a_column_per_weight_vector_headed_by_its_mean_rewards(tmp_path):
+    from composition.evaluation import weight_row
+
+    colors = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+    weights = [[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]
+    points = [(w, solid(c, 8), rewards(8)) for w, c in zip(weights, colors)]
+    path = weight_row(points, tmp_path / "row.png", rows=2, title="msdda")
+    grid = np.asarray(Image.open(path).convert("RGB"))
+    columns_of = []
+    for color in colors:
+        mask = np.all(grid == color, axis=-1)
+        assert mask.sum() == 2 * GRID_MIN_TILE**2, color  # 2 rows of one full tile each, in one column
+        xs = np.nonzero(mask.any(axis=0))[0]
+        assert xs[-1] - xs[0] + 1 == GRID_MIN_TILE
+        columns_of.append(xs[0])
+    assert columns_of == sorted(columns_of)  # the weight vectors left to right
+    # the headers carry the means: other rewards, other pixels above the tiles
+    top = min(np.nonzero(np.all(grid == colors[0], axis=-1).any(axis=1))[0])
+    shifted = [(w, images, {k: v + 1.0 for k, v in r.items()}) for w, images, r in points]
+    other = np.asarray(Image.open(weight_row(shifted, tmp_path / "other.png", rows=2, title="msdda")))
+    assert not np.array_equal(other[:top], grid[:top])
