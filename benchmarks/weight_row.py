@@ -1,14 +1,15 @@
 """One prompt across the weight vectors: the README's picture, from the config's trained base models.
 
     python benchmarks/weight_row.py [--config PATH] [--prompt TEXT] [--weights "1,0;0.5,0.5;0,1"]
-        [--method msdda] [--images N] [--rows R] [--seed S] [--out docs/img/weight-row.png] [--json]
+        [--method msdda] [--images N] [--rows R] [--seed S] [--models FOLDER ...] [--out PNG] [--json]
 
-Trains (or reuses, from $MSDDA_HOME) one base model per objective of the config, loads them into
-:class:`composition.pipeline.MSDDAPipeline` (the library's front door), and samples ``--images`` images of one
-prompt for each weight vector with the same seed, so every column starts from the same noise. The default
-weight vectors are the reference (all zero) and five points from the first objective to the second. The
-picture shows the first ``--rows`` images of each column, headed by its weights and the mean of each reward
-over all ``--images``; ``--json`` prints those means with their standard errors.
+Trains (or reuses, from $MSDDA_HOME) one base model per objective of the config, or takes ``--models``,
+loads them into :class:`composition.pipeline.MSDDAPipeline` (the library's front door), and samples
+``--images`` images of one prompt for each weight vector with the same seed, so every column starts from the
+same noise. The default weight vectors are the reference (all zero) and five points from the first base model
+to the second. The picture shows the first ``--rows`` images of each column, headed by its weights and the
+mean of each base model's reward over all ``--images``; ``--json`` prints those means with their standard
+errors.
 """
 
 from __future__ import annotations
@@ -41,6 +42,19 @@ def parse_weight_list(text: str) -> list[list[float]]:
     return [[float(w) for w in point.split(",")] for point in text.split(";") if point.strip()]
 
 
+@torch.no_grad()
+def sample_point(pipe, rewards: dict, prompts: list[str], weights: list[float], args, options):
+    """``(weights, images, rewards)`` for one weight vector: the images and every reward on each of them."""
+    latents = pipe(
+        prompts, weights, args.method, seed=args.seed, output_type="latent", options=options
+    ).images
+    images = decode_latents(pipe.vae, latents)
+    scores = {
+        name: reward.score(latents, prompts, lambda _: images).cpu() for name, reward in rewards.items()
+    }
+    return weights, images.cpu(), scores
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None)
@@ -50,35 +64,35 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=64, help="images per weight vector (for the means)")
     parser.add_argument("--rows", type=int, default=3, help="images per weight vector in the picture")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--models", nargs="+", type=Path, default=None, help="base-model folders instead of the config's"
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     config, home = load_config(args.config), msdda_home()
-    objectives = config.objective_names
-    points = parse_weight_list(args.weights) if args.weights else default_weights(len(objectives))
 
     # 1. The base models (trained once, then cached) and the pipeline holding them.
-    folders = [train_base_model(config, name, home, progress=not args.json).path for name in objectives]
+    folders = args.models or [
+        train_base_model(config, name, home, progress=not args.json).path for name in config.objective_names
+    ]
+    points = parse_weight_list(args.weights) if args.weights else default_weights(len(folders))
     pipe = MSDDAPipeline.from_embedded(config, home)
     for folder in folders:
         pipe.load_base_model(folder)
     pipe.set_progress_bar_config(disable=True)
-    rewards = {name: load_reward(name, config, home, config.objective(name).options) for name in objectives}
+    rewards = {  # each base model's own reward, as its card names it
+        model.card.reward.name: load_reward(model.card.reward.name, config, home, model.card.reward.options)
+        for model in pipe.base_models.values()
+    }
 
     # 2. The same prompt and seed for every weight vector; every reward on every image.
     options = config.composition.model_copy(update={"batch_size": max(args.images, 1)})
     prompts = [args.prompt] * args.images
     sampled, table = [], []
     for weights in points:
-        latents = pipe(prompts, weights, args.method, seed=args.seed, output_type="latent", options=options)
-        decoded = decode_latents(pipe.vae, latents.images)
-        scores = {
-            name: reward.score(latents.images, prompts, lambda _, decoded=decoded: decoded).cpu()
-            for name, reward in rewards.items()
-        }
-        images = decoded.cpu()
-        sampled.append((weights, images, scores))
-        table.append({"weights": weights, **{name: mean_and_se(v) for name, v in scores.items()}})
+        sampled.append(sample_point(pipe, rewards, prompts, weights, args, options))
+        table.append({"weights": weights, **{name: mean_and_se(v) for name, v in sampled[-1][2].items()}})
 
     # 3. The picture, written through a temporary file.
     title = f'{args.method}: "{args.prompt}" (reward means over {args.images} images)'
@@ -93,5 +107,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    with torch.no_grad():
-        main()
+    main()
