@@ -137,10 +137,9 @@ class TrainConfig(_Strict):
     batch_size: Annotated[int, Field(ge=1)] = 32
     states_per_trajectory: Annotated[int, Field(ge=1)] = 4
     num_actions: Annotated[int, Field(ge=2)] = 8
-    antithetic: bool = True
+    antithetic: bool = False
     """Draw the ``num_actions`` actions in antithetic pairs ``mean ± std * z`` (``num_actions`` even): the
-    sample-mean noise of the target-matching target cancels exactly (docs/design.md §1.5). The default; set
-    ``false`` for an odd ``num_actions``."""
+    sample-mean noise of the target-matching target cancels exactly (docs/design.md §1.5)."""
     gradient_proposal: Annotated[float, Field(ge=0)] = 0.0
     """Target matching only, for differentiable rewards: draw the actions from the reference shifted by this
     share ``kappa`` of the linearised optimum's drift, ``sigma_t^2 grad r / beta``, and weight them by
@@ -186,11 +185,12 @@ class TrainConfig(_Strict):
     ``target_modules``; checked against the UNet when training starts). The default, ``broad`` at rank 8, is
     the only set whose fit ceiling reaches the exact step optimum within 0.25 (docs/design.md §5.8)."""
     learn_variance: Literal["none", "step", "step_channel"] = "step"
-    x0_estimate: Literal["next_state", "current_eps"] = "current_eps"
-    """The clean estimate the step reward scores (docs/design.md §1.4). ``current_eps``: from the
-    reference's epsilon at the current state, no UNet row per action (the default: 28% cheaper per model on
-    the default pair, as close to its optimum, §5.9); ``next_state``: from the reference's epsilon at each
-    action, one UNet row per action."""
+    x0_estimate: Literal["next_state", "current_eps"] = "next_state"
+    """The clean estimate the step reward scores (docs/design.md §1.4). ``next_state`` (the default): from the
+    reference's epsilon at each action, one UNet row per action. ``current_eps``: from the reference's epsilon
+    at the current state, no UNet row per action (28% less training time on the default pair), but its step
+    reward varies so steeply at the noisiest steps that the optimum there sits in the reference's tail
+    (docs/design.md §5.6, §5.9); exact for latent quadratics (configs/quadratic.yaml)."""
     eval_samples: Annotated[int, Field(ge=2)] = 256
     eval_seed: int = 1234
     eval_every: Annotated[int, Field(ge=0)] = 20

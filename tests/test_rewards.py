@@ -140,5 +140,5 @@ def test_an_objectives_scale_divides_its_reward_everywhere_it_is_trained(tiny_co
         parse_config({"objectives": [{"name": "ink_economy", "scale": 1.0}]}), "ink_economy", "ref"
     )
     assert run_key(plain, "ink_economy", "ref") != run_key(scaled, "ink_economy", "ref")
-    unpaired = parse_config({"objectives": ["ink_economy"], "train": {"antithetic": False}})
-    assert run_key(plain, "ink_economy", "ref") != run_key(unpaired, "ink_economy", "ref")
+    paired = parse_config({"objectives": ["ink_economy"], "train": {"antithetic": True}})
+    assert run_key(plain, "ink_economy", "ref") != run_key(paired, "ink_economy", "ref")
