@@ -280,6 +280,10 @@ def _wrap(text: str, font, width: int, max_lines: int = 2) -> list[str]:
     return lines
 
 
+def _weights_label(weights: Sequence[float]) -> str:
+    return "w = " + ", ".join(f"{w:g}" for w in weights)
+
+
 def _reward_lines(rewards: dict[str, torch.Tensor] | None, index: int) -> list[str]:
     return [f"{name} {float(values[index]):+.3f}" for name, values in (rewards or {}).items()]
 
@@ -386,7 +390,7 @@ def sweep_grid(
         [(tile, [], _reward_lines(rewards, i)) for i, tile in enumerate(_tiles(images[:count], min_tile))]
         for _, images, rewards in points
     ]
-    labels = ["w = " + ", ".join(f"{w:g}" for w in weights) for weights, _, _ in points]
+    labels = [_weights_label(weights) for weights, _, _ in points]
     headers = [f"#{i}: {prompts[i]}" for i in range(count)]
     return _save_image(_labelled_grid(rows, labels, headers, title), path)
 
@@ -406,7 +410,7 @@ def weight_row(
     columns = [_tiles(images[:count], min_tile) for _, images, _ in points]
     cells = [[(column[r], [], []) for column in columns] for r in range(count)]
     headers = [
-        ["w = " + ", ".join(f"{w:g}" for w in weights)]
+        [_weights_label(weights)]
         + [f"{name} {float(values.mean()):+.3f}" for name, values in rewards.items()]
         for weights, _, rewards in points
     ]

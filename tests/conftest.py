@@ -186,3 +186,16 @@ def unet_with_two_adapters(tiny_reference):
     for i, name in enumerate(["alpha", "beta"]):
         load_adapter(unet, name, random_lora(shapes, seed=i), LoraSpec(rank=4, targets=LORA_TARGETS))
     return unet.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tiny_reference, tiny_base_models):
+    """``MSDDAPipeline`` on the tiny reference with both tiny base models loaded, one per test module (tests
+    that change it put it back)."""
+    from composition.pipeline import MSDDAPipeline
+
+    pipe = MSDDAPipeline.from_pretrained(tiny_reference.path)
+    for folder in tiny_base_models:
+        pipe.load_base_model(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

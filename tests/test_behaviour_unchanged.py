@@ -43,19 +43,8 @@ def golden():
     )
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_reference, tiny_base_models):
-    from composition.pipeline import MSDDAPipeline
-
-    pipe = MSDDAPipeline.from_pretrained(tiny_reference.path)
-    for folder in tiny_base_models:
-        pipe.load_base_model(folder)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 @pytest.mark.parametrize(("method", "weights"), CASES, ids=[f"{m}-{w}" for m, w in CASES])
-def test_composition_unchanged(golden, tiny_config, tiny_home, tiny_base_models, pipe, method, weights):
+def test_composition_unchanged(golden, tiny_config, tiny_home, tiny_base_models, tiny_pipe, method, weights):
     """``msdda compose``'s core (``generate``, which the CLI, the flows and the benchmarks call) and
     ``MSDDAPipeline`` with the same seed: the golden images, NFE and rewards."""
     from composition.engine import generate, load_ensemble, score_generated
@@ -72,7 +61,7 @@ def test_composition_unchanged(golden, tiny_config, tiny_home, tiny_base_models,
         )
     rewards = ensemble.objectives if method in ("code", "rgg") else None
     options = tiny_config.composition
-    output = pipe(
+    output = tiny_pipe(
         generated.prompts, weights, method, seed=0, output_type="pt", rewards=rewards, options=options
     )
     torch.testing.assert_close(output.images, tensors[f"compose.{key}"], **TOLERANCE)

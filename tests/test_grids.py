@@ -60,19 +60,26 @@ def solid(color: tuple[int, int, int], n: int) -> torch.Tensor:
     return torch.tensor(color, dtype=torch.float32).div(255).view(1, 3, 1, 1).expand(n, 3, 16, 16).clone()
 
 
+def tile_starts(grid: np.ndarray, colors, tiles: int, axis: int) -> list[int]:
+    """Where each solid colour's tiles start along ``axis`` (0: the row, 1: the column), checking that each
+    colour fills ``tiles`` whole tiles that all lie in one row (``axis=0``) or one column (``axis=1``)."""
+    starts = []
+    for color in colors:
+        mask = np.all(grid == color, axis=-1)
+        assert mask.sum() == tiles * GRID_MIN_TILE**2, color
+        span = np.nonzero(mask.any(axis=1 - axis))[0]
+        assert span[-1] - span[0] + 1 == GRID_MIN_TILE
+        starts.append(span[0])
+    return starts
+
+
 def test_sweep_grid_has_a_row_per_weight_vector(tmp_path):
     colors = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
     weights = [[0.0, 1.0], [0.5, 0.5], [1.0, 0.0]]
     points = [(w, solid(c, 8), rewards(8)) for w, c in zip(weights, colors)]
     path = sweep_grid(points, PROMPTS * 3, tmp_path / "sweep.png", columns=4, title="msdda")
     grid = np.asarray(Image.open(path).convert("RGB"))
-    rows_of = []
-    for color in colors:
-        mask = np.all(grid == color, axis=-1)
-        assert mask.sum() == 4 * GRID_MIN_TILE**2, color  # 4 columns of one full tile each, in one row
-        ys = np.nonzero(mask.any(axis=1))[0]
-        assert ys[-1] - ys[0] + 1 == GRID_MIN_TILE
-        rows_of.append(ys[0])
+    rows_of = tile_starts(grid, colors, tiles=4, axis=0)  # 4 columns of one full tile each, in one row
     assert rows_of == sorted(rows_of)  # the weights in grid order, top to bottom
     # the row labels name the weights: the left margin holds text, and the labels differ per row
     label = grid[:, :40]
@@ -91,13 +98,7 @@ def test_weight_row_has_a_column_per_weight_vector_headed_by_its_mean_rewards(tm
     points = [(w, solid(c, 8), rewards(8)) for w, c in zip(weights, colors)]
     path = weight_row(points, tmp_path / "row.png", rows=2, title="msdda")
     grid = np.asarray(Image.open(path).convert("RGB"))
-    columns_of = []
-    for color in colors:
-        mask = np.all(grid == color, axis=-1)
-        assert mask.sum() == 2 * GRID_MIN_TILE**2, color  # 2 rows of one full tile each, in one column
-        xs = np.nonzero(mask.any(axis=0))[0]
-        assert xs[-1] - xs[0] + 1 == GRID_MIN_TILE
-        columns_of.append(xs[0])
+    columns_of = tile_starts(grid, colors, tiles=2, axis=1)  # 2 rows of one full tile each, in one column
     assert columns_of == sorted(columns_of)  # the weight vectors left to right
     # the headers carry the means: other rewards, other pixels above the tiles
     top = min(np.nonzero(np.all(grid == colors[0], axis=-1).any(axis=1))[0])

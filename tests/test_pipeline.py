@@ -19,18 +19,6 @@ REWARDS = ["digit_alignment", "ink_economy"]
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_reference, tiny_base_models):
-    """The tiny reference with the two tiny base models loaded (tests that change it put it back)."""
-    from composition.pipeline import MSDDAPipeline
-
-    pipe = MSDDAPipeline.from_pretrained(tiny_reference.path)
-    for folder in tiny_base_models:
-        pipe.load_base_model(folder)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@pytest.fixture(scope="module")
 def ensemble(tiny_config, tiny_home, tiny_base_models):
     from composition.engine import load_ensemble
 
@@ -97,7 +85,7 @@ def test_quickstart(registry_home, tiny_base_models, monkeypatch):
 
 
 @pytest.mark.parametrize("method", ["msdda", "db", "rs", "code", "rgg"])
-def test_every_method_gives_the_images_of_generate(pipe, ensemble, tiny_config, method):
+def test_every_method_gives_the_images_of_generate(tiny_pipe, ensemble, tiny_config, method):
     """For the same models, method, weights and seed: the images, NFE and reward calls of
     ``composition.engine.generate``, bit for bit."""
     from composition.engine import batch_seeds, generate
@@ -108,24 +96,26 @@ def test_every_method_gives_the_images_of_generate(pipe, ensemble, tiny_config, 
     rewards = REWARDS if method in ("code", "rgg") else None
     prompts = expected.prompts
     assert prompts == [*PROMPTS, *PROMPTS]
-    output = pipe(prompts, weights, method, seed=3, output_type="pt", options=options, rewards=rewards)
+    output = tiny_pipe(prompts, weights, method, seed=3, output_type="pt", options=options, rewards=rewards)
     assert torch.equal(output.images, expected.images)
     assert output.nfe == expected.nfe_per_image and output.reward_calls == expected.reward_calls_per_image
     if method == "msdda":  # a generator and initial latents, diffusers' way, draw the same
         x_seed, noise_seed = batch_seeds(3, 0)
         x_T = torch.randn(expected.images.shape[0], 4, 8, 8, generator=torch.Generator().manual_seed(x_seed))
         generator = torch.Generator().manual_seed(noise_seed)
-        again = pipe(prompts, weights, latents=x_T, generator=generator, output_type="pt", options=options)
+        again = tiny_pipe(
+            prompts, weights, latents=x_T, generator=generator, output_type="pt", options=options
+        )
         assert torch.equal(again.images, expected.images)
-        other = pipe(prompts, weights, seed=4, output_type="pt", options=options)
+        other = tiny_pipe(prompts, weights, seed=4, output_type="pt", options=options)
         assert not torch.allclose(other.images, expected.images), "the seed matters"
-        pil = pipe(prompts, weights, seed=3, options=options).images
+        pil = tiny_pipe(prompts, weights, seed=3, options=options).images
         assert len(pil) == 4 and pil[0].size == (16, 16)
-        latents = pipe(prompts, weights, seed=3, options=options, output_type="latent").images
+        latents = tiny_pipe(prompts, weights, seed=3, options=options, output_type="latent").images
         torch.testing.assert_close(latents, expected.latents, rtol=0, atol=0)
 
 
-def test_progress_bar_and_callback_see_every_step(pipe, tiny_config, capfd):
+def test_progress_bar_and_callback_see_every_step(tiny_pipe, tiny_config, capfd):
     steps = tiny_config.sampling.num_inference_steps
     seen = []
 
@@ -133,47 +123,49 @@ def test_progress_bar_and_callback_see_every_step(pipe, tiny_config, capfd):
         seen.append((step, timestep, tuple(tensors["latents"].shape)))
         return tensors
 
-    pipe.set_progress_bar_config(disable=False)
+    tiny_pipe.set_progress_bar_config(disable=False)
     try:
         capfd.readouterr()
-        pipe(PROMPTS, [0.5, 0.5], num_images_per_prompt=2, seed=0, callback_on_step_end=callback)
+        tiny_pipe(PROMPTS, [0.5, 0.5], num_images_per_prompt=2, seed=0, callback_on_step_end=callback)
         assert f"{steps}/{steps}" in capfd.readouterr().err
     finally:
-        pipe.set_progress_bar_config(disable=True)
-    timesteps = [int(t) for t in pipe.scheduler.timesteps]
+        tiny_pipe.set_progress_bar_config(disable=True)
+    timesteps = [int(t) for t in tiny_pipe.scheduler.timesteps]
     assert seen == [(s, timesteps[s], (4, 4, 8, 8)) for s in range(steps)]
 
     def replaces(p, step, timestep, tensors):
         return {"latents": tensors["latents"] + 1}
 
     with pytest.raises(CompositionError, match="callback_on_step_end returned other latents"):
-        pipe(PROMPTS, [0.5, 0.5], seed=0, callback_on_step_end=replaces)
+        tiny_pipe(PROMPTS, [0.5, 0.5], seed=0, callback_on_step_end=replaces)
 
 
-def test_load_unload_and_adapter_names(pipe, tiny_base_models):
-    output = pipe(PROMPTS, [0.5, 0.5], seed=1, output_type="pt", method="rs")  # builds the soup adapter
-    pipe.unload_base_model("ink_economy")
-    assert list(pipe.base_models) == ["digit_alignment"]
-    assert "ink_economy" not in pipe.unet.peft_config
+def test_load_unload_and_adapter_names(tiny_pipe, tiny_base_models):
+    output = tiny_pipe(PROMPTS, [0.5, 0.5], seed=1, output_type="pt", method="rs")  # builds the soup adapter
+    tiny_pipe.unload_base_model("ink_economy")
+    assert list(tiny_pipe.base_models) == ["digit_alignment"]
+    assert "ink_economy" not in tiny_pipe.unet.peft_config
     with pytest.raises(CompositionError, match="1 weights given|2 weights given for 1"):
-        pipe(PROMPTS, [0.5, 0.5])
-    assert pipe(PROMPTS, [1.0], seed=1, method="rs", output_type="pt").images.shape == (2, 3, 16, 16)
+        tiny_pipe(PROMPTS, [0.5, 0.5])
+    assert tiny_pipe(PROMPTS, [1.0], seed=1, method="rs", output_type="pt").images.shape == (2, 3, 16, 16)
     with pytest.raises(CompositionError, match="already loaded"):
-        pipe.load_base_model(tiny_base_models[0])
-    pipe.load_base_model(tiny_base_models[0], adapter_name="alignment_again")
-    assert list(pipe.base_models) == ["digit_alignment", "alignment_again"]
-    assert pipe.base_models["alignment_again"].card.objective == "digit_alignment"
-    pipe.unload_base_model("alignment_again")
-    pipe.load_base_model(tiny_base_models[1])
-    again = pipe(PROMPTS, [0.5, 0.5], seed=1, output_type="pt", method="rs")
+        tiny_pipe.load_base_model(tiny_base_models[0])
+    tiny_pipe.load_base_model(tiny_base_models[0], adapter_name="alignment_again")
+    assert list(tiny_pipe.base_models) == ["digit_alignment", "alignment_again"]
+    assert tiny_pipe.base_models["alignment_again"].card.objective == "digit_alignment"
+    tiny_pipe.unload_base_model("alignment_again")
+    tiny_pipe.load_base_model(tiny_base_models[1])
+    again = tiny_pipe(PROMPTS, [0.5, 0.5], seed=1, output_type="pt", method="rs")
     assert torch.equal(again.images, output.images), "unloading and loading again gives the same model"
     with pytest.raises(CompositionError, match="no base model named 'nope' is loaded; loaded: digit_"):
-        pipe.unload_base_model("nope")
+        tiny_pipe.unload_base_model("nope")
     for name in ["digit_alignment", "ink_economy"]:  # none left, then both again
-        pipe.unload_base_model(name)
+        tiny_pipe.unload_base_model(name)
     for folder in tiny_base_models:
-        pipe.load_base_model(folder)
-    assert torch.equal(pipe(PROMPTS, [0.5, 0.5], seed=1, output_type="pt", method="rs").images, output.images)
+        tiny_pipe.load_base_model(folder)
+    assert torch.equal(
+        tiny_pipe(PROMPTS, [0.5, 0.5], seed=1, output_type="pt", method="rs").images, output.images
+    )
 
 
 # ----------------------------------------------------------------------------------------------- bad input
@@ -195,46 +187,46 @@ def test_no_base_model_loaded(tiny_reference):
         (None, "pass weights="),
     ],
 )
-def test_bad_weights(pipe, weights, message):
+def test_bad_weights(tiny_pipe, weights, message):
     with pytest.raises(CompositionError, match=message):
-        pipe(PROMPTS, weights)
+        tiny_pipe(PROMPTS, weights)
 
 
-def test_non_positive_composed_precision(pipe):
+def test_non_positive_composed_precision(tiny_pipe):
     with pytest.raises(CompositionError, match="precision is not positive"):
-        pipe(PROMPTS, [-5.0, 5.0], seed=0)
+        tiny_pipe(PROMPTS, [-5.0, 5.0], seed=0)
 
 
-def test_unknown_method(pipe):
+def test_unknown_method(tiny_pipe):
     with pytest.raises(
         CompositionError, match="unknown method 'mdsda'; choose from msdda, db, rs, code, rgg"
     ):
-        pipe(PROMPTS, [0.5, 0.5], method="mdsda")
+        tiny_pipe(PROMPTS, [0.5, 0.5], method="mdsda")
 
 
 @pytest.mark.parametrize("method", ["code", "rgg"])
-def test_searches_need_rewards(pipe, method):
+def test_searches_need_rewards(tiny_pipe, method):
     with pytest.raises(CompositionError, match=rf"{method} calls rewards while sampling: pass rewards="):
-        pipe(PROMPTS, [0.5, 0.5], method=method)
+        tiny_pipe(PROMPTS, [0.5, 0.5], method=method)
     with pytest.raises(CompositionError, match="1 rewards given for 2 base models"):
-        pipe(PROMPTS, [0.5, 0.5], method=method, rewards=["ink_economy"])
+        tiny_pipe(PROMPTS, [0.5, 0.5], method=method, rewards=["ink_economy"])
 
 
-def test_rgg_refuses_a_reward_without_gradient(pipe):
+def test_rgg_refuses_a_reward_without_gradient(tiny_pipe):
     with pytest.raises(
         CompositionError, match="rgg needs differentiable rewards; not differentiable: ink_economy"
     ):
-        pipe(PROMPTS, [0.5, 0.5], method="rgg", rewards=["digit_alignment", "compressibility"])
+        tiny_pipe(PROMPTS, [0.5, 0.5], method="rgg", rewards=["digit_alignment", "compressibility"])
 
 
-def test_a_prompt_the_reward_cannot_read(pipe):
+def test_a_prompt_the_reward_cannot_read(tiny_pipe):
     with pytest.raises(
         CompositionError, match="'digit_alignment' of base model 'digit_alignment' cannot score"
     ):
-        pipe("a cat", [0.5, 0.5], method="code", rewards=REWARDS)
+        tiny_pipe("a cat", [0.5, 0.5], method="code", rewards=REWARDS)
 
 
-def test_a_base_model_of_another_reference(pipe, tiny_base_models, tmp_path):
+def test_a_base_model_of_another_reference(tiny_pipe, tiny_base_models, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(tiny_base_models[1], other)
     card = json.loads((other / CARD_FILE).read_text())
@@ -242,18 +234,18 @@ def test_a_base_model_of_another_reference(pipe, tiny_base_models, tmp_path):
     with pytest.raises(
         CompositionError, match="was trained on the reference ffffffffffff, not on this pipeline"
     ):
-        pipe.load_base_model(other, adapter_name="other")
-    assert list(pipe.base_models) == ["digit_alignment", "ink_economy"]
+        tiny_pipe.load_base_model(other, adapter_name="other")
+    assert list(tiny_pipe.base_models) == ["digit_alignment", "ink_economy"]
     with pytest.raises(CompositionError, match="no base-model folder at ./missing"):
-        pipe.load_base_model("./missing")
+        tiny_pipe.load_base_model("./missing")
 
 
-def test_sampling_settings_come_from_the_cards(pipe, tiny_config):
+def test_sampling_settings_come_from_the_cards(tiny_pipe, tiny_config):
     steps = tiny_config.sampling.num_inference_steps
-    pipe(PROMPTS, [0.5, 0.5], num_inference_steps=steps, eta=1.0, output_type="latent")  # the cards' own
+    tiny_pipe(PROMPTS, [0.5, 0.5], num_inference_steps=steps, eta=1.0, output_type="latent")  # the cards' own
     with pytest.raises(
         CompositionError, match=f"num_inference_steps=50 differs from the base models' .* {steps}"
     ):
-        pipe(PROMPTS, [0.5, 0.5], num_inference_steps=50)
+        tiny_pipe(PROMPTS, [0.5, 0.5], num_inference_steps=50)
     with pytest.raises(CompositionError, match="guidance_scale=7.5 differs"):
-        pipe(PROMPTS, [0.5, 0.5], guidance_scale=7.5)
+        tiny_pipe(PROMPTS, [0.5, 0.5], guidance_scale=7.5)
