@@ -18,7 +18,7 @@ import typer
 from composition.methods import MethodName
 from configs.errors import MsddaError
 from configs.schema import MAX_PROMPT_CHARS, Device
-from flows.jobs import MAX_IMAGES, Runner
+from flows.jobs import MAX_IMAGES, Runner, quiet_libraries
 from training.rewards import RewardName
 
 app = typer.Typer(
@@ -109,20 +109,12 @@ def _quiet_warnings() -> None:
 
 
 def _quiet_libraries() -> None:
-    """Keep diffusers' and transformers' chatter (log lines, load bars) off the terminal. Called once the
-    input is checked: importing them takes seconds, which bad input should not wait for."""
-    try:
-        from diffusers.utils import logging as diffusers_logging
-        from transformers.utils import logging as transformers_logging
-
-        diffusers_logging.set_verbosity_error()
-        diffusers_logging.disable_progress_bar()
-        transformers_logging.set_verbosity_error()
-        transformers_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover - both are hard dependencies
-        pass
+    """Keep diffusers' and transformers' chatter (log lines, load bars) off the terminal, and tracebacks off
+    Prefect's console. Called once the input is checked: importing them takes seconds, which bad input should
+    not wait for."""
     from flows.failures import console_without_tracebacks
 
+    quiet_libraries()
     console_without_tracebacks()
 
 
@@ -490,8 +482,11 @@ def run(
     json_output: JsonOption = False,
     runner: Annotated[
         Runner,
-        typer.Option(help="How the base models are trained: one after the other, or in parallel on Dask."),
-    ] = "sequential",
+        typer.Option(
+            help="How the base models are trained: one after the other, in parallel on Dask, or auto (in "
+            "parallel when two or more need training and the CPU has two or more idle cores)."
+        ),
+    ] = "auto",
 ) -> None:
     """The main job (Prefect flow `msdda-pipeline`): pretrain the reference, train and register a base model
     per objective, sweep every method over the weight grid, print the summary and the Pareto plot's path.

@@ -23,6 +23,7 @@ import os
 import sqlite3
 import sys
 import urllib.error
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -181,10 +182,14 @@ def train_task(
     torch_threads: int = 0,
     overrides: list[str] | None = None,
 ) -> dict:
-    from flows.jobs import train_job
+    from flows.jobs import quiet_libraries, train_job
 
+    if torch_threads > 0:  # a Dask worker: as quiet as the CLI's process
+        quiet_libraries()
     config, root = _context(config_path, home, overrides, torch_threads)
-    return {**train_job(config, root, objective, progress=torch_threads == 0), "pid": os.getpid()}
+    in_worker = torch_threads > 0
+    result = train_job(config, root, objective, progress=not in_worker, progress_lines=in_worker)
+    return {**result, "pid": os.getpid()}
 
 
 # ----------------------------------------------------------------------------------------------------- flows
@@ -298,7 +303,7 @@ def _fan_out(
 )
 def train_base_models(
     objectives: list[str] | None = None,
-    runner: Runner = "sequential",
+    runner: Runner = "auto",
     config_path: str | None = None,
     home: str | None = None,
     dask_address: str | None = None,
@@ -306,9 +311,14 @@ def train_base_models(
     overrides: list[str] | None = None,
 ) -> dict[str, dict]:
     """Train a base model per objective (default: the config's). ``runner="dask"`` fans out over a local Dask
-    cluster of ``dask_workers`` single-threaded workers, or over the scheduler at ``dask_address``."""
+    cluster of ``dask_workers`` single-threaded workers, or over the scheduler at ``dask_address``;
+    ``"auto"`` fans out over one worker per model still to train when the CPU has the idle cores for it
+    (:func:`flows.jobs.parallel_workers`), else trains one after the other."""
     config, root = _context(config_path, home, overrides)
     objectives = objectives or config.objective_names
+    torch_threads = 1
+    if runner == "auto":
+        runner, dask_workers, torch_threads = _auto_runner(config, root, objectives)
     if runner == "sequential":
         results = [
             train_task(objective, config_path, str(root), overrides=overrides) for objective in objectives
@@ -329,12 +339,69 @@ def train_base_models(
                 }
             )
         )
-        with dask.config.set(LOCAL_WORKER_ENVIRON):
+        with dask.config.set(LOCAL_WORKER_ENVIRON), _environment_kept(THREAD_VARIABLES), _cluster_quiet():
             results = _fan_out.with_options(task_runner=task_runner)(
-                objectives, config_path, str(root), 1, overrides
+                objectives, config_path, str(root), torch_threads, overrides
             )
     _publish_training(results, str(root))
     return {r["objective"]: r for r in results}
+
+
+def _auto_runner(config, root: Path, objectives: list[str]) -> tuple[Runner, int, int]:
+    """``(runner, workers, torch threads per worker)`` for ``runner="auto"``; said in one line if parallel."""
+    from flows.jobs import parallel_workers
+    from training.base_model import untrained
+    from training.device import free_cpus, resolve_device
+
+    pending = untrained(config, objectives, root)
+    idle = free_cpus()
+    workers = parallel_workers(len(pending), idle, resolve_device(config.runtime.device).type)
+    if not workers:
+        return "sequential", 0, 0
+    threads = idle // workers
+    print(
+        f"training {', '.join(pending)} in parallel: {workers} Dask worker processes with {threads} torch "
+        f"thread{'s' if threads > 1 else ''} each ({idle} idle CPUs; `--runner sequential` trains one after "
+        "the other)"
+    )
+    return "dask", workers, threads
+
+
+@contextmanager
+def _cluster_quiet():
+    """The local cluster's INFO lines (scheduler, nanny, connections: about 30 a run) off the terminal while
+    it runs; its warnings and errors stay."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in ("distributed", "prefect.task_runner.dask")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+"""Thread counts that Dask's nanny sets to 1 in this process's environment for its workers
+(``distributed.nanny.pre-spawn-environ``): kept from leaking into the stages after the fan-out, whose torch
+threads ``configure_threads`` reads from ``OMP_NUM_THREADS``."""
+
+
+@contextmanager
+def _environment_kept(names: tuple[str, ...]):
+    """Restore the environment variables ``names`` on exit to what they were on entry (set or unset)."""
+    before = {name: os.environ.get(name) for name in names}
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @flow(name="compose", log_prints=True, flow_run_name=_run_name("compose w={weights} {method}"))
@@ -405,7 +472,7 @@ def sweep(
 def pipeline(
     config_path: str | None = None,
     home: str | None = None,
-    runner: Runner = "sequential",
+    runner: Runner = "auto",
     overrides: list[str] | None = None,
 ) -> dict:
     """Pretrain (cached), train and register the base models (cached), then sweep (cached)."""

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from training.base_model import evaluation_problem, train_base_model
+from training.base_model import evaluation_problem, train_base_model, untrained
 from training.card import CARD_FILE, LORA_FILE, LORA_TARGETS, VARIANCE_FILE, BaseModelCard, load_base_model
 from training.models import content_hash
 
@@ -68,6 +68,17 @@ def test_second_call_reuses_the_model(trained, tiny_home):
     config, result = trained
     again = train_base_model(config, "ink_economy", tiny_home, progress=False)
     assert again.cached and again.path == result.path and again.reward_after == result.reward_after
+
+
+def test_untrained_lists_the_objectives_without_a_model(trained, tiny_home):
+    """What `--runner auto` counts: a trained model is found by its run key, so another setting lists it."""
+    config, _ = trained
+    assert "ink_economy" not in untrained(config, ["digit_alignment", "ink_economy"], tiny_home)
+    other = config.model_copy(update={"train": config.train.model_copy(update={"seed": 987})})
+    assert untrained(other, ["digit_alignment", "ink_economy"], tiny_home) == [
+        "digit_alignment",
+        "ink_economy",
+    ]
 
 
 def test_an_unwritable_model_folder_fails_before_training(trained, pretrained_home, monkeypatch):

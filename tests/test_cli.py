@@ -61,9 +61,9 @@ def test_run_is_the_whole_pipeline_and_is_cached(tmp_path, tiny_config_file, pre
         assert noise not in first.stderr, first.stderr[-3000:]
     names = _run_names(tmp_path / "prefect")
     assert names >= {
-        "msdda run (sequential)",
+        "msdda run (auto)",
         "pretrain reference",
-        "train base models: default (sequential)",
+        "train base models: default (auto)",
         "train digit_alignment",
         "train ink_economy",
         "sweep methods=default grid=default",

@@ -55,7 +55,7 @@ def test_help_lists_the_choices(fresh, capfd):
     code, out, _ = cli(["train", "--help"], capfd)
     assert code == 0 and f"<{'|'.join(REWARDS)}>" in out, out
     code, out, _ = cli(["run", "--help"], capfd)
-    assert code == 0 and "<sequential|dask>" in out
+    assert code == 0 and "<auto|sequential|dask>" in out
     for command in MODEL_COMMANDS:
         code, out, _ = cli([command, "--help"], capfd)
         assert code == 0 and "<auto|cpu|cuda>" in out and "--set" in out, (command, out)
@@ -120,7 +120,7 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has
         pytest.param(["compose", "-w", "0.5,0.5", "--device", "cuda"], "no CUDA device", marks=NO_CUDA),
         # pretrain, run, deploy
         (["pretrain", "--set", "pretrain.unet_steps=0"], "pretrain.unet_steps: Input should be greater"),
-        (["run", "--runner", "threads"], "'threads' is not one of 'sequential', 'dask'"),
+        (["run", "--runner", "threads"], "'threads' is not one of 'auto', 'sequential', 'dask'"),
         pytest.param(["run", "--device", "cuda"], "no CUDA device", marks=NO_CUDA),
         (["run", "--set", "runtime.device=cuda", "--device", "tpu"], "'tpu' is not one of"),
         (["deploy", "--cron", "61 * * * *"], "invalid cron schedule '61 * * * *'"),

@@ -32,6 +32,23 @@ def dask_home(tmp_path, tiny_home, tiny_reference):
     return home
 
 
+@pytest.mark.parametrize(
+    ("pending", "idle_cpus", "device", "workers"),
+    [
+        (2, 2, "cpu", 2),  # the default pair on 2 idle cores: one single-threaded worker each
+        (3, 2, "cpu", 2),  # no more workers than idle cores
+        (2, 8, "cpu", 2),  # no more workers than models (each gets 4 torch threads)
+        (1, 8, "cpu", 0),  # one model to train (the other cached): in-process, with every core
+        (2, 1, "cpu", 0),  # a busy machine: one after the other
+        (2, 8, "cuda", 0),  # one accelerator is shared, not split
+    ],
+)
+def test_auto_runner_fans_out_only_where_it_pays(pending, idle_cpus, device, workers):
+    from flows.jobs import parallel_workers
+
+    assert parallel_workers(pending, idle_cpus, device) == workers
+
+
 @pytest.mark.slow  # end to end, in the slow suite (the fast suite's 10-minute budget)
 def test_train_base_models_on_dask_two_workers(
     prefect_harness, dask_home, tmp_path, tiny_config_file, monkeypatch
@@ -41,7 +58,7 @@ def test_train_base_models_on_dask_two_workers(
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # before the cluster starts: its workers inherit it
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
     for name in ("MALLOC_TRIM_THRESHOLD_", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "PYTHONHASHSEED"):
         monkeypatch.delenv(name, raising=False)  # the nanny sets its spawn environment here too: undone after
 
@@ -55,7 +72,9 @@ def test_train_base_models_on_dask_two_workers(
     # What the nanny gave its workers it also set in this process: not Dask's MALLOC_TRIM_THRESHOLD_=65536,
     # under which glibc returns freed memory at once and training ran 1.6x slower (docs/operations.md).
     assert "MALLOC_TRIM_THRESHOLD_" not in os.environ
-    assert os.environ.get("MKL_NUM_THREADS") == "1"  # the nanny's spawn environment did reach here
+    # The nanny set its workers' thread counts (1) here too; the flow put them back, so the stages after the
+    # fan-out (the sweep) keep the caller's threads.
+    assert os.environ.get("OMP_NUM_THREADS") == "2" and "MKL_NUM_THREADS" not in os.environ
     for objective, result in results.items():
         assert result["cached"] is False and result["registered"]["name"] == f"msdda-{objective}"
         assert result["registered"]["version"] == 1 and result["mlflow_run_id"]

@@ -36,8 +36,8 @@ def _train_single_threaded(config, objective, home):
 
 @pytest.fixture(scope="module")
 def default_base_models(default_config, default_reference):
-    """Both default base models, trained at once in two processes of one torch thread each, as `msdda run
-    --runner dask` trains them: on 2 cores that takes less time than one after the other with two threads."""
+    """Both default base models, trained at once in two processes of one torch thread each, as `msdda run`
+    trains them on 2 idle cores: that takes less time than one after the other with two threads."""
     home, _ = default_reference
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=len(OBJECTIVES), mp_context=spawn) as pool:

@@ -111,6 +111,29 @@ def run_key(config: PipelineConfig, objective: str, reference_hash: str) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def model_folder(home: Path, objective: str, key: str) -> Path:
+    """Where the base model of ``objective`` with run key ``key`` (:func:`run_key`) is saved."""
+    return home / "base_models" / f"{objective}-{key}"
+
+
+def untrained(config: PipelineConfig, objectives: list[str], home: Path) -> list[str]:
+    """The ``objectives`` whose base model is not in ``home`` yet (for the embedded reference, which is built
+    first if it is not cached; a pretrained reference's objectives are all listed, its hash being the
+    checkpoint's whole content)."""
+    if config.model.source != "embedded":
+        return list(objectives)
+    from training.embedded import pretrain_reference
+
+    reference_hash = pretrain_reference(config, home).reference_hash
+    return [
+        objective
+        for objective in objectives
+        if not model_folder(
+            home, objective, run_key(config.for_objective(objective), objective, reference_hash)
+        ).exists()
+    ]
+
+
 def train_base_model(
     config: PipelineConfig,
     objective: str,
@@ -131,7 +154,7 @@ def train_base_model(
     trained_on = rescaled(reward, spec.scale)  # evaluation reports the raw reward
     pipe, reference_hash = reference_identity(config, home, progress)
     key = run_key(config, objective, reference_hash)
-    final = home / "base_models" / f"{objective}-{key}"
+    final = model_folder(home, objective, key)
     cached = _verified_cache(final)
     if cached is not None:
         return BaseModelResult(**{**cached.metrics, "path": final, "cached": True})
