@@ -43,11 +43,8 @@ def quiet_libraries() -> None:
 def parallel_workers(pending: int, idle_cpus: int, device: str) -> int:
     """How many Dask workers ``runner="auto"`` trains ``pending`` base models on: one per model up to the idle
     CPUs, or 0 (one after the other, in-process) when fewer than two models need training, fewer than two
-    CPUs are idle, or the device is not the CPU (one accelerator is shared, not split).
-
-    Two single-threaded processes on 2 cores trained the default pair in 13 minutes against 19.5 one after
-    the other with 2 threads (docs/getting-started.md): a small model's torch threads mostly wait for each
-    other, separate processes do not."""
+    CPUs are idle, or the device is not the CPU (one accelerator is shared, not split). On 2 cores the default
+    pair trains in 15.3 minutes so, against 19.5 one after the other (docs/getting-started.md)."""
     if device != "cpu" or pending < 2 or idle_cpus < 2:
         return 0
     return min(pending, idle_cpus)
