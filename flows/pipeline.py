@@ -184,10 +184,10 @@ def train_task(
 ) -> dict:
     from flows.jobs import quiet_libraries, train_job
 
-    if torch_threads > 0:  # a Dask worker: as quiet as the CLI's process
+    in_worker = torch_threads > 0  # a Dask worker's share of the cores
+    if in_worker:  # as quiet as the CLI's process
         quiet_libraries()
     config, root = _context(config_path, home, overrides, torch_threads)
-    in_worker = torch_threads > 0
     result = train_job(config, root, objective, progress=not in_worker, progress_lines=in_worker)
     return {**result, "pid": os.getpid()}
 
