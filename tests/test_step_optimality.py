@@ -10,15 +10,19 @@ ERR_KEYS = {"relative_drift_error", "cosine", "drift_ratio", "variance_ratio", "
 
 
 def quadratic_tiny_config(folder):
-    """The tiny config with configs/quadratic.yaml's objectives and train settings, as a file in
-    ``folder``."""
+    """The tiny config with configs/quadratic.yaml's objectives and train settings, but the tiny config's
+    iteration budget, as a file in ``folder``."""
     import yaml
 
     from tests.conftest import TINY_CONFIG
 
     quadratic = yaml.safe_load((ROOT / "configs" / "quadratic.yaml").read_text())
     config = {**TINY_CONFIG, "objectives": quadratic["objectives"]}
-    config["train"] = {**TINY_CONFIG["train"], **quadratic["train"]}
+    config["train"] = {
+        **TINY_CONFIG["train"],
+        **quadratic["train"],
+        "iterations": TINY_CONFIG["train"]["iterations"],
+    }
     path = folder / "quadratic-tiny.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
