@@ -57,10 +57,11 @@ from composition.methods import METHODS, Batch
 from composition.msdda import compose_gaussian
 from configs import load_config
 from configs.schema import LORA_TARGET_SETS
-from training.base_model import reference_identity, train_base_model
+from training.base_model import train_base_model
 from training.device import place_pipeline, resolve_device, resolve_dtype, resolve_runtime
-from training.kernel import GaussianStep
-from training.models import msdda_home
+from training.reference.loader import reference_pipeline
+from training.step.kernel import GaussianStep
+from training.storage import msdda_home
 
 
 def interleaved_medians(fns: dict, repeats: int, device: torch.device, warmup: int = 1) -> dict[str, float]:
@@ -215,7 +216,7 @@ def measure(config, home, base_dirs, batch_size: int, repeats: int, compiled: bo
     floor's UNets compiled (``composition.compile``)."""
     ensemble = load_ensemble(config, home, base_dirs)  # placed on runtime.device in runtime.dtype
     device, dtype = resolve_runtime(config.runtime)
-    plain_pipe = reference_identity(config, home, progress=False)[0]  # no adapters at all
+    plain_pipe = reference_pipeline(config, home, progress=False)[0]  # no adapters at all
     plain_unet = place_pipeline(plain_pipe, device, dtype).unet.eval()
     plain = compile_unet(plain_unet) if compiled else plain_unet
     unet, schedule = ensemble.pipe.unet.eval(), ensemble.schedule

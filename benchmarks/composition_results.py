@@ -35,7 +35,7 @@ from configs import load_config
 from configs.schema import ObjectiveSpec
 from flows.jobs import sweep_job
 from training.base_model import train_base_model
-from training.models import msdda_home
+from training.storage import msdda_home
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ORACLE_WEIGHTS = (0.25, 0.5, 0.75)

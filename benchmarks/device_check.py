@@ -55,7 +55,7 @@ def main() -> None:
     from configs import DEFAULT_CONFIG, load_config
     from training.base_model import train_base_model
     from training.device import DeviceError, resolve_runtime
-    from training.embedded import pretrain_reference
+    from training.reference.embedded import pretrain_reference
 
     config = load_config(DEFAULT_CONFIG.with_name("tiny.yaml"))
     config = config.model_copy(

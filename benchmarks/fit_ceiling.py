@@ -13,7 +13,7 @@ set and rank of ``--sets`` (default :data:`SETS`):
    it: loss ``mean |mu_theta - mu*|^2 / sigma_t^2`` over minibatches of ``--chains`` pool chains at
    ``--steps`` random steps each; AdamW (learning rate ``--lr``), gradients clipped at 1.0.
 4. Every ``--eval-every`` iterations, the held-out path-pooled relative drift error and cosine
-   (:func:`~training.step_optimum.path_errors`), over all steps and over all but the last two (whose drift
+   (:func:`~training.step.optimum.path_errors`), over all steps and over all but the last two (whose drift
    is tiny: a small absolute error there is a large share of the pooled figure).
 
 The JSON's ``fit_ceiling`` maps ``objective -> set -> {"rank", "params", "path_error", "path_cosine",
@@ -31,10 +31,10 @@ import torch
 from tqdm.auto import tqdm
 
 from configs.schema import LORA_TARGET_SETS
-from training.base_model import reference_identity
+from training.reference.loader import reference_pipeline
 from training.rewards import objective_reward
 from training.sd_problem import DiffusionStepProblem
-from training.step_optimum import drift_energies, exact_optimum, path_errors
+from training.step.optimum import drift_energies, exact_optimum, path_errors
 
 POOL_SEED = 20_261_205
 SETTINGS = ("pool", "held_out", "iterations", "chains", "steps", "lr")
@@ -137,7 +137,7 @@ def fit_ceiling(config, home, args) -> dict:
         pools = None
         report[objective] = {}
         for target_set, rank in args.sets:
-            pipe, _ = reference_identity(config, home, progress=False)
+            pipe, _ = reference_pipeline(config, home, progress=False)
             torch.manual_seed(POOL_SEED)
             problem = DiffusionStepProblem.from_config(
                 pipe, reward, config.for_objective(objective), lora_targets=target_set, lora_rank=rank

@@ -42,7 +42,7 @@ run() {  # name, limit seconds, command...: stdout to $OUT/name.out, stderr appe
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$OUT/summary.txt" 2>&1
 run environment 60 "$PY" -c "
 import torch, diffusers, peft, transformers, accelerate, pydantic
-import composition.batched, composition.engine, training.embedded, training.trainer
+import composition.batched, composition.engine, training.reference.embedded, training.trainer
 print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available(), torch.cuda.get_device_name())
 print('diffusers', diffusers.__version__, 'peft', peft.__version__, 'transformers', transformers.__version__,
       'accelerate', accelerate.__version__, 'pydantic', pydantic.__version__)

@@ -18,8 +18,8 @@ import torch
 
 from configs import load_config
 from training.base_model import default_prompts, evaluation_problem, train_base_model
-from training.models import msdda_home
 from training.rewards import load_reward
+from training.storage import msdda_home
 
 
 def main() -> None:

@@ -28,11 +28,12 @@ import torch
 from readme_section import write_section  # benchmarks/ is on sys.path when run as a script
 
 from configs import load_config
-from training.base_model import default_prompts, reference_identity
-from training.ddpo_baseline import run_ddpo
-from training.models import msdda_home
+from training.analysis.ddpo_baseline import run_ddpo
+from training.base_model import default_prompts
+from training.reference.loader import reference_pipeline
 from training.rewards import load_reward
 from training.sd_problem import DiffusionStepProblem
+from training.storage import msdda_home
 from training.trainer import train
 
 DDPO_ADAPTER = {"lora_rank": 4, "lora_targets": "attention"}
@@ -58,7 +59,7 @@ def evaluate_policy(problem, reward, index: torch.Tensor) -> dict:
 def step_level_curve(config, home, objective, iterations, eval_every, eval_samples, progress, beta=None):
     spec = config.objective(objective)
     reward = load_reward(objective, config, home, spec.options)
-    pipe, _ = reference_identity(config, home, progress)
+    pipe, _ = reference_pipeline(config, home, progress)
     prompts = config.train.prompts or default_prompts()
     problem = DiffusionStepProblem.from_config(pipe, reward, config, seed=0)
     index = torch.arange(eval_samples) % len(prompts)
@@ -158,7 +159,7 @@ def main() -> None:
         beta=args.beta,
     )
     beta = args.beta or config.objective(args.objective).beta or config.train.beta
-    reference_path = reference_identity(config, home, False)[0].name_or_path
+    reference_path = reference_pipeline(config, home, False)[0].name_or_path
     with tempfile.TemporaryDirectory() as out:
         ddpo = run_ddpo(
             config,

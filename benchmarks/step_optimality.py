@@ -11,7 +11,7 @@
 3. At each state, ``--actions`` reference actions in antithetic pairs, each scored by every objective's
    step reward exactly as the trainer scores it (``DiffusionStepProblem.clean_estimate``, decode, reward).
 4. The step-level optimum ``p_ref exp(r / beta)`` of each base model's reward, and of ``sum_i w_i r_i`` at
-   each weight, estimated from those actions (``training/step_optimum.py``: self-normalised,
+   each weight, estimated from those actions (``training/step/optimum.py``: self-normalised,
    noise-corrected with independent halves, bootstrap standard errors).
 5. The kernels compared with it: each base model; at each weight MSDDA's composed kernel, DB's kernel, the
    oracle model and RGG's guided step (also at each one-hot weight, against that objective's optimum). All of
@@ -55,11 +55,10 @@ from composition.msdda import compose_gaussian
 from configs import load_config
 from training.base_model import evaluation_problem, train_base_model
 from training.card import load_base_model
-from training.chain import run_chain
-from training.kernel import GaussianStep
-from training.models import atomic_file, msdda_home
 from training.rewards import combine_quadratics
-from training.step_optimum import (
+from training.step.chain import run_chain
+from training.step.kernel import GaussianStep
+from training.step.optimum import (
     FIELDS,
     PATH_FIELDS,
     StepOptimum,
@@ -71,6 +70,7 @@ from training.step_optimum import (
     optimum_summary,
     path_errors,
 )
+from training.storage import atomic_file, msdda_home
 from training.trainer import (
     linearised_proposal,
     step_reward_gradient,

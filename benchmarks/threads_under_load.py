@@ -7,8 +7,8 @@ Each measurement runs in a fresh process (OpenMP reads its settings when torch l
 processes spin (``while True: pass``) beside it. The stages, on the embedded default's shapes
 (``configs/default.yaml``):
 
-* ``autoencoder`` and ``denoiser``: ``--steps`` steps of ``training.embedded``'s pretraining loops, from
-  randomly initialised components (the speed of a step does not depend on the weights);
+* ``autoencoder`` and ``denoiser``: ``--steps`` steps of ``training.reference.embedded``'s pretraining
+  loops, from randomly initialised components (the speed of a step does not depend on the weights);
 * ``train``: the step-level trainer (``training.base_model.train_base_model``) for ``ink_economy`` on the same
   randomly initialised model, saved as a checkpoint folder and loaded as ``model.source: pretrained``.
 
@@ -71,9 +71,9 @@ def worker(setting: str, steps: int) -> dict:
     import torch
 
     from configs import load_config
-    from training import embedded
     from training.base_model import train_base_model
     from training.device import configure_threads
+    from training.reference import embedded
 
     if setting == "auto":
         configure_threads(0)
@@ -183,7 +183,7 @@ def main() -> None:
     if args.write_docs:
         from readme_section import write_section  # benchmarks/ is on sys.path when run as a script
 
-        from training.models import atomic_file
+        from training.storage import atomic_file
 
         with atomic_file(RESULTS) as tmp:
             tmp.write_text(json.dumps(summary, indent=1))

@@ -15,7 +15,7 @@ import json
 import time
 
 from configs import TrainConfig
-from training.toy import ToyProblem, evaluate_against_optimum
+from training.analysis.toy import ToyProblem, evaluate_against_optimum
 from training.trainer import train
 
 

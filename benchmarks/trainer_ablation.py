@@ -100,7 +100,7 @@ def ceiling_at(objective: str, target_set: str, rank: int, iterations: int) -> d
 
 def measure(args) -> dict:
     from configs import load_config
-    from training.models import msdda_home
+    from training.storage import msdda_home
 
     home = msdda_home()
     base = load_config(args.config)
@@ -197,7 +197,7 @@ def main() -> None:
     if args.write_docs:
         from readme_section import write_section  # benchmarks/ is on sys.path when run as a script
 
-        from training.models import atomic_file
+        from training.storage import atomic_file
 
         with atomic_file(RESULTS / "trainer_ablation.json") as tmp:
             tmp.write_text(json.dumps(report, indent=1))

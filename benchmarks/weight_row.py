@@ -24,9 +24,9 @@ from composition.evaluation import weight_row
 from composition.pipeline import MSDDAPipeline
 from configs import load_config
 from training.base_model import train_base_model
-from training.models import msdda_home
 from training.rewards import load_reward, mean_and_se
 from training.sd_problem import decode_latents
+from training.storage import msdda_home
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "img" / "weight-row.png"
 

@@ -31,8 +31,8 @@ from composition.methods import METHODS, Batch, Composer, Method, check_finite
 from configs.errors import MsddaError
 from configs.schema import CompositionConfig, PipelineConfig
 from training.card import LoadedBaseModel, check_adapted_modules, check_lineage, load_base_model
-from training.kernel import DDIMSchedule
 from training.sd_problem import decode_latents
+from training.step.kernel import DDIMSchedule
 
 
 class CompositionError(MsddaError, ValueError):
@@ -183,7 +183,7 @@ def check_reference_settings(models: list[LoadedBaseModel], config: PipelineConf
     reference's files, so a card that recorded another value names other files. Only what certainly differs
     is refused: a model trained elsewhere on the same settings passes, and its ``reference_hash`` is compared
     with the reference's once that is there."""
-    from training.models import pretrained_identity
+    from training.reference.checkpoint import pretrained_identity
 
     model = config.model
     if model.source == "pretrained" and not Path(model.pretrained).expanduser().exists():
@@ -209,7 +209,7 @@ def check_reference_settings(models: list[LoadedBaseModel], config: PipelineConf
 
 
 def _is_content_hash(value: str) -> bool:
-    """Whether ``value`` can be a :func:`training.models.content_hash` (a SHA-256 in hex)."""
+    """Whether ``value`` can be a :func:`training.storage.content_hash` (a SHA-256 in hex)."""
     return len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
@@ -237,8 +237,9 @@ def load_ensemble(
     pipeline then moves to ``config.runtime.device`` with its weights in ``config.runtime.dtype``. The images
     cycle through ``prompts`` (default: the config's evaluation prompts, ``train.prompts`` or the embedded
     default's)."""
-    from training.base_model import default_prompts, reference_identity
     from training.device import place_pipeline, resolve_runtime
+    from training.reference.digits import default_prompts
+    from training.reference.loader import reference_pipeline
     from training.rewards import load_reward
 
     device, dtype = resolve_runtime(config.runtime)  # a missing device fails here, before any loading
@@ -246,7 +247,7 @@ def load_ensemble(
     models = [load_base_model(Path(p)) for p in model_dirs]
     check_lineage(models)
     check_reference_settings(models, config)  # before the reference is loaded, or pretrained
-    pipe, reference_hash = reference_identity(config, home, progress)
+    pipe, reference_hash = reference_pipeline(config, home, progress)
     check_lineage(models, reference_hash)
     pipe.unet.requires_grad_(False)
     pipe.vae.requires_grad_(False)

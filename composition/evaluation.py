@@ -17,8 +17,8 @@ import torch
 from composition.engine import Ensemble, generate, score_generated
 from composition.methods import METHODS
 from configs.schema import CompositionConfig
-from training.models import atomic_file
 from training.rewards import mean_and_se
+from training.storage import atomic_file
 
 
 def simplex_grid(num_objectives: int, points_per_edge: int) -> list[list[float]]:

@@ -1,7 +1,7 @@
 """Composition methods: MSDDA and the baselines, each a small function over one shared chain runner.
 
 A method is either a **kernel function** ``(composer, weights, batch, x_t, step) -> GaussianStep`` that
-:func:`training.chain.run_chain` samples step by step (MSDDA, the epsilon blend, the rewarded soup), or a
+:func:`training.step.chain.run_chain` samples step by step (MSDDA, the epsilon blend, the rewarded soup), or a
 **search** ``(composer, weights, x_T, batch, generator, score) -> Chain`` around the runner (CoDe, RGG).
 :data:`METHODS` is the one registry: the CLI, the sweep and ``docs/adding-a-method.md`` read it.
 
@@ -15,8 +15,8 @@ code       reference; every B steps keep the best of N candidates under the scor
 rgg        reference, mean ``+ lambda * sigma_t^2 * grad_x score(x0_hat)``                1 forward + backward
 =========  =============================================================================  ===================
 
-Every UNet row goes through the composer's :class:`~training.policy.GuidedEpsilon`, which counts them: NFE is
-rows per image, a backward pass counting two.
+Every UNet row goes through the composer's :class:`~training.step.policy.GuidedEpsilon`, which counts them:
+NFE is rows per image, a backward pass counting two.
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ from composition.batched import (
 )
 from composition.msdda import SUM_TOLERANCE, compose_gaussian, composition_coefficients
 from training.card import LoraSpec
-from training.chain import Chain, run_chain
-from training.kernel import DDIMSchedule, GaussianStep
-from training.policy import GuidedEpsilon
+from training.step.chain import Chain, run_chain
+from training.step.kernel import DDIMSchedule, GaussianStep
+from training.step.policy import GuidedEpsilon
 
 Score = Callable[[torch.Tensor], torch.Tensor]
 """``score(x0_latents [M, ...]) -> [M]``: ``sum_i c_i R_i(decode(x0))`` with rows in candidate-major order."""
@@ -314,7 +314,7 @@ class Method:
 
     @classmethod
     def from_kernel(cls, name: str, label: str, kernel: KernelFunction, **kwargs) -> Method:
-        """A method whose every step is ``kernel``, run by :func:`training.chain.run_chain`."""
+        """A method whose every step is ``kernel``, run by :func:`training.step.chain.run_chain`."""
 
         def search(composer, weights, x_T, batch, generator, score=None) -> Chain:
             def finite_kernel(x: torch.Tensor, step: int) -> GaussianStep:

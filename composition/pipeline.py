@@ -190,16 +190,17 @@ class MSDDAPipeline(StableDiffusionPipeline):
         with diffusers' keywords (``torch_dtype``, ``local_files_only``, ``revision``, ``variant``, ...).
 
         Its identity, which base models' cards must name, is the content hash of a folder
-        (:func:`training.models.content_hash`), or ``<hub id>@<revision>`` for a hub id, as ``msdda train``
+        (:func:`training.storage.content_hash`), or ``<hub id>@<revision>`` for a hub id, as ``msdda train``
         records them. ``msdda_config`` (a config or its YAML path) and ``msdda_home`` are what rewards and
         registry specs are loaded with; by default, for a folder of the embedded model, the settings it was
         built with and the home it lies in (``<home>/reference/<key>``), else the default config with this
         checkpoint as its model and ``$MSDDA_HOME``. A missing or unreadable checkpoint is one line
-        (:class:`training.models.ModelLoadError`).
+        (:class:`training.storage.ModelLoadError`).
         """
-        from training.embedded import META_FILE
-        from training.models import ModelLoadError, check_checkpoint, content_hash
-        from training.models import msdda_home as default_home
+        from training.reference.checkpoint import check_checkpoint
+        from training.reference.embedded import META_FILE
+        from training.storage import ModelLoadError, content_hash
+        from training.storage import msdda_home as default_home
 
         reference_hash = kwargs.pop("_reference_hash", None)
         source = str(pretrained_model_name_or_path)
@@ -224,7 +225,9 @@ class MSDDAPipeline(StableDiffusionPipeline):
             if home is None and meta.is_file() and local.resolve().parent.name == "reference":
                 home = local.resolve().parent.parent
         else:
-            reference_hash = f"{source}@{kwargs.get('revision')}"  # as training.models.pretrained_identity
+            reference_hash = (
+                f"{source}@{kwargs.get('revision')}"  # as training.reference.checkpoint.pretrained_identity
+            )
         if config is None:
             model = {"source": "pretrained", "pretrained": source, "revision": kwargs.get("revision")}
             config = PipelineConfig(model=model)
@@ -249,7 +252,7 @@ class MSDDAPipeline(StableDiffusionPipeline):
         pipeline is placed on the config's ``runtime.device`` in its ``runtime.dtype``."""
         from configs.schema import load_config
         from training.device import resolve_runtime
-        from training.models import msdda_home
+        from training.storage import msdda_home
 
         config = _as_config(config) or load_config()
         home = Path(home).expanduser() if home else msdda_home()
@@ -262,7 +265,7 @@ class MSDDAPipeline(StableDiffusionPipeline):
                 config.model.pretrained, msdda_config=config, msdda_home=home, **kwargs
             )
         else:
-            from training.embedded import pretrain_reference
+            from training.reference.embedded import pretrain_reference
 
             reference = pretrain_reference(config, home, progress=progress)
             kwargs.setdefault("use_safetensors", True)
@@ -289,7 +292,7 @@ class MSDDAPipeline(StableDiffusionPipeline):
     def msdda_home(self) -> Path:
         """Where rewards' models are cached and registry specs are resolved."""
         if self._msdda.home is None:
-            from training.models import msdda_home
+            from training.storage import msdda_home
 
             self._msdda.home = msdda_home()
         return self._msdda.home
@@ -585,7 +588,7 @@ class MSDDAPipeline(StableDiffusionPipeline):
             )
         try:
             schedule_steps, schedule_eta = int(sampling["num_inference_steps"]), float(sampling["eta"])
-            from training.kernel import DDIMSchedule
+            from training.step.kernel import DDIMSchedule
 
             schedule = DDIMSchedule.from_scheduler(self.scheduler, schedule_steps, schedule_eta)
         except ValueError as exc:

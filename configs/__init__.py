@@ -1,8 +1,8 @@
 """YAML configs and their pydantic schema."""
 
+from configs.errors import ConfigError
 from configs.schema import (
     DEFAULT_CONFIG,
-    ConfigError,
     EmbeddedModelConfig,
     ModelConfig,
     PipelineConfig,

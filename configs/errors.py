@@ -12,6 +12,14 @@ class MsddaError(Exception):
     composition)."""
 
 
+class ConfigError(MsddaError, ValueError):
+    """A config file is missing, is not YAML, or does not match the schema."""
+
+
+TOO_DEEP = "nested too deeply to read (a config is a few levels of sections and lists)"
+"""The error for YAML nested deeper than Python's recursion limit lets it be read."""
+
+
 def first_line(exc: BaseException) -> str:
     """The first non-blank line of ``exc``'s message, or its type's name when it has none."""
     for line in str(exc).splitlines():

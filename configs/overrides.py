@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from configs.schema import TOO_DEEP, ConfigError
+from configs.errors import TOO_DEEP, ConfigError
 
 
 class OverrideError(ConfigError):

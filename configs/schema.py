@@ -14,21 +14,16 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from configs.errors import MsddaError
+from configs.errors import TOO_DEEP, ConfigError
+from configs.overrides import apply_overrides, source_of
 
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
-TOO_DEEP = "nested too deeply to read (a config is a few levels of sections and lists)"
-"""The error for YAML nested deeper than Python's recursion limit lets it be read."""
 MAX_PROMPT_CHARS = 2000
 """The longest prompt taken (config, ``--prompt``, ``--prompts-file``), checked before any model loads. The
 text encoders read at most 77 tokens (CLIP; the embedded model: ``max_prompt_tokens``) and truncate the rest;
 a far longer prompt only costs time and breaks the image grid's captions (PIL: "too many characters")."""
 
 Prompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
-
-
-class ConfigError(MsddaError, ValueError):
-    """A config file is missing, is not YAML, or does not match the schema."""
 
 
 _ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
@@ -198,8 +193,8 @@ class TrainConfig(_Strict):
     eval_every: Annotated[int, Field(ge=0)] = 20
     """Iterations between held-out kernel checks (and after the last one); 0: none. Each check measures the
     policy's path error and cosine against the step optimum at ``kernel_check_chains`` fixed reference chains
-    (training/kernel_check.py). They are logged (``kernel_error``, ``kernel_cosine``), and the weights saved
-    are those of the checked iteration with the lowest error."""
+    (``training.step.kernel_check``). They are logged (``kernel_error``, ``kernel_cosine``), and the weights
+    saved are those of the checked iteration with the lowest error."""
     kernel_check_chains: Annotated[int, Field(ge=1)] = 8
     kernel_check_actions: Annotated[int, Field(ge=4, multiple_of=4)] = 64
     """Reference actions per held-out state for a Monte-Carlo optimum (an exact one needs none): in
@@ -390,8 +385,6 @@ def parse_config(data: object, source: str = "<config>", overrides: Sequence[str
     """Validate a mapping with ``overrides`` (``section.field=value``, :mod:`configs.overrides`) applied on
     top; raise :class:`ConfigError` naming the first bad field and where it was set: ``source``, or the
     ``--set`` that set it."""
-    from configs.overrides import apply_overrides, source_of
-
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -155,8 +155,9 @@ def pretrain(
 ) -> None:
     """Build the embedded reference model (cached under $MSDDA_HOME) and report its quality; with
     `model.source: pretrained`, only load the checkpoint (nothing is trained) and report its content hash."""
-    from training.embedded import pretrain_reference, result_dict
-    from training.models import load_pretrained_reference, msdda_home
+    from training.reference.embedded import pretrain_reference, result_dict
+    from training.reference.loader import load_pretrained_reference
+    from training.storage import msdda_home
 
     cfg, _ = _config(config, overrides, device)
     start = time.perf_counter()
@@ -203,7 +204,7 @@ def train(
 ) -> None:
     """Train one single-objective LoRA base model with the step-level trainer, log and register it."""
     from flows.jobs import train_job
-    from training.models import msdda_home
+    from training.storage import msdda_home
 
     cfg, _ = _config(config, overrides, device)
     result = train_job(
@@ -303,7 +304,7 @@ def compose(
 ) -> None:
     """Compose registered base models at denoising time for one weight vector; save and score the images."""
     from flows.jobs import compose_job, read_prompts
-    from training.models import msdda_home
+    from training.storage import msdda_home
 
     prompts = [*(prompt or []), *(read_prompts(prompts_file) if prompts_file else [])] or None
     cfg, _ = _config(config, overrides, device)
@@ -357,7 +358,7 @@ def sweep(
 ) -> None:
     """Every method over a weight grid: rewards, NFE, Pareto fronts, hypervolume, plots (logged to MLflow)."""
     from flows.jobs import sweep_job
-    from training.models import msdda_home
+    from training.storage import msdda_home
 
     cfg, _ = _config(config, overrides, device)
     result = sweep_job(
@@ -442,7 +443,7 @@ def models(json_output: JsonOption = False) -> None:
     """List the registered base models: name, version, aliases, objective, reward, kernel error, beta,
     reference hash, and why each did or did not take ``champion``."""
     from flows.registry import list_models
-    from training.models import msdda_home
+    from training.storage import msdda_home
 
     rows = list_models(msdda_home())
     if json_output:
@@ -497,8 +498,10 @@ def run(
     from flows.pipeline import pipeline
     from flows.prefect_api import ensure_api
     from flows.registry import check_reachable
-    from training.models import check_checkpoint, load_reference_pipeline, msdda_home
+    from training.reference.checkpoint import check_checkpoint
+    from training.reference.loader import load_reference_pipeline
     from training.rewards import load_reward
+    from training.storage import msdda_home
 
     cfg, overrides = _config(config, overrides, device)
     home = msdda_home()
@@ -563,7 +566,7 @@ def deploy(
     `train-base-models/scheduled-training` on a cron schedule and `compose/on-demand`. Without --pool, serve
     them here until Ctrl-C."""
     from flows.deploy import check_cron, deploy_to_pool, serve_deployments
-    from training.models import msdda_home
+    from training.storage import msdda_home
 
     home = msdda_home()
     check_cron(cron)
@@ -610,7 +613,7 @@ def ui(
     """The MLflow UI (runs, metrics, plots, the model registry) on the configured store, until Ctrl-C; and how
     to open the Prefect UI."""
     from flows.ui import serve_ui
-    from training.models import msdda_home
+    from training.storage import msdda_home
 
     def ready(info) -> None:
         if json_output:

@@ -89,7 +89,7 @@ def check_cron(cron: str) -> str:
 def _parameters(
     config_path: str | Path | None, home: str | Path | None, overrides: list[str] | None = None
 ) -> dict[str, Any]:
-    from training.models import msdda_home
+    from training.storage import msdda_home
 
     return {
         "config_path": str(Path(config_path).expanduser().resolve()) if config_path else None,

@@ -144,7 +144,7 @@ def describe_operational(exc: BaseException) -> str | None:
 
 def log_folder() -> Path:
     """``$MSDDA_HOME/logs`` when it can be written, else the system's temporary folder."""
-    from training.models import msdda_home
+    from training.storage import msdda_home
 
     try:
         folder = msdda_home() / "logs"

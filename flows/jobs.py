@@ -63,7 +63,7 @@ def _check_runtime(config: PipelineConfig) -> None:
 
     resolve_runtime(config.runtime)
     if config.model.source == "pretrained":
-        from training.models import check_checkpoint
+        from training.reference.checkpoint import check_checkpoint
 
         check_checkpoint(config.model.pretrained)
 
@@ -420,7 +420,7 @@ def sweep_key(
     config: PipelineConfig, folders: list[Path], methods: list[str], grid: int, num_images: int
 ) -> str:
     """Cache key of a sweep: the base models' content and every setting that changes its numbers."""
-    from training.models import content_hash
+    from training.storage import content_hash
 
     composition = config.composition.model_dump(mode="json")
     if composition["beta"] is None:  # unset target beta: the keys of sweeps made before the setting existed
@@ -455,7 +455,7 @@ def sweep_job(
     from composition.engine import get_method, load_ensemble
     from composition.evaluation import image_grid, plot_fronts, sweep, sweep_grid
     from composition.methods import METHODS
-    from training.models import staged_directory
+    from training.storage import staged_directory
 
     options = config.composition
     methods = [get_method(m).name for m in (methods or options.methods or METHODS)]

@@ -44,7 +44,7 @@ def _context(
     ``torch_threads`` when positive (a Dask worker's share), else the config's ``runtime.num_threads``."""
     from configs import load_config
     from training.device import configure_threads
-    from training.models import msdda_home
+    from training.storage import msdda_home
 
     config = load_config(config_path, overrides or ())
     configure_threads(torch_threads or config.runtime.num_threads)
@@ -158,11 +158,11 @@ def _transient(task, task_run, state) -> bool:
 def pretrain_task(
     config_path: str | None = None, home: str | None = None, overrides: list[str] | None = None
 ) -> dict:
-    from training.embedded import pretrain_reference, result_dict
+    from training.reference.embedded import pretrain_reference, result_dict
 
     config, root = _context(config_path, home, overrides)
     if config.model.source != "embedded":
-        from training.models import load_pretrained_reference
+        from training.reference.loader import load_pretrained_reference
 
         return load_pretrained_reference(config)
     return result_dict(pretrain_reference(config, root, progress=True))
@@ -260,7 +260,7 @@ def _publish_version_links(results: list[dict], home: str | None) -> None:
 
     from flows.tracking import is_remote, tracking_uri
     from flows.ui import model_version_url
-    from training.models import msdda_home
+    from training.storage import msdda_home
 
     uri = tracking_uri(Path(home) if home else msdda_home())
     registered = [r["registered"] for r in results if r.get("registered")]

@@ -216,7 +216,7 @@ def _git_sha() -> str:
 
 
 def _content_hash(folder: Path) -> str:
-    from training.models import content_hash
+    from training.storage import content_hash
 
     return content_hash(folder)
 
@@ -237,7 +237,7 @@ def champion_verdict(card: BaseModelCard, min_rise_se: float) -> tuple[bool, str
     """Whether a base model earns ``champion`` by its card, and why.
 
     Two checks: the held-out reward rose by more than ``min_rise_se`` paired SE; and, when training ran the
-    held-out kernel check (``train.eval_every``, :mod:`training.kernel_check`), its path error is at most
+    held-out kernel check (``train.eval_every``, :mod:`training.step.kernel_check`), its path error is at most
     ``train.max_kernel_error``. A check that was configured but could not run fails the second; a model
     trained without it is judged by the reward alone (and its verdict says so)."""
     metrics = card.metrics

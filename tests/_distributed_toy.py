@@ -12,7 +12,7 @@ import torch
 from accelerate import PartialState
 
 from configs import TrainConfig
-from training.toy import ToyProblem
+from training.analysis.toy import ToyProblem
 from training.trainer import train
 
 

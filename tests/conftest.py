@@ -78,7 +78,7 @@ def tiny_home(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_reference(tiny_config, tiny_home):
     """The very small embedded reference, pretrained once per session."""
-    from training.embedded import pretrain_reference
+    from training.reference.embedded import pretrain_reference
 
     return pretrain_reference(tiny_config, tiny_home, progress=False)
 
@@ -133,7 +133,7 @@ def tiny_base_models(tiny_config, tiny_home, tiny_reference):
 
     from training.base_model import evaluation_problem
     from training.card import LORA_TARGETS, BaseModelCard, LoraSpec, RewardSpec, save_base_model
-    from training.models import content_hash
+    from training.storage import content_hash
 
     problem = evaluation_problem(tiny_config, tiny_home, None)
     keys = {k: v.shape for k, v in get_peft_model_state_dict(problem.unet, adapter_name="default").items()}
@@ -177,7 +177,7 @@ def unet_with_two_adapters(tiny_reference):
 
     from composition.batched import load_adapter
     from training.card import LORA_TARGETS, LoraSpec
-    from training.embedded import load_embedded_pipeline
+    from training.reference.embedded import load_embedded_pipeline
 
     unet = load_embedded_pipeline(tiny_reference.path).unet
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=LORA_TARGETS), adapter_name="probe")

@@ -7,7 +7,7 @@ import torch
 
 from training.base_model import evaluation_problem, train_base_model, untrained
 from training.card import CARD_FILE, LORA_FILE, LORA_TARGETS, VARIANCE_FILE, BaseModelCard, load_base_model
-from training.models import content_hash
+from training.storage import content_hash
 
 TINY_TRAIN = {
     "iterations": 2,
@@ -84,7 +84,7 @@ def test_untrained_lists_the_objectives_without_a_model(trained, tiny_home):
 def test_an_unwritable_model_folder_fails_before_training(trained, pretrained_home, monkeypatch):
     """It used to train in full and only then fail to save (a read-only home with a cached reference)."""
     import training.base_model
-    from training.models import HomeError
+    from training.storage import HomeError
 
     config, _ = trained
     (pretrained_home / "base_models").write_text("a file where the models folder belongs")

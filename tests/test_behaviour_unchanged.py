@@ -96,7 +96,7 @@ def test_base_model_training_unchanged(golden, tiny_config, tiny_home, tiny_refe
 
 def test_toy_training_unchanged(golden):
     from configs.schema import TrainConfig
-    from training.toy import ToyProblem
+    from training.analysis.toy import ToyProblem
     from training.trainer import train
 
     tensors, scalars = golden

@@ -340,7 +340,7 @@ def test_diffusers_load_lora_weights_applies_the_saved_adapter(tiny_reference, t
     the attention projections and for a set that adapts the convolutions too."""
     from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 
-    from training.embedded import load_embedded_pipeline
+    from training.reference.embedded import load_embedded_pipeline
 
     ours = load_embedded_pipeline(tiny_reference.path)
     spec = LoraSpec.resolve(

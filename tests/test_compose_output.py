@@ -200,7 +200,7 @@ import sys
 from pathlib import Path
 from configs import load_config
 from flows.jobs import compose_job
-from training.models import msdda_home
+from training.storage import msdda_home
 config, out, *models = sys.argv[1:]
 options = {"num_images": 2, "out_dir": Path(out), "mlflow": False}
 compose_job(load_config(config), msdda_home(), "0.5,0.5", models, **options)

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from training import ddpo_baseline
-from training.ddpo_baseline import run_ddpo
+from training.analysis import ddpo_baseline
+from training.analysis.ddpo_baseline import run_ddpo
 from training.rewards import Reward, load_reward
 
 pytest.importorskip("trl")

@@ -24,8 +24,8 @@ def test_auto_and_cpu_resolve_to_the_cpu_without_cuda():
 @no_cuda
 def test_cuda_without_cuda_fails_in_one_line_at_every_stage_entry(tiny_config, tmp_path):
     from flows.jobs import compose_job, sweep_job, train_job
-    from training.embedded import pretrain_reference
-    from training.models import load_reference_pipeline
+    from training.reference.embedded import pretrain_reference
+    from training.reference.loader import load_reference_pipeline
 
     config = with_runtime(tiny_config, device="cuda")
     home = tmp_path / "home"
@@ -78,7 +78,7 @@ def test_composition_runs_on_the_resolved_device(tiny_config, tiny_home, tiny_ba
 
 
 def test_trainer_accelerator_follows_the_device(tiny_config):
-    from training.toy import ToyProblem
+    from training.analysis.toy import ToyProblem
     from training.trainer import setup_run
 
     config = tiny_config.train.model_copy(update={"iterations": 1, "checkpoint_every": 0})
@@ -101,7 +101,7 @@ def test_place_pipeline_moves_every_weight_and_buffer(tiny_reference):
     from peft import LoraConfig
 
     from training.card import LORA_TARGETS
-    from training.embedded import load_embedded_pipeline
+    from training.reference.embedded import load_embedded_pipeline
 
     pipe = load_embedded_pipeline(tiny_reference.path)
     pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=LORA_TARGETS), adapter_name="a")
@@ -144,7 +144,7 @@ def test_reduced_precision_reference_samples_fp32_images(tiny_config, tiny_home,
 
 
 def test_guided_epsilon_runs_the_unet_in_its_dtype(unet_with_two_adapters):
-    from training.policy import GuidedEpsilon
+    from training.step.policy import GuidedEpsilon
 
     unet = copy.deepcopy(unet_with_two_adapters).to(torch.bfloat16)
     x = torch.randn(2, 4, 8, 8)

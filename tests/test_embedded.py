@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from training.embedded import pretrain_reference, reference_key
-from training.models import content_hash
+from training.reference.embedded import pretrain_reference, reference_key
+from training.storage import content_hash
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_changed_sampling_re_measures_alignment_in_place(tiny_config, tiny_home,
     """A cached model evaluated under other sampling settings gets its metadata rewritten (atomically)."""
     import shutil
 
-    from training.embedded import META_FILE
+    from training.reference.embedded import META_FILE
 
     home = tmp_path / "copied_home"
     shutil.copytree(tiny_home, home)
@@ -103,7 +103,7 @@ def test_cache_key_tracks_the_recipe(tiny_config):
 
 
 def _test_split(config):
-    from training.digits import train_test_split
+    from training.reference.digits import train_test_split
 
     return train_test_split(config.model.embedded.image_size, config.pretrain.test_fraction, seed=0)
 
@@ -117,8 +117,8 @@ def test_metadata_reports_quality(tiny_config, tiny_home, tiny_reference):
     there is no bound on it here; the default model's bar (>= 0.80) is checked in test_end_to_end.py (slow),
     and the measurement itself below, on real digits.
     """
-    from training.classifier import accuracy
-    from training.embedded import digit_classifier
+    from training.reference.classifier import accuracy
+    from training.reference.embedded import digit_classifier
 
     assert tiny_reference.classifier_test_accuracy >= 0.35
     classifier, report = digit_classifier(tiny_config, tiny_home, progress=False)
@@ -134,7 +134,7 @@ class _DigitsPipe:
     digit, the prompted one shifted by ``shift``."""
 
     def __init__(self, test, shift: int):
-        from training.digits import DIGIT_WORDS
+        from training.reference.digits import DIGIT_WORDS
 
         self.test, self.shift, self.words = test, shift, DIGIT_WORDS
         config = type("Config", (), {"sample_size": test.images.shape[-1] // 2})
@@ -158,7 +158,7 @@ class _DigitsPipe:
 def test_alignment_counts_samples_that_show_the_prompted_digit(tiny_config, tiny_home, tiny_reference):
     """``alignment_accuracy`` on real digits: as good as the classifier when each image is the prompted digit,
     near zero when every image is another digit."""
-    from training.embedded import alignment_accuracy, digit_classifier
+    from training.reference.embedded import alignment_accuracy, digit_classifier
 
     classifier, _ = digit_classifier(tiny_config, tiny_home, progress=False)
     _, test = _test_split(tiny_config)

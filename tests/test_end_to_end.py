@@ -20,7 +20,7 @@ def default_config():
 @pytest.fixture(scope="module")
 def default_reference(default_config, tmp_path_factory):
     """The embedded default, pretrained into a fresh home: ``(home, PretrainResult)``."""
-    from training.embedded import pretrain_reference
+    from training.reference.embedded import pretrain_reference
 
     home = tmp_path_factory.mktemp("default_home")
     return home, pretrain_reference(default_config, home, progress=False)

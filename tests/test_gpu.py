@@ -36,7 +36,7 @@ def _on(config, device: str, dtype: str = "fp32"):
 
 
 def test_pretraining_runs_on_cuda(tiny_config, tmp_path):
-    from training.embedded import load_embedded_pipeline, pretrain_reference
+    from training.reference.embedded import load_embedded_pipeline, pretrain_reference
 
     config = _on(tiny_config, "cuda")
     pretrain = config.pretrain.model_copy(update={"vae_steps": 3, "unet_steps": 3, "classifier_steps": 3})

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from training.card import CARD_FILE, LORA_FILE, VARIANCE_FILE, CardError, load_base_model
-from training.models import ModelLoadError, content_hash
+from training.storage import ModelLoadError, content_hash
 
 
 def _truncate(path: Path) -> None:
@@ -261,7 +261,7 @@ REFERENCE_DAMAGE = {
 
 @pytest.mark.parametrize("case", REFERENCE_DAMAGE)
 def test_a_damaged_reference_cache_is_not_trusted(tiny_reference, tmp_path, case):
-    from training.embedded import CacheError, check_reference_cache
+    from training.reference.embedded import CacheError, check_reference_cache
 
     folder = shutil.copytree(tiny_reference.path, tmp_path / "reference")
     assert check_reference_cache(folder) == tiny_reference.reference_hash
@@ -310,7 +310,7 @@ def test_a_damaged_reference_is_rebuilt_with_the_thread_count_it_records(
 ):
     """What the rebuild runs with (the build itself replaced): the recorded count, or, when the metadata
     cannot say, this process's count and a warning that base models on the old reference need retraining."""
-    from training import embedded
+    from training.reference import embedded
 
     home = tmp_path / "home"
     folder = shutil.copytree(tiny_reference.path, home / "reference" / tiny_reference.path.name)
@@ -336,7 +336,7 @@ def test_a_damaged_reference_is_rebuilt_with_the_thread_count_it_records(
 
 
 def test_the_recorded_thread_count_is_read_only_when_sound(tiny_reference, tmp_path):
-    from training.embedded import _recorded_threads
+    from training.reference.embedded import _recorded_threads
 
     folder = shutil.copytree(tiny_reference.path, tmp_path / "reference")
     recorded = json.loads((folder / "msdda_reference.json").read_text())["torch_threads"]
@@ -378,7 +378,7 @@ CLASSIFIER_DAMAGE = {
 
 @pytest.mark.parametrize("case", CLASSIFIER_DAMAGE)
 def test_a_damaged_evaluator_cnn_cache_is_not_trusted(tiny_home, tiny_reference, tmp_path, case):
-    from training.embedded import CacheError, check_classifier_cache
+    from training.reference.embedded import CacheError, check_classifier_cache
 
     (cached,) = (tiny_home / "classifiers").iterdir()
     folder = shutil.copytree(cached, tmp_path / "classifier")
@@ -392,7 +392,7 @@ def test_a_damaged_evaluator_cnn_cache_is_not_trusted(tiny_home, tiny_reference,
 
 def test_a_damaged_evaluator_cnn_is_retrained(tiny_config, pretrained_home, capfd):
     """The `digit_alignment` reward's weights: a truncated cache used to crash loading it."""
-    from training.embedded import digit_classifier
+    from training.reference.embedded import digit_classifier
     from training.rewards import load_reward
 
     (folder,) = (pretrained_home / "classifiers").iterdir()
@@ -408,8 +408,8 @@ def test_a_damaged_evaluator_cnn_is_retrained(tiny_config, pretrained_home, capf
 
 
 def test_unreadable_pipeline_and_classifier_are_one_line(tiny_reference, tiny_home, tmp_path):
-    from training.classifier import load_classifier
-    from training.embedded import load_embedded_pipeline
+    from training.reference.classifier import load_classifier
+    from training.reference.embedded import load_embedded_pipeline
 
     reference = shutil.copytree(tiny_reference.path, tmp_path / "reference")
     (reference / "unet" / "diffusion_pytorch_model.safetensors").unlink()
@@ -468,7 +468,7 @@ CHECKPOINT_DAMAGE = {
 
 
 def _toy():
-    from training.toy import ToyProblem
+    from training.analysis.toy import ToyProblem
 
     torch.manual_seed(0)
     return ToyProblem(num_inference_steps=5)

@@ -4,10 +4,10 @@ UNet and MLP models alike."""
 import pytest
 import torch
 
-from training.chain import run_chain
-from training.kernel import DDIMSchedule, GaussianStep, LogVarianceOffset, gaussian_kl, gaussian_log_prob
-from training.policy import GaussianStepPolicy
-from training.toy import MixtureEpsilon, make_scheduler
+from training.analysis.toy import MixtureEpsilon, make_scheduler
+from training.step.chain import run_chain
+from training.step.kernel import DDIMSchedule, GaussianStep, LogVarianceOffset, gaussian_kl, gaussian_log_prob
+from training.step.policy import GaussianStepPolicy
 
 
 @pytest.mark.parametrize("eta", [0.5, 1.0])
@@ -72,9 +72,9 @@ def test_eta_zero_is_rejected():
 
 
 def test_unet_policy_with_classifier_free_guidance(tiny_reference):
-    from training.embedded import load_embedded_pipeline
-    from training.policy import GuidedEpsilon
+    from training.reference.embedded import load_embedded_pipeline
     from training.sd_problem import encode_prompts
+    from training.step.policy import GuidedEpsilon
 
     pipe = load_embedded_pipeline(tiny_reference.path)
     schedule = DDIMSchedule.from_scheduler(pipe.scheduler, 4, 1.0)

@@ -1,4 +1,4 @@
-"""The held-out kernel check watched while training (training/kernel_check.py), on the analytic toy."""
+"""The held-out kernel check watched while training (training/step/kernel_check.py), on the analytic toy."""
 
 import math
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from configs import TrainConfig
-from training.kernel_check import CHECK_SEED_OFFSET, KernelCheck
-from training.toy import ToyProblem
+from training.analysis.toy import ToyProblem
+from training.step.kernel_check import CHECK_SEED_OFFSET, KernelCheck
 from training.trainer import train
 
 FAST = {"beta": 1.0, "batch_size": 128, "states_per_trajectory": 10, "num_actions": 32, "learning_rate": 3e-3}

@@ -11,7 +11,7 @@ from training.card import LORA_TARGETS, LoraSpec, LoraTargetError, check_adapted
 
 @pytest.fixture(scope="module")
 def unet(tiny_reference):
-    from training.embedded import load_embedded_pipeline
+    from training.reference.embedded import load_embedded_pipeline
 
     return load_embedded_pipeline(tiny_reference.path).unet
 

@@ -10,9 +10,9 @@ import torch
 
 from composition.methods import METHODS, Batch, Composer
 from configs.schema import CompositionConfig
-from training.chain import run_chain
-from training.kernel import DDIMSchedule, ddim_mean, ddim_x0
-from training.toy import make_scheduler
+from training.analysis.toy import make_scheduler
+from training.step.chain import run_chain
+from training.step.kernel import DDIMSchedule, ddim_mean, ddim_x0
 
 LOG_VARIANCE = {"alpha": torch.full((4, 1), -0.4), "beta": torch.full((4, 1), 0.3)}
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_registry import _template_db, fake_base_model  # noqa: F401 - _template_db is a fixture
-from training.models import msdda_home
+from training.storage import msdda_home
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -5,14 +5,9 @@ import shutil
 import pytest
 
 from configs import parse_config
-from training.models import (
-    ModelLoadError,
-    atomic_file,
-    content_hash,
-    load_pretrained_pipeline,
-    load_reference_pipeline,
-    staged_directory,
-)
+from training.reference.checkpoint import load_pretrained_pipeline
+from training.reference.loader import load_reference_pipeline
+from training.storage import ModelLoadError, atomic_file, content_hash, staged_directory
 
 
 def test_local_checkpoint_loads(tiny_reference):
@@ -54,7 +49,7 @@ def test_hub_id_offline_without_cache_is_one_line(monkeypatch, tmp_path):
 def test_content_hash_changes_with_weights_and_configs(tiny_reference, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from training.embedded import META_FILE
+    from training.reference.embedded import META_FILE
 
     copy = tmp_path / "copy"
     shutil.copytree(tiny_reference.path, copy)

@@ -50,7 +50,7 @@ def test_pretrained_folder_pretrain_train_compose(tmp_path, sd_folder):
 
     from flows.registry import list_models
     from training.card import LORA_FILE, BaseModelCard
-    from training.models import content_hash
+    from training.storage import content_hash
 
     # a plain diffusers folder: the stock loader takes it
     pipe = StableDiffusionPipeline.from_pretrained(sd_folder, safety_checker=None)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from training.models import HomeError
+from training.storage import HomeError
 
 UNWRITABLE_HOME = Path("/proc/self/msdda_home")  # cannot be created, not even by root
 linux_only = pytest.mark.skipif(sys.platform != "linux", reason="needs /proc")
@@ -30,7 +30,7 @@ def _cli(args: list[str], capfd) -> tuple[int, str, str]:
 @pytest.mark.parametrize("build", ["reference", "evaluator CNN"])
 def test_an_unwritable_home_fails_before_any_training(tiny_config, monkeypatch, build):
     """It used to train the evaluator CNN (minutes for the default config) and then fail to save it."""
-    from training import embedded
+    from training.reference import embedded
 
     monkeypatch.setattr(embedded, "train_classifier", _no_training)
     monkeypatch.setattr(embedded, "train_vae", _no_training)
@@ -46,7 +46,7 @@ def test_an_unwritable_home_fails_before_any_training(tiny_config, monkeypatch, 
 
 @linux_only
 def test_pretrain_into_an_unwritable_home_is_one_line(tiny_config_file, capfd, monkeypatch):
-    from training import embedded
+    from training.reference import embedded
 
     monkeypatch.setattr(embedded, "train_classifier", _no_training)
     monkeypatch.setenv("MSDDA_HOME", str(UNWRITABLE_HOME))
@@ -92,7 +92,7 @@ def test_models_of_another_embedded_architecture_are_refused_before_pretraining(
 ):
     """It used to pretrain the default reference (minutes) and then fail the lineage check."""
     from composition.engine import CompositionError, load_ensemble
-    from training import embedded
+    from training.reference import embedded
 
     monkeypatch.setattr(embedded, "train_classifier", _no_training)
     monkeypatch.setattr(embedded, "train_vae", _no_training)
@@ -108,7 +108,7 @@ def test_models_of_another_embedded_architecture_are_refused_before_pretraining(
 def test_compose_with_models_of_another_reference_is_one_line_before_pretraining(
     tiny_config, tiny_base_models, tmp_path, capfd, monkeypatch
 ):
-    from training import embedded
+    from training.reference import embedded
 
     monkeypatch.setattr(embedded, "train_classifier", _no_training)
     folders = _trained_on(tiny_base_models, tmp_path, tiny_config.model.model_dump(mode="json"))

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from training.kernel import GaussianStep, tilted_gaussian
 from training.rewards import LatentQuadratic, combine_quadratics, load_reward
-from training.step_optimum import estimate_optimum, exact_optimum, kernel_errors
+from training.step.kernel import GaussianStep, tilted_gaussian
+from training.step.optimum import estimate_optimum, exact_optimum, kernel_errors
 from training.trainer import linearised_proposal, step_reward_curvature, target_weights
 
 
@@ -68,7 +68,7 @@ def test_latent_rewards_peak_at_their_centres(tiny_config, tiny_reference, tiny_
 
 
 def _problem(config, home, reward):
-    from training.models import load_reference_pipeline
+    from training.reference.loader import load_reference_pipeline
     from training.sd_problem import DiffusionStepProblem
 
     return DiffusionStepProblem.from_config(

@@ -38,7 +38,7 @@ from training.card import (
     load_base_model,
     save_base_model,
 )
-from training.models import msdda_home
+from training.storage import msdda_home
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEDULER = {
@@ -329,7 +329,7 @@ def test_concurrent_registration_loses_nothing(tmp_path, monkeypatch):
         _, err = proc.communicate(timeout=240)
         assert proc.returncode == 0, err[-3000:]
 
-    from training.models import content_hash
+    from training.storage import content_hash
 
     rows = list_models(home)
     by_hash = {r["content_hash"]: r for r in rows}

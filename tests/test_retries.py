@@ -30,8 +30,8 @@ def _user_errors():
     from configs import ConfigError
     from flows.cli import UsageError
     from flows.deploy import DeploymentError
-    from training.models import ModelLoadError
     from training.rewards import RewardError
+    from training.storage import ModelLoadError
 
     return [ConfigError, RewardError, ModelLoadError, DeploymentError, UsageError]
 
@@ -45,7 +45,7 @@ def test_user_errors_share_one_base_class_and_keep_their_second_one():
 
 
 def test_user_errors_are_never_retried():
-    from training.models import ModelLoadError
+    from training.storage import ModelLoadError
 
     assert not is_transient(ModelLoadError("cannot load Stable Diffusion weights 'x'"))
     for cls in _user_errors():
@@ -148,7 +148,7 @@ def test_lost_dask_worker_is_retried():
 def test_the_tasks_use_the_predicate_on_prefect_states():
     from prefect.states import Completed, Failed
 
-    from training.models import ModelLoadError
+    from training.storage import ModelLoadError
 
     assert pretrain_task.retries == 2 and train_task.retries == 1
     assert pretrain_task.retry_condition_fn is _transient and train_task.retry_condition_fn is _transient

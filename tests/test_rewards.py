@@ -90,7 +90,7 @@ def test_prototype_match_is_a_curved_reward_peaking_at_the_prototype(tiny_config
     values.sum().backward()
     assert (values < 0).all() and x.grad.abs().sum() > 0
     # at the prompted digit's mean training image the reward is 0, its maximum
-    from training.digits import train_test_split
+    from training.reference.digits import train_test_split
 
     size = tiny_config.model.embedded.image_size
     train, _ = train_test_split(size, tiny_config.pretrain.test_fraction, seed=0)

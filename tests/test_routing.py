@@ -9,7 +9,7 @@ import torch
 
 from composition.batched import REFERENCE, load_adapter, mixed_adapter_batch, routing
 from training.card import LORA_TARGETS, LoraSpec
-from training.policy import cfg_epsilon
+from training.step.policy import cfg_epsilon
 
 GUIDANCE = 7.5
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
@@ -25,7 +25,7 @@ def _unet_with_adapters(reference_path, adapters: dict[str, int | LoraSpec]):
     attention projections, or of that ``LoraSpec``."""
     from peft import LoraConfig, get_peft_model_state_dict
 
-    from training.embedded import load_embedded_pipeline
+    from training.reference.embedded import load_embedded_pipeline
 
     unet = load_embedded_pipeline(reference_path).unet
     for seed, (name, spec) in enumerate(adapters.items()):
@@ -122,8 +122,8 @@ def test_routing_under_guidance_is_what_the_sampler_uses(same_rank_unet):
     from types import SimpleNamespace
 
     from composition.methods import Batch, Composer
-    from training.kernel import DDIMSchedule
-    from training.toy import make_scheduler
+    from training.analysis.toy import make_scheduler
+    from training.step.kernel import DDIMSchedule
 
     unet = same_rank_unet
     schedule = DDIMSchedule.from_scheduler(make_scheduler(), 4, 1.0)

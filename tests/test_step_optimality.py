@@ -46,7 +46,7 @@ def test_json_contract_on_the_tiny_model(tiny_config_file, pretrained_home):
         assert ERR_KEYS <= err.keys()
         assert len(err["per_step"]) == 4  # every DDIM step of the tiny config
         assert err["variance_ratio"] is None or err["variance_ratio"] > 0
-        # noise-corrected, the cosine may leave [-1, 1] at 8 actions per state (training/step_optimum.py)
+        # noise-corrected, the cosine may leave [-1, 1] at 8 actions per state (training/step/optimum.py)
         assert err["cosine"] is None or math.isfinite(err["cosine"])
         assert {"path_relative_error", "path_cosine", "path_drift_ratio"} <= err.keys()
 

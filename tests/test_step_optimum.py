@@ -1,4 +1,4 @@
-"""The Monte-Carlo step optimum and the kernel figures (training/step_optimum.py) on Gaussians whose tilted
+"""The Monte-Carlo step optimum and the kernel figures (training/step/optimum.py) on Gaussians whose tilted
 optimum is known in closed form: reference N(mu, s^2 I), reward r(a) = b.a - c |a - mu|^2 / 2, so
 pi* = N(mu + v b / beta, v) with v = s^2 / (1 + s^2 c / beta)."""
 
@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from training.kernel import GaussianStep
-from training.step_optimum import (
+from training.step.kernel import GaussianStep
+from training.step.optimum import (
     bootstrap_counts,
     drift_energies,
     estimate_optimum,

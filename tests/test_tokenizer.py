@@ -1,7 +1,7 @@
 import pytest
 
-from training.digits import DIGIT_WORDS, PROMPT_TEMPLATES, digit_prompt, prompt_vocabulary
-from training.tokenizer import build_tokenizer, save_tokenizer
+from training.reference.digits import DIGIT_WORDS, PROMPT_TEMPLATES, digit_prompt, prompt_vocabulary
+from training.reference.tokenizer import build_tokenizer, save_tokenizer
 
 
 @pytest.fixture(scope="module")

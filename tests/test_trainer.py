@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from configs import TrainConfig
-from training.kernel import GaussianStep
-from training.toy import ToyProblem, evaluate_against_optimum
+from training.analysis.toy import ToyProblem, evaluate_against_optimum
+from training.step.kernel import GaussianStep
 from training.trainer import (
     learning_rate_factor,
     linearised_proposal,

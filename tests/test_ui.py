@@ -31,7 +31,7 @@ def free_port() -> int:
 @pytest.fixture
 def store_home(monkeypatch) -> Path:
     """This test's MSDDA_HOME, with the default store (SQLite under it)."""
-    from training.models import msdda_home
+    from training.storage import msdda_home
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return msdda_home()

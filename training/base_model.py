@@ -28,9 +28,10 @@ from training.card import (
     load_base_model,
     save_base_model,
 )
-from training.digits import default_prompts
-from training.models import check_writable
+from training.reference.digits import default_prompts
+from training.reference.loader import reference_pipeline
 from training.rewards import load_reward, mean_and_se, rescaled
+from training.storage import check_writable
 from training.trainer import IterationMetrics, train
 
 
@@ -50,7 +51,7 @@ class BaseModelResult:
     unet_evaluations: int
     cached: bool
     kernel_check: str = "off"
-    """The held-out kernel check of ``train.eval_every`` (:mod:`training.kernel_check`): ``exact``,
+    """The held-out kernel check of ``train.eval_every`` (:mod:`training.step.kernel_check`): ``exact``,
     ``monte_carlo``, ``missing: <why>``, or ``off``."""
     kernel_error: float = math.nan
     """Its path error at the iteration kept (the best checked), NaN when it did not run."""
@@ -60,19 +61,6 @@ class BaseModelResult:
 
     def as_dict(self) -> dict:
         return {**asdict(self), "path": str(self.path)}
-
-
-def reference_identity(config: PipelineConfig, home: Path, progress: bool):
-    """``(pipeline, content hash)`` of the frozen reference."""
-    from training.models import load_pretrained_pipeline, pretrained_identity
-
-    if config.model.source == "pretrained":
-        pipe = load_pretrained_pipeline(config.model.pretrained, config.model.revision)
-        return pipe, pretrained_identity(config)
-    from training.embedded import load_embedded_pipeline, pretrain_reference
-
-    reference = pretrain_reference(config, home, progress=progress)
-    return load_embedded_pipeline(reference.path), reference.reference_hash
 
 
 # Settings added after models were first cached: at these values they are left out of the key, so models
@@ -122,7 +110,7 @@ def untrained(config: PipelineConfig, objectives: list[str], home: Path) -> list
     checkpoint's whole content)."""
     if config.model.source != "embedded":
         return list(objectives)
-    from training.embedded import pretrain_reference
+    from training.reference.embedded import pretrain_reference
 
     reference_hash = pretrain_reference(config, home).reference_hash
     return [
@@ -152,7 +140,7 @@ def train_base_model(
     spec = config.objective(objective)
     reward = load_reward(spec.name, config, home, spec.options)  # fails fast on unknown objectives
     trained_on = rescaled(reward, spec.scale)  # evaluation reports the raw reward
-    pipe, reference_hash = reference_identity(config, home, progress)
+    pipe, reference_hash = reference_pipeline(config, home, progress)
     key = run_key(config, objective, reference_hash)
     final = model_folder(home, objective, key)
     cached = _verified_cache(final)
@@ -235,7 +223,7 @@ def _verified_cache(final: Path) -> BaseModelCard | None:
     """The card of the cached base model in ``final`` once its files load and match the card's hashes;
     ``None`` when there is none, or when it is damaged (said on stderr): it is then retrained, and the new
     folder replaces the damaged one by a rename (:func:`training.card.save_base_model`). A folder the OS
-    cannot read now is no damage: its :class:`~training.models.ModelLoadError` passes, and nothing is
+    cannot read now is no damage: its :class:`~training.storage.ModelLoadError` passes, and nothing is
     retrained over it."""
     if not final.exists():
         return None
@@ -286,7 +274,7 @@ def evaluation_problem(config: PipelineConfig, home: Path, base_model: Path | No
     from training.sd_problem import DiffusionStepProblem
 
     loaded = load_base_model(base_model) if base_model is not None else None
-    pipe, _ = reference_identity(config, home, progress)
+    pipe, _ = reference_pipeline(config, home, progress)
     no_reward = Reward("none", False, lambda images, prompts: torch.zeros(len(images)))
     overrides = {}
     if loaded is not None:

@@ -14,7 +14,7 @@ A base-model folder (format 2) holds
 The card records the SHA-256 of each weights file (``weights_sha256``), checked on every load, so a damaged or
 altered file is refused even when it still parses; cards written before it (no hashes) are checked by parsing.
 A file the OS cannot read now (permission denied, an I/O error) is not damage: it raises
-:class:`training.models.ModelLoadError` instead (:func:`training.models.raise_unless_content_fault`).
+:class:`training.storage.ModelLoadError` instead (:func:`training.storage.raise_unless_content_fault`).
 
 Format 1 folders (``adapter_model.safetensors`` with unprefixed peft keys, a card without ``format_version``)
 are still read. Everything is read with safetensors (never pickle); every problem with the content is a
@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from configs.errors import MsddaError, first_line
 from configs.schema import LORA_TARGET_SETS
-from training.models import raise_unless_content_fault, staged_directory
+from training.storage import raise_unless_content_fault, staged_directory
 
 CARD_FILE = "base_model.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers LoRA format: keys "unet.<peft key>"

@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 
 from configs.errors import MsddaError
-from training.digits import DIGIT_WORDS
+from training.reference.digits import DIGIT_WORDS
 
 
 class RewardError(MsddaError, ValueError):
@@ -132,8 +132,8 @@ def jpeg_compressibility(images: torch.Tensor, prompts: list[str], quality: int 
 
 def digit_alignment(config, home: Path, options: dict) -> Reward:
     """``log p(prompted digit | image)`` under the cached digit CNN (differentiable)."""
-    from training.classifier import to_grayscale
-    from training.embedded import digit_classifier
+    from training.reference.classifier import to_grayscale
+    from training.reference.embedded import digit_classifier
 
     classifier, report = digit_classifier(config, home, progress=False)
     classifier.requires_grad_(False)
@@ -164,7 +164,7 @@ def prototype_match(config, home: Path, options: dict) -> Reward:
     optimum ``p_ref exp(r / beta)`` is narrower than the reference kernel, so a base model must learn a
     variance, not only a mean (docs/design.md §2.8). ``options.sharpness`` (default 1.0) sets how much.
     """
-    from training.digits import train_test_split
+    from training.reference.digits import train_test_split
 
     sharpness = float(options.get("sharpness", 1.0))
     if not (sharpness > 0 and math.isfinite(sharpness)):
@@ -174,7 +174,7 @@ def prototype_match(config, home: Path, options: dict) -> Reward:
     prototypes = torch.stack([train.images[train.labels == d].mean(0) for d in range(10)])  # [10, 1, S, S]
 
     def fn(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        from training.classifier import to_grayscale
+        from training.reference.classifier import to_grayscale
 
         labels = torch.tensor([prompted_digit(p) for p in prompts], device=images.device)
         target = prototypes.to(images)[labels]
@@ -192,9 +192,9 @@ def prototype_match(config, home: Path, options: dict) -> Reward:
 def _clean_latents(config, home: Path):
     """The reference VAE's posterior-mean latents (times its scaling factor) of the pretraining split's
     images, with their labels, and the latent of the blank (ink-free) image."""
-    from training.digits import train_test_split
-    from training.embedded import _to_vae_input
-    from training.models import load_reference_pipeline
+    from training.reference.digits import train_test_split
+    from training.reference.embedded import _to_vae_input
+    from training.reference.loader import load_reference_pipeline
 
     if config.model.source != "embedded":
         raise RewardError("the latent digit rewards need the embedded model (they use its digit images)")

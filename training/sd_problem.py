@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from training.card import LoraSpec
-from training.chain import run_chain
-from training.kernel import DDIMSchedule, GaussianStep, LogVarianceOffset, tilted_gaussian
-from training.policy import GaussianStepPolicy, GuidedEpsilon
 from training.rewards import Reward
+from training.step.chain import run_chain
+from training.step.kernel import DDIMSchedule, GaussianStep, LogVarianceOffset, tilted_gaussian
+from training.step.policy import GaussianStepPolicy, GuidedEpsilon
 
 ADAPTER = "default"
 
@@ -128,7 +128,7 @@ class DiffusionStepProblem(nn.Module):
     def from_config(cls, pipe, reward: Reward, config, **overrides) -> DiffusionStepProblem:
         """The problem a :class:`~configs.schema.PipelineConfig` describes: its prompts (the digit prompts by
         default), sampling settings and trainer settings; ``overrides`` replace any keyword argument."""
-        from training.digits import default_prompts
+        from training.reference.digits import default_prompts
 
         train = config.train
         settings = {

@@ -33,14 +33,14 @@ from tqdm.auto import tqdm
 
 from configs.errors import MsddaError, first_line
 from configs.schema import TrainConfig
-from training.chain import run_chain
-from training.kernel import GaussianStep, draw_noise
-from training.models import raise_unless_content_fault, staged_directory
-from training.policy import GaussianStepPolicy
+from training.step.chain import run_chain
+from training.step.kernel import GaussianStep, draw_noise
+from training.step.policy import GaussianStepPolicy
+from training.storage import raise_unless_content_fault, staged_directory
 
 
 class StepProblem(Protocol):
-    """What the trainer needs from a model + reward pair (see ``training.toy`` and ``training.sd_problem``).
+    """What the trainer needs from a model + reward pair (``training.analysis.toy``, ``training.sd_problem``).
 
     Problems are ``torch.nn.Module``s: the trainer moves them with ``to`` and optimises ``parameters()`` that
     require grad (the policy's trainable part; everything else is frozen).
@@ -90,7 +90,7 @@ class IterationMetrics:
     reward_spread: float = math.nan
     """Standard deviation of the step reward over the ``N`` actions of a state, mean over states."""
     kernel_error: float = math.nan
-    """The held-out kernel check's path error (:mod:`training.kernel_check`) after this iteration; NaN at
+    """The held-out kernel check's path error (:mod:`training.step.kernel_check`) after this iteration; NaN at
     iterations it did not run."""
     kernel_cosine: float = math.nan
 
@@ -311,7 +311,7 @@ def _read_checkpoint(directory: Path, problem: StepProblem, iterations: int) -> 
     ``problem``'s trainable state and the run's ``iterations``; a file that is missing, does not parse, holds
     other shapes, or an iteration outside ``0..iterations`` or other than its history's, raises
     :class:`CheckpointError` naming it, one the OS cannot read now (permission denied, an I/O error) a
-    :class:`~training.models.ModelLoadError`: that is no damage, and the checkpoint must be kept."""
+    :class:`~training.storage.ModelLoadError`: that is no damage, and the checkpoint must be kept."""
     from safetensors import SafetensorError
 
     weights, info = (directory / name for name in CHECKPOINT_FILES)
@@ -642,11 +642,11 @@ def train(
 
 
 def held_out_check(problem: StepProblem, config: TrainConfig):
-    """The :class:`~training.kernel_check.KernelCheck` of ``train.eval_every`` (``None`` when 0); a check
+    """The :class:`~training.step.kernel_check.KernelCheck` of ``train.eval_every`` (``None`` when 0); a check
     that cannot run is said once on stderr, and training goes on."""
     if not config.eval_every:
         return None
-    from training.kernel_check import CHECK_SEED_OFFSET, KernelCheck
+    from training.step.kernel_check import CHECK_SEED_OFFSET, KernelCheck
 
     seed = config.eval_seed + CHECK_SEED_OFFSET
     check = KernelCheck.build(

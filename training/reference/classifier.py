@@ -13,7 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from configs.errors import first_line
-from training.digits import DigitSplit
+from training.reference.digits import DigitSplit
 
 
 class DigitCNN(nn.Module):
@@ -105,10 +105,10 @@ def save_classifier(model: DigitCNN, report: ClassifierReport, directory: Path) 
 
 def load_classifier(directory: Path) -> tuple[DigitCNN, ClassifierReport]:
     """The evaluator CNN saved in ``directory``; a missing or unreadable file raises
-    :class:`training.models.ModelLoadError` naming it (one line)."""
+    :class:`training.storage.ModelLoadError` naming it (one line)."""
     from safetensors import SafetensorError
 
-    from training.models import ModelLoadError, raise_unless_content_fault
+    from training.storage import ModelLoadError, raise_unless_content_fault
 
     model = DigitCNN()
     path = directory / "model.safetensors"

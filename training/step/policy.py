@@ -1,4 +1,4 @@
-"""The Gaussian step policy: an epsilon model over a :class:`~training.kernel.DDIMSchedule`
+"""The Gaussian step policy: an epsilon model over a :class:`~training.step.kernel.DDIMSchedule`
 (docs/design.md §1).
 
 Anything that maps ``(x_t, t, cond)`` to an epsilon-prediction is an :data:`EpsilonModel`: a diffusers UNet
@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from training.kernel import DDIMSchedule, GaussianStep, LogVarianceOffset
+from training.step.kernel import DDIMSchedule, GaussianStep, LogVarianceOffset
 
 EpsilonModel = Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor]
 """``eps_model(x_t, t, cond) -> eps`` with ``t`` a 1-D tensor of timesteps (one per row)."""

@@ -15,8 +15,8 @@ import math
 import torch
 from torch import nn
 
-from training.kernel import DDIMSchedule, GaussianStep, LogVarianceOffset
-from training.policy import GaussianStepPolicy
+from training.step.kernel import DDIMSchedule, GaussianStep, LogVarianceOffset
+from training.step.policy import GaussianStepPolicy
 
 MIXTURE_MEANS = ((-2.0, 0.0), (2.0, 0.0), (0.0, 2.0))
 MIXTURE_STD = 0.5

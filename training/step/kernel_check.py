@@ -7,14 +7,14 @@
    (§1.3). Exact where the problem knows ``pi*`` in closed form (a latent quadratic reward with
    ``x0_estimate: current_eps``, the analytic toy); otherwise from ``train.kernel_check_actions`` antithetic
    reference actions weighted by ``softmax(r / beta)``, from two independent halves so that ``|d*|^2`` is
-   noise-corrected (:mod:`training.step_optimum`).
+   noise-corrected (:mod:`training.step.optimum`).
 3. Each check costs one policy mean per state, ``d_theta = mu_theta - mu_ref``, and reports the path-pooled
 
        kernel_error  = sqrt( sum_t |d_theta - d*|^2 / sigma_t^2  /  sum_t |d*|^2 / sigma_t^2 )
        kernel_cosine = sum_t <d_theta, d*> / sigma_t^2  /  sqrt( sum_t |d_theta|^2 / sigma_t^2
                                                                 * sum_t |d*|^2 / sigma_t^2 )
 
-   (:func:`~training.step_optimum.path_errors`): 0 at the optimum, 1 for a policy that stays at the
+   (:func:`~training.step.optimum.path_errors`): 0 at the optimum, 1 for a policy that stays at the
    reference.
 
 A check that cannot run (a reward that is not finite at a held-out action) is *missing*, never a pass: its
@@ -28,9 +28,9 @@ from dataclasses import dataclass
 
 import torch
 
-from training.chain import run_chain
-from training.kernel import GaussianStep
-from training.step_optimum import StepOptimum, drift_energies, estimate_optimum, exact_optimum, path_errors
+from training.step.chain import run_chain
+from training.step.kernel import GaussianStep
+from training.step.optimum import StepOptimum, drift_energies, estimate_optimum, exact_optimum, path_errors
 
 CHECK_SEED_OFFSET = 104_729
 """The held-out states' generator is seeded ``train.eval_seed + CHECK_SEED_OFFSET``: apart from training's

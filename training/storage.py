@@ -1,4 +1,5 @@
-"""Loading the frozen reference model: the embedded default or any diffusers Stable Diffusion checkpoint."""
+"""Where results live and how they are written: the home folder (``$MSDDA_HOME``), content hashes, and writes
+through a temporary file or folder plus a rename, so that nothing is ever seen half-written."""
 
 from __future__ import annotations
 
@@ -12,9 +13,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from configs.errors import MsddaError, first_line
-from configs.schema import PipelineConfig
-
-SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
 class ModelLoadError(MsddaError, RuntimeError):
@@ -48,92 +46,6 @@ def check_writable(folder: Path) -> Path:
             f"you can write to"
         ) from None
     return folder
-
-
-def _missing_components(directory: Path) -> list[str]:
-    """SD components whose folder, config or weights are absent from a local pipeline directory."""
-    missing = []
-    if not (directory / "model_index.json").exists():
-        missing.append("model_index.json")
-    for name in SD_COMPONENTS:
-        folder = directory / name
-        if not folder.is_dir():
-            missing.append(f"{name}/")
-        elif name in ("unet", "vae", "text_encoder"):
-            if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
-                missing.append(f"{name}/ weights")
-            if not (folder / "config.json").exists():
-                missing.append(f"{name}/config.json")
-    return missing
-
-
-def check_checkpoint(source: str) -> None:
-    """Without loading anything: a local checkpoint folder that is missing, or lacks a component's config or
-    weights, raises :class:`ModelLoadError` (one line); so does a path-like ``source`` that does not exist.
-    A hub id passes (whether it loads is up to the hub cache)."""
-    local = Path(source).expanduser()
-    if local.exists():
-        missing = _missing_components(local)
-        if missing:
-            raise ModelLoadError(f"Stable Diffusion checkpoint at {local} is missing: {', '.join(missing)}")
-    elif source.startswith((".", "/", "~")) or source.count("/") != 1:
-        raise ModelLoadError(f"no Stable Diffusion checkpoint at {source}: the directory does not exist")
-
-
-def load_pretrained_pipeline(source: str, revision: str | None = None, torch_dtype=None):
-    """``StableDiffusionPipeline.from_pretrained`` from a local directory or a hub id, with one-line
-    errors."""
-    from diffusers import StableDiffusionPipeline
-
-    check_checkpoint(source)
-    local = Path(source).expanduser()
-    kwargs = {"safety_checker": None, "requires_safety_checker": False, "revision": revision}
-    if torch_dtype is not None:
-        kwargs["torch_dtype"] = torch_dtype
-    try:
-        return StableDiffusionPipeline.from_pretrained(str(local) if local.exists() else source, **kwargs)
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        where = "local files" if local.exists() else "the local hub cache (offline) or the hub"
-        raise ModelLoadError(
-            f"cannot load Stable Diffusion weights '{source}' from {where}: {first}"
-        ) from None
-
-
-def load_reference_pipeline(config: PipelineConfig, home: Path | None = None, progress: bool = True):
-    """The reference ``StableDiffusionPipeline`` for ``config`` on ``config.runtime.device``, pretraining the
-    embedded model if needed."""
-    from training.device import resolve_device
-
-    device = resolve_device(config.runtime.device)  # a missing device fails before any loading
-    if config.model.source == "pretrained":
-        return load_pretrained_pipeline(config.model.pretrained, config.model.revision).to(device)
-    from training.embedded import load_embedded_pipeline, pretrain_reference
-
-    result = pretrain_reference(config, home or msdda_home(), progress=progress)
-    return load_embedded_pipeline(result.path).to(device)
-
-
-def pretrained_identity(config: PipelineConfig) -> str:
-    """How base models name a pretrained reference: the :func:`content_hash` of a local checkpoint folder,
-    else ``<hub id>@<revision>``."""
-    local = Path(config.model.pretrained).expanduser()
-    return content_hash(local) if local.exists() else f"{config.model.pretrained}@{config.model.revision}"
-
-
-def load_pretrained_reference(config: PipelineConfig) -> dict:
-    """For ``model.source: pretrained``, what `msdda pretrain` and the ``pretrain-reference`` flow do: load
-    the checkpoint on ``config.runtime.device`` (a missing or broken one fails in one line) and describe it,
-    training nothing. Returns ``{"source", "path", "revision", "reference_hash", "trained"}``."""
-    load_reference_pipeline(config)
-    local = Path(config.model.pretrained).expanduser()
-    return {
-        "source": "pretrained",
-        "path": str(local.resolve()) if local.exists() else config.model.pretrained,
-        "revision": config.model.revision,
-        "reference_hash": pretrained_identity(config),
-        "trained": False,
-    }
 
 
 def content_hash(directory: Path) -> str:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from training.kernel import DDIMSchedule, GaussianStep
+from training.step.kernel import DDIMSchedule, GaussianStep
 
 KernelFunction = Callable[[torch.Tensor, int], GaussianStep]
 """``kernel(x_t, step) -> GaussianStep``: the kernel of reverse step ``step`` at states ``x_t``

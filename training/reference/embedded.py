@@ -7,11 +7,11 @@ result is cached under ``$MSDDA_HOME/reference/<key>``, where ``key`` hashes the
 format.
 
 A cached folder (the reference, or the evaluator CNN under ``$MSDDA_HOME/classifiers/<key>``) is complete
-once its ``DONE`` file is there; ``DONE`` lists its files and their :func:`training.models.content_hash`.
+once its ``DONE`` file is there; ``DONE`` lists its files and their :func:`training.storage.content_hash`.
 Every reuse checks them (and that each JSON file and safetensors header parses): a damaged cache is said on
 stderr, removed and rebuilt. Caches from before ``DONE`` held a manifest are checked by parsing alone. Only
 the content counts as damage: a file the OS cannot read now (permission denied, an I/O error) fails in one
-line and nothing is removed (:func:`training.models.raise_unless_content_fault`).
+line and nothing is removed (:func:`training.storage.raise_unless_content_fault`).
 """
 
 from __future__ import annotations
@@ -34,15 +34,16 @@ from tqdm.auto import tqdm
 
 from configs.errors import first_line
 from configs.schema import EmbeddedModelConfig, PipelineConfig, PretrainConfig, SamplingConfig
-from training.classifier import (
+from training.device import resolve_device
+from training.reference.checkpoint import check_checkpoint
+from training.reference.classifier import (
     ClassifierReport,
     load_classifier,
     save_classifier,
     to_grayscale,
     train_classifier,
 )
-from training.device import resolve_device
-from training.digits import (
+from training.reference.digits import (
     DIGIT_WORDS,
     PROMPT_TEMPLATES,
     data_fingerprint,
@@ -50,16 +51,15 @@ from training.digits import (
     prompt_vocabulary,
     train_test_split,
 )
-from training.models import (
+from training.reference.tokenizer import build_tokenizer, save_tokenizer
+from training.storage import (
     ModelLoadError,
     atomic_file,
-    check_checkpoint,
     check_writable,
     content_hash,
     raise_unless_content_fault,
     staged_directory,
 )
-from training.tokenizer import build_tokenizer, save_tokenizer
 
 FORMAT_VERSION = 1
 META_FILE = "msdda_reference.json"
@@ -77,7 +77,7 @@ class PretrainResult:
     cached: bool
     key: str
     reference_hash: str
-    """The model's :func:`training.models.content_hash`, as base models record it."""
+    """The model's :func:`training.storage.content_hash`, as base models record it."""
 
 
 # ----------------------------------------------------------------------------------------------- components
@@ -214,7 +214,7 @@ def _manifest(folder: Path) -> dict:
 def _unreadable(path: Path) -> str | None:
     """Why the JSON file or safetensors file at ``path`` does not parse (headers only), or ``None``; a file
     the OS cannot read now raises :class:`ModelLoadError` (see
-    :func:`training.models.raise_unless_content_fault`)."""
+    :func:`training.storage.raise_unless_content_fault`)."""
     from safetensors import SafetensorError, safe_open
 
     try:
