@@ -17,6 +17,7 @@ import math
 import torch
 
 from configs import load_config
+from training.analysis.sampling import sample_images
 from training.base_model import default_prompts, evaluation_problem, train_base_model
 from training.rewards import load_reward
 from training.storage import msdda_home
@@ -41,7 +42,7 @@ def main() -> None:
     for label, path in models.items():
         problem = evaluation_problem(config, home, path)
         generator = torch.Generator().manual_seed(config.train.eval_seed)
-        images, prompts, _ = problem.sample_images(index, generator, use_policy=path is not None)
+        images, prompts, _ = sample_images(problem, index, generator, use_policy=path is not None)
         table[label] = {}
         for name, reward in rewards.items():
             values = reward(images, prompts).detach()

@@ -29,6 +29,7 @@ from readme_section import write_section  # benchmarks/ is on sys.path when run 
 
 from configs import load_config
 from training.analysis.ddpo_baseline import run_ddpo
+from training.analysis.sampling import sample_images
 from training.base_model import default_prompts
 from training.reference.loader import reference_pipeline
 from training.rewards import load_reward
@@ -46,7 +47,7 @@ def evaluate_policy(problem, reward, index: torch.Tensor) -> dict:
     problem's current policy; fixed noise, and its UNet rows are not counted as training cost."""
     rows = problem.unet_evaluations
     noise = torch.Generator().manual_seed(777)
-    images, prompts, step_kl = problem.sample_images(index, noise, use_policy=True)
+    images, prompts, step_kl = sample_images(problem, index, noise, use_policy=True)
     problem.unet_evaluations = rows
     rewards = reward(images, prompts).double()
     return {

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from training.card import LoraSpec
+from training.sd_problem import load_lora_state_dict
 
 REFERENCE = "__base__"
 RoutedWeights = Literal["merged", "lora"]
@@ -54,7 +55,7 @@ def load_adapter(
     weights (a peft state dict without prefix). ``ranks`` (module name -> rank, e.g. :func:`lora_ranks` of the
     rewarded soup) overrides ``spec.rank`` per module, with ``alpha = rank`` there when ``spec.alpha`` is
     unset. Drops the cached routed weights (:func:`clear_stacked`)."""
-    from peft import LoraConfig, set_peft_model_state_dict
+    from peft import LoraConfig
 
     kwargs = spec.lora_config_kwargs()
     if ranks:
@@ -67,10 +68,7 @@ def load_adapter(
     with warnings.catch_warnings():  # several adapters on one model is the point here
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
         unet.add_adapter(LoraConfig(**kwargs), adapter_name=name)
-    result = set_peft_model_state_dict(unet, lora_state, adapter_name=name)
-    unexpected = getattr(result, "unexpected_keys", None)
-    if unexpected:
-        raise ValueError(f"adapter '{name}' does not fit this UNet: unexpected keys such as {unexpected[0]}")
+    load_lora_state_dict(unet, lora_state, adapter_name=name)
 
 
 @contextmanager
@@ -401,40 +399,3 @@ def compile_unet(unet, backend: str = "inductor"):
 def routing(names: Sequence[str], batch_size: int) -> list[str]:
     """``[n_1] * B + [n_2] * B + ...``: the routing for K slices of ``batch_size`` rows."""
     return [name for name in names for _ in range(batch_size)]
-
-
-def merge_lora_states(
-    states: Sequence[dict[str, torch.Tensor]], weights: Sequence[float]
-) -> dict[str, torch.Tensor]:
-    """Rewarded soup, exactly: one LoRA whose delta on each module is ``sum_i w_i B_i A_i`` over the models
-    that adapt that module (one that does not adds nothing), of rank ``sum r_i`` over those models.
-
-    ``A = [A_1; ...; A_K]`` (stacked rows) and ``B = [w_1 B_1, ..., w_K B_K]`` (stacked columns), so
-    ``B A = sum_i w_i B_i A_i``; for a convolution too, whose delta kernel is the same sum over the rank
-    (:func:`lora_delta`). Load it with each module's rank (:func:`lora_ranks`, ``load_adapter``'s ``ranks``)
-    and ``lora_alpha = rank`` (scaling 1); fold each model's own LoRA scaling ``alpha_i / r_i`` into its
-    weight.
-    """
-    if len(states) != len(weights):
-        raise ValueError(f"{len(states)} adapters but {len(weights)} weights")
-    merged = {}
-    for key in dict.fromkeys(key for state in states for key in state):
-        if ".lora_A." in key:
-            partner = key.replace(".lora_A.", ".lora_B.")
-        elif ".lora_B." in key:
-            partner = key.replace(".lora_B.", ".lora_A.")
-        else:
-            raise ValueError(f"cannot merge LoRA entry {key}")
-        present = [(state, float(w)) for state, w in zip(states, weights) if key in state]
-        if any(partner not in state for state, _ in present):
-            raise ValueError(f"cannot merge LoRA entry {key}: an adapter holds it without {partner}")
-        if ".lora_A." in key:
-            merged[key] = torch.cat([state[key] for state, _ in present], dim=0)
-        else:
-            merged[key] = torch.cat([w * state[key] for state, w in present], dim=1)
-    return merged
-
-
-def lora_ranks(state: dict[str, torch.Tensor]) -> dict[str, int]:
-    """Each adapted module's rank in a peft LoRA state dict: module name -> rows of its ``lora_A``."""
-    return {key.split(".lora_A.")[0]: value.shape[0] for key, value in state.items() if ".lora_A." in key}

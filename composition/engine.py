@@ -31,8 +31,9 @@ from composition.methods import METHODS, Batch, Composer, Method, check_finite
 from configs.errors import MsddaError
 from configs.schema import CompositionConfig, PipelineConfig
 from training.card import LoadedBaseModel, check_adapted_modules, check_lineage, load_base_model
+from training.images import to_uint8
 from training.sd_problem import decode_latents
-from training.step.kernel import DDIMSchedule
+from training.step.kernel import DDIMSchedule, draw_noise
 
 
 class CompositionError(MsddaError, ValueError):
@@ -274,7 +275,7 @@ def load_ensemble(
 # ------------------------------------------------------------------------------------------- sample and score
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Generated:
     method: str
     weights: list[float]
@@ -368,9 +369,7 @@ def generate(
         index = torch.arange(first, min(first + options.batch_size, num_images)) % len(ensemble.prompts)
         batch_prompts = [ensemble.prompts[i] for i in index.tolist()]
         x_seed, noise_seed = batch_seeds(seed, batch_index)
-        x_T = torch.randn((len(index), *shape), generator=torch.Generator().manual_seed(x_seed)).to(
-            unet.device
-        )
+        x_T = draw_noise((len(index), *shape), torch.Generator().manual_seed(x_seed), device=unet.device)
         score = ensemble.method_score(chosen, weights, batch_prompts, calls, options.beta)
         generator = torch.Generator().manual_seed(noise_seed)
         chain, nfe, decoded = sample_batch(
@@ -387,16 +386,16 @@ def generate(
     seconds = time.perf_counter() - start
     path_kl = torch.cat(kls) if kls else None
     return Generated(
-        method,
-        weights,
-        torch.cat(images),
-        prompts,
-        nfe,
-        seconds,
-        diagnostics,
-        calls.count / num_images,
-        path_kl,
-        torch.cat(latents),
+        method=method,
+        weights=weights,
+        images=torch.cat(images),
+        prompts=prompts,
+        nfe_per_image=nfe,
+        seconds=seconds,
+        diagnostics=diagnostics,
+        reward_calls_per_image=calls.count / num_images,
+        path_kl=path_kl,
+        latents=torch.cat(latents),
     )
 
 
@@ -588,7 +587,7 @@ def write_images(images: torch.Tensor, prompts: list[str], folder: Path, manifes
     and the files and their prompts) in ``folder``, which the caller stages: see :func:`staged_images`."""
     from PIL import Image
 
-    array = (images.permute(0, 2, 3, 1).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    array = to_uint8(images)
     files = []
     for i, pixels in enumerate(array):
         name = f"{i:04d}.png"

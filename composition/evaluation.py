@@ -17,6 +17,7 @@ import torch
 from composition.engine import Ensemble, generate, score_generated
 from composition.methods import METHODS
 from configs.schema import CompositionConfig
+from training.images import to_uint8
 from training.rewards import mean_and_se
 from training.storage import atomic_file
 
@@ -249,7 +250,7 @@ def _tiles(images: torch.Tensor, min_tile: int) -> list:
     them at least ``min_tile`` pixels high (nearest neighbour: every sample pixel stays a sharp block)."""
     from PIL import Image
 
-    array = (images.permute(0, 2, 3, 1).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    array = to_uint8(images)
     scale = max(1, math.ceil(min_tile / array.shape[1]))
     mode = "L" if array.shape[3] == 1 else "RGB"
     return [

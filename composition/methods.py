@@ -33,12 +33,11 @@ from composition.batched import (
     REFERENCE,
     clear_stacked,
     load_adapter,
-    lora_ranks,
-    merge_lora_states,
     mixed_adapter_batch,
     routing,
 )
 from composition.msdda import SUM_TOLERANCE, compose_gaussian, composition_coefficients
+from composition.soup import lora_ranks, merge_lora_states
 from training.card import LoraSpec
 from training.step.chain import Chain, run_chain
 from training.step.kernel import DDIMSchedule, GaussianStep
@@ -127,10 +126,6 @@ class Composer:
             return self.schedule.kernel(x, eps, step)
 
         return reference
-
-    def count_backward(self, rows: int) -> None:
-        """A backward pass through the UNet for ``rows`` rows costs two forwards."""
-        self.eps.rows += 2 * self.eps.rows_per_image * rows
 
     def coefficients(self, weights: Sequence[float]) -> tuple[torch.Tensor, list[int], bool]:
         """``(lam, active model indices, whether the reference is needed)`` for objective weights ``w``, with
@@ -247,7 +242,7 @@ def guided_step(
     with torch.enable_grad():
         eps = composer.epsilons(x_in, step, batch, [REFERENCE])[0]
         (grad,) = torch.autograd.grad(score(schedule.clean_estimate(x_in, eps, step)).sum(), x_in)
-    composer.count_backward(x.shape[0])
+    composer.eps.count_backward(x.shape[0])
     plain = schedule.kernel(x, eps.detach(), step)
     sigma = schedule.sigma[step].to(x)
     guided = GaussianStep(
@@ -284,7 +279,9 @@ def check_finite(what: str, *tensors: torch.Tensor) -> None:
         raise ValueError(f"{what} is not finite (NaN or infinity): use weights of a smaller magnitude")
 
 
-KernelFunction = Callable[[Composer, Sequence[float], Batch, torch.Tensor, int], GaussianStep]
+MethodKernel = Callable[[Composer, Sequence[float], Batch, torch.Tensor, int], GaussianStep]
+"""``(composer, weights, batch, x_t, step) -> GaussianStep``: a method's step kernel; bound to a composer,
+weights and batch it becomes the chain runner's :data:`~training.step.chain.KernelFunction`."""
 Search = Callable[[Composer, Sequence[float], torch.Tensor, Batch, torch.Generator, "Score | None"], Chain]
 
 
@@ -313,7 +310,7 @@ class Method:
     """Called once per weight vector before sampling (the soup loads its merged adapter here)."""
 
     @classmethod
-    def from_kernel(cls, name: str, label: str, kernel: KernelFunction, **kwargs) -> Method:
+    def from_kernel(cls, name: str, label: str, kernel: MethodKernel, **kwargs) -> Method:
         """A method whose every step is ``kernel``, run by :func:`training.step.chain.run_chain`."""
 
         def search(composer, weights, x_T, batch, generator, score=None) -> Chain:

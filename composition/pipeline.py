@@ -43,6 +43,7 @@ from configs.errors import MsddaError, first_line
 from configs.schema import CompositionConfig, PipelineConfig
 from training.card import LoadedBaseModel, check_lineage, load_base_model, scheduler_identity
 from training.sd_problem import decode_latents, encode_prompts
+from training.step.kernel import draw_noise
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -624,9 +625,9 @@ class MSDDAPipeline(StableDiffusionPipeline):
         if seed is not None:
             x_seed, noise_seed = batch_seeds(seed, 0)
             generator = torch.Generator().manual_seed(noise_seed)
-            x_T = torch.randn(shape, generator=torch.Generator().manual_seed(x_seed))
+            x_T = draw_noise(shape, torch.Generator().manual_seed(x_seed))
         elif latents is None:
-            x_T = torch.randn(shape, generator=generator)
+            x_T = draw_noise(shape, generator)
         else:
             if tuple(latents.shape) != shape:
                 raise CompositionError(f"latents have shape {list(latents.shape)}, expected {list(shape)}")

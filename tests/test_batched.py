@@ -232,7 +232,7 @@ def test_soup_merge_of_conv_entries_and_modules_some_models_lack():
     the sum of their ranks; an ``A`` without its ``B`` is refused."""
     import torch.nn.functional as F
 
-    from composition.batched import lora_ranks, merge_lora_states
+    from composition.soup import lora_ranks, merge_lora_states
 
     g = torch.Generator().manual_seed(0)
 

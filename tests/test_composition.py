@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from composition.batched import merge_lora_states
 from composition.evaluation import dominates, hypervolume, hypervolume_se, pareto_front, simplex_grid
+from composition.soup import merge_lora_states
 from training.card import CARD_FILE
 
 # ------------------------------------------------------------------------------------------- pure evaluation

@@ -10,9 +10,11 @@ The package has four rooms; imports run downward only (analysis â†’ base model â
     step policy (``policy``), the step optimum (``optimum``) and the kernel check watched while training
     (``kernel_check``).
 The base model (this folder)
-    ``trainer`` (losses and updates), ``sd_problem`` (the trainer's problem on a Stable Diffusion UNet),
-    ``rewards``, ``base_model`` (one base model end to end), ``card`` (its saved description), ``device``,
-    and ``storage`` (the home folder, content hashes, atomic writes).
+    ``trainer`` (losses and updates), ``checkpoints`` (its record and resumable checkpoints), ``sd_problem``
+    (the trainer's problem on a Stable Diffusion UNet), ``rewards``, ``images`` (tensors to pixels),
+    ``base_model`` (one base model end to end), ``card`` (its saved description), ``device``, and
+    ``storage`` (the home folder, content hashes, atomic writes).
 ``training.analysis``
-    Used only by the benchmarks and tests: the analytic 2-D ``toy`` and the ``ddpo_baseline``.
+    Used only by the benchmarks and tests: the analytic 2-D ``toy``, ``sampling`` (decoded images of a
+    policy) and the ``ddpo_baseline``.
 """

@@ -182,9 +182,9 @@ class RewardSpec(BaseModel):
 class RewardScale(BaseModel):
     """The scale a base model's reward is combined on: ``(R - offset) / scale``; the identity by default.
 
-    Training writes the identity today. A trainer that standardises an objective against the reference model's
-    reward distribution records that offset and scale here, so that composition scores (CoDe's selection,
-    RGG's gradient) combine the objectives on the scale each model was trained on.
+    Training writes the objective's ``scale`` (``objectives[].scale`` in the config: the reward is trained as
+    ``R / scale``, :func:`~training.rewards.objective_reward`) and offset 0, so that composition scores
+    (CoDe's selection, RGG's gradient) combine the objectives on the scale each model was trained on.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)

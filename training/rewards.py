@@ -12,13 +12,14 @@ import io
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
 
 from configs.errors import MsddaError
+from training.images import to_uint8
 from training.reference.digits import DIGIT_WORDS
 
 
@@ -67,6 +68,7 @@ class Reward:
     name: str
     differentiable: bool
     fn: Callable[[torch.Tensor, list[str]], torch.Tensor]
+    _: KW_ONLY
     description: str = ""
     info: dict = field(default_factory=dict)
     on_latents: bool = False
@@ -121,7 +123,7 @@ def jpeg_compressibility(images: torch.Tensor, prompts: list[str], quality: int 
     """``-(JPEG size in kB)`` at ``quality`` (not differentiable)."""
     from PIL import Image
 
-    pixels = (images.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    pixels = to_uint8(images)
     sizes = []
     for array in pixels:
         buffer = io.BytesIO()
@@ -150,8 +152,8 @@ def digit_alignment(config, home: Path, options: dict) -> Reward:
         "digit_alignment",
         True,
         fn,
-        "log-probability of the prompted digit under a small CNN",
-        {"classifier_test_accuracy": report.test_accuracy},
+        description="log-probability of the prompted digit under a small CNN",
+        info={"classifier_test_accuracy": report.test_accuracy},
     )
 
 
@@ -166,9 +168,7 @@ def prototype_match(config, home: Path, options: dict) -> Reward:
     """
     from training.reference.digits import train_test_split
 
-    sharpness = float(options.get("sharpness", 1.0))
-    if not (sharpness > 0 and math.isfinite(sharpness)):
-        raise RewardError(f"prototype_match: options.sharpness must be a positive number, got {sharpness}")
+    sharpness = _sharpness("prototype_match", options, default=1.0)
     size = config.model.embedded.image_size
     train, _ = train_test_split(size, config.pretrain.test_fraction, seed=0)  # the pretraining split
     prototypes = torch.stack([train.images[train.labels == d].mean(0) for d in range(10)])  # [10, 1, S, S]
@@ -184,8 +184,8 @@ def prototype_match(config, home: Path, options: dict) -> Reward:
         "prototype_match",
         True,
         fn,
-        "closeness to the prompted digit's mean training image (a curved reward)",
-        {"sharpness": sharpness},
+        description="closeness to the prompted digit's mean training image (a curved reward)",
+        info={"sharpness": sharpness},
     )
 
 
@@ -212,6 +212,7 @@ def _clean_latents(config, home: Path):
 
 
 def _sharpness(name: str, options: dict, default: float) -> float:
+    """``options.sharpness`` (``default`` when absent), refused in one line unless a positive number."""
     sharpness = float(options.get("sharpness", default))
     if not (sharpness > 0 and math.isfinite(sharpness)):
         raise RewardError(f"{name}: options.sharpness must be a positive number, got {sharpness}")
@@ -219,7 +220,15 @@ def _sharpness(name: str, options: dict, default: float) -> float:
 
 
 def _latent_reward(name: str, quadratic: LatentQuadratic, description: str) -> Reward:
-    return Reward(name, True, quadratic, description, {"sharpness": quadratic.curvature}, True, quadratic)
+    return Reward(
+        name,
+        True,
+        quadratic,
+        description=description,
+        info={"sharpness": quadratic.curvature},
+        on_latents=True,
+        quadratic=quadratic,
+    )
 
 
 def latent_prototype(config, home: Path, options: dict) -> Reward:
@@ -319,7 +328,7 @@ def _clip_scorer(name: str, options: dict, head: Callable | None = None) -> Rewa
         text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
         return scale * (image_embeds * text_embeds).sum(-1)
 
-    return Reward(name, True, fn, f"CLIP-family score from {source}")
+    return Reward(name, True, fn, description=f"CLIP-family score from {source}")
 
 
 def clip_score(config, home, options) -> Reward:
@@ -358,11 +367,11 @@ def image_reward(config, home, options) -> Reward:
     def fn(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         from PIL import Image
 
-        arrays = (images.clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        arrays = to_uint8(images)
         scores = [float(model.score(p, Image.fromarray(a))) for p, a in zip(prompts, arrays)]
         return torch.tensor(scores, device=images.device)
 
-    return Reward("image_reward", False, fn, f"ImageReward from {source}")
+    return Reward("image_reward", False, fn, description=f"ImageReward from {source}")
 
 
 def hpsv2(config, home, options) -> Reward:
@@ -372,18 +381,18 @@ def hpsv2(config, home, options) -> Reward:
     def fn(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         from PIL import Image
 
-        arrays = (images.clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        arrays = to_uint8(images)
         return torch.tensor(
             [float(module.score(Image.fromarray(a), p, cp=source)[0]) for p, a in zip(prompts, arrays)],
             device=images.device,
         )
 
-    return Reward("hpsv2", False, fn, f"HPSv2 from {source}")
+    return Reward("hpsv2", False, fn, description=f"HPSv2 from {source}")
 
 
 def _simple(name: str, fn: Callable, differentiable: bool, description: str):
     def factory(config, home, options) -> Reward:
-        return Reward(name, differentiable, fn, description)
+        return Reward(name, differentiable, fn, description=description)
 
     factory.differentiable = differentiable
     return factory
@@ -397,10 +406,10 @@ def rescaled(reward: Reward, scale: float) -> Reward:
         reward.name,
         reward.differentiable,
         lambda inputs, prompts: reward.fn(inputs, prompts) / scale,
-        f"{reward.description} / {scale:g}",
-        {**reward.info, "scale": scale},
-        reward.on_latents,
-        reward.quadratic.scaled(1 / scale) if reward.quadratic else None,
+        description=f"{reward.description} / {scale:g}",
+        info={**reward.info, "scale": scale},
+        on_latents=reward.on_latents,
+        quadratic=reward.quadratic.scaled(1 / scale) if reward.quadratic else None,
     )
 
 
@@ -432,7 +441,15 @@ def weighted_sum(config, home, options) -> Reward:
         quadratic = combine_quadratics([(reward.quadratic, w) for reward, w in parts])
     differentiable = all(r.differentiable for r, _ in parts)
     info = {"terms": dict(terms)}
-    return Reward("weighted_sum", differentiable, fn, label, info, on_latents.pop(), quadratic)
+    return Reward(
+        "weighted_sum",
+        differentiable,
+        fn,
+        description=label,
+        info=info,
+        on_latents=on_latents.pop(),
+        quadratic=quadratic,
+    )
 
 
 REWARDS: dict[str, Callable] = {

@@ -20,7 +20,7 @@ from torch import nn
 from training.card import LoraSpec
 from training.rewards import Reward
 from training.step.chain import run_chain
-from training.step.kernel import DDIMSchedule, GaussianStep, LogVarianceOffset, tilted_gaussian
+from training.step.kernel import DDIMSchedule, GaussianStep, LogVarianceOffset, draw_noise, tilted_gaussian
 from training.step.policy import GaussianStepPolicy, GuidedEpsilon
 
 ADAPTER = "default"
@@ -42,13 +42,17 @@ def lora_state_dict(unet) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in get_peft_model_state_dict(unet, adapter_name=ADAPTER).items()}
 
 
-def load_lora_state_dict(unet, state: dict[str, torch.Tensor]) -> None:
+def load_lora_state_dict(unet, state: dict[str, torch.Tensor], adapter_name: str = ADAPTER) -> None:
+    """Load a LoRA state dict into the UNet's adapter ``adapter_name``; keys that match none of its modules
+    (an adapter made for another UNet or another target set) raise ``ValueError``."""
     from peft import set_peft_model_state_dict
 
-    result = set_peft_model_state_dict(unet, state, adapter_name=ADAPTER)
+    result = set_peft_model_state_dict(unet, state, adapter_name=adapter_name)
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
-        raise ValueError(f"adapter does not fit this UNet: unexpected keys such as {unexpected[0]}")
+        raise ValueError(
+            f"adapter '{adapter_name}' does not fit this UNet: unexpected keys such as {unexpected[0]}"
+        )
 
 
 @contextmanager
@@ -159,6 +163,11 @@ class DiffusionStepProblem(nn.Module):
     def unet_evaluations(self, value: int) -> None:
         self.eps.rows = value
 
+    def count_reward_gradient(self, states: int, step: int) -> None:
+        if self.x0_estimate != "current_eps" and step < len(self.schedule) - 1:
+            self.eps.count_backward(states)  # the clean estimate's UNet call is differentiated
+        # current_eps (and the last step): x0_hat is affine in the action, the gradient skips the UNet
+
     def make_cond(self, prompt_index: torch.Tensor) -> dict:
         return {
             "embeds": self.prompt_embeds[prompt_index],
@@ -168,8 +177,8 @@ class DiffusionStepProblem(nn.Module):
 
     def initial_states(self, batch_size: int, generator: torch.Generator):
         index = torch.randint(0, len(self.prompts), (batch_size,), generator=generator)
-        noise = torch.randn((batch_size, *self.latent_shape), generator=generator)
-        return noise.to(self.prompt_embeds.device), self.make_cond(index)
+        noise = draw_noise((batch_size, *self.latent_shape), generator, device=self.prompt_embeds.device)
+        return noise, self.make_cond(index)
 
     def reference(self, x_t, step, cond) -> GaussianStep:
         with adapters_disabled(self.unet):
@@ -248,18 +257,6 @@ class DiffusionStepProblem(nn.Module):
 
     # -- sampling for evaluation ----------------------------------------------------------------------------
     @torch.no_grad()
-    def sample_images(
-        self,
-        prompt_index: torch.Tensor,
-        generator: torch.Generator,
-        use_policy: bool = True,
-        batch_size: int = 128,
-    ) -> tuple[torch.Tensor, list[str], float]:
-        """Full DDIM chains; returns images, prompts and the mean per-step KL(policy || reference)."""
-        latents, prompts, kl = self.sample_latents(prompt_index, generator, use_policy, batch_size)
-        return self.decode(latents), prompts, kl
-
-    @torch.no_grad()
     def sample_latents(
         self,
         prompt_index: torch.Tensor,
@@ -267,7 +264,8 @@ class DiffusionStepProblem(nn.Module):
         use_policy: bool = True,
         batch_size: int = 128,
     ) -> tuple[torch.Tensor, list[str], float]:
-        """:meth:`sample_images` before the decode: the final latents."""
+        """Full DDIM chains of the policy (or the reference); returns the final latents, the prompts and the
+        mean per-step KL(policy || reference)."""
         images, prompts, kls = [], [], []
 
         def policy_kernel(cond):
@@ -281,9 +279,7 @@ class DiffusionStepProblem(nn.Module):
         for start in range(0, len(prompt_index), batch_size):
             index = prompt_index[start : start + batch_size]
             cond = self.make_cond(index)
-            x_T = torch.randn((len(index), *self.latent_shape), generator=generator).to(
-                self.prompt_embeds.device
-            )
+            x_T = draw_noise((len(index), *self.latent_shape), generator, device=self.prompt_embeds.device)
             kernel = (
                 policy_kernel(cond)
                 if use_policy

@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from training.step.kernel import DDIMSchedule, GaussianStep, LogVarianceOffset
+from training.step.kernel import DDIMSchedule, GaussianStep, LogVarianceOffset, draw_noise
 from training.step.policy import GaussianStepPolicy
 
 MIXTURE_MEANS = ((-2.0, 0.0), (2.0, 0.0), (0.0, 2.0))
@@ -105,8 +105,11 @@ class ToyProblem(nn.Module):
     def unet_evaluations(self, value: int) -> None:
         self._evaluations = value
 
+    def count_reward_gradient(self, states: int, step: int) -> None:
+        """The toy's reward is a closed form of the action: its gradient runs no epsilon model."""
+
     def initial_states(self, batch_size: int, generator: torch.Generator):
-        return torch.randn(batch_size, 2, generator=generator).to(self.linear.device), None
+        return draw_noise((batch_size, 2), generator, device=self.linear.device), None
 
     def reference(self, x_t, step, cond) -> GaussianStep:
         return self.reference_policy(x_t, step, cond)
@@ -136,7 +139,7 @@ def evaluate_against_optimum(
 ) -> dict:
     """Held-out states from reference rollouts: mean error over ``sigma_t`` and relative variance error."""
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(num_states, 2, generator=generator)
+    x = draw_noise((num_states, 2), generator)
     mean_errors, var_errors, per_step = [], [], []
     for step in range(len(problem.schedule)):
         policy = problem.policy(x, step, None)

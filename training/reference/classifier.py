@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from configs.errors import first_line
 from training.reference.digits import DigitSplit
+from training.step.kernel import draw_noise
 
 
 class DigitCNN(nn.Module):
@@ -44,7 +45,7 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     max_shift = max(1, size // 8)
     shifts = torch.randint(-max_shift, max_shift + 1, (2,), generator=generator).tolist()
     out = torch.roll(images, shifts=shifts, dims=(2, 3))
-    out = out + 0.1 * torch.randn(out.shape, generator=generator).to(out.device)
+    out = out + 0.1 * draw_noise(out.shape, generator, device=out.device)
     return out.clamp(0, 1)
 
 

@@ -52,6 +52,7 @@ from training.reference.digits import (
     train_test_split,
 )
 from training.reference.tokenizer import build_tokenizer, save_tokenizer
+from training.step.kernel import draw_noise
 from training.storage import (
     ModelLoadError,
     atomic_file,
@@ -356,7 +357,7 @@ def train_vae(
     for _ in bar:
         x = x_all[torch.randint(0, len(x_all), (pretrain.batch_size,), generator=generator).to(device)]
         posterior = vae.encode(x).latent_dist
-        noise = torch.randn(posterior.mean.shape, generator=generator).to(device)
+        noise = draw_noise(posterior.mean.shape, generator, device=device)
         z = posterior.mean + posterior.std * noise
         loss = F.mse_loss(vae.decode(z).sample, x) + pretrain.vae_kl_weight * posterior.kl().mean()
         optimizer.zero_grad(set_to_none=True)
@@ -411,7 +412,7 @@ def train_denoiser(components: dict, latents, labels, pretrain: PretrainConfig, 
     for step in bar:
         idx = torch.randint(0, n, (batch,), generator=generator)
         x0 = latents[idx.to(device)]
-        noise = torch.randn(x0.shape, generator=generator).to(device)
+        noise = draw_noise(x0.shape, generator, device=device)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator)
         a = alphas_cumprod[t].view(-1, 1, 1, 1).to(device)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise

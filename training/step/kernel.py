@@ -54,10 +54,15 @@ def gaussian_kl(mean_p, var_p, mean_q, var_q) -> torch.Tensor:
     return elementwise.flatten(1).sum(1)
 
 
-def draw_noise(shape, generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
-    """Standard normal noise of ``shape`` in ``like``'s dtype and on its device, drawn from a CPU
-    ``generator``."""
-    return torch.randn(tuple(shape), generator=generator, dtype=like.dtype).to(like.device)
+def draw_noise(
+    shape, generator: torch.Generator | None, like: torch.Tensor | None = None, device=None
+) -> torch.Tensor:
+    """Standard normal noise of ``shape`` drawn from a CPU ``generator``, then moved: in ``like``'s dtype and
+    on its device, or in float32 on ``device`` (default: the CPU). The one place noise is drawn."""
+    dtype = like.dtype if like is not None else torch.float32
+    noise = torch.randn(tuple(shape), generator=generator, dtype=dtype)
+    target = like.device if like is not None else device
+    return noise if target is None else noise.to(target)
 
 
 def offset_variance(sigma: torch.Tensor, log_offset: torch.Tensor | None, ndim: int) -> torch.Tensor:

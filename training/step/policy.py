@@ -48,6 +48,11 @@ class GuidedEpsilon(nn.Module):
         """UNet rows per image and evaluation: 2 with guidance, 1 without."""
         return 1 if self.guidance_scale == 1.0 else 2
 
+    def count_backward(self, images: int) -> None:
+        """A backward pass through the UNet for ``images`` images costs two forward evaluations
+        (docs/design.md §3.8): ``2 * rows_per_image * images`` rows."""
+        self.rows += 2 * self.rows_per_image * images
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
         embeds, uncond = cond["embeds"], cond["uncond"]
         self.rows += self.rows_per_image * x.shape[0]
