@@ -39,6 +39,7 @@ from typing import Any
 
 from configs.errors import MsddaError, first_line
 from configs.schema import TrainConfig
+from flows.failures import SQLITE_LOCKED
 from flows.tracking import (
     check_store,
     ensure_experiment,
@@ -71,7 +72,7 @@ RUN_HASH_TAG = "msdda.base_model.content_hash"
 CHAMPION_REASON_TAG = "champion_reason"
 """Version tag: why the version did or did not take ``champion`` (:func:`champion_verdict`)."""
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-_TRANSIENT = ("database is locked", "database table is locked", "Giving up after")
+_TRANSIENT = (*SQLITE_LOCKED, "Giving up after")
 RETRY_SECONDS = 60.0
 """How long :func:`_retrying` keeps retrying a locked store before it gives up."""
 
