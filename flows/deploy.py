@@ -120,6 +120,8 @@ def training_deployment(
     from prefect.deployments.runner import EntrypointType
     from prefect.schedules import Cron
 
+    from flows.registry import CHAMPION_MIN_RISE_SE
+
     extra = {} if from_source else {"entrypoint_type": EntrypointType.MODULE_PATH}
     return _flow("train-base-models", from_source).to_deployment(
         TRAINING_NAME,
@@ -128,7 +130,7 @@ def training_deployment(
         parameters=_parameters(config_path, home, overrides),
         tags=TAGS,
         description="Retrain and register a base model per objective (the champion alias moves when the "
-        "reward rose by more than 3 standard errors and the kernel check passed).",
+        f"reward rose by more than {CHAMPION_MIN_RISE_SE:g} standard errors and the kernel check passed).",
         **extra,
     )
 

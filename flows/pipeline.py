@@ -4,7 +4,7 @@
 flow                   what it does
 =====================  ====================================================================================
 ``pretrain-reference`` build (or reuse) the embedded reference model
-``train-base-model``   train, log and register one base model (``champion``: reward rise > 3 SE, kernel check)
+``train-base-model``   train, log and register one base model (``champion``: ``registry.champion_verdict``)
 ``train-base-models``  fan ``train-base-model`` out over objectives: in-process, or on Dask (prefect-dask)
 ``compose``            on-demand composition for one weight vector (images + MLflow run)
 ``sweep``              every method over the weight grid: Pareto fronts, hypervolume, plots

@@ -69,6 +69,9 @@ METRIC_KEYS = (
     "kernel_cosine",
 )
 RUN_HASH_TAG = "msdda.base_model.content_hash"
+CHAMPION_MIN_RISE_SE = 3.0
+"""The ``champion`` alias's bound on the held-out reward's rise, in paired standard errors: a version takes
+the alias only when its reward rose by more than this (:func:`champion_verdict`)."""
 CHAMPION_REASON_TAG = "champion_reason"
 """Version tag: why the version did or did not take ``champion`` (:func:`champion_verdict`)."""
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
@@ -234,7 +237,7 @@ def lineage_tags(card: BaseModelCard, content_hash: str) -> dict[str, str]:
     return tags
 
 
-def champion_verdict(card: BaseModelCard, min_rise_se: float) -> tuple[bool, str]:
+def champion_verdict(card: BaseModelCard, min_rise_se: float = CHAMPION_MIN_RISE_SE) -> tuple[bool, str]:
     """Whether a base model earns ``champion`` by its card, and why.
 
     Two checks: the held-out reward rose by more than ``min_rise_se`` paired SE; and, when training ran the
@@ -400,7 +403,7 @@ def register_base_model(
     model_dir: Path,
     run_id: str | None = None,
     champion: bool | None = None,
-    min_rise_se: float = 3.0,
+    min_rise_se: float = CHAMPION_MIN_RISE_SE,
 ) -> dict:
     """Register the base model in ``model_dir`` as a new version of ``msdda-<objective>``.
 
