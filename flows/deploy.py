@@ -32,7 +32,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from configs.errors import MsddaError
+from configs.errors import MsddaError, first_line
 
 if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment
@@ -80,7 +80,7 @@ def check_cron(cron: str) -> str:
         CronSchedule(cron=cron)
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
         errors = getattr(exc, "errors", list)()
-        reason = errors[0]["msg"] if errors else str(exc).splitlines()[0]
+        reason = errors[0]["msg"] if errors else first_line(exc)
         reason = reason.removeprefix("Value error, ")
         raise DeploymentError(f"invalid cron schedule {cron!r}: {reason}") from None
     return cron

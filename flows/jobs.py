@@ -17,7 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Literal
 
-from configs.errors import MsddaError
+from configs.errors import MsddaError, first_line
 from configs.schema import MAX_PROMPT_CHARS, PipelineConfig
 
 if TYPE_CHECKING:
@@ -221,7 +221,7 @@ def read_prompts(path: str | os.PathLike, limit: int = MAX_IMAGES) -> list[str]:
                     if len(prompts) == limit:
                         break
     except (OSError, UnicodeDecodeError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        reason = getattr(exc, "strerror", None) or first_line(exc)
         raise PromptError(f"{path}: cannot read prompts ({reason})") from None
     if not prompts:
         raise PromptError(f"{path}: no prompts (the file is empty or holds only blank lines)")
