@@ -112,7 +112,7 @@ class Ensemble:
     def composer(self, options: CompositionConfig) -> Composer:
         """The methods' view of the ensemble; with ``options.compile`` its UNet calls go through
         :meth:`compiled_unet`."""
-        forward = self.compiled_unet() if getattr(options, "compile", False) else None
+        forward = self.compiled_unet() if options.compile else None
         return Composer(self.pipe.unet, self.schedule, self.guidance_scale, self.models, options, forward)
 
     @torch.no_grad()
