@@ -367,6 +367,21 @@ MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]
 """A registered method's name: the choices of ``msdda compose --method`` and of the Prefect flows."""
 
 
+def method_rows() -> list[dict]:
+    """The registry as JSON-ready rows (``msdda methods --json``): name, label, kind, whether the method calls
+    the rewards while sampling, and what a step does."""
+    return [
+        {
+            "name": m.name,
+            "label": m.label,
+            "kind": m.kind,
+            "calls_rewards": m.score is not None,
+            "summary": m.summary,
+        }
+        for m in METHODS.values()
+    ]
+
+
 def methods_table() -> str:
     """The registry as a Markdown table (``docs/adding-a-method.md`` embeds it; a test keeps them in step)."""
     rows = ["| name | label | kind | calls the rewards | what a step does |", "|---|---|---|---|---|"]

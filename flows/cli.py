@@ -375,19 +375,9 @@ def sweep(
 @app.command()
 def methods(json_output: JsonOption = False) -> None:
     """The registered composition methods (`composition/methods.py`): name, label, kind, what a step does."""
-    from composition.methods import METHODS, methods_table
+    from composition.methods import method_rows, methods_table
 
-    rows = [
-        {
-            "name": m.name,
-            "label": m.label,
-            "kind": m.kind,
-            "calls_rewards": m.score is not None,
-            "summary": m.summary,
-        }
-        for m in METHODS.values()
-    ]
-    _emit(rows, json_output, methods_table())
+    _emit(method_rows(), json_output, methods_table())
 
 
 def sweep_table(result: dict) -> str:
@@ -562,7 +552,7 @@ def deploy(
     """Create the Prefect deployments on a Prefect server (PREFECT_API_URL):
     `train-base-models/scheduled-training` on a cron schedule and `compose/on-demand`. Without --pool, serve
     them here until Ctrl-C."""
-    from flows.deploy import check_cron, deploy_to_pool, serve_deployments
+    from flows.deploy import COMPOSE_DEPLOYMENT, check_cron, deploy_to_pool, serve_deployments
     from training.models import msdda_home
 
     home = msdda_home()
@@ -576,7 +566,7 @@ def deploy(
         ]
         lines += [
             f"work pool '{pool}': start a worker with `prefect worker start --pool {pool}`",
-            "compose on demand: prefect deployment run compose/on-demand -p 'weights=[0.5, 0.5]'",
+            f"compose on demand: prefect deployment run {COMPOSE_DEPLOYMENT} -p 'weights=[0.5, 0.5]'",
         ]
         _emit({"deployments": rows, "work_pool": pool, "serving": False}, json_output, "\n".join(lines))
         return

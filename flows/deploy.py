@@ -42,10 +42,8 @@ TRAINING_NAME = "scheduled-training"
 COMPOSE_NAME = "on-demand"
 TAGS = ["msdda"]
 SOURCE = Path(__file__).resolve().parents[1]  # the folder holding the ``flows`` package
-ENTRYPOINTS = {
-    "train-base-models": "flows/pipeline.py:train_base_models",
-    "compose": "flows/pipeline.py:compose",
-}
+COMPOSE_DEPLOYMENT = f"compose/{COMPOSE_NAME}"
+"""The on-demand deployment's full name (``prefect deployment run compose/on-demand ...``)."""
 
 
 class DeploymentError(MsddaError, ValueError):
@@ -99,14 +97,16 @@ def _parameters(
 
 
 def _flow(name: str, from_source: bool):
-    """The flow object: the imported one (served), or loaded from :data:`SOURCE` (for a work pool)."""
+    """The flow named ``name`` (:data:`flows.pipeline.FLOWS`): the imported one (served), or loaded from
+    :data:`SOURCE` (for a work pool) by its entrypoint ``flows/pipeline.py:<function>``."""
+    from flows import pipeline
+
+    flow = pipeline.FLOWS[name]
     if from_source:
         from prefect import Flow
 
-        return Flow.from_source(source=str(SOURCE), entrypoint=ENTRYPOINTS[name])
-    from flows import pipeline
-
-    return {"train-base-models": pipeline.train_base_models, "compose": pipeline.compose}[name]
+        return Flow.from_source(source=str(SOURCE), entrypoint=f"flows/pipeline.py:{flow.fn.__name__}")
+    return flow
 
 
 def training_deployment(

@@ -474,3 +474,9 @@ def pipeline(
         "sweep": result,
         "seconds": round(time.perf_counter() - start, 1),
     }
+
+
+FLOWS = {
+    f.name: f for f in (pretrain_reference, train_base_model, train_base_models, compose, sweep, pipeline)
+}
+"""Every flow by its Prefect name (the deployments look theirs up here: ``flows.deploy``)."""
