@@ -311,11 +311,11 @@ def compose(
         cfg,
         msdda_home(),
         weights,
-        _split(models, "--models"),
-        method,
-        num_images,
-        seed,
-        out,
+        specs=_split(models, "--models"),
+        method=method,
+        num_images=num_images,
+        seed=seed,
+        out_dir=out,
         prompts=prompts,
         progress=sys.stderr.isatty() or not json_output,
     )
@@ -363,10 +363,10 @@ def sweep(
     result = sweep_job(
         cfg,
         msdda_home(),
-        _split(models, "--models"),
-        _split(methods, "--methods"),
-        grid,
-        num_images,
+        specs=_split(models, "--models"),
+        methods=_split(methods, "--methods"),
+        grid=grid,
+        num_images=num_images,
         progress=sys.stderr.isatty() or not json_output,
     )
     _emit(result, json_output, sweep_table(result) + f"\nPareto plot: {result['plot']}")
@@ -507,7 +507,9 @@ def run(
     console_without_tracebacks()  # Prefect's console too: a failure is one line (flows.failures)
     # every Prefect client of the flow, Dask workers included, talks to that one server
     with temporary_settings(updates={PREFECT_API_URL: api_url}):
-        result = pipeline(str(config) if config else None, str(home), runner, overrides)
+        result = pipeline(
+            config_path=str(config) if config else None, home=str(home), runner=runner, overrides=overrides
+        )
     reference = result["reference"]
     accuracy = reference.get("alignment_accuracy")
     lines = [
@@ -559,7 +561,7 @@ def deploy(
     check_cron(cron)
     _, overrides = _config(config, overrides, device)  # bad input fails now, not at the first scheduled run
     if pool is not None:
-        rows = deploy_to_pool(pool, cron, config, home, overrides)
+        rows = deploy_to_pool(pool, cron=cron, config_path=config, home=home, overrides=overrides)
         lines = [
             f"deployed {r['name']} ({r['id']})" + (f", cron '{cron}' UTC" if r["schedules"] else "")
             for r in rows
@@ -583,7 +585,7 @@ def deploy(
             )
         typer.echo("serving; Ctrl-C to stop", err=True)
 
-    serve_deployments(cron, config, home, on_ready=ready, overrides=overrides)
+    serve_deployments(cron, config_path=config, home=home, on_ready=ready, overrides=overrides)
 
 
 @app.command()

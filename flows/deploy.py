@@ -182,8 +182,8 @@ def serve_deployments(
 
     api_url()
     deployments = [
-        training_deployment(cron, config_path, home, overrides=overrides),
-        compose_deployment(config_path, home, overrides=overrides),
+        training_deployment(cron, config_path=config_path, home=home, overrides=overrides),
+        compose_deployment(config_path=config_path, home=home, overrides=overrides),
     ]
     runner = Runner(name="msdda-serve", pause_on_shutdown=True)
     described = [_describe(d, runner.add_deployment(d)) for d in deployments]
@@ -248,7 +248,7 @@ def deploy_to_pool(
             "or `msdda deploy` without --pool"
         )
     deployments = [
-        training_deployment(cron, config_path, home, from_source=True, overrides=overrides),
-        compose_deployment(config_path, home, from_source=True, overrides=overrides),
+        training_deployment(cron, config_path=config_path, home=home, from_source=True, overrides=overrides),
+        compose_deployment(config_path=config_path, home=home, from_source=True, overrides=overrides),
     ]
     return [{**_describe(d, d.apply(work_pool_name=pool)), "work_pool": pool} for d in deployments]
