@@ -98,14 +98,15 @@ def _private_by_default() -> None:
         os.environ.setdefault(name, value)
 
 
-def _quiet_warnings() -> None:
-    """Keep third-party deprecations and MLflow's upload bars off the terminal; our own bars stay."""
+def _quiet_upload_bars() -> None:
+    """Keep MLflow's upload bars off the terminal; our own bars stay.
+
+    Warnings are not silenced process-wide: the library warnings that the commands meet are filtered where
+    they arise, by message, category and module (peft's notes on several adapters in one model:
+    ``composition.batched.load_adapter`` and ``composition.pipeline``), and any other one is shown."""
     import os
-    import warnings
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
 
 
 def _quiet_libraries() -> None:
@@ -644,7 +645,7 @@ def main(argv: list[str] | None = None) -> int:
     from flows.failures import command_logging, console_without_tracebacks
 
     _private_by_default()
-    _quiet_warnings()
+    _quiet_upload_bars()
     args = sys.argv[1:] if argv is None else list(argv)
     with command_logging(_global_verbose(args)):
         console_without_tracebacks()
