@@ -14,7 +14,9 @@ flow                   what it does
 Parameters are validated by Prefect with pydantic from the type hints. Flows take ``config_path`` (YAML,
 default: the embedded default), ``overrides`` (``section.field=value`` strings applied on top, as
 ``--set`` does: ``configs.overrides``) and ``home`` (default ``$MSDDA_HOME``) so that they run the same
-in-process, on a Dask worker or from a deployment.
+in-process, on a Dask worker or from a deployment. Each flow's work runs in a Prefect task (``pretrain``,
+``train``, ``compose``, ``sweep``) that takes the one retry policy of :mod:`flows.retries`: a transient error
+is tried again, an :class:`~configs.errors.MsddaError` never. :data:`FLOWS` holds every flow by name.
 """
 
 from __future__ import annotations
