@@ -366,6 +366,9 @@ METHODS: dict[str, Method] = {
 MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]
 """A registered method's name: the choices of ``msdda compose --method`` and of the Prefect flows."""
 
+DEFAULT_METHOD: MethodName = "msdda"
+"""The method a composition runs when none is named (``msdda compose``, the ``compose`` flow, the jobs)."""
+
 
 def method_rows() -> list[dict]:
     """The registry as JSON-ready rows (``msdda methods --json``): name, label, kind, whether the method calls

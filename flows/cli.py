@@ -15,9 +15,10 @@ from typing import Annotated
 
 import typer
 
-from composition.methods import MethodName
+from composition.methods import DEFAULT_METHOD, MethodName
 from configs.errors import MsddaError
 from configs.schema import MAX_PROMPT_CHARS, Device
+from flows.deploy import DEFAULT_CRON
 from flows.jobs import MAX_IMAGES, Runner, quiet_libraries
 from training.rewards import RewardName
 
@@ -275,7 +276,7 @@ def compose(
     seed: Annotated[
         int | None, typer.Option("--seed", help="Seed of the initial noise (default: composition.seed).")
     ] = None,
-    method: MethodOption = "msdda",
+    method: MethodOption = DEFAULT_METHOD,
     prompt: Annotated[
         list[str] | None,
         typer.Option(
@@ -537,7 +538,7 @@ def run(
 def deploy(
     cron: Annotated[
         str, typer.Option("--cron", help="Training schedule: a cron expression, in UTC.")
-    ] = "0 3 * * *",
+    ] = DEFAULT_CRON,
     pool: Annotated[
         str | None,
         typer.Option(

@@ -17,6 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Literal
 
+from composition.methods import DEFAULT_METHOD
 from configs.errors import MsddaError, first_line
 from configs.schema import MAX_PROMPT_CHARS, PipelineConfig
 
@@ -274,7 +275,7 @@ def compose_job(
     home: Path,
     weights,
     specs: list[str] | None = None,
-    method: str = "msdda",
+    method: str = DEFAULT_METHOD,
     num_images: int | None = None,
     seed: int | None = None,
     out_dir: Path | None = None,

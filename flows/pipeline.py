@@ -29,7 +29,7 @@ from typing import Annotated
 from prefect import flow, task
 from pydantic import Field
 
-from composition.methods import MethodName
+from composition.methods import DEFAULT_METHOD, MethodName
 from flows.jobs import Runner
 from flows.retries import retry_policy
 
@@ -128,7 +128,7 @@ def train_task(
 def compose_task(
     weights: list[float],
     models: list[str] | None = None,
-    method: str = "msdda",
+    method: str = DEFAULT_METHOD,
     num_images: int | None = None,
     seed: int | None = None,
     config_path: str | None = None,
@@ -383,7 +383,7 @@ def _environment_kept(names: tuple[str, ...]):
 def compose(
     weights: list[float],
     models: list[str] | None = None,
-    method: MethodName = "msdda",
+    method: MethodName = DEFAULT_METHOD,
     num_images: PositiveInt | None = None,
     seed: int | None = None,
     config_path: str | None = None,
