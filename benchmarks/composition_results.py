@@ -31,6 +31,7 @@ import torch
 from readme_section import write_section  # benchmarks/ is on sys.path when run as a script
 
 from composition.engine import generate, load_ensemble, score_generated
+from composition.methods import METHODS
 from configs import load_config
 from configs.schema import ObjectiveSpec
 from flows.jobs import sweep_job
@@ -335,9 +336,7 @@ def plot_reward_kl(report: dict, path: Path) -> None:
     if not entries:
         return
     fig, axes = plt.subplots(1, len(J_WEIGHTS), figsize=(13, 4.2), sharey=False)
-    colors = dict(
-        zip(("msdda", "db", "rs", "code", "rgg"), plt.rcParams["axes.prop_cycle"].by_key()["color"])
-    )
+    colors = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     legend_done = False
     for ax, w1 in zip(axes, J_WEIGHTS):
         drawn = False
@@ -392,7 +391,7 @@ def main() -> None:
     parser.add_argument("--config", default=None)
     parser.add_argument("--num-images", type=int, default=256)
     parser.add_argument("--oracle-images", type=int, default=1024)
-    parser.add_argument("--methods", default="msdda,db,rs,code,rgg")
+    parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument(
         "--curve-images", type=int, default=128, help="images per point of the extra curve points"
     )

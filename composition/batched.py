@@ -66,7 +66,12 @@ def load_adapter(
             kwargs["alpha_pattern"] = dict(pattern)
     clear_stacked(unet)
     with warnings.catch_warnings():  # several adapters on one model is the point here
-        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        warnings.filterwarnings(
+            "ignore",
+            message="Already found a `peft_config` attribute",
+            category=UserWarning,
+            module=r"peft\.",
+        )
         unet.add_adapter(LoraConfig(**kwargs), adapter_name=name)
     load_lora_state_dict(unet, lora_state, adapter_name=name)
 

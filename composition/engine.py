@@ -28,7 +28,7 @@ import torch
 
 from composition.batched import compile_unet, load_adapter
 from composition.methods import METHODS, Batch, Composer, Method, check_finite
-from configs.errors import MsddaError
+from configs.errors import MsddaError, first_line
 from configs.schema import CompositionConfig, PipelineConfig
 from training.card import LoadedBaseModel, check_adapted_modules, check_lineage, load_base_model
 from training.images import to_uint8
@@ -113,7 +113,7 @@ class Ensemble:
     def composer(self, options: CompositionConfig) -> Composer:
         """The methods' view of the ensemble; with ``options.compile`` its UNet calls go through
         :meth:`compiled_unet`."""
-        forward = self.compiled_unet() if getattr(options, "compile", False) else None
+        forward = self.compiled_unet() if options.compile else None
         return Composer(self.pipe.unet, self.schedule, self.guidance_scale, self.models, options, forward)
 
     @torch.no_grad()
@@ -222,8 +222,7 @@ def attach_base_model(unet, model: LoadedBaseModel) -> None:
         load_adapter(unet, model.objective, model.lora, model.card.lora)
     except (ValueError, RuntimeError, KeyError) as exc:
         raise CompositionError(
-            f"base model '{model.objective}' at {model.path} does not fit the reference: "
-            f"{str(exc).splitlines()[0]}"
+            f"base model '{model.objective}' at {model.path} does not fit the reference: {first_line(exc)}"
         ) from None
 
 

@@ -38,6 +38,7 @@ from composition.batched import (
 )
 from composition.msdda import SUM_TOLERANCE, compose_gaussian, composition_coefficients
 from composition.soup import lora_ranks, merge_lora_states
+from configs.schema import CompositionConfig
 from training.card import LoraSpec
 from training.step.chain import Chain, run_chain
 from training.step.kernel import DDIMSchedule, GaussianStep
@@ -70,14 +71,22 @@ class Composer:
     """What every method works with: the UNet carrying the K base models' adapters, the schedule, guided and
     counted epsilons, and each base model's learned variance and beta.
 
-    ``models`` are loaded base models (``training.card.LoadedBaseModel``); ``forward`` (default: the UNet)
-    is what runs the UNet, e.g. :func:`composition.batched.compile_unet`'s compiled UNet.
+    ``models`` are loaded base models (``training.card.LoadedBaseModel``); ``options`` the ``composition``
+    settings (``None``: the schema's defaults); ``forward`` (default: the UNet) is what runs the UNet, e.g.
+    :func:`composition.batched.compile_unet`'s compiled UNet.
     """
 
     def __init__(
-        self, unet, schedule: DDIMSchedule, guidance_scale: float, models: Sequence, options, forward=None
+        self,
+        unet,
+        schedule: DDIMSchedule,
+        guidance_scale: float,
+        models: Sequence,
+        options: CompositionConfig | None,
+        forward=None,
     ):
-        self.unet, self.schedule, self.options = unet, schedule, options
+        self.unet, self.schedule = unet, schedule
+        self.options = CompositionConfig() if options is None else options
         self.models = list(models)
         self.eps = GuidedEpsilon(unet, guidance_scale, forward)
 
@@ -90,7 +99,7 @@ class Composer:
     def plan(self) -> str:
         """``one_call`` or ``per_model``: ``options.plan``, with ``auto`` resolved by the UNet's device (K
         calls on the CPU, one call elsewhere)."""
-        plan = getattr(self.options, "plan", "auto")
+        plan = self.options.plan
         if plan == "auto":
             return "per_model" if self.unet.device.type == "cpu" else "one_call"
         return plan
@@ -99,7 +108,7 @@ class Composer:
         """``[len(adapters), B, ...]`` guided epsilons routed by adapter name: one UNet call of
         ``len(adapters) * B`` rows, or one call of ``B`` rows per adapter (:attr:`plan`)."""
         n, b = len(adapters), x.shape[0]
-        weights = getattr(self.options, "routed_weights", "merged")
+        weights = self.options.routed_weights
         if self.plan == "per_model" and n > 1:
             t, cond = self.schedule.timestep(step, x), batch.cond(1)
             eps = []
@@ -116,7 +125,7 @@ class Composer:
         """The reference's kernel function for ``batch``, or ``None`` unless ``options.path_kl``: the
         yardstick of each image's path KL. Its UNet rows are evaluation, not the method's cost: NFE does not
         count them."""
-        if not getattr(self.options, "path_kl", False):
+        if not self.options.path_kl:
             return None
 
         def reference(x: torch.Tensor, step: int) -> GaussianStep:
@@ -131,7 +140,7 @@ class Composer:
         """``(lam, active model indices, whether the reference is needed)`` for objective weights ``w``, with
         ``lam_i = w_i beta_i / beta`` for the target ``beta = options.beta`` (``lam = w`` when unset)."""
         lam = composition_coefficients(
-            weights, len(self.models), [m.beta for m in self.models], getattr(self.options, "beta", None)
+            weights, len(self.models), [m.beta for m in self.models], self.options.beta
         )
         active = [i for i, value in enumerate(lam.tolist()) if value != 0.0]
         return lam, active, abs(1.0 - float(lam.sum())) > SUM_TOLERANCE
@@ -353,6 +362,24 @@ METHODS: dict[str, Method] = {
 
 MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]
 """A registered method's name: the choices of ``msdda compose --method`` and of the Prefect flows."""
+
+DEFAULT_METHOD: MethodName = "msdda"
+"""The method a composition runs when none is named (``msdda compose``, the ``compose`` flow, the jobs)."""
+
+
+def method_rows() -> list[dict]:
+    """The registry as JSON-ready rows (``msdda methods --json``): name, label, kind, whether the method calls
+    the rewards while sampling, and what a step does."""
+    return [
+        {
+            "name": m.name,
+            "label": m.label,
+            "kind": m.kind,
+            "calls_rewards": m.score is not None,
+            "summary": m.summary,
+        }
+        for m in METHODS.values()
+    ]
 
 
 def methods_table() -> str:

@@ -140,7 +140,12 @@ def _delete_adapter(unet, name: str) -> None:
     import warnings
 
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+        warnings.filterwarnings(
+            "ignore",
+            message="Adapter .* was active which is now deleted",
+            category=UserWarning,
+            module=r"peft\.",
+        )
         unet.delete_adapters(name)
     clear_stacked(unet)
 

@@ -1,7 +1,7 @@
 """The one base class of every user-facing error.
 
 An :class:`MsddaError`'s message is one line that says what is wrong and, where it can, what to do. The CLI
-prints it and exits with code 2; the Prefect tasks never retry it (see ``flows.pipeline``).
+prints it and exits with code 2; the Prefect tasks never retry it (see ``flows.retries``).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from configs.errors import TOO_DEEP, ConfigError
+from configs.errors import TOO_DEEP, ConfigError, first_line
 
 
 class OverrideError(ConfigError):
@@ -41,8 +41,7 @@ def parse_override(text: str) -> Override:
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as exc:
-        reason = str(exc).splitlines()[0]
-        raise OverrideError(f"--set {text}: the value is not YAML ({reason})") from None
+        raise OverrideError(f"--set {text}: the value is not YAML ({first_line(exc)})") from None
     except RecursionError:
         raise OverrideError(f"--set {key}=...: the value is {TOO_DEEP}") from None
     return Override(text, path, value)

@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from configs.errors import TOO_DEEP, ConfigError
+from configs.errors import TOO_DEEP, ConfigError, first_line
 from configs.overrides import apply_overrides, source_of
 
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
@@ -414,7 +414,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise ConfigError(f"{path}: not valid YAML ({first_line(exc)})") from None
     except RecursionError:  # PyYAML reads nested collections recursively: a few hundred levels exhaust Python
         raise ConfigError(f"{path}: {TOO_DEEP}") from None
     return parse_config(data, str(path), overrides)

@@ -15,9 +15,10 @@ from typing import Annotated
 
 import typer
 
-from composition.methods import MethodName
+from composition.methods import DEFAULT_METHOD, MethodName
 from configs.errors import MsddaError
 from configs.schema import MAX_PROMPT_CHARS, Device
+from flows.deploy import DEFAULT_CRON
 from flows.jobs import MAX_IMAGES, Runner, quiet_libraries
 from training.rewards import RewardName
 
@@ -98,14 +99,15 @@ def _private_by_default() -> None:
         os.environ.setdefault(name, value)
 
 
-def _quiet_warnings() -> None:
-    """Keep third-party deprecations and MLflow's upload bars off the terminal; our own bars stay."""
+def _quiet_upload_bars() -> None:
+    """Keep MLflow's upload bars off the terminal; our own bars stay.
+
+    Warnings are not silenced process-wide: the library warnings that the commands meet are filtered where
+    they arise, by message, category and module (peft's notes on several adapters in one model:
+    ``composition.batched.load_adapter`` and ``composition.pipeline``), and any other one is shown."""
     import os
-    import warnings
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
 
 
 def _quiet_libraries() -> None:
@@ -155,36 +157,28 @@ def pretrain(
 ) -> None:
     """Build the embedded reference model (cached under $MSDDA_HOME) and report its quality; with
     `model.source: pretrained`, only load the checkpoint (nothing is trained) and report its content hash."""
-    from training.reference.embedded import pretrain_reference, result_dict
-    from training.reference.loader import load_pretrained_reference
+    from training.reference.loader import prepare_reference
     from training.storage import msdda_home
 
     cfg, _ = _config(config, overrides, device)
     start = time.perf_counter()
-    if cfg.model.source == "pretrained":  # a missing or broken checkpoint fails here, in one line
-        loaded = load_pretrained_reference(cfg)
-        payload = {**loaded, "seconds": round(time.perf_counter() - start, 3)}
+    # a missing or broken checkpoint fails here, in one line
+    reference = prepare_reference(cfg, msdda_home(), progress=sys.stderr.isatty() or not json_output)
+    payload = {**reference, "seconds": round(time.perf_counter() - start, 3)}
+    if reference["source"] == "pretrained":
         human = (
-            f"reference model: {loaded['path']} (pretrained checkpoint: loaded, nothing trained)\n"
-            f"reference hash: {loaded['reference_hash']}\n"
+            f"reference model: {reference['path']} (pretrained checkpoint: loaded, nothing trained)\n"
+            f"reference hash: {reference['reference_hash']}\n"
             f"loaded in {payload['seconds']:.1f} s"
         )
-        _emit(payload, json_output, human)
-        return
-    result = pretrain_reference(cfg, msdda_home(), progress=sys.stderr.isatty() or not json_output)
-    payload = {
-        "source": "embedded",
-        **result_dict(result),
-        "trained": not result.cached,
-        "seconds": round(time.perf_counter() - start, 3),
-    }
-    human = (
-        f"reference model: {result.path}\n"
-        f"alignment accuracy: {result.alignment_accuracy:.3f} "
-        f"(evaluator CNN held-out accuracy {result.classifier_test_accuracy:.3f})\n"
-        f"{'cached' if result.cached else 'pretrained'} in {payload['seconds']:.1f} s"
-        + (f" (built in {result.pretrain_seconds:.0f} s)" if result.cached else "")
-    )
+    else:
+        human = (
+            f"reference model: {reference['path']}\n"
+            f"alignment accuracy: {reference['alignment_accuracy']:.3f} "
+            f"(evaluator CNN held-out accuracy {reference['classifier_test_accuracy']:.3f})\n"
+            f"{'cached' if reference['cached'] else 'pretrained'} in {payload['seconds']:.1f} s"
+            + (f" (built in {reference['pretrain_seconds']:.0f} s)" if reference["cached"] else "")
+        )
     _emit(payload, json_output, human)
 
 
@@ -275,7 +269,7 @@ def compose(
     seed: Annotated[
         int | None, typer.Option("--seed", help="Seed of the initial noise (default: composition.seed).")
     ] = None,
-    method: MethodOption = "msdda",
+    method: MethodOption = DEFAULT_METHOD,
     prompt: Annotated[
         list[str] | None,
         typer.Option(
@@ -312,11 +306,11 @@ def compose(
         cfg,
         msdda_home(),
         weights,
-        _split(models, "--models"),
-        method,
-        num_images,
-        seed,
-        out,
+        specs=_split(models, "--models"),
+        method=method,
+        num_images=num_images,
+        seed=seed,
+        out_dir=out,
         prompts=prompts,
         progress=sys.stderr.isatty() or not json_output,
     )
@@ -364,10 +358,10 @@ def sweep(
     result = sweep_job(
         cfg,
         msdda_home(),
-        _split(models, "--models"),
-        _split(methods, "--methods"),
-        grid,
-        num_images,
+        specs=_split(models, "--models"),
+        methods=_split(methods, "--methods"),
+        grid=grid,
+        num_images=num_images,
         progress=sys.stderr.isatty() or not json_output,
     )
     _emit(result, json_output, sweep_table(result) + f"\nPareto plot: {result['plot']}")
@@ -376,19 +370,9 @@ def sweep(
 @app.command()
 def methods(json_output: JsonOption = False) -> None:
     """The registered composition methods (`composition/methods.py`): name, label, kind, what a step does."""
-    from composition.methods import METHODS, methods_table
+    from composition.methods import method_rows, methods_table
 
-    rows = [
-        {
-            "name": m.name,
-            "label": m.label,
-            "kind": m.kind,
-            "calls_rewards": m.score is not None,
-            "summary": m.summary,
-        }
-        for m in METHODS.values()
-    ]
-    _emit(rows, json_output, methods_table())
+    _emit(method_rows(), json_output, methods_table())
 
 
 def sweep_table(result: dict) -> str:
@@ -498,29 +482,28 @@ def run(
     from flows.pipeline import pipeline
     from flows.prefect_api import ensure_api
     from flows.registry import check_reachable
-    from training.reference.checkpoint import check_checkpoint
-    from training.reference.loader import load_reference_pipeline
+    from training.reference.loader import check_reference
     from training.rewards import load_reward
     from training.storage import msdda_home
 
     cfg, overrides = _config(config, overrides, device)
     home = msdda_home()
-    if cfg.model.source == "pretrained":  # a missing checkpoint fails here, in one line, loading nothing
-        check_checkpoint(cfg.model.pretrained)
+    check_reference(cfg)  # a missing checkpoint fails here, in one line, loading nothing
     if not cfg.objectives:
         raise UsageError("the config lists no objectives: nothing to train or compose")
     check_reachable(home)
     # the Prefect API before the reference and the rewards (a whole checkpoint to load; a reward may train its
     # classifier for minutes): a server that is down, or one that does not start, costs seconds
     api_url = ensure_api()
-    if cfg.model.source == "pretrained":  # a checkpoint that does not load fails here, in one line
-        load_reference_pipeline(cfg)
+    check_reference(cfg, load=True)  # a checkpoint that does not load fails here, in one line
     for spec in cfg.objectives:  # unknown objectives or missing weights fail before the flow starts
         load_reward(spec.name, cfg, home, spec.options)
     console_without_tracebacks()  # Prefect's console too: a failure is one line (flows.failures)
     # every Prefect client of the flow, Dask workers included, talks to that one server
     with temporary_settings(updates={PREFECT_API_URL: api_url}):
-        result = pipeline(str(config) if config else None, str(home), runner, overrides)
+        result = pipeline(
+            config_path=str(config) if config else None, home=str(home), runner=runner, overrides=overrides
+        )
     reference = result["reference"]
     accuracy = reference.get("alignment_accuracy")
     lines = [
@@ -547,7 +530,7 @@ def run(
 def deploy(
     cron: Annotated[
         str, typer.Option("--cron", help="Training schedule: a cron expression, in UTC.")
-    ] = "0 3 * * *",
+    ] = DEFAULT_CRON,
     pool: Annotated[
         str | None,
         typer.Option(
@@ -565,21 +548,21 @@ def deploy(
     """Create the Prefect deployments on a Prefect server (PREFECT_API_URL):
     `train-base-models/scheduled-training` on a cron schedule and `compose/on-demand`. Without --pool, serve
     them here until Ctrl-C."""
-    from flows.deploy import check_cron, deploy_to_pool, serve_deployments
+    from flows.deploy import COMPOSE_DEPLOYMENT, check_cron, deploy_to_pool, serve_deployments
     from training.storage import msdda_home
 
     home = msdda_home()
     check_cron(cron)
     _, overrides = _config(config, overrides, device)  # bad input fails now, not at the first scheduled run
     if pool is not None:
-        rows = deploy_to_pool(pool, cron, config, home, overrides)
+        rows = deploy_to_pool(pool, cron=cron, config_path=config, home=home, overrides=overrides)
         lines = [
             f"deployed {r['name']} ({r['id']})" + (f", cron '{cron}' UTC" if r["schedules"] else "")
             for r in rows
         ]
         lines += [
             f"work pool '{pool}': start a worker with `prefect worker start --pool {pool}`",
-            "compose on demand: prefect deployment run compose/on-demand -p 'weights=[0.5, 0.5]'",
+            f"compose on demand: prefect deployment run {COMPOSE_DEPLOYMENT} -p 'weights=[0.5, 0.5]'",
         ]
         _emit({"deployments": rows, "work_pool": pool, "serving": False}, json_output, "\n".join(lines))
         return
@@ -596,7 +579,7 @@ def deploy(
             )
         typer.echo("serving; Ctrl-C to stop", err=True)
 
-    serve_deployments(cron, config, home, on_ready=ready, overrides=overrides)
+    serve_deployments(cron, config_path=config, home=home, on_ready=ready, overrides=overrides)
 
 
 @app.command()
@@ -655,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
     from flows.failures import command_logging, console_without_tracebacks
 
     _private_by_default()
-    _quiet_warnings()
+    _quiet_upload_bars()
     args = sys.argv[1:] if argv is None else list(argv)
     with command_logging(_global_verbose(args)):
         console_without_tracebacks()

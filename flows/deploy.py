@@ -32,7 +32,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from configs.errors import MsddaError
+from configs.errors import MsddaError, first_line
 
 if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment
@@ -42,10 +42,8 @@ TRAINING_NAME = "scheduled-training"
 COMPOSE_NAME = "on-demand"
 TAGS = ["msdda"]
 SOURCE = Path(__file__).resolve().parents[1]  # the folder holding the ``flows`` package
-ENTRYPOINTS = {
-    "train-base-models": "flows/pipeline.py:train_base_models",
-    "compose": "flows/pipeline.py:compose",
-}
+COMPOSE_DEPLOYMENT = f"compose/{COMPOSE_NAME}"
+"""The on-demand deployment's full name (``prefect deployment run compose/on-demand ...``)."""
 
 
 class DeploymentError(MsddaError, ValueError):
@@ -80,7 +78,7 @@ def check_cron(cron: str) -> str:
         CronSchedule(cron=cron)
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
         errors = getattr(exc, "errors", list)()
-        reason = errors[0]["msg"] if errors else str(exc).splitlines()[0]
+        reason = errors[0]["msg"] if errors else first_line(exc)
         reason = reason.removeprefix("Value error, ")
         raise DeploymentError(f"invalid cron schedule {cron!r}: {reason}") from None
     return cron
@@ -99,14 +97,16 @@ def _parameters(
 
 
 def _flow(name: str, from_source: bool):
-    """The flow object: the imported one (served), or loaded from :data:`SOURCE` (for a work pool)."""
+    """The flow named ``name`` (:data:`flows.pipeline.FLOWS`): the imported one (served), or loaded from
+    :data:`SOURCE` (for a work pool) by its entrypoint ``flows/pipeline.py:<function>``."""
+    from flows import pipeline
+
+    flow = pipeline.FLOWS[name]
     if from_source:
         from prefect import Flow
 
-        return Flow.from_source(source=str(SOURCE), entrypoint=ENTRYPOINTS[name])
-    from flows import pipeline
-
-    return {"train-base-models": pipeline.train_base_models, "compose": pipeline.compose}[name]
+        return Flow.from_source(source=str(SOURCE), entrypoint=f"flows/pipeline.py:{flow.fn.__name__}")
+    return flow
 
 
 def training_deployment(
@@ -120,6 +120,8 @@ def training_deployment(
     from prefect.deployments.runner import EntrypointType
     from prefect.schedules import Cron
 
+    from flows.registry import CHAMPION_MIN_RISE_SE
+
     extra = {} if from_source else {"entrypoint_type": EntrypointType.MODULE_PATH}
     return _flow("train-base-models", from_source).to_deployment(
         TRAINING_NAME,
@@ -128,7 +130,7 @@ def training_deployment(
         parameters=_parameters(config_path, home, overrides),
         tags=TAGS,
         description="Retrain and register a base model per objective (the champion alias moves when the "
-        "reward rose by more than 3 standard errors and the kernel check passed).",
+        f"reward rose by more than {CHAMPION_MIN_RISE_SE:g} standard errors and the kernel check passed).",
         **extra,
     )
 
@@ -180,8 +182,8 @@ def serve_deployments(
 
     api_url()
     deployments = [
-        training_deployment(cron, config_path, home, overrides=overrides),
-        compose_deployment(config_path, home, overrides=overrides),
+        training_deployment(cron, config_path=config_path, home=home, overrides=overrides),
+        compose_deployment(config_path=config_path, home=home, overrides=overrides),
     ]
     runner = Runner(name="msdda-serve", pause_on_shutdown=True)
     described = [_describe(d, runner.add_deployment(d)) for d in deployments]
@@ -246,7 +248,7 @@ def deploy_to_pool(
             "or `msdda deploy` without --pool"
         )
     deployments = [
-        training_deployment(cron, config_path, home, from_source=True, overrides=overrides),
-        compose_deployment(config_path, home, from_source=True, overrides=overrides),
+        training_deployment(cron, config_path=config_path, home=home, from_source=True, overrides=overrides),
+        compose_deployment(config_path=config_path, home=home, from_source=True, overrides=overrides),
     ]
     return [{**_describe(d, d.apply(work_pool_name=pool)), "work_pool": pool} for d in deployments]

@@ -80,10 +80,20 @@ def causes(exc: BaseException) -> Iterator[BaseException]:
         current = current.__cause__ or current.__context__
 
 
-def _loaded(module: str, *names: str) -> tuple[type[BaseException], ...]:
-    """Exception classes of ``module`` if it is already imported (no instance can exist otherwise)."""
+def loaded_classes(module: str, *names: str) -> tuple[type[BaseException], ...]:
+    """Exception classes of ``module`` if it is already imported (else no instance of them can exist):
+    optional dependencies are never imported just to classify an error."""
     loaded = sys.modules.get(module)
     return tuple(getattr(loaded, name) for name in names if hasattr(loaded, name)) if loaded else ()
+
+
+SQLITE_LOCKED = ("database is locked", "database table is locked")
+"""Messages of a SQLite lock (MLflow's store under concurrent writers): it passes once the writer is gone."""
+
+
+def is_sqlite_locked(exc: BaseException) -> bool:
+    """Whether an error's message says that a SQLite database was locked by another writer."""
+    return any(text in str(exc) for text in SQLITE_LOCKED)
 
 
 def is_corrupt_sqlite(exc: BaseException) -> bool:
@@ -113,7 +123,10 @@ def _describe_one(exc: BaseException) -> str | None:
         what, remedy = DISK_ERRORS[code]
         where = f" at {exc.filename}" if isinstance(exc, OSError) and exc.filename else ""
         return f"{what}{where} ({first_line(exc)}): {remedy}"
-    database_errors = (sqlite3.DatabaseError, *_loaded("sqlalchemy.exc", "DatabaseError", "OperationalError"))
+    database_errors = (
+        sqlite3.DatabaseError,
+        *loaded_classes("sqlalchemy.exc", "DatabaseError", "OperationalError"),
+    )
     if isinstance(exc, database_errors):
         text = first_line(exc)
         if "locked" in text:
@@ -122,13 +135,13 @@ def _describe_one(exc: BaseException) -> str | None:
             return f"a SQLite store is corrupt ({text}): move the file aside (nothing reads it again)"
     connection_errors = (
         ConnectionError,
-        *_loaded("requests.exceptions", "ConnectionError"),
-        *_loaded("httpx", "ConnectError", "RemoteProtocolError"),
-        *_loaded("urllib3.exceptions", "MaxRetryError", "NewConnectionError"),
+        *loaded_classes("requests.exceptions", "ConnectionError"),
+        *loaded_classes("httpx", "ConnectError", "RemoteProtocolError"),
+        *loaded_classes("urllib3.exceptions", "MaxRetryError", "NewConnectionError"),
     )
     if isinstance(exc, connection_errors) and not isinstance(exc, BrokenPipeError):
         return f"a server could not be reached or went away ({first_line(exc)}): check that it is running"
-    if isinstance(exc, _loaded("safetensors", "SafetensorError")) and "deserializ" in str(exc):
+    if isinstance(exc, loaded_classes("safetensors", "SafetensorError")) and "deserializ" in str(exc):
         return f"a weights file is corrupt or truncated ({first_line(exc)})"
     return None
 

@@ -17,7 +17,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Literal
 
-from configs.errors import MsddaError
+from composition.methods import DEFAULT_METHOD
+from configs.errors import MsddaError, first_line
 from configs.schema import MAX_PROMPT_CHARS, PipelineConfig
 
 if TYPE_CHECKING:
@@ -60,12 +61,10 @@ def _check_runtime(config: PipelineConfig) -> None:
     checkpoint folder that is missing or incomplete, fails in one line before any loading, reward building
     or MLflow run; the stages resolve ``runtime`` again where they place their tensors."""
     from training.device import resolve_runtime
+    from training.reference.loader import check_reference
 
     resolve_runtime(config.runtime)
-    if config.model.source == "pretrained":
-        from training.reference.checkpoint import check_checkpoint
-
-        check_checkpoint(config.model.pretrained)
+    check_reference(config)
 
 
 def _reachable(home: Path) -> None:
@@ -221,7 +220,7 @@ def read_prompts(path: str | os.PathLike, limit: int = MAX_IMAGES) -> list[str]:
                     if len(prompts) == limit:
                         break
     except (OSError, UnicodeDecodeError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        reason = getattr(exc, "strerror", None) or first_line(exc)
         raise PromptError(f"{path}: cannot read prompts ({reason})") from None
     if not prompts:
         raise PromptError(f"{path}: no prompts (the file is empty or holds only blank lines)")
@@ -274,7 +273,7 @@ def compose_job(
     home: Path,
     weights,
     specs: list[str] | None = None,
-    method: str = "msdda",
+    method: str = DEFAULT_METHOD,
     num_images: int | None = None,
     seed: int | None = None,
     out_dir: Path | None = None,

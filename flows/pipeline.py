@@ -4,7 +4,7 @@
 flow                   what it does
 =====================  ====================================================================================
 ``pretrain-reference`` build (or reuse) the embedded reference model
-``train-base-model``   train, log and register one base model (``champion``: reward rise > 3 SE, kernel check)
+``train-base-model``   train, log and register one base model (``champion``: ``registry.champion_verdict``)
 ``train-base-models``  fan ``train-base-model`` out over objectives: in-process, or on Dask (prefect-dask)
 ``compose``            on-demand composition for one weight vector (images + MLflow run)
 ``sweep``              every method over the weight grid: Pareto fronts, hypervolume, plots
@@ -14,15 +14,14 @@ flow                   what it does
 Parameters are validated by Prefect with pydantic from the type hints. Flows take ``config_path`` (YAML,
 default: the embedded default), ``overrides`` (``section.field=value`` strings applied on top, as
 ``--set`` does: ``configs.overrides``) and ``home`` (default ``$MSDDA_HOME``) so that they run the same
-in-process, on a Dask worker or from a deployment.
+in-process, on a Dask worker or from a deployment. Each flow's work runs in a Prefect task (``pretrain``,
+``train``, ``compose``, ``sweep``) that takes the one retry policy of :mod:`flows.retries`: a transient error
+is tried again, an :class:`~configs.errors.MsddaError` never. :data:`FLOWS` holds every flow by name.
 """
 
 from __future__ import annotations
 
 import os
-import sqlite3
-import sys
-import urllib.error
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
@@ -30,9 +29,9 @@ from typing import Annotated
 from prefect import flow, task
 from pydantic import Field
 
-from composition.methods import MethodName
-from configs.errors import MsddaError
+from composition.methods import DEFAULT_METHOD, MethodName
 from flows.jobs import Runner
+from flows.retries import retry_policy
 
 PositiveInt = Annotated[int, Field(ge=1)]
 
@@ -44,11 +43,17 @@ def _context(
     ``torch_threads`` when positive (a Dask worker's share), else the config's ``runtime.num_threads``."""
     from configs import load_config
     from training.device import configure_threads
-    from training.storage import msdda_home
 
     config = load_config(config_path, overrides or ())
     configure_threads(torch_threads or config.runtime.num_threads)
-    return config, Path(home) if home else msdda_home()
+    return config, _home(home)
+
+
+def _home(home: str | Path | None) -> Path:
+    """``home``, or ``$MSDDA_HOME`` when it is not given."""
+    from training.storage import msdda_home
+
+    return Path(home) if home else msdda_home()
 
 
 def _publish(
@@ -87,94 +92,17 @@ def _publish(
 # ----------------------------------------------------------------------------------------------------- tasks
 
 
-SQLITE_LOCKED = ("database is locked", "database table is locked")
-"""Messages of a SQLite lock (MLflow's store under concurrent writers): it passes once the writer is gone."""
-
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
-"""Errors that may pass on a second try whatever their message: a refused, reset or broken connection
-(``ConnectionError`` covers ``ConnectionRefusedError``, ``ConnectionResetError``, ``BrokenPipeError``...)
-and a timeout (``socket.timeout`` is ``TimeoutError``). :func:`is_transient` holds the rest of the list."""
-
-
-def _loaded_classes(module: str, *names: str) -> tuple[type[BaseException], ...]:
-    """Exception classes of ``module`` if it is already imported (else no instance of them can exist):
-    optional dependencies are never imported just to classify an error."""
-    loaded = sys.modules.get(module)
-    return tuple(getattr(loaded, name) for name in names if hasattr(loaded, name)) if loaded else ()
-
-
-def _transient_one(exc: BaseException) -> bool:
-    if isinstance(exc, TRANSIENT_ERRORS):
-        return True
-    if isinstance(exc, urllib.error.URLError):  # no route, DNS failure...; an HTTP error only if server-side
-        return not isinstance(exc, urllib.error.HTTPError) or exc.code == 429 or exc.code >= 500
-    locked = (
-        sqlite3.OperationalError,
-        *_loaded_classes("sqlalchemy.exc", "OperationalError"),
-        *_loaded_classes("mlflow.exceptions", "MlflowException"),
-    )
-    if isinstance(exc, locked):
-        return any(text in str(exc) for text in SQLITE_LOCKED)
-    connection = (
-        *_loaded_classes("requests.exceptions", "ConnectionError", "Timeout"),
-        *_loaded_classes("httpx", "TransportError"),
-        # a Dask worker died (KilledWorker) or its connection closed under a task (CommClosedError)
-        *_loaded_classes("distributed", "KilledWorker"),
-        *_loaded_classes("distributed.comm.core", "CommClosedError"),
-    )
-    return isinstance(exc, connection)
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether a failed task may pass on a second try: an explicit allow-list (a locked SQLite database, a
-    lost connection or a timeout, a lost Dask worker), looked for in ``exc`` and the exceptions it was raised
-    ``from``.
-
-    Everything else fails at once, and so does every :class:`~configs.errors.MsddaError` (bad input or a
-    broken artefact: config, reward, model loading, registry, composition) whatever caused it.
-    """
-    if isinstance(exc, MsddaError):
-        return False
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if _transient_one(current):
-            return True
-        seen.add(id(current))
-        current = current.__cause__
-    return False
-
-
-def _transient(task, task_run, state) -> bool:
-    """Prefect ``retry_condition_fn``: retry the failed task only if its exception :func:`is_transient`."""
-    try:
-        state.result()
-    except Exception as exc:  # noqa: BLE001 - classified by the allow-list
-        return is_transient(exc)
-    return False
-
-
-@task(retries=2, retry_delay_seconds=10, retry_condition_fn=_transient, name="pretrain")
+@task(**retry_policy(retries=2), name="pretrain")
 def pretrain_task(
     config_path: str | None = None, home: str | None = None, overrides: list[str] | None = None
 ) -> dict:
-    from training.reference.embedded import pretrain_reference, result_dict
+    from training.reference.loader import prepare_reference
 
     config, root = _context(config_path, home, overrides)
-    if config.model.source != "embedded":
-        from training.reference.loader import load_pretrained_reference
-
-        return load_pretrained_reference(config)
-    return result_dict(pretrain_reference(config, root, progress=True))
+    return prepare_reference(config, root, progress=True)
 
 
-@task(
-    retries=1,
-    retry_delay_seconds=10,
-    retry_condition_fn=_transient,
-    name="train",
-    task_run_name="train {objective}",
-)
+@task(**retry_policy(), name="train", task_run_name="train {objective}")
 def train_task(
     objective: str,
     config_path: str | None = None,
@@ -190,6 +118,42 @@ def train_task(
     config, root = _context(config_path, home, overrides, torch_threads)
     result = train_job(config, root, objective, progress=not in_worker, progress_lines=in_worker)
     return {**result, "pid": os.getpid()}
+
+
+@task(**retry_policy(), name="compose", task_run_name="compose w={weights} {method}")
+def compose_task(
+    weights: list[float],
+    models: list[str] | None = None,
+    method: str = DEFAULT_METHOD,
+    num_images: int | None = None,
+    seed: int | None = None,
+    config_path: str | None = None,
+    home: str | None = None,
+    prompts: list[str] | None = None,
+    overrides: list[str] | None = None,
+) -> dict:
+    from flows.jobs import compose_job
+
+    config, root = _context(config_path, home, overrides)
+    return compose_job(
+        config, root, weights, specs=models, method=method, num_images=num_images, seed=seed, prompts=prompts
+    )
+
+
+@task(**retry_policy(), name="sweep")
+def sweep_task(
+    methods: list[str] | None = None,
+    grid: int | None = None,
+    num_images: int | None = None,
+    models: list[str] | None = None,
+    config_path: str | None = None,
+    home: str | None = None,
+    overrides: list[str] | None = None,
+) -> dict:
+    from flows.jobs import sweep_job
+
+    config, root = _context(config_path, home, overrides)
+    return sweep_job(config, root, specs=models, methods=methods, grid=grid, num_images=num_images)
 
 
 # ----------------------------------------------------------------------------------------------------- flows
@@ -219,7 +183,7 @@ def pretrain_reference(
     config_path: str | None = None, home: str | None = None, overrides: list[str] | None = None
 ) -> dict:
     """Build (or reuse) the reference model."""
-    return pretrain_task(config_path, home, overrides)
+    return pretrain_task(config_path=config_path, home=home, overrides=overrides)
 
 
 @flow(name="train-base-model", log_prints=True, flow_run_name=_run_name("train {objective}"))
@@ -230,7 +194,7 @@ def train_base_model(
     overrides: list[str] | None = None,
 ) -> dict:
     """Train, log and register the base model for one objective."""
-    result = train_task(objective, config_path, home, overrides=overrides)
+    result = train_task(objective, config_path=config_path, home=home, overrides=overrides)
     _publish_training([result], home)
     return result
 
@@ -260,9 +224,8 @@ def _publish_version_links(results: list[dict], home: str | None) -> None:
 
     from flows.tracking import is_remote, tracking_uri
     from flows.ui import model_version_url
-    from training.storage import msdda_home
 
-    uri = tracking_uri(Path(home) if home else msdda_home())
+    uri = tracking_uri(_home(home))
     registered = [r["registered"] for r in results if r.get("registered")]
     if FlowRunContext.get() is None or not is_remote(uri) or not registered:
         return
@@ -291,7 +254,10 @@ def _fan_out(
     overrides: list[str] | None = None,
 ) -> list[dict]:
     futures = [
-        train_task.submit(objective, config_path, home, torch_threads, overrides) for objective in objectives
+        train_task.submit(
+            objective, config_path=config_path, home=home, torch_threads=torch_threads, overrides=overrides
+        )
+        for objective in objectives
     ]
     return [future.result() for future in futures]
 
@@ -321,7 +287,8 @@ def train_base_models(
         runner, dask_workers, torch_threads = _auto_runner(config, root, objectives)
     if runner == "sequential":
         results = [
-            train_task(objective, config_path, str(root), overrides=overrides) for objective in objectives
+            train_task(objective, config_path=config_path, home=str(root), overrides=overrides)
+            for objective in objectives
         ]
     else:
         import dask
@@ -341,7 +308,11 @@ def train_base_models(
         )
         with dask.config.set(LOCAL_WORKER_ENVIRON), _environment_kept(THREAD_VARIABLES), _cluster_quiet():
             results = _fan_out.with_options(task_runner=task_runner)(
-                objectives, config_path, str(root), torch_threads, overrides
+                objectives,
+                config_path=config_path,
+                home=str(root),
+                torch_threads=torch_threads,
+                overrides=overrides,
             )
     _publish_training(results, str(root))
     return {r["objective"]: r for r in results}
@@ -408,7 +379,7 @@ def _environment_kept(names: tuple[str, ...]):
 def compose(
     weights: list[float],
     models: list[str] | None = None,
-    method: MethodName = "msdda",
+    method: MethodName = DEFAULT_METHOD,
     num_images: PositiveInt | None = None,
     seed: int | None = None,
     config_path: str | None = None,
@@ -418,10 +389,17 @@ def compose(
 ) -> dict:
     """On-demand composition of registered base models (``NAME[@ALIAS]``; default: the objectives'
     champions), the images cycling through ``prompts`` (default: the config's evaluation prompts)."""
-    from flows.jobs import compose_job
-
-    config, root = _context(config_path, home, overrides)
-    result = compose_job(config, root, weights, models, method, num_images, seed, prompts=prompts)
+    result = compose_task(
+        weights,
+        models=models,
+        method=method,
+        num_images=num_images,
+        seed=seed,
+        config_path=config_path,
+        home=home,
+        prompts=prompts,
+        overrides=overrides,
+    )
     rows = [
         {"objective": k, "mean reward": round(v, 4), "SE": round(result["reward_se"][k], 4)}
         for k, v in result["rewards"].items()
@@ -431,7 +409,7 @@ def compose(
         rows,
         f"{method} at w={weights}, {result['nfe']:g} NFE/image",
         link=str(Path(result["image_dir"]) / "grid.png"),
-        home=root,
+        home=_home(home),
         run_id=result.get("mlflow_run_id"),
         artifact="images/grid.png",
     )
@@ -449,10 +427,15 @@ def sweep(
     overrides: list[str] | None = None,
 ) -> dict:
     """Every method over the weight grid; publishes the hypervolume table and the Pareto plot."""
-    from flows.jobs import sweep_job
-
-    config, root = _context(config_path, home, overrides)
-    result = sweep_job(config, root, models, methods, grid, num_images)
+    result = sweep_task(
+        methods=methods,
+        grid=grid,
+        num_images=num_images,
+        models=models,
+        config_path=config_path,
+        home=home,
+        overrides=overrides,
+    )
     _publish(
         "sweep",
         [
@@ -461,7 +444,7 @@ def sweep(
         ],
         "Hypervolume per method (reference point: the reference model)",
         link=result["plot"],
-        home=root,
+        home=_home(home),
         run_id=result.get("mlflow_run_id"),
         artifact="pareto.png",
     )
@@ -479,13 +462,19 @@ def pipeline(
     import time
 
     start = time.perf_counter()
-    reference = pretrain_reference(config_path, home, overrides)
-    models = train_base_models(None, runner, config_path, home, overrides=overrides)
+    reference = pretrain_reference(config_path=config_path, home=home, overrides=overrides)
+    models = train_base_models(runner=runner, config_path=config_path, home=home, overrides=overrides)
     registered = [f"{r['registered']['name']}/{r['registered']['version']}" for r in models.values()]
-    result = sweep(None, None, None, registered, config_path, home, overrides)
+    result = sweep(models=registered, config_path=config_path, home=home, overrides=overrides)
     return {
         "reference": reference,
         "base_models": models,
         "sweep": result,
         "seconds": round(time.perf_counter() - start, 1),
     }
+
+
+FLOWS = {
+    f.name: f for f in (pretrain_reference, train_base_model, train_base_models, compose, sweep, pipeline)
+}
+"""Every flow by its Prefect name (the deployments look theirs up here: ``flows.deploy``)."""

@@ -39,6 +39,7 @@ from typing import Any
 
 from configs.errors import MsddaError, first_line
 from configs.schema import TrainConfig
+from flows.failures import SQLITE_LOCKED
 from flows.tracking import (
     check_store,
     ensure_experiment,
@@ -68,10 +69,13 @@ METRIC_KEYS = (
     "kernel_cosine",
 )
 RUN_HASH_TAG = "msdda.base_model.content_hash"
+CHAMPION_MIN_RISE_SE = 3.0
+"""The ``champion`` alias's bound on the held-out reward's rise, in paired standard errors: a version takes
+the alias only when its reward rose by more than this (:func:`champion_verdict`)."""
 CHAMPION_REASON_TAG = "champion_reason"
 """Version tag: why the version did or did not take ``champion`` (:func:`champion_verdict`)."""
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-_TRANSIENT = ("database is locked", "database table is locked", "Giving up after")
+_TRANSIENT = (*SQLITE_LOCKED, "Giving up after")
 RETRY_SECONDS = 60.0
 """How long :func:`_retrying` keeps retrying a locked store before it gives up."""
 
@@ -233,7 +237,7 @@ def lineage_tags(card: BaseModelCard, content_hash: str) -> dict[str, str]:
     return tags
 
 
-def champion_verdict(card: BaseModelCard, min_rise_se: float) -> tuple[bool, str]:
+def champion_verdict(card: BaseModelCard, min_rise_se: float = CHAMPION_MIN_RISE_SE) -> tuple[bool, str]:
     """Whether a base model earns ``champion`` by its card, and why.
 
     Two checks: the held-out reward rose by more than ``min_rise_se`` paired SE; and, when training ran the
@@ -399,7 +403,7 @@ def register_base_model(
     model_dir: Path,
     run_id: str | None = None,
     champion: bool | None = None,
-    min_rise_se: float = 3.0,
+    min_rise_se: float = CHAMPION_MIN_RISE_SE,
 ) -> dict:
     """Register the base model in ``model_dir`` as a new version of ``msdda-<objective>``.
 

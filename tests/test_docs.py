@@ -357,3 +357,15 @@ def test_the_command_line_quickstarts_run(pretrained_home, tiny_config_file, tmp
     assert len(manifest["images"]) == 8
     assert {image["prompt"] for image in manifest["images"]} == {"a handwritten digit seven"}
     assert json.loads((tmp_path / "samples" / "manifest.json").read_text())["method"] == "db"
+
+
+def test_the_flow_tables_list_every_flow():
+    """``flows.pipeline.FLOWS`` is the flows' registry: the module's table and docs/operations.md's list each
+    of them, and nothing else."""
+    from flows import pipeline
+
+    in_module = re.findall(r"^``([a-z][a-z-]+)``\s", pipeline.__doc__, re.MULTILINE)
+    assert in_module == list(pipeline.FLOWS)
+    operations = (REPO / "docs" / "operations.md").read_text()
+    table = operations.split("| flow | what it does |", 1)[1].split("\n\n", 1)[0]
+    assert re.findall(r"^\| `([a-z-]+)` \|", table, re.MULTILINE) == list(pipeline.FLOWS)

@@ -6,7 +6,9 @@ import urllib.error
 import pytest
 
 from configs.errors import MsddaError
-from flows.pipeline import _transient, is_transient, pretrain_task, train_task
+from flows.pipeline import pretrain_task, train_task
+from flows.retries import is_transient
+from flows.retries import retry_condition as _transient
 
 
 def _real_sqlite_lock(tmp_path) -> sqlite3.OperationalError:
@@ -156,3 +158,88 @@ def test_the_tasks_use_the_predicate_on_prefect_states():
     assert not _transient(None, None, Failed(data=ModelLoadError("missing weights")))
     assert not _transient(None, None, Failed(data=RuntimeError("boom")))
     assert not _transient(None, None, Completed(data=1))
+
+
+# ------------------------------------------------------------- the compose and sweep flows' tasks, in Prefect
+
+
+@pytest.fixture(scope="module")
+def prefect_harness(tmp_path_factory):
+    """A throwaway Prefect API (temporary SQLite database) with PREFECT_HOME in tmp."""
+    from prefect.settings import PREFECT_HOME, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with (
+        temporary_settings(updates={PREFECT_HOME: tmp_path_factory.mktemp("prefect_home")}),
+        prefect_test_harness(server_startup_timeout=120),
+    ):
+        yield
+
+
+def test_compose_and_sweep_tasks_take_the_training_retry_policy():
+    from flows.pipeline import compose_task, sweep_task
+    from flows.retries import RETRY_DELAY_SECONDS
+
+    for task in (compose_task, sweep_task):
+        assert task.retries == train_task.retries == 1
+        assert task.retry_delay_seconds == train_task.retry_delay_seconds == RETRY_DELAY_SECONDS
+        assert task.retry_condition_fn is train_task.retry_condition_fn is _transient
+
+
+def _failing_then(result: dict, first_error: BaseException):
+    """A job that fails with ``first_error`` on its first call and returns ``result`` after; its calls."""
+    calls = []
+
+    def job(*args, **kwargs):
+        calls.append(kwargs)
+        if len(calls) == 1:
+            raise first_error
+        return result
+
+    return job, calls
+
+
+COMPOSED = {
+    "rewards": {"ink_economy": 0.5},
+    "reward_se": {"ink_economy": 0.01},
+    "nfe": 20.0,
+    "image_dir": "/nonexistent/compose",
+    "mlflow_run_id": None,
+}
+
+
+def test_the_compose_flow_retries_a_transient_failure_of_its_task(prefect_harness, monkeypatch, tmp_path):
+    """A real (ephemeral) Prefect run of the flow ``compose``: a lost connection in its work is tried again
+    and the flow returns the job's result unchanged; an :class:`MsddaError` fails the flow at the first try.
+    Only the job is replaced (and the task's 10 s delay set to 0); Prefect runs as it does for a user."""
+    from composition.engine import CompositionError
+    from flows import jobs, pipeline
+
+    monkeypatch.setattr(pipeline, "compose_task", pipeline.compose_task.with_options(retry_delay_seconds=0))
+    job, calls = _failing_then(COMPOSED, ConnectionRefusedError(111, "Connection refused"))
+    monkeypatch.setattr(jobs, "compose_job", job)
+    assert pipeline.compose([0.5, 0.5], home=str(tmp_path), seed=3) == COMPOSED
+    assert len(calls) == 2 and calls[0] == calls[1] and calls[0]["seed"] == 3
+
+    job, calls = _failing_then(COMPOSED, CompositionError("unknown method"))
+    monkeypatch.setattr(jobs, "compose_job", job)
+    with pytest.raises(CompositionError, match="unknown method"):
+        pipeline.compose([0.5, 0.5], home=str(tmp_path))
+    assert len(calls) == 1
+
+
+def test_the_sweep_flow_retries_a_locked_store_and_not_an_msdda_error(prefect_harness, monkeypatch, tmp_path):
+    from flows import jobs, pipeline
+
+    swept = {"methods": {"msdda": {"hypervolume": 0.1, "max_nfe": 20.0}}, "plot": "/nonexistent/pareto.png"}
+    monkeypatch.setattr(pipeline, "sweep_task", pipeline.sweep_task.with_options(retry_delay_seconds=0))
+    job, calls = _failing_then(swept, sqlite3.OperationalError("database is locked"))
+    monkeypatch.setattr(jobs, "sweep_job", job)
+    assert pipeline.sweep(grid=3, home=str(tmp_path)) == swept
+    assert len(calls) == 2 and calls[1]["grid"] == 3
+
+    job, calls = _failing_then(swept, MsddaError("no base models"))
+    monkeypatch.setattr(jobs, "sweep_job", job)
+    with pytest.raises(MsddaError, match="no base models"):
+        pipeline.sweep(home=str(tmp_path))
+    assert len(calls) == 1

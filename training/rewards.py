@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 
-from configs.errors import MsddaError
+from configs.errors import MsddaError, first_line
 from training.images import to_uint8
 from training.reference.digits import DIGIT_WORDS
 
@@ -295,8 +295,7 @@ def _load_or_fail(name: str, source: str, loader: Callable):
     try:
         return loader(source)
     except (OSError, ValueError, SafetensorError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise RewardError(f"reward '{name}': cannot load weights '{source}': {first}") from None
+        raise RewardError(f"reward '{name}': cannot load weights '{source}': {first_line(exc)}") from None
 
 
 def _clip_scorer(name: str, options: dict, head: Callable | None = None) -> Reward:

@@ -31,20 +31,26 @@ def load_reference_pipeline(config: PipelineConfig, home: Path | None = None, pr
     return reference_pipeline(config, home, progress)[0].to(device)
 
 
-def check_reference(config: PipelineConfig) -> None:
-    """Without loading anything: a ``model.source: pretrained`` checkpoint that is missing or incomplete
-    raises :class:`~training.storage.ModelLoadError` (one line); the embedded model always passes."""
-    if config.model.source == "pretrained":
-        check_checkpoint(config.model.pretrained)
+def check_reference(config: PipelineConfig, load: bool = False) -> None:
+    """A ``model.source: pretrained`` checkpoint that is missing or incomplete (checked without loading
+    anything), or with ``load`` one that does not load, raises :class:`~training.storage.ModelLoadError`
+    (one line). The embedded model always passes: it is built, or read from the cache, where it is used."""
+    if config.model.source != "pretrained":
+        return
+    check_checkpoint(config.model.pretrained)
+    if load:
+        load_reference_pipeline(config)
 
 
 def prepare_reference(config: PipelineConfig, home: Path | None = None, progress: bool = True) -> dict:
     """What `msdda pretrain` and the ``pretrain-reference`` flow do: pretrain the embedded model if it is not
     cached, or load a pretrained checkpoint (training nothing), and describe the result as a dict with at
-    least ``{"source", "path", "reference_hash", "trained"}``."""
+    least ``{"source", "path", "reference_hash", "trained"}`` (the embedded model's adds its quality figures,
+    ``cached`` and ``key``)."""
     if config.model.source == "pretrained":
         return load_pretrained_reference(config)
-    return result_dict(pretrain_reference(config, home or msdda_home(), progress=progress))
+    result = pretrain_reference(config, home or msdda_home(), progress=progress)
+    return {"source": "embedded", **result_dict(result), "trained": not result.cached}
 
 
 def load_pretrained_reference(config: PipelineConfig) -> dict:
