@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
+
+from tests.helpers import make_card, random_lora, run_msdda
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -64,6 +68,46 @@ def _reset_accelerate():
 
 
 @pytest.fixture(scope="session")
+def template_db(tmp_path_factory) -> Path:
+    """An empty, migrated MLflow SQLite store, built once: each test copies it instead of migrating again."""
+    home = tmp_path_factory.mktemp("template_home")
+    from flows.registry import _client
+
+    old = os.environ.pop("MLFLOW_TRACKING_URI", None)
+    try:
+        _client(home)
+    finally:
+        if old is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = old
+    return home / "mlflow.db"
+
+
+@pytest.fixture
+def store_home(template_db, monkeypatch) -> Path:
+    """This test's MSDDA_HOME holding an empty, migrated SQLite store (the default store)."""
+    from training.storage import msdda_home
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    home = msdda_home()
+    home.mkdir(parents=True)
+    shutil.copy(template_db, home / "mlflow.db")
+    return home
+
+
+@pytest.fixture
+def tiny_registry(tmp_path, template_db, tiny_home, tiny_base_models, tiny_config_file, monkeypatch) -> dict:
+    """The tiny base models registered as champions in a fresh SQLite store (``MLFLOW_TRACKING_URI``; the
+    reference comes from the session's tiny home): ``{"uri", "versions", "home", "config"}``."""
+    from tests.helpers import register_champions
+
+    shutil.copy(template_db, tmp_path / "mlflow.db")  # migrating a new store takes seconds
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    versions = register_champions(tiny_home, tiny_base_models)
+    return {"uri": uri, "versions": versions, "home": tiny_home, "config": tiny_config_file}
+
+
+@pytest.fixture(scope="session")
 def tiny_config():
     from configs import parse_config
 
@@ -95,11 +139,37 @@ def pretrained_home(tmp_path, tiny_home, tiny_reference) -> Path:
 
 def copy_pretrained(tiny_home: Path, home: Path) -> Path:
     """Copy the session's pretrained tiny reference and evaluator CNN into ``home`` (another fresh home)."""
-    import shutil
-
     for part in ("reference", "classifiers"):
         shutil.copytree(tiny_home / part, home / part)
     return home
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_home, tiny_reference) -> SimpleNamespace:
+    """`msdda run --config tiny.yaml --json`, once per session, as on a user's machine (a subprocess without
+    CI markers or our telemetry settings), in a home that starts with the session's pretrained reference: it
+    trains and registers both tiny base models and sweeps. ``root`` (the command's folder: ``home``,
+    ``config`` and its ``prefect_home`` lie in it) and ``result`` (the finished process). A test may run
+    more commands in ``home`` only if they are cached `msdda run`s (or add only what such runs tolerate)."""
+    from flows.cli import PRIVATE_DEFAULTS
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    home = copy_pretrained(tiny_home, root / "msdda_home")
+    config = root / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY_CONFIG))
+    scrub = {"CI", "GITHUB_ACTIONS", "GITLAB_CI", *PRIVATE_DEFAULTS}
+    result = run_msdda(["run", "--config", str(config), "--json"], root, home, without=scrub)
+    return SimpleNamespace(root=root, home=home, config=config, prefect_home=root / "prefect", result=result)
+
+
+@pytest.fixture
+def trained_home(pretrained_home, tiny_run) -> Path:
+    """``pretrained_home`` with copies of the two tiny base models that ``tiny_run`` trained (and no tracking
+    store): `msdda train` or `run`, or a benchmark, on the tiny config finds them cached instead of training
+    them again. For tests whose subject is not the training."""
+    assert tiny_run.result.returncode == 0, tiny_run.result.stderr[-3000:]
+    shutil.copytree(tiny_run.home / "base_models", pretrained_home / "base_models")
+    return pretrained_home
 
 
 def own_forward(unet, name: str | None, x, t, context):
@@ -132,7 +202,7 @@ def tiny_base_models(tiny_config, tiny_home, tiny_reference):
     from peft import get_peft_model_state_dict
 
     from training.base_model import evaluation_problem
-    from training.card import LORA_TARGETS, BaseModelCard, LoraSpec, RewardSpec, save_base_model
+    from training.card import LORA_TARGETS, LoraSpec, RewardSpec, save_base_model
     from training.storage import content_hash
 
     problem = evaluation_problem(tiny_config, tiny_home, None)
@@ -140,11 +210,10 @@ def tiny_base_models(tiny_config, tiny_home, tiny_reference):
     scheduler = dict(problem.pipe.scheduler.config)
     folders = []
     for i, objective in enumerate(tiny_config.objective_names):
-        g = torch.Generator().manual_seed(i)
-        lora = {k: 0.2 * torch.randn(s, generator=g) for k, s in keys.items()}
+        lora = random_lora(keys, seed=i, scale=0.2)
         log_variance = torch.full((tiny_config.sampling.num_inference_steps, 1), 0.3 * (i - 0.5))
-        card = BaseModelCard(
-            objective=objective,
+        card = make_card(  # only what training writes: no train settings, reference details or history
+            objective,
             reward=RewardSpec(name=objective),
             beta=0.01,
             trainer="target_matching",
@@ -160,14 +229,12 @@ def tiny_base_models(tiny_config, tiny_home, tiny_reference):
                 "rise_in_se": 5.0,
                 "kl": 0.01,
             },
+            train={},
+            reference={},
+            history=[],
         )
         folders.append(save_base_model(tiny_home / "fake_base_models" / objective, card, lora, log_variance))
     return folders
-
-
-def random_lora(unet_state_keys, seed):
-    g = torch.Generator().manual_seed(seed)
-    return {k: 0.1 * torch.randn(shape, generator=g) for k, shape in unet_state_keys.items()}
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +251,8 @@ def unet_with_two_adapters(tiny_reference):
     shapes = {k: v.shape for k, v in get_peft_model_state_dict(unet, adapter_name="probe").items()}
     unet.delete_adapters("probe")
     for i, name in enumerate(["alpha", "beta"]):
-        load_adapter(unet, name, random_lora(shapes, seed=i), LoraSpec(rank=4, targets=LORA_TARGETS))
+        lora = random_lora(shapes, seed=i, scale=0.1)
+        load_adapter(unet, name, lora, LoraSpec(rank=4, targets=LORA_TARGETS))
     return unet.eval()
 
 

@@ -94,10 +94,10 @@ def test_an_unwritable_model_folder_fails_before_training(trained, pretrained_ho
 
 
 def test_cli_unknown_objective_is_one_line(tmp_path, tiny_config_file):
-    from tests.test_cli import run_cli
+    from tests.helpers import run_msdda
 
     args = ["train", "--objective", "beauty", "--config", str(tiny_config_file)]
-    out = run_cli(args, tmp_path, tmp_path / "h")
+    out = run_msdda(args, tmp_path, tmp_path / "h")
     # the CLI's choices list the registered rewards (training.rewards.REWARDS)
     assert out.returncode == 2 and out.stderr.startswith("error: Invalid value for '--objective'")
     assert "'beauty' is not one of" in out.stderr and "'ink_economy'" in out.stderr
@@ -105,22 +105,22 @@ def test_cli_unknown_objective_is_one_line(tmp_path, tiny_config_file):
 
 
 def test_cli_missing_reward_weights_is_one_line(tmp_path):
-    from tests.test_cli import run_cli
+    from tests.helpers import run_msdda
 
     path = tmp_path / "c.yaml"
     path.write_text("objectives:\n  - name: clip_score\n")
-    out = run_cli(["train", "--objective", "clip_score", "--config", str(path)], tmp_path, tmp_path / "h")
+    out = run_msdda(["train", "--objective", "clip_score", "--config", str(path)], tmp_path, tmp_path / "h")
     assert out.returncode == 2 and "needs `options.weights`" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_cli_train_logs_every_iteration_to_mlflow(tmp_path, tiny_config_file, pretrained_home):
     import mlflow
 
-    from tests.test_cli import run_cli
+    from tests.helpers import run_msdda
 
     home = pretrained_home
     args = ["train", "--objective", "ink_economy", "--config", str(tiny_config_file), "--json"]
-    out = run_cli(args, tmp_path, home)
+    out = run_msdda(args, tmp_path, home)
     assert out.returncode == 0, out.stderr
     payload = json.loads(out.stdout)
     assert {"reward_before", "reward_after", "reward_se", "kl", "seconds"} <= payload.keys()

@@ -7,6 +7,7 @@ import torch
 
 from composition.batched import REFERENCE, mixed_adapter_batch, routing
 from tests.conftest import own_forward
+from tests.helpers import unet_inputs
 
 
 @pytest.mark.parametrize("weights", ["merged", "lora"])
@@ -37,7 +38,7 @@ def test_copies_and_single_slices_route_like_the_adapter(unet_with_two_adapters,
     """Two stacked copies of a routing (classifier-free guidance) and a one-adapter routing (the per-model
     plan) give the adapter's own forward."""
     unet = copy.deepcopy(unet_with_two_adapters)
-    x, t, context = _inputs(unet)
+    x, t, context = unet_inputs(unet)
     expected = {name: own_forward(unet, name, x, t, context) for name in ("alpha", "beta")}
     names = routing(["beta", "alpha"], 2)
     with mixed_adapter_batch(unet, names, weights):
@@ -69,13 +70,6 @@ def _routed(unet, names, x, t, context):
         return unet(x.repeat(n, 1, 1, 1), t.repeat(n), encoder_hidden_states=context.repeat(n, 1, 1)).sample
 
 
-def _inputs(unet, rows=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(rows, 4, 8, 8, generator=g)
-    context = torch.randn(rows, 16, unet.config.cross_attention_dim, generator=g)
-    return x, torch.full((rows,), 500), context
-
-
 @pytest.fixture
 def counted_builds(monkeypatch):
     """How often the stacked weights of a layer are built (composition.batched._stacked_weights calls)."""
@@ -98,7 +92,7 @@ def test_stacked_weights_are_built_once_per_routing(unet_with_two_adapters, coun
 
     unet = copy.deepcopy(unet_with_two_adapters)  # a fresh cache (and no state shared with other tests)
     layers = len(lora_layers(unet))
-    x, t, context = _inputs(unet)
+    x, t, context = unet_inputs(unet)
     names = routing(["alpha", "beta"], 2)
     first = _routed(unet, names, x, t, context)
     for _ in range(3):  # the sampler enters the block every denoising step
@@ -115,7 +109,7 @@ def test_changed_adapter_weights_rebuild_the_stacked_weights(unet_with_two_adapt
 
     unet = copy.deepcopy(unet_with_two_adapters)
     layers = lora_layers(unet)
-    x, t, context = _inputs(unet)
+    x, t, context = unet_inputs(unet)
     names = routing(["alpha", "beta"], 2)
     before = _routed(unet, names, x, t, context)
     layers[0].lora_B["alpha"].weight.add_(0.5)  # an in-place write, as an optimizer step or a load does
@@ -133,7 +127,7 @@ def test_loading_an_adapter_clears_the_cache(unet_with_two_adapters):
     from training.card import LORA_TARGETS, LoraSpec
 
     unet = copy.deepcopy(unet_with_two_adapters)
-    x, t, context = _inputs(unet)
+    x, t, context = unet_inputs(unet)
     _routed(unet, routing(["alpha", "beta"], 2), x, t, context)
     assert all(m.__dict__.get("_msdda_stacked_cache") for m in lora_layers(unet))
     state = {k.replace(".beta.", "."): v for k, v in _peft_state(unet, "beta").items()}
@@ -158,7 +152,7 @@ def test_compiled_routing_matches_eager_across_routings(unet_with_two_adapters):
 
     unet = copy.deepcopy(unet_with_two_adapters)
     compiled = compile_unet(unet, backend="eager")
-    x, t, context = _inputs(unet)
+    x, t, context = unet_inputs(unet)
     for names in (["alpha", "beta"], [REFERENCE], ["beta", "alpha"], ["alpha", "beta"]):
         rows = routing(names, 2)
         n = len(names)
@@ -201,7 +195,7 @@ def test_routes_follow_new_adapters_and_moved_weights(unet_with_two_adapters, co
     from training.card import LORA_TARGETS
 
     unet = copy.deepcopy(unet_with_two_adapters)
-    x, t, context = _inputs(unet)
+    x, t, context = unet_inputs(unet)
     _routed(unet, routing(["alpha", "beta"], 2), x, t, context)
     builds = len(counted_builds)
     _routed(unet, routing(["alpha", "beta"], 2), x, t, context)

@@ -12,6 +12,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from tests.helpers import CARD_SCHEDULER as SCHEDULER
+from tests.helpers import lora_shapes, make_card, random_lora
 from training.card import (
     CARD_FILE,
     FORMAT_VERSION,
@@ -24,58 +26,25 @@ from training.card import (
     LoadedBaseModel,
     LoraSpec,
     RewardScale,
-    RewardSpec,
     check_lineage,
     load_base_model,
     save_base_model,
     scheduler_identity,
 )
 
-SCHEDULER = {
-    "_class_name": "DDIMScheduler",
-    "_diffusers_version": "0.42.1",
-    "num_train_timesteps": 1000,
-    "beta_schedule": "scaled_linear",
-    "prediction_type": "epsilon",
-}
 MODULES = [
     "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
     "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0",
 ]
 
 
-def make_card(objective: str = "ink_economy", **changes) -> BaseModelCard:
-    fields = {
-        "objective": objective,
-        "reward": RewardSpec(
-            name=objective, options={"weight": 1}, differentiable=True, model="tiny-classifier"
-        ),
-        "beta": 0.01,
-        "trainer": "target_matching",
-        "train": {"iterations": 2},
-        "lora": LoraSpec(rank=4, targets=LORA_TARGETS),
-        "learn_variance": "step",
-        "reference_hash": "a" * 64,
-        "reference": {"source": "embedded"},
-        "scheduler": SCHEDULER,
-        "sampling": {"num_inference_steps": 4, "eta": 1.0, "guidance_scale": 3.0},
-        "metrics": {"reward_after": 0.5, "rise_in_se": math.inf},
-        "history": [{"iteration": 1, "loss": 0.25}],
-    }
-    return BaseModelCard(**{**fields, **changes})
-
-
-def random_lora(seed: int = 0, rank: int = 4) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for module in MODULES:
-        out[f"{module}.lora_A.weight"] = torch.randn(rank, 8, generator=g)
-        out[f"{module}.lora_B.weight"] = torch.randn(8, rank, generator=g)
-    return out
+def card_lora(seed: int = 0, rank: int = 4) -> dict[str, torch.Tensor]:
+    """Random rank-``rank`` LoRA weights on ``MODULES``."""
+    return random_lora(lora_shapes(MODULES, rank), seed)
 
 
 def saved(tmp_path: Path, name: str = "m", **changes) -> Path:
-    return save_base_model(tmp_path / name, make_card(**changes), random_lora(), torch.full((4, 1), 0.3))
+    return save_base_model(tmp_path / name, make_card(**changes), card_lora(), torch.full((4, 1), 0.3))
 
 
 def one_line_card_error(call) -> str:
@@ -90,7 +59,7 @@ def one_line_card_error(call) -> str:
 
 
 def test_round_trip(tmp_path):
-    card, lora, log_variance = make_card(), random_lora(), torch.randn(4, 1)
+    card, lora, log_variance = make_card(), card_lora(), torch.randn(4, 1)
     folder = save_base_model(tmp_path / "m", card, lora, log_variance)
     assert folder == tmp_path / "m"
     assert sorted(p.name for p in folder.iterdir()) == sorted([CARD_FILE, LORA_FILE, VARIANCE_FILE])
@@ -121,7 +90,7 @@ def test_round_trip(tmp_path):
 
 
 def test_no_variance_and_reading_the_card_alone(tmp_path):
-    folder = save_base_model(tmp_path / "m", make_card(learn_variance="none"), random_lora(), None)
+    folder = save_base_model(tmp_path / "m", make_card(learn_variance="none"), card_lora(), None)
     assert not (folder / VARIANCE_FILE).exists()
     assert load_base_model(folder).log_variance is None
     card = BaseModelCard.read(folder)
@@ -131,7 +100,7 @@ def test_no_variance_and_reading_the_card_alone(tmp_path):
 def test_legacy_format_1_folder_loads(tmp_path):
     folder = tmp_path / "legacy"
     folder.mkdir()
-    lora, log_variance = random_lora(), torch.randn(4, 1)
+    lora, log_variance = card_lora(), torch.randn(4, 1)
     save_file(lora, folder / LEGACY_LORA_FILE)
     save_file({"log_variance": log_variance}, folder / VARIANCE_FILE)
     meta = {  # exactly what training.base_model.save_base_model wrote before the card
@@ -198,13 +167,11 @@ BROKEN = {
         "is not finite",
     ),
     "lora without prefix": (
-        lambda folder: save_file(random_lora(), folder / LORA_FILE),
+        lambda folder: save_file(card_lora(), folder / LORA_FILE),
         "non-UNet LoRA keys",
     ),
     "lora of another rank": (
-        lambda folder: save_file(
-            {f"unet.{k}": v for k, v in random_lora(rank=2).items()}, folder / LORA_FILE
-        ),
+        lambda folder: save_file({f"unet.{k}": v for k, v in card_lora(rank=2).items()}, folder / LORA_FILE),
         "has rank 2, the card says 4",
     ),
     "variance missing": (lambda folder: (folder / VARIANCE_FILE).unlink(), f"{VARIANCE_FILE} is missing"),
@@ -247,7 +214,7 @@ def test_card_error_is_an_msdda_error():
 
 
 def test_save_refuses_bad_weights_and_writes_nothing(tmp_path):
-    bad = {**random_lora(), f"{MODULES[0]}.lora_A.weight": torch.full((4, 8), math.nan)}
+    bad = {**card_lora(), f"{MODULES[0]}.lora_A.weight": torch.full((4, 8), math.nan)}
     message = one_line_card_error(lambda: save_base_model(tmp_path / "m", make_card(), bad, None))
     assert "not finite" in message and "'ink_economy'" in message
     one_line_card_error(lambda: save_base_model(tmp_path / "m", make_card(), {}, None))
@@ -263,7 +230,7 @@ def test_save_refuses_bad_weights_and_writes_nothing(tmp_path):
 
 def loaded(objective: str, path: str = "", **changes) -> LoadedBaseModel:
     return LoadedBaseModel(
-        Path(path or f"/models/{objective}"), make_card(objective, **changes), random_lora(), None
+        Path(path or f"/models/{objective}"), make_card(objective, **changes), card_lora(), None
     )
 
 

@@ -1,40 +1,23 @@
 """The `msdda` console script, run as a user would (a real subprocess)."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-MSDDA = [sys.executable, "-m", "flows.cli"]
-REPO = Path(__file__).resolve().parents[1]
-
-
-def run_cli(args, cwd, home, scrub=()):
-    """The CLI in a subprocess; ``scrub`` names environment variables to leave out."""
-    env = {
-        **{k: v for k, v in os.environ.items() if k not in scrub},
-        "MSDDA_HOME": str(home),
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONPATH": str(REPO),
-        "PREFECT_HOME": str(Path(cwd) / "prefect"),
-    }
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run(
-        MSDDA + args, check=False, cwd=cwd, env=env, capture_output=True, text=True, timeout=600
-    )
+from tests.helpers import run_msdda, subprocess_env
 
 
 def test_pretrain_json_then_cached(tmp_path, tiny_config_file):
     home = tmp_path / "home"
-    first = run_cli(["pretrain", "--config", str(tiny_config_file), "--json"], tmp_path, home)
+    first = run_msdda(["pretrain", "--config", str(tiny_config_file), "--json"], tmp_path, home)
     assert first.returncode == 0, first.stderr
     payload = json.loads(first.stdout)
     assert {"path", "alignment_accuracy", "seconds"} <= payload.keys()
     assert payload["cached"] is False and Path(payload["path"]).is_relative_to(home)
-    second = run_cli(["pretrain", "--config", str(tiny_config_file), "--json"], tmp_path, home)
+    second = run_msdda(["pretrain", "--config", str(tiny_config_file), "--json"], tmp_path, home)
     assert second.returncode == 0, second.stderr
     again = json.loads(second.stdout)
     assert again["cached"] is True and again["path"] == payload["path"]
@@ -43,23 +26,20 @@ def test_pretrain_json_then_cached(tmp_path, tiny_config_file):
 
 
 @pytest.mark.slow  # the whole main job, twice: about 80 s, beyond the fast suite's budget
-def test_run_is_the_whole_pipeline_and_is_cached(tmp_path, tiny_config_file, pretrained_home):
+def test_run_is_the_whole_pipeline_and_is_cached(tiny_run):
     """`msdda run` (the Prefect flow `msdda-pipeline`, ephemeral mode): pretrain (here: the cached reference),
     train, register, sweep; run again with `--set ... --device cpu`: the base models come from the cache and
-    the overrides reach the sweep's flow."""
-    from flows.cli import PRIVATE_DEFAULTS
-
-    home = pretrained_home
-    # as on a user's machine: no CI marker (Prefect's SDK is quiet in CI) and no telemetry settings of ours
-    scrub = {"CI", "GITHUB_ACTIONS", "GITLAB_CI", *PRIVATE_DEFAULTS}
-    first = run_cli(["run", "--config", str(tiny_config_file), "--json"], tmp_path, home, scrub)
+    the overrides reach the sweep's flow. The first run is the session's ``tiny_run`` (as on a user's machine:
+    no CI marker, which quiets Prefect's SDK, and no telemetry settings of ours), which other tests share."""
+    home, root, tiny_config_file = tiny_run.home, tiny_run.root, tiny_run.config
+    first = tiny_run.result
     assert first.returncode == 0, first.stderr[-3000:]
     # a clean, private first run: Prefect's temporary server sends no telemetry (whose heartbeat also raised
     # `database is locked` tracebacks), and nothing else prints a traceback or an ERROR line; runs have names
     # that say what they do
     for noise in ("Traceback", "telemetry", "| ERROR"):
         assert noise not in first.stderr, first.stderr[-3000:]
-    names = _run_names(tmp_path / "prefect")
+    names = _run_names(tiny_run.prefect_home)
     assert names >= {
         "msdda run (auto)",
         "pretrain reference",
@@ -87,7 +67,7 @@ def test_run_is_the_whole_pipeline_and_is_cached(tmp_path, tiny_config_file, pre
     # again, with overrides for the sweep (they reach its flow, which loads the config again from its path):
     # the base models come from the cache and are not registered again
     overrides = ["--set", "composition.methods=[msdda]", "--set", "composition.grid=2", "--device", "cpu"]
-    second = run_cli(["run", "--config", str(tiny_config_file), *overrides, "--json"], tmp_path, home)
+    second = run_msdda(["run", "--config", str(tiny_config_file), *overrides, "--json"], root, home)
     assert second.returncode == 0, second.stderr[-3000:]
     again = json.loads(second.stdout)
     assert (
@@ -96,7 +76,7 @@ def test_run_is_the_whole_pipeline_and_is_cached(tmp_path, tiny_config_file, pre
     )
     assert all(m["cached"] for m in again["base_models"].values())
     assert all(not m["registered"]["created"] for m in again["base_models"].values()), "no duplicate versions"
-    assert not (tmp_path / ".msdda").exists()
+    assert not (root / ".msdda").exists()
 
 
 def _mlflow_run_names(home: Path) -> set[str]:
@@ -124,8 +104,9 @@ def _run_names(prefect_home: Path) -> set[str]:
         "        return [run.name for run in runs]\n"
         "print(json.dumps(asyncio.run(names())))\n"
     )
-    env = {**os.environ, "PREFECT_HOME": str(prefect_home), "DO_NOT_TRACK": "true"}
-    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    env = subprocess_env(
+        PREFECT_HOME=prefect_home, DO_NOT_TRACK="true", PREFECT_SERVER_ANALYTICS_ENABLED="false"
+    )
     # Prefect's own client starts the temporary server here: with msdda's startup timeout, not its 20 s
     env.setdefault(STARTUP_TIMEOUT_SETTING, str(STARTUP_TIMEOUT_SECONDS))
     result = subprocess.run(
@@ -145,7 +126,7 @@ def _run_names(prefect_home: Path) -> set[str]:
 def test_bad_config_is_one_line_exit_2(tmp_path, config_text, expected):
     path = tmp_path / "bad.yaml"
     path.write_text(config_text)
-    result = run_cli(["pretrain", "--config", str(path)], tmp_path, tmp_path / "home")
+    result = run_msdda(["pretrain", "--config", str(path)], tmp_path, tmp_path / "home")
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and expected in result.stderr
     assert "Traceback" not in result.stderr and result.stdout == ""
@@ -155,25 +136,25 @@ def test_bad_config_is_one_line_exit_2(tmp_path, config_text, expected):
 def test_missing_checkpoint_is_one_line_exit_2(tmp_path):
     path = tmp_path / "sd.yaml"
     path.write_text(f"model:\n  source: pretrained\n  pretrained: {tmp_path / 'no_such_model'}\n")
-    result = run_cli(["run", "--config", str(path)], tmp_path, tmp_path / "home")
+    result = run_msdda(["run", "--config", str(path)], tmp_path, tmp_path / "home")
     assert result.returncode == 2
     assert "no_such_model" in result.stderr and result.stderr.strip().count("\n") == 0
 
 
 def test_unknown_option_exits_2(tmp_path):
-    result = run_cli(["pretrain", "--bogus"], tmp_path, tmp_path / "home")
+    result = run_msdda(["pretrain", "--bogus"], tmp_path, tmp_path / "home")
     assert result.returncode == 2 and "Traceback" not in result.stderr
 
 
-def test_methods_lists_the_registry(tmp_path):
+def test_methods_lists_the_registry_and_compose_refuses_other_names(tmp_path):
     from composition.methods import METHODS
 
-    result = run_cli(["methods", "--json"], tmp_path, tmp_path / "home")
+    result = run_msdda(["methods", "--json"], tmp_path, tmp_path / "home")
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)
     assert [row["name"] for row in rows] == list(METHODS)
     assert {row["kind"] for row in rows} == {"kernel", "search"}
-    bad = run_cli(["compose", "--method", "nope", "-w", "0.5,0.5"], tmp_path, tmp_path / "home")
+    bad = run_msdda(["compose", "--method", "nope", "-w", "0.5,0.5"], tmp_path, tmp_path / "home")
     choices = ", ".join(repr(name) for name in METHODS)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         f"error: Invalid value for '--method': 'nope' is not one of {choices}. (see 'msdda compose --help')"
@@ -185,7 +166,7 @@ def test_version_and_every_option_has_help(tmp_path):
 
     from flows.cli import app
 
-    result = run_cli(["--version"], tmp_path, tmp_path / "home")
+    result = run_msdda(["--version"], tmp_path, tmp_path / "home")
     assert result.returncode == 0 and result.stdout.strip() == "msdda 0.1.0", result.stderr
     group = typer.main.get_command(app)
     undocumented = [

@@ -4,16 +4,14 @@ every case fails before any model work), plus one real console-script process.""
 
 from __future__ import annotations
 
-import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import msdda_main, run_msdda
+
 MODEL_COMMANDS = ("pretrain", "train", "compose", "sweep", "run", "deploy")
 
 
@@ -29,15 +27,6 @@ def fresh(tmp_path, monkeypatch):
     return home
 
 
-def cli(args, capfd) -> tuple[int, str, str]:
-    from flows.cli import main
-
-    capfd.readouterr()
-    code = main(args)
-    out, err = capfd.readouterr()
-    return code, out, err
-
-
 def assert_one_line_error(code: int, out: str, err: str, message: str, home: Path) -> None:
     assert code == 2, err
     assert err.startswith("error: ") and err.strip().count("\n") == 0, err
@@ -50,16 +39,16 @@ def test_help_lists_the_choices(fresh, capfd):
     from composition.methods import METHODS
     from training.rewards import REWARDS
 
-    code, out, _ = cli(["compose", "--help"], capfd)
+    code, out, _ = msdda_main(["compose", "--help"], capfd)
     assert code == 0 and f"<{'|'.join(METHODS)}>" in out, out
-    code, out, _ = cli(["train", "--help"], capfd)
+    code, out, _ = msdda_main(["train", "--help"], capfd)
     assert code == 0 and f"<{'|'.join(REWARDS)}>" in out, out
-    code, out, _ = cli(["run", "--help"], capfd)
+    code, out, _ = msdda_main(["run", "--help"], capfd)
     assert code == 0 and "<auto|sequential|dask>" in out
     for command in MODEL_COMMANDS:
-        code, out, _ = cli([command, "--help"], capfd)
+        code, out, _ = msdda_main([command, "--help"], capfd)
         assert code == 0 and "<auto|cpu|cuda>" in out and "--set" in out, (command, out)
-    code, out, _ = cli([], capfd)
+    code, out, _ = msdda_main([], capfd)
     assert code == 0 and "compose" in out, "bare `msdda` shows the help"
 
 
@@ -140,15 +129,15 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(fresh, tmp_path, capfd,
         "LONG_LINE": _write(tmp_path / "long.txt", "a seven\n" + "7" * 5_000_000 + "\n"),
         "LONG_CONFIG": _write(tmp_path / "long.yaml", f"train:\n  prompts: ['{'7' * 5000}']\n"),
     }
-    code, out, err = cli([files.get(a, a) for a in args], capfd)
+    code, out, err = msdda_main([files.get(a, a) for a in args], capfd)
     assert_one_line_error(code, out, err, message, fresh)
 
 
 @NO_CUDA
 def test_set_runtime_device_is_checked_like_device(fresh, capfd):
-    code, out, err = cli(["sweep", "--set", "runtime.device=cuda"], capfd)
+    code, out, err = msdda_main(["sweep", "--set", "runtime.device=cuda"], capfd)
     assert_one_line_error(code, out, err, "no CUDA device", fresh)
-    code, out, err = cli(["sweep", "--set", "runtime.device=cuda", "--device", "cuda"], capfd)
+    code, out, err = msdda_main(["sweep", "--set", "runtime.device=cuda", "--device", "cuda"], capfd)
     assert_one_line_error(code, out, err, "no CUDA device", fresh)
 
 
@@ -168,7 +157,7 @@ def test_deploy_to_a_silent_server_gives_up_quickly(fresh, monkeypatch, capfd):
         url = f"http://127.0.0.1:{silent.getsockname()[1]}/api"
         start = time.monotonic()
         with temporary_settings(updates={PREFECT_API_URL: url}):
-            code, out, err = cli(["deploy"], capfd)
+            code, out, err = msdda_main(["deploy"], capfd)
         seconds = time.monotonic() - start
     assert_one_line_error(
         code, out, err, f"Prefect server at {url} is unreachable: no answer within 0.5 s", fresh
@@ -178,21 +167,12 @@ def test_deploy_to_a_silent_server_gives_up_quickly(fresh, monkeypatch, capfd):
 
 def test_console_script_process(tmp_path):
     """The same contract through a real `python -m flows.cli` process running this worktree's code."""
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_API"))},
-        "MSDDA_HOME": str(tmp_path / "home"),
-        "PREFECT_HOME": str(tmp_path / "prefect"),
-        "PYTHONPATH": str(REPO),
-        "HF_HUB_OFFLINE": "1",
-    }
-    result = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "train", "-o", "ink_economy", "--set", "train.iterations=abc"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
+    result = run_msdda(
+        ["train", "-o", "ink_economy", "--set", "train.iterations=abc"],
+        tmp_path,
+        tmp_path / "home",
         timeout=120,
-        check=False,
+        without_prefixes=("MLFLOW_", "PREFECT_API"),
     )
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.startswith("error: --set train.iterations=abc: train.iterations: Input should be")

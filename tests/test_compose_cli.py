@@ -2,49 +2,27 @@
 the bad-input contract: one line on stderr, exit code 2, no traceback, the registry unchanged."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import free_port, run_msdda
 from training.card import CARD_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def registry(tmp_path, tiny_home, tiny_base_models, monkeypatch):
-    """The tiny base models registered in a fresh SQLite store (the reference comes from the session home)."""
-    from flows.registry import register_base_model
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    versions = [register_base_model(tiny_home, folder, champion=True) for folder in tiny_base_models]
-    return {"uri": uri, "versions": versions, "home": tiny_home}
+def registry(tiny_registry):
+    return tiny_registry
 
 
 def msdda(args, registry, tmp_path, config_file, **env):
-    environment = {
-        **os.environ,
-        "MSDDA_HOME": str(registry["home"]),
-        "MLFLOW_TRACKING_URI": registry["uri"],
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONPATH": str(REPO),
-        **env,
-    }
+    """`msdda ARGS [--config CONFIG_FILE]` (``run_msdda``) on ``registry``'s home and store."""
     config = [] if args[0] == "models" else ["--config", str(config_file)]
-    return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args, *config],
-        check=False,
-        cwd=tmp_path,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    settings = {"MLFLOW_TRACKING_URI": registry["uri"], **env}
+    return run_msdda([*args, *config], tmp_path, registry["home"], **settings)
 
 
 def models_listing(registry):
@@ -196,11 +174,7 @@ def test_bad_weights_through_the_console_script(registry, tmp_path, tiny_config_
 
 
 def test_unreachable_tracking_server_is_one_line(registry, tmp_path, tiny_config_file):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     for args in (["models"], ["compose", "--weights", "0.5,0.5"]):
         result = msdda(
             args, registry, tmp_path, tiny_config_file, MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}"

@@ -19,23 +19,18 @@ import pytest
 import torch
 
 from composition.engine import CompositionError
+from tests.helpers import msdda_main
 
 
 @pytest.fixture
 def compose(pretrained_home, tiny_base_models, tiny_config_file, capfd):
     """Run ``msdda compose --models <the tiny base models> ... --json`` in-process: ``(exit code, stdout,
     stderr)``."""
-    from flows.cli import main
-
     models = ",".join(str(folder) for folder in tiny_base_models)
 
     def run(*args: str) -> tuple[int, str, str]:
-        capfd.readouterr()
-        code = main(
-            ["compose", "--models", models, "--config", str(tiny_config_file), "--json", "-n", "2", *args]
-        )
-        out, err = capfd.readouterr()
-        return code, out, err
+        compose = ["compose", "--models", models, "--config", str(tiny_config_file), "--json", "-n", "2"]
+        return msdda_main([*compose, *args], capfd)
 
     return run
 

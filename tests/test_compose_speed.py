@@ -3,7 +3,7 @@ with gradients, then measures without them) on the tiny config, at a smoke-test 
 
 import pytest
 
-from tests._benchmark_runner import run_benchmark
+from tests.helpers import run_benchmark
 
 
 @pytest.mark.timeout(1200)  # pretraining and two base models of the tiny config, then the measurement

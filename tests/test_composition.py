@@ -141,8 +141,10 @@ def test_plans_and_routed_weights_give_the_same_images(ensemble, tiny_config, me
     assert len(nfe) == 1 and nfe.pop() == 3 * tiny_config.sampling.num_inference_steps
 
 
-def test_methods_share_the_initial_noise(ensemble, tiny_config):
-    """With one-hot weights MSDDA and the epsilon blend differ only by the base model's learned variance."""
+def test_one_hot_weights_make_msdda_and_the_soup_the_same_sampler(ensemble, tiny_config):
+    """With one-hot weights MSDDA (a product of one kernel) and RS (the soup ``1 * B_1 A_1``, variance offset
+    ``1 * v_1``) are both the first base model's own kernel, learned variance included: from the same seed
+    (every method draws the same noise) they give the same images."""
     from composition.engine import generate
 
     options = tiny_config.composition

@@ -3,12 +3,14 @@ and costs, the oracle's combined difference, J_w per method and curve point) and
 
 import pytest
 
-from tests._benchmark_runner import run_benchmark
+from tests.helpers import run_benchmark
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # five models and ten small sweeps: about 5 minutes on 2 idle cores
-def test_json_contract_on_the_tiny_model(tiny_config_file, pretrained_home, tmp_path):
+def test_json_contract_on_the_tiny_model(tiny_config_file, trained_home, tmp_path):
+    """The report's JSON contract and figures (the two tiny base models at the config's beta come from the
+    cache; the others are trained here)."""
     results = tmp_path / "results"
     small = [
         "--num-images",
@@ -21,7 +23,7 @@ def test_json_contract_on_the_tiny_model(tiny_config_file, pretrained_home, tmp_
         "msdda,code,rgg",
     ]
     args = ["--config", str(tiny_config_file), *small, "--json", "--results", str(results)]
-    report = run_benchmark("composition_results.py", args, pretrained_home, timeout=1500)
+    report = run_benchmark("composition_results.py", args, trained_home, timeout=1500)
     labels = {"msdda", "code", "rgg", "msdda@beta=0.005", "msdda@beta=0.0025", "code@N=4", "rgg@0.25"}
     assert labels <= set(report["hypervolume"]), sorted(report["hypervolume"])
     assert not {"db@beta=0.005", "rs@beta=0.005"} & set(report["hypervolume"]), (

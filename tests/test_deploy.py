@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,28 +18,19 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import MSDDA, REPO, free_port, subprocess_env
+
 PREFECT = [sys.executable, "-m", "prefect"]
-MSDDA = [sys.executable, "-m", "flows.cli"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _base_env(prefect_home: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-    env.update(
-        PREFECT_HOME=str(prefect_home),
+    return subprocess_env(
+        without_prefixes=("PREFECT_", "MLFLOW_"),
+        PREFECT_HOME=prefect_home,
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        HF_HUB_OFFLINE="1",
-        PYTHONPATH=str(REPO),
         OMP_NUM_THREADS="1",
         **extra,
     )
-    return env
 
 
 def _start(args: list[str], env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen:
@@ -89,7 +79,7 @@ def _wait_for(
 def prefect_server(tmp_path_factory):
     """A real Prefect server (SQLite in tmp, scheduler every second, no UI) on a free local port."""
     root = tmp_path_factory.mktemp("prefect_server")
-    port = _free_port()
+    port = free_port()
     env = _base_env(
         root / "home",
         PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="1",
@@ -169,16 +159,11 @@ def _compose_mlflow_runs(uri: str, weights: str) -> list:
 
 
 @pytest.fixture
-def registry(tmp_path, tiny_home, tiny_base_models, tiny_config_file, monkeypatch):
+def registry(tiny_registry):
     """The tiny base models as champions in a fresh MLflow SQLite store (reference: the session's tiny
     home)."""
-    from flows.registry import register_base_model
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    versions = [register_base_model(tiny_home, folder, champion=True) for folder in tiny_base_models]
-    assert [v["version"] for v in versions] == [1, 1]
-    return {"uri": uri, "home": tiny_home, "config": tiny_config_file}
+    assert [v["version"] for v in tiny_registry["versions"]] == [1, 1]
+    return tiny_registry
 
 
 def _env(prefect_server, registry, tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -353,7 +338,7 @@ def test_process_work_pool_round_trip(prefect_server, registry, tmp_path):
     ],
 )
 def test_deploy_bad_setup_is_one_line_exit_2(tmp_path, tiny_config_file, args, env, message):
-    env = {k: v.replace("PORT", str(_free_port())) for k, v in env.items()}
+    env = {k: v.replace("PORT", str(free_port())) for k, v in env.items()}
     result = subprocess.run(
         [*MSDDA, "deploy", "--config", str(tiny_config_file), *args],
         check=False,

@@ -48,11 +48,11 @@ def test_cuda_without_cuda_fails_in_one_line_at_every_stage_entry(tiny_config, t
 def test_cli_exits_2_with_one_line_for_cuda_without_cuda(tmp_path, tiny_config_file):
     import yaml
 
-    from tests.test_cli import run_cli
+    from tests.helpers import run_msdda
 
     data = yaml.safe_load(tiny_config_file.read_text())
     tiny_config_file.write_text(yaml.safe_dump({**data, "runtime": {"device": "cuda"}}))
-    result = run_cli(
+    result = run_msdda(
         ["train", "--objective", "ink_economy", "--config", str(tiny_config_file), "--no-mlflow"],
         tmp_path,
         tmp_path / "home",

@@ -3,20 +3,20 @@ process group): every process starts from rank 0's weights and gradients are ave
 with the same weights though each draws its own states."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO, subprocess_env
+
 TOY = str(REPO / "tests" / "_distributed_toy.py")
 
 
 def _run(args: list[str], out: Path) -> list[dict]:
     out.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HOME": str(out / "hf")}
+    env = subprocess_env(OMP_NUM_THREADS="1", HF_HOME=out / "hf")
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     result = subprocess.run(

@@ -9,6 +9,7 @@ import importlib
 import json
 import re
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -281,19 +282,19 @@ def test_yaml_blocks_are_valid_configs():
 
 
 @pytest.fixture
-def registry_home(tmp_path_factory, tiny_home, tiny_base_models, tiny_config_file, monkeypatch):
+def registry_home(tmp_path_factory, template_db, tiny_home, tiny_base_models, tiny_config_file, monkeypatch):
     """A home holding the tiny reference and evaluator, both tiny base models registered as champions in its
     own SQLite store, as `MSDDA_HOME`, and the tiny config as the default config."""
     import configs.schema
-    from flows.registry import register_base_model
     from tests.conftest import copy_pretrained
+    from tests.helpers import register_champions
 
     home = copy_pretrained(tiny_home, tmp_path_factory.mktemp("docs_home"))
+    shutil.copy(template_db, home / "mlflow.db")  # migrating a new store takes seconds
     monkeypatch.setenv("MSDDA_HOME", str(home))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
     monkeypatch.setattr(configs.schema, "DEFAULT_CONFIG", tiny_config_file)
-    for folder in tiny_base_models:
-        register_base_model(home, folder, champion=True)
+    register_champions(home, tiny_base_models)
     return home
 
 
@@ -325,12 +326,13 @@ def test_the_getting_started_python_examples_run(registry_home, tmp_path, monkey
     assert list(namespace["pipe"].base_models) == ["digit_alignment"]
 
 
-@pytest.mark.slow  # about 35 s (two tiny trainings, four composes, two sweeps); the options are checked above
-def test_the_command_line_quickstarts_run(pretrained_home, tiny_config_file, tmp_path, monkeypatch):
+@pytest.mark.slow  # four composes, two sweeps (the trainings are cached); the options are checked above
+def test_the_command_line_quickstarts_run(trained_home, tiny_config_file, tmp_path, monkeypatch):
     """The README's command-line quickstart, then the composing examples of docs/getting-started.md, as
-    written, each with the tiny config added. The tiny models learn next to nothing in their two
-    iterations, so they never earn `champion`: they are given it, as a real training gives it, before the
-    first compose."""
+    written, each with the tiny config added. Its `msdda train`s find the session's tiny base models in the
+    cache (training itself is checked elsewhere) and register them. The tiny models learn next to nothing in
+    their two iterations, so they never earn `champion`: they are given it, as a real training gives it,
+    before the first compose."""
     from mlflow.tracking import MlflowClient
 
     from flows.cli import PRIVATE_DEFAULTS, main
@@ -348,7 +350,7 @@ def test_the_command_line_quickstarts_run(pretrained_home, tiny_config_file, tmp
     assert [c[0] for c in commands][:4] == ["pretrain", "train", "train", "models"]
     for args in commands:
         if args[0] == "models":
-            client = MlflowClient(tracking_uri(pretrained_home))
+            client = MlflowClient(tracking_uri(trained_home))
             for model in client.search_registered_models():
                 client.set_registered_model_alias(model.name, "champion", "1")
         config = ["--config", str(tiny_config_file)] if "--config" in _options(app.commands[args[0]]) else []

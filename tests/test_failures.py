@@ -200,8 +200,9 @@ def test_prefect_console_logs_no_traceback(tmp_path):
 
 
 @pytest.mark.slow
-def test_run_failing_inside_the_flow_is_one_line(monkeypatch, capfd, pretrained_home, tiny_config_file):
-    """``msdda run`` whose sweep fails inside its Prefect flow: one line, no traceback from Prefect's log."""
+def test_run_failing_inside_the_flow_is_one_line(monkeypatch, capfd, trained_home, tiny_config_file):
+    """``msdda run`` whose sweep fails inside its Prefect flow: one line, no traceback from Prefect's log.
+    (The base models come from the cache: the failure is in the sweep.)"""
     import flows.jobs
 
     monkeypatch.setattr(flows.jobs, "sweep_job", _crash)

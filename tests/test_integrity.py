@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from tests.helpers import msdda_main
 from training.card import CARD_FILE, LORA_FILE, VARIANCE_FILE, CardError, load_base_model
 from training.storage import ModelLoadError, content_hash
 
@@ -67,16 +68,6 @@ def _assert_unreadable_file_error(message: str, path: Path, error: int) -> None:
     assert "nothing was changed" in message and message.strip().count("\n") == 0, message
 
 
-def _cli(args: list[str], capfd) -> tuple[int, str, str]:
-    """``msdda`` in-process: ``(exit code, stdout, stderr)``."""
-    from flows.cli import main
-
-    capfd.readouterr()
-    code = main(args)
-    out, err = capfd.readouterr()
-    return code, out, err
-
-
 # ------------------------------------------------------------------------------------------------ base models
 
 
@@ -107,7 +98,7 @@ def test_compose_with_a_truncated_base_model_is_one_line(
     _truncate(damaged / LORA_FILE)
     models = f"{damaged},{tiny_base_models[1]}"
     args = ["compose", "--weights", "0.5,0.5", "--models", models, "--num-images", "2"]
-    code, out, err = _cli([*args, "--config", str(tiny_config_file), "--json"], capfd)
+    code, out, err = msdda_main([*args, "--config", str(tiny_config_file), "--json"], capfd)
     assert code == 2 and out == "", err
     assert err.startswith("error: ") and err.strip().count("\n") == 0, err
     assert str(damaged) in err and LORA_FILE in err and "Traceback" not in err
@@ -123,12 +114,12 @@ def test_train_retrains_a_damaged_cached_model_instead_of_registering_it(
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the home's own SQLite store
 
     args = ["train", "--objective", "ink_economy", "--config", str(tiny_config_file), "--json"]
-    code, out, err = _cli([*args, "--no-mlflow"], capfd)
+    code, out, err = msdda_main([*args, "--no-mlflow"], capfd)
     assert code == 0, err
     folder = Path(json.loads(out)["path"])
     _truncate(folder / LORA_FILE)
 
-    code, out, err = _cli(args, capfd)
+    code, out, err = msdda_main(args, capfd)
     assert code == 0, err
     again = json.loads(out)
     assert again["cached"] is False and again["path"] == str(folder)
@@ -168,13 +159,13 @@ def test_the_retraining_warning_says_only_what_happens(tiny_base_models, tmp_pat
 def test_train_never_overwrites_a_model_of_a_newer_card_format(pretrained_home, tiny_config_file, capfd):
     """Not damaged, only newer: refused in one line, never retrained over (guards the retraining above)."""
     args = ["train", "--objective", "ink_economy", "--config", str(tiny_config_file), "--no-mlflow", "--json"]
-    code, out, err = _cli(args, capfd)
+    code, out, err = msdda_main(args, capfd)
     assert code == 0, err
     folder = Path(json.loads(out)["path"])
     card = json.loads((folder / CARD_FILE).read_text())
     (folder / CARD_FILE).write_text(json.dumps({**card, "format_version": 99}))
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
-    code, out, err = _cli(args, capfd)
+    code, out, err = msdda_main(args, capfd)
     assert code == 2 and "update msdda" in err and err.strip().count("\n") == 0, err
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
 
@@ -198,12 +189,12 @@ def test_train_never_retrains_over_a_model_it_cannot_read(
 ):
     """It used to take a permission problem for damage and train a new model over the old one."""
     args = ["train", "--objective", "ink_economy", "--config", str(tiny_config_file), "--no-mlflow", "--json"]
-    code, out, err = _cli(args, capfd)
+    code, out, err = msdda_main(args, capfd)
     assert code == 0, err
     folder = Path(json.loads(out)["path"])
     before = _snapshot(folder)
     _refuse_to_open(monkeypatch, folder / LORA_FILE)
-    code, out, err = _cli(args, capfd)
+    code, out, err = msdda_main(args, capfd)
     assert code == 2 and out == "" and err.startswith("error: "), err
     _assert_unreadable_file_error(err, folder / LORA_FILE, errno.EACCES)
     assert _snapshot(folder) == before and sorted(folder.parent.iterdir()) == [folder]
@@ -290,7 +281,7 @@ def test_pretrain_rebuilds_a_damaged_reference(
     other = 1 if built_with > 1 else 2
     monkeypatch.setenv("OMP_NUM_THREADS", str(other))  # the CLI runs with another count
     _truncate(folder / "unet" / "diffusion_pytorch_model.safetensors")
-    code, out, err = _cli(["pretrain", "--config", str(tiny_config_file), "--json"], capfd)
+    code, out, err = msdda_main(["pretrain", "--config", str(tiny_config_file), "--json"], capfd)
     assert code == 0, err
     assert f"the cached reference model at {folder} is damaged" in err and "rebuilding it" in err, err
     assert f"with the {built_with} torch threads it was built with" in err, err
@@ -300,7 +291,7 @@ def test_pretrain_rebuilds_a_damaged_reference(
     assert payload["cached"] is False and payload["trained"] is True and payload["path"] == str(folder)
     assert payload["reference_hash"] == content_hash(folder) == tiny_reference.reference_hash
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")], "nothing is left aside"
-    code, out, err = _cli(["pretrain", "--config", str(tiny_config_file), "--json"], capfd)
+    code, out, err = msdda_main(["pretrain", "--config", str(tiny_config_file), "--json"], capfd)
     assert code == 0 and json.loads(out)["cached"] is True and "warning" not in err, err
 
 
@@ -362,7 +353,7 @@ def test_pretrain_leaves_a_reference_it_cannot_read_as_it_is(
     folder = _reference_folder(pretrained_home)
     before = _snapshot(folder)
     _refuse_to_open(monkeypatch, folder / name, UNREADABLE_REFERENCE[name])
-    code, out, err = _cli(["pretrain", "--config", str(tiny_config_file), "--json"], capfd)
+    code, out, err = msdda_main(["pretrain", "--config", str(tiny_config_file), "--json"], capfd)
     assert code == 2 and out == "" and err.startswith("error: "), err
     _assert_unreadable_file_error(err, folder / name, UNREADABLE_REFERENCE[name])
     assert _snapshot(folder) == before and sorted(folder.parent.iterdir()) == [folder]
@@ -517,7 +508,7 @@ def test_train_cli_with_a_truncated_checkpoint_warns_and_trains(
     (checkpoint / "checkpoint.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{")
     (checkpoint / "checkpoint.json").write_text(json.dumps({"iteration": 1, "history": []}))
     args = ["train", "--objective", "ink_economy", "--config", str(tiny_config_file), "--no-mlflow", "--json"]
-    code, out, err = _cli(args, capfd)
+    code, out, err = msdda_main(args, capfd)
     assert code == 0, err
     assert "checkpoint.safetensors is damaged" in err and "training from scratch" in err, err
     assert json.loads(out)["cached"] is False and "Traceback" not in err

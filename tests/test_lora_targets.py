@@ -73,7 +73,7 @@ def test_cards_before_the_option_read_as_attention():
 
 
 def test_card_adapting_modules_the_reference_lacks_is_refused(unet):
-    from tests.test_card import make_card
+    from tests.helpers import make_card
 
     spec = LoraSpec.resolve(unet, "attention", rank=4)
     check_adapted_modules(unet, make_card(lora=spec))  # its own reference: fine

@@ -10,6 +10,7 @@ import torch
 
 from composition.methods import METHODS, Batch, Composer
 from configs.schema import CompositionConfig
+from tests.helpers import unet_inputs
 from training.analysis.toy import make_scheduler
 from training.step.chain import run_chain
 from training.step.kernel import DDIMSchedule, ddim_mean, ddim_x0
@@ -27,9 +28,7 @@ def composer(unet, log_variance=LOG_VARIANCE, steps=4, **options) -> Composer:
 
 
 def inputs(unet, seed=0, batch=2):
-    g = torch.Generator().manual_seed(seed)
-    x_T = torch.randn(batch, 4, 8, 8, generator=g)
-    embeds = torch.randn(batch, 16, unet.config.cross_attention_dim, generator=g)
+    x_T, _, embeds = unet_inputs(unet, batch, seed)
     return x_T, Batch(embeds, None)
 
 

@@ -19,8 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_registry import _template_db, fake_base_model  # noqa: F401 - _template_db is a fixture
-from training.storage import msdda_home
+from tests.helpers import fake_base_model, free_port, subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,16 +39,6 @@ def one_line_error(err: str) -> str:
     """The single stderr line of a failed command (asserting that it is one line and no traceback)."""
     assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
     return err.strip()
-
-
-@pytest.fixture
-def store_home(_template_db, monkeypatch) -> Path:  # noqa: F811
-    """This test's MSDDA_HOME holding an empty, migrated SQLite store (the default store)."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    home = msdda_home()
-    home.mkdir(parents=True)
-    shutil.copy(_template_db, home / "mlflow.db")
-    return home
 
 
 # --------------------------------------------------------------------------------------------- corrupt store
@@ -193,8 +182,7 @@ with mlflow_run(Path(sys.argv[1]), "probe", params={"a": 1}):
 def test_creating_the_store_prints_nothing(tmp_path):
     """A new SQLite store (MLflow creates and migrates it) and a run in it: nothing on the terminal (MLflow
     prints INFO lines while it migrates, unless told otherwise)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env.update(PYTHONPATH=str(REPO))
+    env = subprocess_env(without_prefixes=["MLFLOW_"])
     result = subprocess.run(
         [sys.executable, "-c", STORE_SCRIPT, str(tmp_path / "home")],
         env=env,
@@ -251,12 +239,6 @@ def test_runs_left_running_by_a_killed_process_are_marked_failed(store_home):
 # --------------------------------------------------------------------------------------- a tracking server
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class TrackingServer:
     """A real `mlflow server` on 127.0.0.1 (serving its artifacts) on a copy of a migrated SQLite store."""
 
@@ -295,8 +277,8 @@ class TrackingServer:
 
 
 @pytest.fixture
-def server(tmp_path, _template_db, monkeypatch):  # noqa: F811
-    started = TrackingServer(tmp_path / "server", _template_db)
+def server(tmp_path, template_db, monkeypatch):
+    started = TrackingServer(tmp_path / "server", template_db)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", started.url)
     yield started
     started.kill()
@@ -337,7 +319,7 @@ def test_a_server_that_goes_away_is_one_line_within_a_minute(
 
     folder = fake_base_model(tmp_path / "model", "ink_economy", seed=1)
     register_base_model(pretrained_home, folder)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "MSDDA_HOME": str(pretrained_home)}
+    env = subprocess_env(MSDDA_HOME=pretrained_home)
     training = subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "train", "-o", "ink_economy", "--json"]
         + ["--config", str(tiny_config_file), "--set", f"train.iterations={TRAIN_ITERATIONS}"],

@@ -26,18 +26,18 @@ def ensemble(tiny_config, tiny_home, tiny_base_models):
 
 
 @pytest.fixture(scope="module")
-def registry_home(tmp_path_factory, tiny_home, tiny_reference, tiny_base_models):
+def registry_home(tmp_path_factory, template_db, tiny_home, tiny_reference, tiny_base_models):
     """A home holding copies of the tiny reference and evaluator, with both tiny base models registered as
     champions in its own SQLite store; ``(home, tracking URI)``."""
-    from flows.registry import register_base_model
     from tests.conftest import copy_pretrained
+    from tests.helpers import register_champions
 
     home = copy_pretrained(tiny_home, tmp_path_factory.mktemp("registry_home"))
+    shutil.copy(template_db, home / "mlflow.db")  # migrating a new store takes seconds
     uri = f"sqlite:///{home / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", uri)
-        for folder in tiny_base_models:
-            register_base_model(home, folder, champion=True)
+        register_champions(home, tiny_base_models)
     return home, uri
 
 

@@ -4,9 +4,7 @@ within seconds; and the first run in a fresh ``PREFECT_HOME`` survives a busy ma
 
 from __future__ import annotations
 
-import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -14,15 +12,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-MSDDA = [sys.executable, "-m", "flows.cli"]
+from tests.helpers import free_port, run_msdda, subprocess_env
+
 SERVER_APP = "prefect.server.api.server:create_app"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _msdda_run(
@@ -30,23 +22,15 @@ def _msdda_run(
 ) -> subprocess.CompletedProcess:
     """`msdda run --config CONFIG --json` as a user runs it: a subprocess with its own homes, no Prefect or
     MLflow settings from this environment but ``extra``, killed after ``timeout`` seconds."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-    env.update(
-        MSDDA_HOME=str(home),
-        PREFECT_HOME=str(prefect_home),
-        HF_HUB_OFFLINE="1",
-        PYTHONPATH=str(REPO),
+    return run_msdda(
+        ["run", "--config", str(config), "--json"],
+        home.parent,
+        home,
+        timeout=timeout,
+        without_prefixes=("PREFECT_", "MLFLOW_"),
+        PREFECT_HOME=prefect_home,
         OMP_NUM_THREADS="1",
         **extra,
-    )
-    return subprocess.run(
-        [*MSDDA, "run", "--config", str(config), "--json"],
-        check=False,
-        cwd=home.parent,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
     )
 
 
@@ -84,7 +68,7 @@ def test_unreachable_prefect_api_url_is_one_line_before_any_work(tiny_config_fil
     from flows.cli import main
 
     before = _files(pretrained_home)
-    url = f"http://127.0.0.1:{_free_port()}/api"
+    url = f"http://127.0.0.1:{free_port()}/api"
     start = time.monotonic()
     with temporary_settings(updates={PREFECT_API_URL: url}):
         code = main(["run", "--config", str(tiny_config_file), "--json"])
@@ -157,8 +141,7 @@ def test_startup_timeout_is_raised_unless_the_user_set_it(tmp_path, monkeypatch)
     script = "from flows.prefect_api import startup_timeout; print(startup_timeout())"
 
     def timeout(**extra: str) -> int:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-        env.update(PREFECT_HOME=str(tmp_path / "prefect"), PYTHONPATH=str(REPO), **extra)
+        env = subprocess_env(without_prefixes=["PREFECT_"], PREFECT_HOME=tmp_path / "prefect", **extra)
         result = subprocess.run(
             [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True, timeout=120
         )
@@ -173,21 +156,19 @@ def test_startup_timeout_is_raised_unless_the_user_set_it(tmp_path, monkeypatch)
     assert timeout(PREFECT_PROFILES_PATH=str(profiles)) == 9
 
 
-@pytest.mark.slow  # a cached run to fill the home, then three more, each with a fresh Prefect server
-def test_first_run_in_a_fresh_prefect_home_survives_a_busy_machine(
-    tmp_path, tiny_config_file, pretrained_home
-):
+@pytest.mark.slow  # three cached runs, each with a fresh Prefect server, in the session's filled tiny home
+def test_first_run_in_a_fresh_prefect_home_survives_a_busy_machine(tmp_path, tiny_run):
     """`msdda run` (cached: only the flow and its temporary server start) in a brand-new PREFECT_HOME, beside
     three CPU-bound processes, succeeds three times in a row; how long the server took to start is printed
-    (`pytest -s`)."""
-    filled = _msdda_run(tiny_config_file, pretrained_home, tmp_path / "prefect-fill")
+    (`pytest -s`). The home was filled by the session's ``tiny_run`` (shared with test_cli)."""
+    filled = tiny_run.result
     assert filled.returncode == 0, filled.stderr[-3000:]
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(3)]
     try:
         for attempt in range(3):
             prefect_home = tmp_path / f"prefect-{attempt}"
             start = time.monotonic()
-            result = _msdda_run(tiny_config_file, pretrained_home, prefect_home, PREFECT_LOGGING_LEVEL="INFO")
+            result = _msdda_run(tiny_run.config, tiny_run.home, prefect_home, PREFECT_LOGGING_LEVEL="INFO")
             seconds = time.monotonic() - start
             assert result.returncode == 0, result.stderr[-3000:]
             assert "Traceback" not in result.stderr, result.stderr[-3000:]

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from tests.conftest import TINY_CONFIG
-from tests.test_cli import run_cli
+from tests.helpers import run_msdda
 
 
 @pytest.fixture
@@ -36,7 +36,7 @@ def _config_file(tmp_path: Path, pretrained: str) -> Path:
 
 
 def _cli_json(args: list[str], tmp_path: Path, home: Path) -> dict:
-    out = run_cli([*args, "--json"], tmp_path, home)
+    out = run_msdda([*args, "--json"], tmp_path, home)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Traceback" not in out.stderr, out.stderr[-3000:]
     return json.loads(out.stdout)
@@ -122,7 +122,7 @@ def test_missing_pretrained_folder_is_one_line_exit_2(tmp_path, command):
     test_cli.py): one line naming the folder, exit 2, nothing written to MSDDA_HOME."""
     config = str(_config_file(tmp_path, str(tmp_path / "no_such_model")))
     args = {"pretrain": ["pretrain"], "train": ["train", "--objective", "digit_alignment"]}[command]
-    result = run_cli([*args, "--config", config], tmp_path, tmp_path / "home")
+    result = run_msdda([*args, "--config", config], tmp_path, tmp_path / "home")
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
     assert result.stderr.startswith("error: ") and "no_such_model" in result.stderr

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import msdda_main
 from training.storage import HomeError
 
 UNWRITABLE_HOME = Path("/proc/self/msdda_home")  # cannot be created, not even by root
@@ -15,15 +16,6 @@ linux_only = pytest.mark.skipif(sys.platform != "linux", reason="needs /proc")
 
 def _no_training(*args, **kwargs):
     raise AssertionError("trained before a cheap check refused")
-
-
-def _cli(args: list[str], capfd) -> tuple[int, str, str]:
-    from flows.cli import main
-
-    capfd.readouterr()
-    code = main(args)
-    out, err = capfd.readouterr()
-    return code, out, err
 
 
 @linux_only
@@ -50,7 +42,7 @@ def test_pretrain_into_an_unwritable_home_is_one_line(tiny_config_file, capfd, m
 
     monkeypatch.setattr(embedded, "train_classifier", _no_training)
     monkeypatch.setenv("MSDDA_HOME", str(UNWRITABLE_HOME))
-    code, out, err = _cli(["pretrain", "--config", str(tiny_config_file), "--json"], capfd)
+    code, out, err = msdda_main(["pretrain", "--config", str(tiny_config_file), "--json"], capfd)
     assert code == 2 and out == "", err
     assert err.startswith("error: cannot write to /proc/") and "/msdda_home/reference (" in err, err
     assert err.count("\n") == 1 and "Traceback" not in err, err
@@ -115,7 +107,7 @@ def test_compose_with_models_of_another_reference_is_one_line_before_pretraining
     config = Path(__file__).parents[1] / "configs" / "default.yaml"
     models = ",".join(map(str, folders))
     args = ["compose", "--weights", "0.5,0.5", "--models", models, "--num-images", "2", "--json"]
-    code, out, err = _cli([*args, "--config", str(config)], capfd)
+    code, out, err = msdda_main([*args, "--config", str(config)], capfd)
     assert code == 2 and out == "" and err.count("\n") == 1, err
     assert err.startswith("error: base model ") and "other model.embedded settings" in err, err
     assert "train base models for this one" in err and "Traceback" not in err

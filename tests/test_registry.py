@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -25,92 +23,28 @@ from flows.registry import (
     registered_name,
     resolve,
 )
+from tests.helpers import (
+    REGISTRY_SCHEDULER as SCHEDULER,
+)
+from tests.helpers import (
+    fake_base_model,
+    fake_card,
+    fake_weights,
+    free_port,
+    subprocess_env,
+)
 from training.card import (
     CARD_FILE,
     LEGACY_LORA_FILE,
     LORA_FILE,
     VARIANCE_FILE,
-    BaseModelCard,
     CardError,
-    LoraSpec,
-    RewardSpec,
     check_lineage,
     load_base_model,
-    save_base_model,
 )
 from training.storage import msdda_home
 
 REPO = Path(__file__).resolve().parents[1]
-SCHEDULER = {
-    "_class_name": "DDIMScheduler",
-    "_diffusers_version": "0.35.0",
-    "num_train_timesteps": 1000,
-    "beta_schedule": "scaled_linear",
-    "prediction_type": "epsilon",
-}
-
-
-def fake_card(
-    objective: str,
-    rise_in_se: float = 5.0,
-    reference_hash: str = "ref-aaaa",
-    scheduler: dict | None = None,
-    kernel: dict | None = None,
-) -> BaseModelCard:
-    """A card whose metrics say ``rise_in_se``; ``kernel`` adds the kernel check's fields (and
-    ``max_kernel_error`` goes to the card's ``train``)."""
-    kernel = dict(kernel or {})
-    train = {"max_kernel_error": kernel.pop("max_kernel_error")} if "max_kernel_error" in kernel else {}
-    return BaseModelCard(
-        objective=objective,
-        reward=RewardSpec(name=objective),
-        beta=0.1,
-        trainer="step_level",
-        reference_hash=reference_hash,
-        scheduler=scheduler or SCHEDULER,
-        sampling={"num_inference_steps": 4, "eta": 1.0, "guidance_scale": 1.0},
-        lora=LoraSpec(rank=4, targets=["to_q"]),
-        learn_variance="step",
-        metrics={
-            "objective": objective,
-            "reward_before": 0.2,
-            "reward_after": 0.2 + 0.01 * rise_in_se,
-            "reward_se_before": 0.01,
-            "reward_se_after": 0.01,
-            "reward_se": 0.01,
-            "rise_in_se": rise_in_se,
-            "rise_in_unpaired_se": rise_in_se / 2,
-            "kl": 0.05,
-            "seconds": 1.0,
-            "unet_evaluations": 10,
-            **kernel,
-        },
-        train=train,
-    )
-
-
-def fake_weights(seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    lora = {
-        "down_blocks.0.attn1.to_q.lora_A.weight": torch.randn(4, 8, generator=generator),
-        "down_blocks.0.attn1.to_q.lora_B.weight": torch.randn(8, 4, generator=generator),
-    }
-    return lora, torch.randn(4, 1, generator=generator)
-
-
-def fake_base_model(
-    folder: Path,
-    objective: str,
-    seed: int,
-    rise_in_se: float = 5.0,
-    reference_hash: str = "ref-aaaa",
-    scheduler: dict | None = None,
-    kernel: dict | None = None,
-) -> Path:
-    """A base-model folder written by the card's ``save_base_model``, with small random weights."""
-    return save_base_model(
-        folder, fake_card(objective, rise_in_se, reference_hash, scheduler, kernel), *fake_weights(seed)
-    )
 
 
 def same_files(a: Path, b: Path) -> bool:
@@ -120,28 +54,9 @@ def same_files(a: Path, b: Path) -> bool:
     )
 
 
-@pytest.fixture(scope="session")
-def _template_db(tmp_path_factory) -> Path:
-    """An empty, migrated MLflow SQLite store, built once: each test copies it instead of migrating again."""
-    home = tmp_path_factory.mktemp("template_home")
-    from flows.registry import _client
-
-    old = os.environ.pop("MLFLOW_TRACKING_URI", None)
-    try:
-        _client(home)
-    finally:
-        if old is not None:
-            os.environ["MLFLOW_TRACKING_URI"] = old
-    return home / "mlflow.db"
-
-
 @pytest.fixture
-def home(_template_db, monkeypatch) -> Path:
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    path = msdda_home()
-    path.mkdir(parents=True)
-    shutil.copy(_template_db, path / "mlflow.db")
-    return path
+def home(store_home) -> Path:
+    return store_home
 
 
 def test_register_list_and_resolve(home, tmp_path):
@@ -312,7 +227,7 @@ def test_concurrent_registration_loses_nothing(tmp_path, monkeypatch):
         for i in range(6)
     ]
     go = tmp_path / "go"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = subprocess_env(OMP_NUM_THREADS="1")
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", CONCURRENT_SCRIPT, str(home), str(go), *map(str, chunk)],
@@ -344,9 +259,7 @@ def test_concurrent_registration_loses_nothing(tmp_path, monkeypatch):
 
 
 def test_unreachable_tracking_server_fails_fast(home, tmp_path, monkeypatch):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
     folder = fake_base_model(tmp_path / "a", "ink_economy", seed=1)
     start = time.perf_counter()

@@ -2,7 +2,6 @@
 ends with exactly the model an uninterrupted run trains."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,9 +15,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from tests.conftest import TINY_CONFIG, copy_pretrained
+from tests.helpers import subprocess_env
 from training.card import CARD_FILE, LORA_FILE, VARIANCE_FILE
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _saved_model(stdout: str) -> tuple[dict[str, tuple[dict, dict]], dict]:
@@ -46,14 +44,7 @@ def test_killed_training_process_resumes(tmp_path, tiny_home, pretrained_home):
     # The same torch thread count in every run (the CLI takes torch's, which follows OMP_NUM_THREADS): float
     # reductions split over other thread counts may round differently. One thread each also lets the
     # uninterrupted run share the machine with the killed one.
-    env = {
-        **os.environ,
-        "MSDDA_HOME": str(home),
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONPATH": str(REPO),
-        "OMP_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
-    }
+    env = subprocess_env(MSDDA_HOME=home, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     command = [
         sys.executable,
         "-m",

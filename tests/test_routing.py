@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from composition.batched import REFERENCE, load_adapter, mixed_adapter_batch, routing
+from tests.helpers import random_lora, unet_inputs
 from training.card import LORA_TARGETS, LoraSpec
 from training.step.policy import cfg_epsilon
 
@@ -36,8 +37,7 @@ def _unet_with_adapters(reference_path, adapters: dict[str, int | LoraSpec]):
             unet.add_adapter(LoraConfig(**spec.lora_config_kwargs()), adapter_name="probe")
             shapes = {k: v.shape for k, v in get_peft_model_state_dict(unet, adapter_name="probe").items()}
             unet.delete_adapters("probe")
-        g = torch.Generator().manual_seed(seed)
-        state = {k: 0.1 * torch.randn(shape, generator=g) for k, shape in shapes.items()}  # B too: nonzero
+        state = random_lora(shapes, seed=seed, scale=0.1)  # B too: nonzero
         load_adapter(unet, name, state, spec)
     return unet.eval()
 
@@ -50,16 +50,6 @@ def same_rank_unet(tiny_reference):
 @pytest.fixture(scope="module")
 def mixed_rank_unet(tiny_reference):
     return _unet_with_adapters(tiny_reference.path, {"low": 2, "high": 6})
-
-
-def _inputs(unet, batch=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    dim = unet.config.cross_attention_dim
-    x = torch.randn(batch, 4, 8, 8, generator=g)
-    t = torch.full((batch,), 500)
-    embeds = torch.randn(batch, 16, dim, generator=g)
-    uncond = torch.randn(1, 16, dim, generator=g).expand(batch, -1, -1)
-    return x, t, embeds, uncond
 
 
 def _separate(unet, name, x, t, embeds, uncond, guidance):
@@ -97,7 +87,7 @@ def _batched(unet, names, x, t, embeds, uncond, guidance, weights="merged", forw
 
 
 def _check(unet, names, guidance, weights="merged", forward=None):
-    x, t, embeds, uncond = _inputs(unet)
+    x, t, embeds, uncond = unet_inputs(unet, batch=3, uncond=True)
     batched = _batched(unet, names, x, t, embeds, uncond, guidance, weights, forward)
     expected = [
         _separate(unet, None if name == REFERENCE else name, x, t, embeds, uncond, guidance) for name in names
@@ -129,7 +119,7 @@ def test_routing_under_guidance_is_what_the_sampler_uses(same_rank_unet):
     schedule = DDIMSchedule.from_scheduler(make_scheduler(), 4, 1.0)
     models = [SimpleNamespace(objective=name, beta=0.01, log_variance=None) for name in ("alpha", "beta")]
     composer = Composer(unet, schedule, GUIDANCE, models, options=None)
-    x, _, embeds, uncond = _inputs(unet, seed=1)
+    x, _, embeds, uncond = unet_inputs(unet, batch=3, seed=1, uncond=True)
     t = schedule.timesteps[2].expand(x.shape[0])
     names = ["beta", REFERENCE, "alpha"]
     eps = composer.epsilons(x, 2, Batch(embeds, uncond[:1]), names)
@@ -262,7 +252,7 @@ def test_rewarded_soup_of_conv_and_mixed_target_sets(mixed_set_unet):
         for name, spec in specs.items()
     ]
     composer = Composer(unet, None, 1.0, models, options=None)
-    x, t, embeds, uncond = _inputs(unet)
+    x, t, embeds, uncond = unet_inputs(unet, batch=3, uncond=True)
     reference = _separate(unet, None, x, t, embeds, uncond, 1.0)
     for weights in ([0.3, 0.9], [0.8, 0.5]):
         composer.load_soup(weights)

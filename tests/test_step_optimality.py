@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from tests._benchmark_runner import ROOT, run_benchmark
+from tests.helpers import REPO, run_benchmark
 
 ERR_KEYS = {"relative_drift_error", "cosine", "drift_ratio", "variance_ratio", "mc_se"}
 
@@ -16,7 +16,7 @@ def quadratic_tiny_config(folder):
 
     from tests.conftest import TINY_CONFIG
 
-    quadratic = yaml.safe_load((ROOT / "configs" / "quadratic.yaml").read_text())
+    quadratic = yaml.safe_load((REPO / "configs" / "quadratic.yaml").read_text())
     config = {**TINY_CONFIG, "objectives": quadratic["objectives"]}
     config["train"] = {
         **TINY_CONFIG["train"],
@@ -34,9 +34,11 @@ def run_step_optimality(args, home):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # base models, three oracles and the measurement: minutes on 2 idle cores
-def test_json_contract_on_the_tiny_model(tiny_config_file, pretrained_home):
+def test_json_contract_on_the_tiny_model(tiny_config_file, trained_home):
+    """The report's JSON contract (the tiny base models come from the cache: their training is not what is
+    checked here)."""
     small = ["--states", "2", "--actions", "8", "--bootstrap", "3", "--json"]
-    report = run_step_optimality(["--config", str(tiny_config_file), *small], pretrained_home)
+    report = run_step_optimality(["--config", str(tiny_config_file), *small], trained_home)
     assert set(report["base_models"]) == {"ink_economy", "digit_alignment"}
     assert [row["weights"] for row in report["composition"]] == [[0.25, 0.75], [0.5, 0.5], [0.75, 0.25]]
     assert set(report["rgg"]["single"]) == {"ink_economy", "digit_alignment"}  # both rewards have gradients

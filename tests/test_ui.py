@@ -17,24 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_registry import fake_base_model
+from tests.helpers import fake_base_model, free_port, subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture
-def store_home(monkeypatch) -> Path:
-    """This test's MSDDA_HOME, with the default store (SQLite under it)."""
-    from training.storage import msdda_home
-
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return msdda_home()
 
 
 @pytest.fixture
@@ -54,8 +39,7 @@ class UiProcess:
     """``msdda ui --json`` as a real subprocess; ``info`` is the JSON line it prints once the UI answers."""
 
     def __init__(self, home: Path, port: int, cwd: Path) -> None:
-        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-        env.update(MSDDA_HOME=str(home), PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+        env = subprocess_env(without=["MLFLOW_TRACKING_URI"], MSDDA_HOME=home)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "flows.cli", "ui", "--port", str(port), "--json"],
             cwd=cwd,
@@ -192,7 +176,7 @@ def test_prefect_link_artifact_opens_the_mlflow_run_over_http(ui, registry, tmp_
     """With MLFLOW_TRACKING_URI at a server (the one `msdda ui` started), a flow's link artifact is that
     run's page in the server's UI, not a file:// URI."""
     base = ui.info["url"]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": base, "PYTHONPATH": str(REPO)}
+    env = subprocess_env(MLFLOW_TRACKING_URI=base)
     env.update(PREFECT_HOME=str(tmp_path / "prefect"), DO_NOT_TRACK="true")
     env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"  # a busy 2-core machine

@@ -6,7 +6,7 @@ import math
 
 from PIL import Image
 
-from tests._benchmark_runner import run_benchmark
+from tests.helpers import run_benchmark
 
 
 def test_weight_row_on_the_tiny_model(tiny_home, tiny_base_models, tiny_config_file, tmp_path):
