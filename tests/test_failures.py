@@ -294,7 +294,7 @@ def _interrupt(*args, **kwargs):
 @pytest.mark.parametrize(
     ("args", "module", "name"),
     [
-        (["pretrain"], "training.reference.embedded", "pretrain_reference"),
+        (["pretrain"], "training.reference.loader", "pretrain_reference"),
         (["train", "-o", "ink_economy"], "flows.jobs", "train_job"),
         (["compose", "-w", "0.5,0.5"], "flows.jobs", "compose_job"),
         (["models"], "flows.registry", "list_models"),
