@@ -267,3 +267,16 @@ def tiny_pipe(tiny_reference, tiny_base_models):
         pipe.load_base_model(folder)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture(scope="module")
+def prefect_harness(tmp_path_factory):
+    """A throwaway Prefect API (temporary SQLite database) with PREFECT_HOME in tmp."""
+    from prefect.settings import PREFECT_HOME, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with (
+        temporary_settings(updates={PREFECT_HOME: tmp_path_factory.mktemp("prefect_home")}),
+        prefect_test_harness(server_startup_timeout=120),
+    ):
+        yield

@@ -9,19 +9,6 @@ import shutil
 import pytest
 
 
-@pytest.fixture(scope="module")
-def prefect_harness(tmp_path_factory):
-    """A throwaway Prefect API (temporary SQLite database) with PREFECT_HOME in tmp."""
-    from prefect.settings import PREFECT_HOME, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    with (
-        temporary_settings(updates={PREFECT_HOME: tmp_path_factory.mktemp("prefect_home")}),
-        prefect_test_harness(server_startup_timeout=120),
-    ):
-        yield
-
-
 @pytest.fixture
 def dask_home(tmp_path, tiny_home, tiny_reference):
     """A fresh MSDDA_HOME holding only the session's tiny reference model and evaluator (so training starts

@@ -163,19 +163,6 @@ def test_the_tasks_use_the_predicate_on_prefect_states():
 # ------------------------------------------------------------- the compose and sweep flows' tasks, in Prefect
 
 
-@pytest.fixture(scope="module")
-def prefect_harness(tmp_path_factory):
-    """A throwaway Prefect API (temporary SQLite database) with PREFECT_HOME in tmp."""
-    from prefect.settings import PREFECT_HOME, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    with (
-        temporary_settings(updates={PREFECT_HOME: tmp_path_factory.mktemp("prefect_home")}),
-        prefect_test_harness(server_startup_timeout=120),
-    ):
-        yield
-
-
 def test_compose_and_sweep_tasks_take_the_training_retry_policy():
     from flows.pipeline import compose_task, sweep_task
     from flows.retries import RETRY_DELAY_SECONDS
