@@ -68,16 +68,26 @@ def msdda_main(args: list[str], capfd) -> tuple[int, str, str]:
     return code, out, err
 
 
-def run_benchmark(script: str, args: list[str], home: Path, timeout: int):
-    """Run a script of benchmarks/ as a user would, in an isolated home, and read its --json output."""
-    out = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / script), *args],
+def run_python(
+    args: list[str], env: dict[str, str], *, cwd: Path | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """``python ARGS`` (this interpreter) in a subprocess with ``env``, its output caught as text; killed
+    after ``timeout`` seconds. The exit code is the caller's to check."""
+    return subprocess.run(
+        [sys.executable, *args],
+        env=env,
+        cwd=cwd,
         capture_output=True,
         text=True,
-        env=subprocess_env(MSDDA_HOME=home),
-        cwd=home,
         timeout=timeout,
         check=False,
+    )
+
+
+def run_benchmark(script: str, args: list[str], home: Path, timeout: int):
+    """Run a script of benchmarks/ as a user would, in an isolated home, and read its --json output."""
+    out = run_python(
+        [str(REPO / "benchmarks" / script), *args], subprocess_env(MSDDA_HOME=home), cwd=home, timeout=timeout
     )
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout)

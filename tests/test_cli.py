@@ -1,13 +1,11 @@
 """The `msdda` console script, run as a user would (a real subprocess)."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import run_msdda, subprocess_env
+from tests.helpers import run_msdda, run_python, subprocess_env
 
 
 def test_pretrain_json_then_cached(tmp_path, tiny_config_file):
@@ -109,9 +107,7 @@ def _run_names(prefect_home: Path) -> set[str]:
     )
     # Prefect's own client starts the temporary server here: with msdda's startup timeout, not its 20 s
     env.setdefault(STARTUP_TIMEOUT_SETTING, str(STARTUP_TIMEOUT_SECONDS))
-    result = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300, check=False
-    )
+    result = run_python(["-c", script], env)
     assert result.returncode == 0, result.stderr[-2000:]
     return set(json.loads(result.stdout.strip().splitlines()[-1]))
 

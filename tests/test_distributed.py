@@ -3,13 +3,11 @@ process group): every process starts from rank 0's weights and gradients are ave
 with the same weights though each draws its own states."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
-from tests.helpers import REPO, subprocess_env
+from tests.helpers import REPO, run_python, subprocess_env
 
 TOY = str(REPO / "tests" / "_distributed_toy.py")
 
@@ -19,14 +17,7 @@ def _run(args: list[str], out: Path) -> list[dict]:
     env = subprocess_env(OMP_NUM_THREADS="1", HF_HOME=out / "hf")
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
-    result = subprocess.run(
-        [sys.executable, *args, TOY, str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    result = run_python([*args, TOY, str(out)], env)
     assert result.returncode == 0, result.stderr[-2000:]
     return [json.loads(path.read_text()) for path in sorted(out.glob("rank*.json"))]
 

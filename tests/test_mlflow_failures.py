@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import fake_base_model, free_port, subprocess_env
+from tests.helpers import fake_base_model, free_port, run_python, subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -183,15 +183,7 @@ def test_creating_the_store_prints_nothing(tmp_path):
     """A new SQLite store (MLflow creates and migrates it) and a run in it: nothing on the terminal (MLflow
     prints INFO lines while it migrates, unless told otherwise)."""
     env = subprocess_env(without_prefixes=["MLFLOW_"])
-    result = subprocess.run(
-        [sys.executable, "-c", STORE_SCRIPT, str(tmp_path / "home")],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    result = run_python(["-c", STORE_SCRIPT, str(tmp_path / "home")], env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout == "" and result.stderr == ""
 

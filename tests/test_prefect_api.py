@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import free_port, run_msdda, subprocess_env
+from tests.helpers import free_port, run_msdda, run_python, subprocess_env
 
 SERVER_APP = "prefect.server.api.server:create_app"
 
@@ -142,9 +142,8 @@ def test_startup_timeout_is_raised_unless_the_user_set_it(tmp_path, monkeypatch)
 
     def timeout(**extra: str) -> int:
         env = subprocess_env(without_prefixes=["PREFECT_"], PREFECT_HOME=tmp_path / "prefect", **extra)
-        result = subprocess.run(
-            [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True, timeout=120
-        )
+        result = run_python(["-c", script], env, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
         return int(result.stdout.strip())
 
     assert timeout() == 180

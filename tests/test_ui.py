@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import fake_base_model, free_port, subprocess_env
+from tests.helpers import fake_base_model, free_port, run_python, subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -180,14 +180,7 @@ def test_prefect_link_artifact_opens_the_mlflow_run_over_http(ui, registry, tmp_
     env.update(PREFECT_HOME=str(tmp_path / "prefect"), DO_NOT_TRACK="true")
     env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"  # a busy 2-core machine
-    result = subprocess.run(
-        [sys.executable, "-c", LINK_SCRIPT, str(tmp_path / "flow_home")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=400,
-        check=False,
-    )
+    result = run_python(["-c", LINK_SCRIPT, str(tmp_path / "flow_home")], env, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     payload = json.loads(result.stdout.strip().splitlines()[-1])
     run_id = payload["run_id"]
