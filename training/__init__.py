@@ -10,7 +10,8 @@ The package has four rooms; imports run downward only (analysis â†’ base model â
     step policy (``policy``), the step optimum (``optimum``) and the kernel check watched while training
     (``kernel_check``).
 The base model (this folder)
-    ``trainer`` (losses and updates), ``checkpoints`` (its record and resumable checkpoints), ``sd_problem``
+    ``trainer`` (losses and updates), ``checkpoints`` (its record and resumable checkpoints),
+    ``distributed`` (the accelerator, rank 0's weights, gradients averaged across processes), ``sd_problem``
     (the trainer's problem on a Stable Diffusion UNet), ``rewards``, ``images`` (tensors to pixels),
     ``base_model`` (one base model end to end), ``card`` (its saved description), ``device``, and
     ``storage`` (the home folder, content hashes, atomic writes).

@@ -38,6 +38,12 @@ from training.checkpoints import (
     load_checkpoint,
     save_checkpoint,
 )
+from training.distributed import (
+    average_gradients,
+    broadcast_from_main,
+    make_accelerator,
+    release_accelerate_state,
+)
 from training.step.chain import run_chain
 from training.step.kernel import GaussianStep, draw_noise
 from training.step.policy import GaussianStepPolicy
@@ -292,20 +298,9 @@ def setup_run(
     checkpoint_dir: Path | None,
     device: torch.device | str | None = None,
 ) -> TrainingRun:
-    """Accelerator, seeds, optimizer and (if a checkpoint is there) the resumed state.
-
-    ``device`` (``runtime.device`` resolved, :func:`training.device.resolve_device`; ``None``: ``auto``) picks
-    the CPU or CUDA; under ``accelerate launch`` each process then takes its own GPU."""
-    from accelerate import Accelerator
-
-    from training.device import resolve_device
-
-    device = resolve_device("auto") if device is None else torch.device(device)
-    accelerator = Accelerator(
-        mixed_precision=config.mixed_precision,
-        cpu=device.type == "cpu",
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-    )
+    """Accelerator (on ``device``, see :func:`training.distributed.make_accelerator`), seeds, optimizer and
+    (if a checkpoint is there) the resumed state."""
+    accelerator = make_accelerator(config, device)
     # Each process draws its own states (seed + rank); gradients are averaged across processes.
     seed = config.seed + accelerator.process_index
     torch.manual_seed(seed)
@@ -336,12 +331,8 @@ def setup_run(
         problem.unet_evaluations = history[-1].unet_evaluations
     optimizer = accelerator.prepare(optimizer)
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
-    if accelerator.num_processes > 1 and start == 0:  # every process starts from rank 0's weights
-        from accelerate.utils import broadcast
-
-        with torch.no_grad():
-            for parameter in trainable:
-                parameter.copy_(broadcast(parameter.detach().clone(), from_process=0))
+    if start == 0:
+        broadcast_from_main(accelerator, trainable)
     return TrainingRun(accelerator, optimizer, generator, trainable, start, history, pool, best)
 
 
@@ -391,10 +382,7 @@ def apply_update(run: TrainingRun, total: torch.Tensor, config: TrainConfig) -> 
     """Backward, average gradients across processes, clip, step."""
     accelerator = run.accelerator
     accelerator.backward(total)
-    if accelerator.sync_gradients and accelerator.num_processes > 1:
-        for parameter in run.trainable:
-            if parameter.grad is not None:
-                parameter.grad = accelerator.reduce(parameter.grad, reduction="mean")
+    average_gradients(accelerator, run.trainable)
     if accelerator.sync_gradients:
         accelerator.clip_grad_norm_(run.trainable, config.max_grad_norm)
     run.optimizer.step()
@@ -495,7 +483,7 @@ def train(
                 checkpoint_dir, problem, run.optimizer, run.generator, iteration + 1, history, run.best
             )
     bar.close()
-    _release_accelerate_state()
+    release_accelerate_state()
     kernel_check = None
     if check is not None and len(history) == config.iterations:
         kernel_check = {"exact": check.exact, "missing": check.missing, "iteration": None}
@@ -542,12 +530,3 @@ def _postfix(metrics: IterationMetrics, best: BestKernel | None) -> dict[str, st
     if best is not None:
         postfix["kernel"] = f"{best.kernel_error:.3f}@{best.iteration}"
     return postfix
-
-
-def _release_accelerate_state() -> None:
-    """Drop accelerate's per-run singletons (mixed precision, accumulation) so the next run in this process,
-    ours or another library's, can choose its own; the distributed process state is kept."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
