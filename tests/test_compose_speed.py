@@ -6,7 +6,8 @@ import pytest
 from tests.helpers import run_benchmark
 
 
-@pytest.mark.timeout(1200)  # pretraining and two base models of the tiny config, then the measurement
+@pytest.mark.slow  # end to end from an empty home: pretraining, four base models, then the measurement
+@pytest.mark.timeout(1200)
 def test_runs_from_a_fresh_home_on_the_tiny_config(tmp_path, tiny_config_file):
     home = tmp_path / "fresh_home"
     home.mkdir()
