@@ -38,7 +38,7 @@ from composition.engine import (
     prepare_composer,
     sample_batch,
 )
-from composition.methods import SOUP_ADAPTER, Batch, Composer
+from composition.methods import DEFAULT_METHOD, SOUP_ADAPTER, Batch, Composer
 from configs.errors import MsddaError, first_line
 from configs.schema import CompositionConfig, PipelineConfig
 from training.card import LoadedBaseModel, check_lineage, load_base_model, scheduler_identity
@@ -503,7 +503,7 @@ class MSDDAPipeline(StableDiffusionPipeline):
         self,
         prompt: str | list[str] | None = None,
         weights: Sequence[float] | str | None = None,
-        method: str = "msdda",
+        method: str = DEFAULT_METHOD,
         beta: float | None = None,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | None = None,

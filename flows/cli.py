@@ -20,6 +20,7 @@ from configs.errors import MsddaError
 from configs.schema import MAX_PROMPT_CHARS, Device
 from flows.deploy import DEFAULT_CRON
 from flows.jobs import MAX_IMAGES, Runner, quiet_libraries
+from flows.ui import DEFAULT_HOST, DEFAULT_PORT
 from training.rewards import RewardName
 
 app = typer.Typer(
@@ -586,10 +587,10 @@ def deploy(
 def ui(
     port: Annotated[
         int, typer.Option("--port", "-p", min=1, max=65535, help="Port of the MLflow UI.")
-    ] = 5000,
+    ] = DEFAULT_PORT,
     host: Annotated[
         str, typer.Option("--host", help="Interface to bind (default: this machine only).")
-    ] = "127.0.0.1",
+    ] = DEFAULT_HOST,
     verbose: Annotated[bool, typer.Option("--verbose", help="Show the MLflow server's own log.")] = False,
     json_output: JsonOption = False,
 ) -> None:

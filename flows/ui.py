@@ -29,6 +29,9 @@ from configs.errors import MsddaError
 from flows.tracking import is_remote, sqlite_path, tracking_uri
 
 PREFECT_UI = "http://127.0.0.1:4200"
+DEFAULT_HOST = "127.0.0.1"
+"""The interface ``msdda ui`` binds unless told otherwise: this machine only."""
+DEFAULT_PORT = 5000
 
 
 class UiError(MsddaError, RuntimeError):
@@ -172,8 +175,8 @@ def _stop(process: subprocess.Popen, grace: float = 10.0) -> None:
 
 def serve_ui(
     home: Path,
-    host: str = "127.0.0.1",
-    port: int = 5000,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
     on_ready: Callable[[UiInfo], None] | None = None,
     verbose: bool = False,
     startup_timeout: float = 180.0,
