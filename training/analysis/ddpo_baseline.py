@@ -131,8 +131,10 @@ def run_ddpo(
         with torch.no_grad():
             return reward(images.float(), list(batch_prompts)).detach(), {}
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings():  # trl 0.23.1 is pinned for this baseline, knowing DDPO is deprecated
+        warnings.filterwarnings(
+            "ignore", message="DDPOTrainer is deprecated", category=DeprecationWarning, module=r"trl\."
+        )
         trainer = DDPOTrainer(ddpo_config, reward_fn, prompt_fn, pipe)
     history = DDPOHistory()
     original_log, original_step = trainer.accelerator.log, trainer.step
@@ -155,9 +157,7 @@ def run_ddpo(
 
     trainer.accelerator.log = log
     trainer.step = original_step
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.train()
+    trainer.train()
     if snapshot_every:
         snapshot(epochs)
     return history
