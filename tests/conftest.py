@@ -12,11 +12,11 @@ import pytest
 import torch
 import yaml
 
-from tests.helpers import make_card, random_lora, run_msdda
+from tests.helpers import REPO, make_card, random_lora, run_msdda
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-TINY_CONFIG = yaml.safe_load((Path(__file__).parents[1] / "configs" / "tiny.yaml").read_text())
+TINY_CONFIG = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
 """``configs/tiny.yaml``: a very small embedded model, pretrained in seconds."""
 
 

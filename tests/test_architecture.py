@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
+
 PACKAGES = ("configs", "training", "composition", "flows")
 LAYERS = [
     "configs",
@@ -32,8 +33,8 @@ DOCUMENTED_EXCEPTIONS = {("composition.pipeline", "flows.registry")}
 def _modules() -> dict[str, Path]:
     modules = {}
     for package in PACKAGES:
-        for path in (ROOT / package).rglob("*.py"):
-            parts = path.relative_to(ROOT).with_suffix("").parts
+        for path in (REPO / package).rglob("*.py"):
+            parts = path.relative_to(REPO).with_suffix("").parts
             modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     return modules
 

@@ -10,8 +10,6 @@ import pytest
 from tests.helpers import free_port, run_msdda
 from training.card import CARD_FILE
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture
 def registry(tiny_registry):

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from composition.engine import CompositionError
-from tests.helpers import msdda_main
+from tests.helpers import REPO, msdda_main
 
 
 @pytest.fixture
@@ -220,7 +220,7 @@ def test_an_empty_mount_point_gets_the_images(pretrained_home, tiny_base_models,
         check=False,
         capture_output=True,
         text=True,
-        cwd=Path(__file__).parents[1],
+        cwd=REPO,
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-2000:]

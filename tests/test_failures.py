@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from flows.cli import main
+from tests.helpers import REPO
 
 
 def _one_error_line(stderr: str) -> str:
@@ -278,7 +279,7 @@ def test_safetensors_on_a_full_or_read_only_filesystem(mount, tmp_path):
         capture_output=True,
         text=True,
         timeout=300,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=REPO,
         check=False,
     )
     assert done.returncode == 1, done.stderr
@@ -327,7 +328,7 @@ def test_sigint_to_a_waiting_command(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=REPO,
     )
     writer = None
     try:

@@ -10,7 +10,7 @@ import torch
 
 from composition.methods import METHODS, Batch, Composer
 from configs.schema import CompositionConfig
-from tests.helpers import unet_inputs
+from tests.helpers import REPO, unet_inputs
 from training.analysis.toy import make_scheduler
 from training.step.chain import run_chain
 from training.step.kernel import DDIMSchedule, ddim_mean, ddim_x0
@@ -266,23 +266,21 @@ def test_differing_betas_need_a_target_beta(unet_with_two_adapters):
 
 
 def test_registry_lists_every_method_once_and_the_docs_table_is_current():
-    from pathlib import Path
 
     from composition.methods import methods_table
 
     assert list(METHODS) == ["msdda", "db", "rs", "code", "rgg"]
-    docs = (Path(__file__).parents[1] / "docs" / "adding-a-method.md").read_text()
+    docs = (REPO / "docs" / "adding-a-method.md").read_text()
     assert methods_table() in docs, "docs/adding-a-method.md: paste `python -m composition.methods` output"
 
 
 def test_the_docs_worked_example_runs_as_a_registered_method(unet_with_two_adapters, monkeypatch):
     """docs/adding-a-method.md: its function and registry line, executed as written."""
     import re
-    from pathlib import Path
 
     from composition import methods
 
-    text = (Path(__file__).parents[1] / "docs" / "adding-a-method.md").read_text()
+    text = (REPO / "docs" / "adding-a-method.md").read_text()
     function, line = re.findall(r"```python\n(.*?)```", text, re.DOTALL)[:2]
     namespace = vars(methods).copy()
     exec(function, namespace)  # noqa: S102 - the documented example, run as a user would paste it

@@ -21,8 +21,6 @@ import pytest
 
 from tests.helpers import fake_base_model, free_port, run_python, subprocess_env
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def damage(database: Path, how: str) -> None:
     """Overwrite a store with garbage, cut it to half its size, or empty it."""

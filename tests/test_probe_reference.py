@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import msdda_main
+from tests.helpers import REPO, msdda_main
 from training.storage import HomeError
 
 UNWRITABLE_HOME = Path("/proc/self/msdda_home")  # cannot be created, not even by root
@@ -75,7 +75,7 @@ def _default_config():
 
     from configs import parse_config
 
-    path = Path(__file__).parents[1] / "configs" / "default.yaml"
+    path = REPO / "configs" / "default.yaml"
     return parse_config(yaml.safe_load(path.read_text()), str(path))
 
 
@@ -104,7 +104,7 @@ def test_compose_with_models_of_another_reference_is_one_line_before_pretraining
 
     monkeypatch.setattr(embedded, "train_classifier", _no_training)
     folders = _trained_on(tiny_base_models, tmp_path, tiny_config.model.model_dump(mode="json"))
-    config = Path(__file__).parents[1] / "configs" / "default.yaml"
+    config = REPO / "configs" / "default.yaml"
     models = ",".join(map(str, folders))
     args = ["compose", "--weights", "0.5,0.5", "--models", models, "--num-images", "2", "--json"]
     code, out, err = msdda_main([*args, "--config", str(config)], capfd)

@@ -44,8 +44,6 @@ from training.card import (
 )
 from training.storage import msdda_home
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def same_files(a: Path, b: Path) -> bool:
     names = sorted(p.name for p in a.iterdir())

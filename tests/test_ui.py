@@ -19,8 +19,6 @@ import pytest
 
 from tests.helpers import fake_base_model, free_port, run_python, subprocess_env
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture
 def registry(store_home, tmp_path):
